@@ -1,0 +1,162 @@
+"""Plain data types shared by every analysis algorithm.
+
+An algorithm receives a :class:`Volume` (a de-identified image series as a voxel array in a known
+patient geometry) and returns an :class:`AlgorithmResult` (binary masks and measurements). It never
+receives a DICOM dataset, a patient identifier or a network handle: the node builds the DICOM SEG and
+the TID 1500 SR from what is returned here.
+
+Codes are plain ``(value, coding scheme designator, meaning)`` tuples so that algorithms do not depend
+on highdicom; ``node.results`` turns them into coded concepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+Code = tuple[str, str, str]
+"""A coded concept as ``(CodeValue, CodingSchemeDesignator, CodeMeaning)`` (PS3.3 8.8)."""
+
+Device = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A single image series as a 3D voxel array in patient coordinates.
+
+    Attributes
+    ----------
+    voxels
+        ``float32`` array of shape ``(slices, rows, columns)``. For CT the values are Hounsfield
+        units (rescale slope and intercept already applied). Slices are ordered by increasing
+        position along the slice normal (row cosine x column cosine), so for an axial acquisition
+        index 0 is the most inferior slice.
+    spacing_mm
+        Voxel spacing ``(slice, row, column)`` in mm; slice spacing is measured between Image
+        Position (Patient) values, not taken from Slice Thickness.
+    affine
+        ``4 x 4`` matrix mapping a homogeneous index ``(slice, row, column, 1)`` to patient
+        coordinates (LPS, mm): +x towards the patient's left, +y posterior, +z superior.
+    modality
+        Modality (0008,0060) of the series, e.g. ``"CT"``.
+    slice_thickness_mm
+        Slice Thickness (0018,0050) in mm, or ``None`` when the series does not state it.
+    """
+
+    voxels: npt.NDArray[np.float32]
+    spacing_mm: tuple[float, float, float]
+    affine: npt.NDArray[np.float64]
+    modality: str
+    slice_thickness_mm: float | None = None
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in ml (1 ml = 1000 mm^3)."""
+        s, r, c = self.spacing_mm
+        return s * r * c / 1000.0
+
+    def index_to_lps(self, index: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+        """Map voxel indices ``(N, 3)`` as ``(slice, row, column)`` to patient LPS mm ``(N, 3)``."""
+        idx = np.asarray(index, dtype=np.float64).reshape(-1, 3)
+        homogeneous = np.concatenate([idx, np.ones((idx.shape[0], 1))], axis=1)
+        return (homogeneous @ self.affine.T)[:, :3]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One binary segment of a result.
+
+    Attributes
+    ----------
+    label
+        Short human-readable label shown in viewers, e.g. ``"Left lung"``.
+    mask
+        ``bool`` array with the shape of :attr:`Volume.voxels`, ``(slices, rows, columns)``.
+    category
+        Segmented Property Category code (CID 7150), e.g. SCT 123037004 "Anatomical Structure".
+    property_type
+        Segmented Property Type code (CID 7151 / 7166), e.g. SCT 44029006 "Left lung".
+    """
+
+    label: str
+    mask: npt.NDArray[np.bool_]
+    category: Code
+    property_type: Code
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One numeric measurement of one segment, reported in a TID 1500 measurement group.
+
+    Attributes
+    ----------
+    segment_label
+        Label of the :class:`Segment` the measurement was made on.
+    concept
+        Concept name code of the quantity (e.g. SCT 118565006 "Volume").
+    value
+        The value, in ``unit``.
+    unit
+        UCUM unit as ``(code, "UCUM", meaning)``, e.g. ``("ml", "UCUM", "milliliter")``.
+    derivation
+        Optional derivation code (CID 7464), e.g. SCT 373098007 "Mean".
+    """
+
+    segment_label: str
+    concept: Code
+    value: float
+    unit: Code
+    derivation: Code | None = None
+
+
+@dataclass(frozen=True)
+class AlgorithmResult:
+    """What an algorithm returns: segments and the measurements made on them."""
+
+    segments: Sequence[Segment]
+    measurements: Sequence[Measurement]
+    parameters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SeriesRequirements:
+    """The kind of series an algorithm accepts; the node checks these before running it."""
+
+    modalities: tuple[str, ...]
+    min_slices: int = 1
+    max_slice_thickness_mm: float | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one run needs: peak host memory in GiB and whether a GPU helps or is required."""
+
+    memory_gib: float
+    gpu: Literal["none", "optional", "required"] = "optional"
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """The declaration every plugin makes (name, version, accepted series, outputs, resources)."""
+
+    name: str
+    version: str
+    description: str
+    accepts: SeriesRequirements
+    outputs: tuple[Literal["SEG", "SR"], ...]
+    resources: Resources
+
+
+@runtime_checkable
+class Algorithm(Protocol):
+    """An analysis plugin. Raise :class:`node.errors.SeriesRefused` for series it cannot measure."""
+
+    spec: AlgorithmSpec
+
+    def run(self, volume: Volume, device: Device) -> AlgorithmResult:
+        """Analyse ``volume`` on ``device`` and return masks and measurements."""
+        ...

@@ -1,0 +1,97 @@
+"""The algorithm registry: plugins discovered through the entry-point group ``ainode.algorithms``.
+
+Each entry point names a class (or factory) that returns an object satisfying
+:class:`algorithms.base.Algorithm`. A plugin that fails to import is logged and skipped, so one
+broken plugin never stops the node.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from importlib.metadata import EntryPoint, entry_points
+
+from algorithms.base import Algorithm, AlgorithmSpec, Device, Volume
+from node.errors import PluginError, SeriesRefused
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "ainode.algorithms"
+
+
+def select_device() -> Device:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    try:
+        import torch
+    except ImportError:  # torch is a dependency; a broken install still runs on CPU
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_accepts(spec: AlgorithmSpec, volume: Volume) -> None:
+    """Raise :class:`SeriesRefused` when ``volume`` is not a series ``spec`` declares it accepts."""
+    accepts = spec.accepts
+    if volume.modality not in accepts.modalities:
+        raise SeriesRefused(f"modality {volume.modality!r} is not one of {', '.join(accepts.modalities)}")
+    if volume.voxels.shape[0] < accepts.min_slices:
+        raise SeriesRefused(f"{volume.voxels.shape[0]} slices; at least {accepts.min_slices} are needed")
+    limit = accepts.max_slice_thickness_mm
+    if limit is not None:
+        thickness = max(volume.slice_thickness_mm or 0.0, volume.spacing_mm[0])
+        if thickness > limit + 0.01:
+            raise SeriesRefused(f"slices of {thickness:g} mm are thicker than {limit:g} mm")
+
+
+class Registry:
+    """Algorithms by name.
+
+    Parameters
+    ----------
+    entry_points_
+        Entry points to load; by default those of the group ``ainode.algorithms``.
+    """
+
+    def __init__(self, entry_points_: Iterable[EntryPoint] | None = None) -> None:
+        self._entry_points = {
+            ep.name: ep
+            for ep in (entry_points_ if entry_points_ is not None else entry_points(group=ENTRY_POINT_GROUP))
+        }
+        self._loaded: dict[str, Algorithm] = {}
+
+    def names(self) -> list[str]:
+        """Names of every registered algorithm (loaded or not)."""
+        return sorted(self._entry_points)
+
+    def get(self, name: str) -> Algorithm:
+        """Load (once) and return the algorithm ``name``.
+
+        Raises
+        ------
+        PluginError
+            No such algorithm, or its plugin failed to load or does not declare a spec.
+        """
+        if name in self._loaded:
+            return self._loaded[name]
+        ep = self._entry_points.get(name)
+        if ep is None:
+            raise PluginError(f"no algorithm named {name!r} (registered: {', '.join(self.names()) or 'none'})")
+        try:
+            factory = ep.load()
+            algorithm = factory()
+        except Exception as exc:  # plugin boundary: report, never crash the node
+            logger.exception("algorithm plugin %s failed to load", name)
+            raise PluginError(f"algorithm {name!r} failed to load: {exc}") from exc
+        if not isinstance(algorithm, Algorithm):
+            raise PluginError(f"algorithm {name!r} does not provide spec and run()")
+        self._loaded[name] = algorithm
+        return algorithm
+
+    def specs(self) -> list[AlgorithmSpec]:
+        """Specs of every algorithm that loads (failures are logged and skipped)."""
+        out = []
+        for name in self.names():
+            try:
+                out.append(self.get(name).spec)
+            except PluginError:
+                continue
+        return out

@@ -1,0 +1,197 @@
+"""The ``ainode`` command line.
+
+::
+
+    ainode serve --config FILE              run the node (Storage SCP, scheduler, jobs)
+    ainode send PATH... --to HOST:PORT --aet AET   C-STORE files or folders to a peer
+    ainode config check FILE                validate a configuration
+    ainode algorithms list                  registered analysis algorithms
+    ainode keys generate --out FILE         create a master key file (mode 0600)
+    ainode studies list --config FILE       studies in the node and their state
+    ainode jobs list|show --config FILE     jobs and why they ended as they did
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from node.errors import AinodeError
+
+if TYPE_CHECKING:
+    from node.storage.index import Index
+
+
+def _files(paths: Sequence[str]) -> list[Path]:
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+        else:
+            out.append(path)
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node import logs
+    from node.app import Node
+    from node.settings import load_settings
+
+    logs.configure(args.log_level)
+    Node(load_settings(args.config)).serve_forever()
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from node.network.scu import send_datasets
+
+    host, _, port = args.to.rpartition(":")
+    if not host or not port.isdigit():
+        raise AinodeError(f"--to {args.to!r}: expected HOST:PORT")
+    datasets, skipped = [], 0
+    for path in _files(args.paths):
+        try:
+            datasets.append(dcmread(path))
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            skipped += 1
+            print(f"skipped (not DICOM): {path}", file=sys.stderr)
+    if not datasets:
+        raise AinodeError("nothing to send")
+    outcome = send_datasets(datasets, host, int(port), calling_ae_title=args.calling_aet, called_ae_title=args.aet)
+    failed = outcome.failed
+    print(f"sent {len(datasets) - len(failed)} of {len(datasets)} instance(s); {len(failed)} failed; {skipped} skipped")
+    return 1 if failed else 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from algorithms.registry import Registry
+    from node.settings import load_settings
+
+    settings = load_settings(args.file)
+    known = set(Registry().names())
+    for i, route in enumerate(settings.routes):
+        for name in route.algorithms:
+            if name not in known:
+                raise AinodeError(f"{args.file}: routes[{i}].algorithms: no algorithm named {name!r}")
+    print(f"{args.file}: OK ({len(settings.peers)} peer(s), {len(settings.routes)} route(s))")
+    return 0
+
+
+def cmd_algorithms_list(_args: argparse.Namespace) -> int:
+    from algorithms.registry import Registry, select_device
+
+    for spec in Registry().specs():
+        accepts = spec.accepts
+        print(
+            f"{spec.name} {spec.version}: {spec.description}\n"
+            f"    accepts {'/'.join(accepts.modalities)}, >= {accepts.min_slices} slices"
+            + (f", <= {accepts.max_slice_thickness_mm:g} mm" if accepts.max_slice_thickness_mm else "")
+            + f"; outputs {', '.join(spec.outputs)}; ~{spec.resources.memory_gib:g} GiB, GPU {spec.resources.gpu}"
+        )
+    print(f"device: {select_device()}")
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from node.storage.keys import generate_key_file
+
+    print(f"wrote key {generate_key_file(Path(args.out))} to {args.out}")
+    return 0
+
+
+def _index(config: str) -> Index:
+    from node.settings import load_settings
+    from node.storage.index import Index
+
+    return Index.for_data_dir(load_settings(config).node.data_dir)
+
+
+def cmd_studies_list(args: argparse.Namespace) -> int:
+    for study in _index(args.config).studies():
+        print(f"{study.study_key}  {study.state:<10} {study.instance_count:>5} instance(s)  {study.reason or ''}")
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace) -> int:
+    for job in _index(args.config).jobs(state=args.state):
+        print(f"{job.id:>6}  {job.state:<9} {job.algorithm:<20} study {job.study_key}  {job.reason or ''}")
+    return 0
+
+
+def cmd_jobs_show(args: argparse.Namespace) -> int:
+    job = _index(args.config).job(args.id)
+    if job is None:
+        raise AinodeError(f"no job {args.id}")
+    fields = ("id", "study_key", "route", "algorithm", "state", "attempts", "reason", "created_at", "updated_at")
+    info = {f: getattr(job, f) for f in fields} | {"timings": json.loads(job.timings), "results": job.result_ids}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``ainode``."""
+    parser = argparse.ArgumentParser(prog="ainode", description="DICOM node that brings AI results into the PACS")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the node")
+    p.add_argument("--config", required=True)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("send", help="C-STORE files or folders to a peer")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--to", required=True, help="HOST:PORT of the peer")
+    p.add_argument("--aet", required=True, help="called AE title (the peer's)")
+    p.add_argument("--calling-aet", default="AINODE-SCU", help="our AE title")
+    p.set_defaults(func=cmd_send)
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    p = config.add_parser("check", help="validate a configuration file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_config_check)
+
+    algorithms = sub.add_parser("algorithms", help="analysis plugins").add_subparsers(dest="action", required=True)
+    algorithms.add_parser("list", help="list registered algorithms").set_defaults(func=cmd_algorithms_list)
+
+    keys = sub.add_parser("keys", help="master keys").add_subparsers(dest="action", required=True)
+    p = keys.add_parser("generate", help="write a new master key file")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_keys_generate)
+
+    studies = sub.add_parser("studies", help="studies in the node").add_subparsers(dest="action", required=True)
+    p = studies.add_parser("list")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_studies_list)
+
+    jobs = sub.add_parser("jobs", help="analysis jobs").add_subparsers(dest="action", required=True)
+    p = jobs.add_parser("list")
+    p.add_argument("--config", required=True)
+    p.add_argument("--state", choices=["pending", "running", "delivered", "refused", "failed"])
+    p.set_defaults(func=cmd_jobs_list)
+    p = jobs.add_parser("show")
+    p.add_argument("id", type=int)
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_jobs_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ainode`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AinodeError as exc:
+        print(f"ainode: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

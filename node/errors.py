@@ -1,0 +1,81 @@
+"""The one error hierarchy of ainode.
+
+::
+
+    AinodeError
+    ├── ConfigError            invalid configuration (names file, line, key and what is wrong)
+    ├── KeyProviderError       a key-encryption key cannot be loaded
+    ├── StorageError           the encrypted store cannot read or write an object
+    │   ├── TamperedObjectError    authentication of a stored object failed (tampered or truncated)
+    │   └── OutOfResourcesError    the disk watermark is reached; maps to DIMSE 0xA700
+    ├── InvalidInstanceError   a received data set is unusable; maps to DIMSE 0xA900 / 0xC000
+    ├── DeidentificationError  a data set cannot be de-identified or re-identified safely
+    ├── RoutingError           a rule cannot be evaluated
+    ├── PluginError            an algorithm plugin failed to load or raised
+    │   └── SeriesRefused          the algorithm declines the series with a reason (not a failure)
+    ├── ResultBuildError       a SEG or SR cannot be built
+    └── DeliveryError          a destination refused or could not be reached
+
+Errors are converted to DIMSE statuses only at the network edge (``node.network``).
+"""
+
+from __future__ import annotations
+
+
+class AinodeError(Exception):
+    """Root of every error ainode raises on purpose."""
+
+
+class ConfigError(AinodeError):
+    """The configuration is invalid; the message names the file, line, key and problem."""
+
+
+class KeyProviderError(AinodeError):
+    """A key-encryption key cannot be found, read or used."""
+
+
+class StorageError(AinodeError):
+    """The encrypted store cannot read or write an object."""
+
+
+class TamperedObjectError(StorageError):
+    """AES-GCM authentication of a stored object failed: it was altered or truncated."""
+
+
+class OutOfResourcesError(StorageError):
+    """Free disk space is below the configured watermark (DIMSE 0xA700, PS3.4 B.2.3)."""
+
+
+class InvalidInstanceError(AinodeError):
+    """A received SOP instance is unusable (missing UIDs, not matching its SOP class)."""
+
+
+class DeidentificationError(AinodeError):
+    """A data set cannot be de-identified or re-identified safely."""
+
+
+class RoutingError(AinodeError):
+    """A routing rule cannot be evaluated."""
+
+
+class PluginError(AinodeError):
+    """An algorithm plugin failed to load or raised while running."""
+
+
+class SeriesRefused(PluginError):
+    """An algorithm declines a series it cannot measure; ``reason`` says why.
+
+    This is an expected outcome (no results are produced), not a failure of the node.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ResultBuildError(AinodeError):
+    """A DICOM SEG or SR cannot be built from an algorithm's result."""
+
+
+class DeliveryError(AinodeError):
+    """A destination refused the results or could not be reached."""

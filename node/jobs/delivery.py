@@ -1,0 +1,71 @@
+"""Deliver result objects to a route's destinations: DICOM peers (C-STORE) or folders (PS3.10 files)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import Dataset
+
+from node.dicomio import encode
+from node.errors import DeliveryError
+from node.network.scu import send_datasets
+from node.settings.models import DicomDestination, FolderDestination, Settings
+
+logger = logging.getLogger(__name__)
+
+
+def write_folder(root: Path, objects: Sequence[Dataset]) -> list[Path]:
+    """Write each object to ``root/<StudyInstanceUID>/<Modality>_<SOPInstanceUID>.dcm`` atomically.
+
+    A re-delivered object (same deterministic SOP Instance UID) replaces its earlier file.
+    """
+    written = []
+    for ds in objects:
+        folder = root / str(ds.StudyInstanceUID)
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+        tmp = final.with_suffix(".tmp")
+        data = encode(ds)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        written.append(final)
+    return written
+
+
+def deliver(settings: Settings, destination_names: Sequence[str], objects: Sequence[Dataset]) -> None:
+    """Send ``objects`` to every named destination.
+
+    Raises
+    ------
+    DeliveryError
+        A destination refused an object or could not be reached (the message names which).
+    """
+    errors = []
+    for name in destination_names:
+        dest = settings.destinations[name]
+        try:
+            if isinstance(dest, FolderDestination):
+                write_folder(dest.path, objects)
+            elif isinstance(dest, DicomDestination):
+                peer = settings.peer(dest.peer)
+                outcome = send_datasets(
+                    objects,
+                    peer.host,
+                    peer.port,
+                    calling_ae_title=settings.node.ae_title,
+                    called_ae_title=peer.ae_title,
+                )
+                if outcome.failed:
+                    statuses = sorted({f"0x{s:04X}" if s is not None else "none" for s in outcome.statuses.values()})
+                    raise DeliveryError(f"{len(outcome.failed)} object(s) not accepted (status {', '.join(statuses)})")
+        except (DeliveryError, OSError) as exc:
+            errors.append(f"{name}: {exc}")
+            logger.warning("delivery to %s failed: %s", name, exc)
+    if errors:
+        raise DeliveryError("; ".join(errors))

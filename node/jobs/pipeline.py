@@ -1,0 +1,221 @@
+"""The work done on a complete study: route, de-identify, analyse, build results, re-identify, deliver.
+
+:meth:`Pipeline.plan` turns a quiet study into jobs (one per route, algorithm and series);
+:meth:`Pipeline.run_job` runs one job end to end. Both are functions of ids in the index and
+objects in the encrypted store, so any executor (in-process threads now, Celery workers later)
+can run them, and a job can be re-run after a crash.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom import Dataset
+
+from algorithms.base import Device
+from algorithms.registry import Registry, check_accepts
+from node.deid.engine import Deidentifier, ProfileOptions
+from node.deid.pseudonyms import Pseudonymizer, derive_uid
+from node.deid.reid import PseudonymMap, reidentify
+from node.dicomio import decode, encode
+from node.errors import AinodeError, DeliveryError, SeriesRefused
+from node.jobs.delivery import deliver
+from node.jobs.volume import load_volume
+from node.results import build_measurement_report, build_segmentation
+from node.routing.router import plan_routes
+from node.settings.models import Settings
+from node.storage.index import Index, InstanceRow, JobState, StudyState
+from node.storage.keys import KeyProvider
+from node.storage.store import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+SEG_SERIES_NUMBER = 9901
+SR_SERIES_NUMBER = 9902
+
+
+@dataclass
+class Services:
+    """What the pipeline needs, passed in (no module globals)."""
+
+    settings: Settings
+    store: ObjectStore
+    index: Index
+    keys: KeyProvider
+    registry: Registry
+    device: Device
+    clock: Callable[[], float] = time.time
+    on_job_done: Callable[[int, str], None] | None = field(default=None)
+
+
+class Pipeline:
+    """Plans and runs the jobs of complete studies."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    # -- planning --------------------------------------------------------------------------------
+
+    def _headers(self, instances: list[InstanceRow]) -> dict[str, Dataset]:
+        """One decoded header (no pixels) per series key."""
+        first: dict[str, InstanceRow] = {}
+        for row in instances:
+            first.setdefault(row.series_key, row)
+        return {key: decode(self.s.store.get(row.object_id), stop_before_pixels=True) for key, row in first.items()}
+
+    def plan(self, study_key: str) -> list[int]:
+        """Route a quiet study and create its jobs; returns their ids ([] if it is not yet due).
+
+        The study becomes ``processing`` (jobs created), ``no_match`` (no route matched) or stays
+        ``receiving`` when a matched route's quiet period has not yet passed.
+        """
+        study = self.s.index.study(study_key)
+        if study is None or study.state != StudyState.RECEIVING:
+            return []
+        instances = self.s.index.instances(study_key)
+        headers = self._headers(instances)
+        plans = plan_routes(self.s.settings, headers, study.calling_ae_title, self.s.settings.node.ae_title)
+        if plans and self.s.clock() - study.last_received_at < max(p.route.completion.quiet_period_s for p in plans):
+            return []
+        if not self.s.index.set_study_state(study_key, StudyState.COMPLETE, expect=StudyState.RECEIVING):
+            return []  # a late instance re-opened it meanwhile
+        jobs = [
+            self.s.index.add_job(study_key, study.generation, plan.route.name, algorithm, series_key)
+            for plan in plans
+            for series_key in plan.series_keys
+            for algorithm in plan.route.algorithms
+        ]
+        if not jobs:
+            self.s.index.set_study_state(study_key, StudyState.NO_MATCH, reason="no route matched")
+            logger.info("study matched no route", extra={"study_key": study_key})
+            return []
+        self.s.index.set_study_state(study_key, StudyState.PROCESSING)
+        logger.info("study complete: %d job(s)", len(jobs), extra={"study_key": study_key})
+        return jobs
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def _pseudonymizer(self) -> Pseudonymizer:
+        key = self.s.keys.current()
+        return Pseudonymizer(key.derive("pseudonym"), key.key_id)
+
+    def _deidentify_series(self, study_key: str, series_key: str) -> tuple[list[Dataset], PseudonymMap]:
+        rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
+        pseudonyms = self._pseudonymizer()
+        deid = Deidentifier(pseudonyms, ProfileOptions(**self.s.settings.deidentification.model_dump()))
+        datasets = [decode(self.s.store.get(r.object_id)) for r in rows]
+        mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
+        for ds in datasets:
+            mapping.add(deid.deidentify(ds).uid_map)
+        map_id = self.s.store.put(mapping.to_bytes())
+        self.s.index.set_map_object(study_key, map_id)
+        return datasets, mapping
+
+    def run_job(self, job_id: int) -> str:
+        """Run one job to a terminal state and return it (``delivered``, ``refused``, ``failed``)."""
+        job = self.s.index.job(job_id)
+        if job is None or job.state in (JobState.DELIVERED, JobState.REFUSED):
+            return job.state if job else JobState.FAILED
+        self.s.index.update_job(job_id, state=JobState.RUNNING, attempts=job.attempts + 1)
+        extra = {"study_key": job.study_key, "job_id": job_id, "algorithm": job.algorithm}
+        timings: dict[str, float] = {}
+        try:
+            state = self._run(job_id, job.study_key, job.series_key, job.algorithm, job.route, timings)
+        except SeriesRefused as exc:
+            state = JobState.REFUSED
+            self.s.index.update_job(job_id, state=state, reason=exc.reason, timings=timings)
+            logger.info("series refused: %s", exc.reason, extra=extra)
+        except AinodeError as exc:
+            state = JobState.FAILED
+            self.s.index.update_job(job_id, state=state, reason=str(exc), timings=timings)
+            logger.error("job failed: %s", exc, extra=extra)
+        except Exception as exc:  # job boundary: a defect fails this job, never the node
+            state = JobState.FAILED
+            self.s.index.update_job(job_id, state=state, reason=f"internal error: {type(exc).__name__}")
+            logger.exception("job failed with an internal error", extra=extra)
+        self._finish_study(job.study_key)
+        if self.s.on_job_done is not None:
+            self.s.on_job_done(job_id, state)
+        return state
+
+    def _run(
+        self, job_id: int, study_key: str, series_key: str, name: str, route_name: str, t: dict[str, float]
+    ) -> str:
+        route = next((r for r in self.s.settings.routes if r.name == route_name), None)
+        if route is None:
+            raise DeliveryError(f"route {route_name!r} is no longer configured")
+        algorithm = self.s.registry.get(name)
+        spec = algorithm.spec
+
+        start = time.perf_counter()
+        datasets, mapping = self._deidentify_series(study_key, series_key)
+        t["deidentify_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        volume, slices = load_volume(datasets)
+        t["load_volume_s"] = time.perf_counter() - start
+        check_accepts(spec, volume)
+
+        start = time.perf_counter()
+        result = algorithm.run(volume, self.s.device)
+        t["algorithm_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        study = self.s.index.study(study_key)
+        generation = str(study.generation if study else 1)
+        original_study = mapping.original_study_instance_uid
+        original_series = mapping.uids.get(str(slices[0].SeriesInstanceUID), "")
+
+        def uid(kind: str) -> str:
+            return derive_uid(original_study, original_series, spec.name, spec.version, generation, kind)
+
+        node_title = self.s.settings.node.ae_title
+        seg = build_segmentation(
+            slices, result, spec,
+            series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"),
+            series_number=SEG_SERIES_NUMBER, device_serial_number=node_title,
+        )  # fmt: skip
+        sr = build_measurement_report(
+            seg, slices, result, spec,
+            series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
+            series_number=SR_SERIES_NUMBER, device_uid=derive_uid("ainode-device", node_title),
+        )  # fmt: skip
+        pseudo_study = {str(slices[0].StudyInstanceUID)}
+        result_ids = []
+        for built in (seg, sr):
+            obj = copy.deepcopy(built)  # highdicom shares data elements between SEG and SR
+            reidentify(obj, mapping, pseudo_study)
+            result_ids.append(self.s.store.put(encode(obj)))
+        t["build_results_s"] = time.perf_counter() - start
+        self.s.index.update_job(job_id, result_object_ids=result_ids, timings=t)
+
+        start = time.perf_counter()
+        objects = [decode(self.s.store.get(oid)) for oid in result_ids]
+        deliver(self.s.settings, route.destinations, objects)
+        t["send_s"] = time.perf_counter() - start
+        t["delivered_at"] = time.time()
+        self.s.index.update_job(job_id, state=JobState.DELIVERED, reason=None, timings=t)
+        logger.info("results delivered", extra={"study_key": study_key, "job_id": job_id, **_rounded(t)})
+        return JobState.DELIVERED
+
+    def _finish_study(self, study_key: str) -> None:
+        study = self.s.index.study(study_key)
+        if study is None or study.state != StudyState.PROCESSING:
+            return
+        jobs = [j for j in self.s.index.jobs(study_key) if j.generation == study.generation]
+        if any(j.state in (JobState.PENDING, JobState.RUNNING) for j in jobs):
+            return
+        failed = [j for j in jobs if j.state == JobState.FAILED]
+        if failed:
+            self.s.index.set_study_state(study_key, StudyState.FAILED, reason=f"{len(failed)} job(s) failed")
+        else:
+            self.s.index.set_study_state(study_key, StudyState.DONE)
+
+
+def _rounded(t: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()}

@@ -1,0 +1,200 @@
+"""The Storage SCP: accepts associations from known peers and stores what they send.
+
+Implements the Storage Service Class SCP (PS3.4 Annex B) and the Verification SCP (PS3.4 Annex A).
+The C-STORE handler is deliberately thin: check the header, hand the encoded bytes (as a PS3.10
+file, without decoding pixels) to the injected ``on_store`` callback, which stores them encrypted
+and durably and indexes them, then answer. Everything else happens later in jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+
+from node.errors import AinodeError, ConfigError, InvalidInstanceError
+from node.network.status import StoreStatus, status_for
+
+logger = logging.getLogger(__name__)
+
+VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+"""Transfer syntaxes accepted for storage: uncompressed, deflated and the lossless/lossy codecs
+the pylibjpeg plugins decode."""
+
+STORAGE_SOP_CLASSES: dict[str, str] = {
+    "CT Image Storage": "1.2.840.10008.5.1.4.1.1.2",
+    "Enhanced CT Image Storage": "1.2.840.10008.5.1.4.1.1.2.1",
+    "Legacy Converted Enhanced CT Image Storage": "1.2.840.10008.5.1.4.1.1.2.2",
+    "MR Image Storage": "1.2.840.10008.5.1.4.1.1.4",
+    "Enhanced MR Image Storage": "1.2.840.10008.5.1.4.1.1.4.1",
+    "Legacy Converted Enhanced MR Image Storage": "1.2.840.10008.5.1.4.1.1.4.4",
+    "Secondary Capture Image Storage": "1.2.840.10008.5.1.4.1.1.7",
+}
+"""SOP classes the SCP accepts. A short list keeps association negotiation fast (the acceptor's cost
+grows with the number of supported presentation contexts)."""
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    """One C-STORE request as handed to the storage layer.
+
+    ``encoded`` is the PS3.10 file (preamble, file meta, data set) exactly as received, in the
+    negotiated transfer syntax; pixel data are not decoded.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    calling_ae_title: str
+    encoded: bytes
+
+
+StoreCallback = Callable[[ReceivedInstance], None]
+
+
+def set_tcp_nodelay(event: Event) -> None:
+    """Disable Nagle's algorithm on an association's socket (avoids ~40 ms stalls per PDU)."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _uid(value: object, name: str) -> str:
+    text = str(value or "").strip()
+    if not text or len(text) > 64:
+        raise InvalidInstanceError(f"{name} is missing or longer than 64 characters")
+    try:
+        UID(text)
+    except ValueError:
+        raise InvalidInstanceError(f"{name} is not a valid UID") from None
+    return text
+
+
+class StorageSCP:
+    """A pynetdicom Storage SCP bound to one address.
+
+    Parameters
+    ----------
+    ae_title
+        Our AE title; associations calling another title are rejected (A-ASSOCIATE-RJ,
+        reason "called AE title not recognised", PS3.8 9.3.4).
+    calling_ae_titles
+        AE titles of the peers allowed to associate; others are rejected with reason
+        "calling AE title not recognised".
+    on_store
+        Called for each C-STORE with the received instance; it must store it durably before it
+        returns. An :class:`~node.errors.AinodeError` it raises becomes the matching DIMSE status.
+    """
+
+    def __init__(
+        self,
+        ae_title: str,
+        calling_ae_titles: Sequence[str],
+        on_store: StoreCallback,
+        *,
+        max_associations: int = 16,
+        max_pdu_bytes: int = 262144,
+        network_timeout_s: float = 60.0,
+        dimse_timeout_s: float = 60.0,
+        sop_classes: Sequence[str] = tuple(STORAGE_SOP_CLASSES.values()),
+    ) -> None:
+        self.on_store = on_store
+        ae = AE(ae_title=ae_title)
+        ae.require_called_aet = True
+        if not calling_ae_titles:
+            raise ConfigError("peers: at least one peer must be configured to receive from")
+        ae.require_calling_aet = list(calling_ae_titles)
+        ae.maximum_associations = max_associations
+        ae.maximum_pdu_size = max_pdu_bytes
+        ae.network_timeout = network_timeout_s
+        ae.dimse_timeout = dimse_timeout_s
+        ae.add_supported_context(VERIFICATION_SOP_CLASS)
+        for sop_class in sop_classes:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+        self.ae = ae
+        self._server: object | None = None
+
+    def _handle_store(self, event: Event) -> int:
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            request = cast(C_STORE, event.request)
+            ds = event.dataset
+            sop_instance_uid = _uid(getattr(ds, "SOPInstanceUID", None), "SOP Instance UID")
+            if sop_instance_uid != str(request.AffectedSOPInstanceUID):
+                raise InvalidInstanceError("SOP Instance UID differs from the C-STORE request's")
+            sop_class_uid = str(request.AffectedSOPClassUID)
+            if str(getattr(ds, "SOPClassUID", "")) != sop_class_uid:
+                logger.warning("C-STORE refused: SOP Class UID does not match", extra={"calling_ae": calling})
+                return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+            instance = ReceivedInstance(
+                study_instance_uid=_uid(getattr(ds, "StudyInstanceUID", None), "Study Instance UID"),
+                series_instance_uid=_uid(getattr(ds, "SeriesInstanceUID", None), "Series Instance UID"),
+                sop_instance_uid=sop_instance_uid,
+                sop_class_uid=sop_class_uid,
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                calling_ae_title=calling,
+                encoded=event.encoded_dataset(include_meta=True),
+            )
+            self.on_store(instance)
+        except AinodeError as exc:
+            status = status_for(exc)
+            logger.warning("C-STORE refused (%s): %s", status.name, exc, extra={"calling_ae": calling})
+            return status
+        except Exception:  # a defect must not take the association (or the node) down
+            logger.exception("C-STORE failed", extra={"calling_ae": calling})
+            return StoreStatus.PROCESSING_FAILURE
+        return StoreStatus.SUCCESS
+
+    def start(self, host: str, port: int) -> None:
+        """Listen on ``host:port`` in background threads."""
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+            (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_C_ECHO, lambda _event: 0x0000),
+        ]
+        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        logger.info("Storage SCP listening", extra={"port": port, "ae_title": self.ae.ae_title})
+
+    def stop(self) -> None:
+        """Stop accepting associations and close the listening socket."""
+        self.ae.shutdown()

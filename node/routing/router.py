@@ -1,0 +1,70 @@
+"""Apply the configured routes to the series of a study.
+
+Series-level routes are evaluated on each series' header; a study-level route matches a study when
+any of its series matches, and then applies to every series of the study. In ``first_match`` mode
+a series taken by one route is not offered to the routes after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import Dataset
+
+from node.routing.rules import Decision, evaluate, keywords_of
+from node.settings.models import Route, Settings
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """A matched route and the series (by key) it applies to."""
+
+    route: Route
+    series_keys: tuple[str, ...]
+
+
+def header_of(ds: Dataset, keywords: set[str], calling_ae_title: str, called_ae_title: str) -> dict[str, Any]:
+    """The values of ``keywords`` in ``ds`` (top level), plus the association's AE titles."""
+    header: dict[str, Any] = {"calling_ae_title": calling_ae_title, "called_ae_title": called_ae_title}
+    for keyword in keywords:
+        if keyword in header:
+            continue
+        elem = ds.get(keyword)
+        if elem is None or isinstance(elem, Dataset):
+            continue
+        header[keyword] = list(elem) if not isinstance(elem, str | bytes) and hasattr(elem, "__iter__") else elem
+    return header
+
+
+def explain(settings: Settings, header: Mapping[str, Any]) -> list[tuple[Route, Decision]]:
+    """Every route in order with its decision for one series header (for dry runs)."""
+    return [(route, evaluate(route.match, header)) for route in settings.routes]
+
+
+def plan_routes(
+    settings: Settings, headers: Mapping[str, Dataset], calling_ae_title: str, called_ae_title: str
+) -> list[RoutePlan]:
+    """Which routes apply to which series of a study.
+
+    Parameters
+    ----------
+    headers
+        One representative header per series, keyed by series key.
+    """
+    keywords = set().union(*(keywords_of(r.match) for r in settings.routes)) if settings.routes else set()
+    flat = {key: header_of(ds, keywords, calling_ae_title, called_ae_title) for key, ds in headers.items()}
+    taken: set[str] = set()
+    plans: list[RoutePlan] = []
+    for route in settings.routes:
+        free = [k for k in flat if k not in taken]
+        matched = [k for k in free if evaluate(route.match, flat[k]).matched]
+        if route.level == "study" and matched:
+            matched = free
+        if not matched:
+            continue
+        plans.append(RoutePlan(route, tuple(matched)))
+        if settings.routing.mode == "first_match":
+            taken.update(matched)
+    return plans

@@ -1,0 +1,254 @@
+"""A declarative condition language for routing rules (no code evaluation).
+
+A condition is written in YAML as one of::
+
+    {all: [COND, ...]}          every condition holds
+    {any: [COND, ...]}          at least one holds
+    {not: COND}                 the condition does not hold
+    {KEYWORD: TEST, ...}        several keywords in one mapping: all must hold
+
+``KEYWORD`` is a DICOM attribute keyword from pydicom's data dictionary (``Modality``,
+``StudyDescription``, ...) or ``calling_ae_title`` / ``called_ae_title``. ``TEST`` is a scalar
+(shorthand for ``eq``), a list (shorthand for ``in``) or a mapping of operators::
+
+    eq, ne, in, regex, contains, lt, le, gt, ge, exists   and the modifier  ignore_case: true
+
+Multi-valued attributes (e.g. ImageType) match ``eq``/``in``/``regex``/``contains`` when any value
+does. A missing or empty attribute fails every operator except ``exists: false`` and ``ne``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.datadict import keyword_dict, tag_for_keyword
+
+from node.errors import ConfigError
+
+AE_KEYWORDS = ("calling_ae_title", "called_ae_title")
+OPERATORS = ("eq", "ne", "in", "regex", "contains", "lt", "le", "gt", "ge", "exists")
+MODIFIERS = ("ignore_case",)
+COMBINATORS = ("all", "any", "not")
+
+
+class RuleSyntaxError(ConfigError):
+    """A condition is malformed; ``path`` locates the offending key inside the condition."""
+
+    def __init__(self, path: Sequence[str | int], message: str) -> None:
+        self.path = tuple(path)
+        self.message = message
+        where = ".".join(str(p) for p in self.path)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+@dataclass(frozen=True)
+class Test:
+    """One operator applied to one attribute."""
+
+    keyword: str
+    op: str
+    operand: Any
+    ignore_case: bool = False
+    pattern: re.Pattern[str] | None = None
+
+    def describe(self) -> str:
+        """Tag name and operator, without the attribute's value (safe to log: no PHI)."""
+        return f"{self.keyword} {self.op}"
+
+
+@dataclass(frozen=True)
+class All:
+    """Every sub-condition holds."""
+
+    conditions: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """At least one sub-condition holds."""
+
+    conditions: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    """The sub-condition does not hold."""
+
+    condition: Condition
+
+
+Condition = Test | All | AnyOf | Not
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of a condition and the test that decided it (for dry runs and logs)."""
+
+    matched: bool
+    decided_by: str
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.4)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _check_keyword(keyword: str, path: list[str | int]) -> None:
+    if keyword in AE_KEYWORDS:
+        return
+    if tag_for_keyword(keyword) is None:
+        raise RuleSyntaxError(
+            [*path, keyword],
+            f"{keyword!r} is not a DICOM keyword or combinator"
+            f"{_suggest(keyword, [*COMBINATORS, *AE_KEYWORDS, *keyword_dict])}",
+        )
+
+
+def _parse_test(keyword: str, spec: Any, path: list[str | int]) -> Condition:
+    if not isinstance(spec, Mapping):
+        op = "in" if isinstance(spec, list) else "eq"
+        spec = {op: spec}
+    ignore_case = bool(spec.get("ignore_case", False))
+    tests: list[Condition] = []
+    for op, operand in spec.items():
+        if op in MODIFIERS:
+            continue
+        if op not in OPERATORS:
+            raise RuleSyntaxError([*path, keyword], f"unknown operator {op!r}{_suggest(str(op), OPERATORS)}")
+        tests.append(_make_test(keyword, op, operand, ignore_case, [*path, keyword, op]))
+    if not tests:
+        raise RuleSyntaxError([*path, keyword], "no operator given")
+    return tests[0] if len(tests) == 1 else All(tuple(tests))
+
+
+def _make_test(keyword: str, op: str, operand: Any, ignore_case: bool, path: list[str | int]) -> Test:
+    pattern = None
+    if op == "in":
+        if not isinstance(operand, list) or not operand:
+            raise RuleSyntaxError(path, "expects a non-empty list")
+        values = tuple(str(v).casefold() if ignore_case else str(v) for v in operand)
+        return Test(keyword, op, frozenset(values), ignore_case)
+    if op in ("lt", "le", "gt", "ge"):
+        if isinstance(operand, bool) or not isinstance(operand, int | float):
+            raise RuleSyntaxError(path, f"expects a number, got {type(operand).__name__}")
+        return Test(keyword, op, float(operand))
+    if op == "exists":
+        if not isinstance(operand, bool):
+            raise RuleSyntaxError(path, "expects true or false")
+        return Test(keyword, op, operand)
+    if isinstance(operand, list | dict) or operand is None:
+        raise RuleSyntaxError(path, "expects a single value")
+    text = str(operand)
+    if op == "regex":
+        try:
+            pattern = re.compile(text, re.IGNORECASE if ignore_case else 0)
+        except re.error as exc:
+            raise RuleSyntaxError(path, f"invalid regular expression: {exc}") from None
+    elif ignore_case:
+        text = text.casefold()
+    return Test(keyword, op, text, ignore_case, pattern)
+
+
+def parse_condition(spec: Any, path: Sequence[str | int] = ()) -> Condition:
+    """Parse a condition from its YAML form (see the module docstring).
+
+    Raises
+    ------
+    RuleSyntaxError
+        With the path inside the condition and a suggestion for a misspelt operator.
+    """
+    where = list(path)
+    if not isinstance(spec, Mapping) or not spec:
+        raise RuleSyntaxError(where, "a condition must be a non-empty mapping")
+    parts: list[Condition] = []
+    for key, value in spec.items():
+        key = str(key)
+        if key in ("all", "any"):
+            if not isinstance(value, list) or not value:
+                raise RuleSyntaxError([*where, key], "expects a non-empty list of conditions")
+            subs = tuple(parse_condition(v, [*where, key, i]) for i, v in enumerate(value))
+            parts.append(All(subs) if key == "all" else AnyOf(subs))
+        elif key == "not":
+            parts.append(Not(parse_condition(value, [*where, key])))
+        else:
+            _check_keyword(key, where)
+            parts.append(_parse_test(key, value, where))
+    return parts[0] if len(parts) == 1 else All(tuple(parts))
+
+
+def keywords_of(condition: Condition) -> set[str]:
+    """Every attribute keyword a condition reads (to extract headers once)."""
+    if isinstance(condition, Test):
+        return {condition.keyword}
+    if isinstance(condition, Not):
+        return keywords_of(condition.condition)
+    return set().union(*(keywords_of(c) for c in condition.conditions))
+
+
+def _values(raw: Any) -> list[Any]:
+    if raw is None or raw == "":
+        return []
+    if isinstance(raw, list | tuple):
+        return [v for v in raw if v is not None and v != ""]
+    return [raw]
+
+
+def _test(test: Test, header: Mapping[str, Any]) -> bool:
+    values = _values(header.get(test.keyword))
+    op = test.op
+    if op == "exists":
+        return bool(values) == test.operand
+    if not values:
+        return op == "ne"
+    if op in ("lt", "le", "gt", "ge"):
+        try:
+            number = float(values[0])
+        except (TypeError, ValueError):
+            return False
+        bound: float = test.operand
+        return {"lt": number < bound, "le": number <= bound, "gt": number > bound, "ge": number >= bound}[op]
+    texts = [str(v).strip() for v in values]
+    if op == "regex":
+        assert test.pattern is not None
+        return any(test.pattern.search(t) for t in texts)
+    if test.ignore_case:
+        texts = [t.casefold() for t in texts]
+    if op == "eq":
+        return test.operand in texts
+    if op == "ne":
+        return test.operand not in texts
+    if op == "in":
+        return any(t in test.operand for t in texts)
+    return any(test.operand in t for t in texts)  # contains
+
+
+def evaluate(condition: Condition, header: Mapping[str, Any]) -> Decision:
+    """Evaluate ``condition`` on ``header`` (keyword -> value; AE titles under their own keys).
+
+    Returns
+    -------
+    Decision
+        Whether it matched, and the test (tag name and operator, never a value) that decided it.
+    """
+    if isinstance(condition, Test):
+        return Decision(_test(condition, header), condition.describe())
+    if isinstance(condition, Not):
+        inner = evaluate(condition.condition, header)
+        return Decision(not inner.matched, f"not ({inner.decided_by})")
+    if isinstance(condition, All):
+        decision = Decision(True, "all")
+        for sub in condition.conditions:
+            decision = evaluate(sub, header)
+            if not decision.matched:
+                return decision
+        return decision
+    decision = Decision(False, "any")
+    for sub in condition.conditions:
+        decision = evaluate(sub, header)
+        if decision.matched:
+            return decision
+    return decision

@@ -1,0 +1,155 @@
+"""Configuration models (pydantic v2, ``extra="forbid"``, frozen) for ``ainode.yaml``.
+
+Secrets never live here: the key-encryption key comes from a key file or an environment variable
+named by :class:`FileKeySource` / :class:`EnvKeySource`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from node.routing.rules import All, AnyOf, Condition, Not, Test, parse_condition
+
+AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
+"""An AE title: 1-16 characters of the default repertoire, no backslash, not all spaces (PS3.5 6.2)."""
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Model):
+    """Identity and listening socket of the Storage SCP, and where the node keeps its data."""
+
+    ae_title: AETitle = "AINODE"
+    host: str = "127.0.0.1"
+    port: Port = 11112
+    data_dir: Path = Path("var/ainode")
+    max_associations: Annotated[int, Field(ge=1, le=256)] = 16
+    max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
+    network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
+
+
+class FileKeySource(_Model):
+    """Key-encryption key read from a file (base64 of 32 random bytes), mode 0600 or stricter."""
+
+    provider: Literal["file"]
+    path: Path
+
+
+class EnvKeySource(_Model):
+    """Key-encryption key read from an environment variable (base64 of 32 random bytes)."""
+
+    provider: Literal["env"]
+    variable: str = "AINODE_KEY"
+
+
+KeySource = Annotated[FileKeySource | EnvKeySource, Field(discriminator="provider")]
+
+
+class Peer(_Model):
+    """A known DICOM application entity: only peers may associate, and results go to peers."""
+
+    ae_title: AETitle
+    host: str = "127.0.0.1"
+    port: Port = 104
+
+
+class DicomDestination(_Model):
+    """Send results by C-STORE to a configured peer."""
+
+    type: Literal["dicom"]
+    peer: AETitle
+
+
+class FolderDestination(_Model):
+    """Write results as DICOM files (PS3.10) into a folder, one subfolder per study."""
+
+    type: Literal["folder"]
+    path: Path
+
+
+Destination = Annotated[DicomDestination | FolderDestination, Field(discriminator="type")]
+
+
+class Completion(_Model):
+    """When a study counts as complete: no new instance for ``quiet_period_s`` seconds."""
+
+    quiet_period_s: Annotated[float, Field(gt=0)] = 60.0
+
+
+def _parse_match(value: Any) -> Condition:
+    if isinstance(value, Test | All | AnyOf | Not):
+        return value
+    return parse_condition(value)
+
+
+class Route(_Model):
+    """A routing rule: when ``match`` holds, run ``algorithms`` and send results to ``destinations``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    level: Literal["series", "study"] = "series"
+    match: Annotated[Condition, BeforeValidator(_parse_match)]
+    algorithms: list[str] = []
+    destinations: list[str] = []
+    completion: Completion = Completion()
+
+
+class Routing(_Model):
+    """Whether the first matching route wins or every matching route applies."""
+
+    mode: Literal["first_match", "all_matches"] = "first_match"
+
+
+class Deidentification(_Model):
+    """PS3.15 Annex E options applied before any algorithm sees a series."""
+
+    retain_patient_characteristics: bool = True
+    retain_device_identity: bool = True
+    modified_dates: bool = True
+
+
+class Settings(_Model):
+    """The whole configuration file."""
+
+    node: NodeSettings = NodeSettings()
+    keys: KeySource
+    peers: list[Peer] = []
+    destinations: dict[str, Destination] = {}
+    routing: Routing = Routing()
+    routes: list[Route] = []
+    deidentification: Deidentification = Deidentification()
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        titles = [p.ae_title for p in self.peers]
+        duplicates = {t for t in titles if titles.count(t) > 1}
+        if duplicates:
+            raise ValueError(f"peers: AE title {sorted(duplicates)[0]!r} is listed more than once")
+        for name, dest in self.destinations.items():
+            if isinstance(dest, DicomDestination) and dest.peer not in titles:
+                raise ValueError(f"destinations.{name}.peer: {dest.peer!r} is not in peers")
+        names = [r.name for r in self.routes]
+        for i, route in enumerate(self.routes):
+            if names.count(route.name) > 1:
+                raise ValueError(f"routes[{i}].name: {route.name!r} is used by more than one route")
+            for dest_name in route.destinations:
+                if dest_name not in self.destinations:
+                    raise ValueError(f"routes[{i}].destinations: {dest_name!r} is not a configured destination")
+        return self
+
+    def peer(self, ae_title: str) -> Peer:
+        """The peer with ``ae_title``; raises ``KeyError`` when there is none."""
+        for peer in self.peers:
+            if peer.ae_title == ae_title:
+                return peer
+        raise KeyError(ae_title)

@@ -1,0 +1,273 @@
+"""The index of received instances, studies and jobs (SQLAlchemy; SQLite by default).
+
+The index holds no PHI: UIDs appear only as keyed digests (``MasterKey.keyed_digest("index", uid)``),
+and everything identifying stays inside encrypted objects. The same schema runs on PostgreSQL
+when a site scales out (``database_url``).
+
+Study states (PS3 has no such thing; this is ainode's own life cycle)::
+
+    receiving -> complete -> processing -> done
+                                      \\-> no_match | failed
+    (a late instance moves any state back to receiving and bumps ``generation``)
+
+Job states::
+
+    pending -> running -> delivered | refused | failed
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class StudyState(enum.StrEnum):
+    """Life cycle of a study inside the node."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    PROCESSING = "processing"
+    DONE = "done"
+    NO_MATCH = "no_match"
+    FAILED = "failed"
+
+
+class JobState(enum.StrEnum):
+    """Life cycle of one (route, algorithm, series) job."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DELIVERED = "delivered"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the index tables."""
+
+
+class StudyRow(Base):
+    """One study, keyed by the keyed digest of its Study Instance UID."""
+
+    __tablename__ = "studies"
+    study_key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=StudyState.RECEIVING)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    first_received_at: Mapped[float] = mapped_column(Float)
+    last_received_at: Mapped[float] = mapped_column(Float, index=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    map_object_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class InstanceRow(Base):
+    """One received SOP instance; its encoded bytes are the encrypted object ``object_id``."""
+
+    __tablename__ = "instances"
+    object_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sop_key: Mapped[str] = mapped_column(String(32), unique=True)
+    study_key: Mapped[str] = mapped_column(ForeignKey("studies.study_key"), index=True)
+    series_key: Mapped[str] = mapped_column(String(32), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class JobRow(Base):
+    """One unit of analysis: an algorithm of a route on one series (or study) of a study."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_key: Mapped[str] = mapped_column(ForeignKey("studies.study_key"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    route: Mapped[str] = mapped_column(String(64))
+    algorithm: Mapped[str] = mapped_column(String(64))
+    series_key: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result_object_ids: Mapped[str] = mapped_column(Text, default="[]")
+    timings: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+    @property
+    def result_ids(self) -> list[str]:
+        """Object ids of the encrypted result objects (SEG, SR) built for this job."""
+        ids: list[str] = json.loads(self.result_object_ids)
+        return ids
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+class Index:
+    """Access to the index database.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL; ``sqlite:///DATA_DIR/index.sqlite`` by default (see :meth:`for_data_dir`).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_engine(url)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path) -> Index:
+        """The embedded SQLite index inside ``data_dir``."""
+        return cls(f"sqlite:///{data_dir / 'index.sqlite'}")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A transaction: committed on success, rolled back on error."""
+        with self._sessions.begin() as session:
+            yield session
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    def add_instance(self, row: InstanceRow, calling_ae_title: str) -> bool:
+        """Index a stored instance and touch its study; a late instance re-opens the study.
+
+        Returns ``False`` (and changes nothing) when the SOP instance is already indexed.
+        """
+        now = row.received_at
+        with self.session() as s:
+            existing = s.scalar(select(InstanceRow).where(InstanceRow.sop_key == row.sop_key))
+            if existing is not None:
+                s.execute(update(StudyRow).where(StudyRow.study_key == row.study_key).values(last_received_at=now))
+                return False
+            study = s.get(StudyRow, row.study_key)
+            if study is None:
+                study = StudyRow(
+                    study_key=row.study_key,
+                    state=StudyState.RECEIVING,
+                    calling_ae_title=calling_ae_title,
+                    first_received_at=now,
+                    last_received_at=now,
+                    instance_count=0,
+                    generation=1,
+                    updated_at=now,
+                )
+                s.add(study)
+            elif study.state != StudyState.RECEIVING:
+                study.state = StudyState.RECEIVING
+                study.generation += 1
+            study.instance_count += 1
+            study.last_received_at = now
+            study.updated_at = now
+            s.add(row)
+        return True
+
+    # -- scheduling ----------------------------------------------------------------------------
+
+    def quiet_studies(self, quiet_s: float, now: float | None = None) -> list[str]:
+        """Keys of studies still receiving whose last instance is older than ``quiet_s`` seconds."""
+        now = time.time() if now is None else now
+        with self.session() as s:
+            rows = s.scalars(
+                select(StudyRow.study_key).where(
+                    StudyRow.state == StudyState.RECEIVING, StudyRow.last_received_at <= now - quiet_s
+                )
+            )
+            return list(rows)
+
+    def set_study_state(
+        self, study_key: str, state: StudyState, reason: str | None = None, expect: StudyState | None = None
+    ) -> bool:
+        """Move a study to ``state``; with ``expect``, only if it is in that state (returns success)."""
+        with self.session() as s:
+            query = update(StudyRow).where(StudyRow.study_key == study_key)
+            if expect is not None:
+                query = query.where(StudyRow.state == expect)
+            result = s.execute(query.values(state=state, reason=reason, updated_at=time.time()))
+            return bool(getattr(result, "rowcount", 0))
+
+    def study(self, study_key: str) -> StudyRow | None:
+        """The study row, or ``None``."""
+        with self.session() as s:
+            return s.get(StudyRow, study_key)
+
+    def studies(self, state: StudyState | None = None) -> list[StudyRow]:
+        """All studies, optionally only those in ``state``."""
+        with self.session() as s:
+            query = select(StudyRow).order_by(StudyRow.first_received_at)
+            if state is not None:
+                query = query.where(StudyRow.state == state)
+            return list(s.scalars(query))
+
+    def instances(self, study_key: str) -> list[InstanceRow]:
+        """Instances of a study in order of arrival."""
+        with self.session() as s:
+            query = select(InstanceRow).where(InstanceRow.study_key == study_key).order_by(InstanceRow.received_at)
+            return list(s.scalars(query))
+
+    def set_map_object(self, study_key: str, object_id: str) -> None:
+        """Record the encrypted pseudonym map of a study."""
+        with self.session() as s:
+            s.execute(update(StudyRow).where(StudyRow.study_key == study_key).values(map_object_id=object_id))
+
+    # -- jobs ----------------------------------------------------------------------------------
+
+    def add_job(self, study_key: str, generation: int, route: str, algorithm: str, series_key: str) -> int:
+        """Create a pending job and return its id."""
+        now = time.time()
+        with self.session() as s:
+            job = JobRow(
+                study_key=study_key,
+                generation=generation,
+                route=route,
+                algorithm=algorithm,
+                series_key=series_key,
+                state=JobState.PENDING,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(job)
+            s.flush()
+            return job.id
+
+    def job(self, job_id: int) -> JobRow | None:
+        """The job row, or ``None``."""
+        with self.session() as s:
+            return s.get(JobRow, job_id)
+
+    def jobs(self, study_key: str | None = None, state: JobState | None = None) -> list[JobRow]:
+        """Jobs, optionally of one study and/or in one state, oldest first."""
+        with self.session() as s:
+            query = select(JobRow).order_by(JobRow.id)
+            if study_key is not None:
+                query = query.where(JobRow.study_key == study_key)
+            if state is not None:
+                query = query.where(JobRow.state == state)
+            return list(s.scalars(query))
+
+    def update_job(self, job_id: int, **values: Any) -> None:
+        """Set columns of a job (``state``, ``reason``, ``attempts``, ``result_object_ids``, ...)."""
+        for key in ("result_object_ids", "timings"):
+            if key in values and not isinstance(values[key], str):
+                values[key] = json.dumps(values[key])
+        values["updated_at"] = time.time()
+        with self.session() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id).values(**values))

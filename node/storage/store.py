@@ -1,0 +1,154 @@
+"""The encrypted object store: every byte of PHI the node keeps at rest goes through here.
+
+Envelope encryption: each object gets a fresh 256-bit data key (DEK); the payload is sealed with
+AES-256-GCM under the DEK, the DEK with AES-256-GCM under the key-encryption key (KEK) derived from
+the master key named in the header. The object id is the associated data of both, so an object
+cannot be swapped for another. Layout of a stored object::
+
+    b"AIN1" | key id (16 ASCII hex) | wrap nonce (12) | wrapped DEK (32 + 16 tag) | nonce (12) | ciphertext + tag (16)
+
+Writes are atomic and durable: temporary file in the same folder, ``fsync``, ``rename``, ``fsync``
+of the folder. Object ids are random (uuid4), never derived from UIDs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from node.errors import KeyProviderError, OutOfResourcesError, StorageError, TamperedObjectError
+from node.storage.keys import KeyProvider
+
+MAGIC = b"AIN1"
+_KID = 16
+_NONCE = 12
+_WRAPPED = 32 + 16
+HEADER_BYTES = len(MAGIC) + _KID + _NONCE + _WRAPPED + _NONCE
+
+
+class ObjectStore:
+    """Encrypted, durable storage of opaque byte strings under random object ids.
+
+    Parameters
+    ----------
+    root
+        Folder of the store (created with mode 0700).
+    keys
+        Provider of the master keys.
+    min_free_bytes
+        Refuse writes with :class:`OutOfResourcesError` when less than this is free on the disk.
+    """
+
+    def __init__(self, root: Path, keys: KeyProvider, min_free_bytes: int = 0) -> None:
+        self.root = root
+        self.keys = keys
+        self.min_free_bytes = min_free_bytes
+        for sub in ("objects", "quarantine", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, object_id: str) -> Path:
+        return self.root / "objects" / object_id[:2] / object_id
+
+    def seal(self, object_id: str, plaintext: bytes) -> bytes:
+        """Encrypt ``plaintext`` for ``object_id`` (see the module docstring for the layout)."""
+        master = self.keys.current()
+        dek = AESGCM.generate_key(bit_length=256)
+        wrap_nonce, nonce = os.urandom(_NONCE), os.urandom(_NONCE)
+        aad = object_id.encode()
+        wrapped = AESGCM(master.derive("kek")).encrypt(wrap_nonce, dek, b"dek:" + aad)
+        body = AESGCM(dek).encrypt(nonce, plaintext, aad)
+        return b"".join((MAGIC, master.key_id.encode(), wrap_nonce, wrapped, nonce, body))
+
+    def unseal(self, object_id: str, blob: bytes) -> bytes:
+        """Decrypt and authenticate a sealed object.
+
+        Raises
+        ------
+        TamperedObjectError
+            Wrong magic, truncated, or authentication failed (altered bytes, wrong object id).
+        KeyProviderError
+            The master key named in the header is not available.
+        """
+        if len(blob) < HEADER_BYTES + 16 or not blob.startswith(MAGIC):
+            raise TamperedObjectError(f"object {object_id}: truncated or not an ainode object")
+        pos = len(MAGIC)
+        key_id = blob[pos : pos + _KID].decode("ascii", "replace")
+        pos += _KID
+        wrap_nonce, pos = blob[pos : pos + _NONCE], pos + _NONCE
+        wrapped, pos = blob[pos : pos + _WRAPPED], pos + _WRAPPED
+        nonce, pos = blob[pos : pos + _NONCE], pos + _NONCE
+        aad = object_id.encode()
+        master = self.keys.get(key_id)
+        try:
+            dek = AESGCM(master.derive("kek")).decrypt(wrap_nonce, wrapped, b"dek:" + aad)
+            return AESGCM(dek).decrypt(nonce, blob[pos:], aad)
+        except InvalidTag:
+            raise TamperedObjectError(f"object {object_id}: authentication failed (tampered)") from None
+
+    def check_space(self, incoming: int = 0) -> None:
+        """Raise :class:`OutOfResourcesError` if writing ``incoming`` bytes would pass the watermark."""
+        free = shutil.disk_usage(self.root).free
+        if free - incoming < self.min_free_bytes:
+            raise OutOfResourcesError(f"{free // 2**20} MiB free, watermark {self.min_free_bytes // 2**20} MiB")
+
+    def put(self, plaintext: bytes, object_id: str | None = None) -> str:
+        """Seal and durably write ``plaintext``; return its object id.
+
+        Raises
+        ------
+        OutOfResourcesError
+            The disk watermark would be passed.
+        StorageError
+            The write failed.
+        """
+        object_id = object_id or uuid.uuid4().hex
+        self.check_space(len(plaintext))
+        blob = self.seal(object_id, plaintext)
+        final = self._path(object_id)
+        final.parent.mkdir(exist_ok=True, mode=0o700)
+        tmp = self.root / "tmp" / f"{object_id}.{uuid.uuid4().hex[:8]}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+            dir_fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"object {object_id}: write failed: {exc.strerror}") from None
+        return object_id
+
+    def get(self, object_id: str) -> bytes:
+        """Read and decrypt an object; see :meth:`unseal` for the errors."""
+        try:
+            blob = self._path(object_id).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"object {object_id}: cannot read: {exc.strerror}") from None
+        return self.unseal(object_id, blob)
+
+    def delete(self, object_id: str) -> None:
+        """Remove an object (no error if it is already gone)."""
+        self._path(object_id).unlink(missing_ok=True)
+
+    def quarantine(self, object_id: str) -> Path:
+        """Move an object, still encrypted, to ``quarantine/`` for an administrator to inspect."""
+        target = self.root / "quarantine" / object_id
+        os.replace(self._path(object_id), target)
+        return target
+
+
+__all__ = ["KeyProviderError", "ObjectStore"]
