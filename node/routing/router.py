@@ -29,12 +29,12 @@ def header_of(ds: Dataset, keywords: set[str], calling_ae_title: str, called_ae_
     """The values of ``keywords`` in ``ds`` (top level), plus the association's AE titles."""
     header: dict[str, Any] = {"calling_ae_title": calling_ae_title, "called_ae_title": called_ae_title}
     for keyword in keywords:
-        if keyword in header:
+        if keyword in header or keyword not in ds:
             continue
-        elem = ds.get(keyword)
-        if elem is None or isinstance(elem, Dataset):
+        elem = ds[keyword]
+        if elem.VR == "SQ" or elem.value is None:
             continue
-        header[keyword] = list(elem) if not isinstance(elem, str | bytes) and hasattr(elem, "__iter__") else elem
+        header[keyword] = [str(v) for v in elem.value] if elem.VM > 1 else str(elem.value)
     return header
 
 

@@ -35,7 +35,7 @@ MODIFIERS = ("ignore_case",)
 COMBINATORS = ("all", "any", "not")
 
 
-class RuleSyntaxError(ConfigError):
+class RuleSyntaxError(ConfigError, ValueError):
     """A condition is malformed; ``path`` locates the offending key inside the condition."""
 
     def __init__(self, path: Sequence[str | int], message: str) -> None:

@@ -1,0 +1,105 @@
+"""The encrypted object store, key sources and the index."""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+
+import pytest
+
+from node.errors import KeyProviderError, OutOfResourcesError, TamperedObjectError
+from node.settings.models import EnvKeySource, FileKeySource
+from node.storage.index import Index, InstanceRow, StudyState
+from node.storage.keys import StaticKeyProvider, generate_key_file, load_key_provider
+from node.storage.store import HEADER_BYTES, ObjectStore
+
+from .conftest import CT_SERIES, series_files
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ObjectStore(tmp_path / "store", StaticKeyProvider(secrets.token_bytes(32)))
+
+
+def test_roundtrip_and_no_plaintext_on_disk(store, tmp_path):
+    payload = series_files(CT_SERIES)[0].read_bytes()
+    object_id = store.put(payload)
+    assert store.get(object_id) == payload
+    (path,) = [p for p in (tmp_path / "store" / "objects").rglob("*") if p.is_file()]
+    on_disk = path.read_bytes()
+    assert b"Lung_Dx-A0001" not in on_disk
+    assert payload[-4096:-4032] not in on_disk  # no 64-byte run of the pixel data
+    assert len(on_disk) == len(payload) + HEADER_BYTES + 16
+
+
+@pytest.mark.parametrize("position", [0, 10, HEADER_BYTES - 1, HEADER_BYTES + 5, -1])
+def test_flipped_byte_is_reported_as_tampering(store, tmp_path, position):
+    object_id = store.put(b"x" * 1000)
+    path = next(p for p in (tmp_path / "store" / "objects").rglob("*") if p.is_file())
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises((TamperedObjectError, KeyProviderError)):
+        store.get(object_id)
+
+
+def test_truncated_and_swapped_objects_are_rejected(store, tmp_path):
+    a, b = store.put(b"a" * 100), store.put(b"b" * 100)
+    objects = tmp_path / "store" / "objects"
+    path_a, path_b = objects / a[:2] / a, objects / b[:2] / b
+    path_a.write_bytes(path_a.read_bytes()[:50])
+    with pytest.raises(TamperedObjectError, match="truncated"):
+        store.get(a)
+    path_b.write_bytes(store.seal(a, b"not b"))  # valid ciphertext, but for another object id
+    with pytest.raises(TamperedObjectError, match="authentication failed"):
+        store.get(b)
+
+
+def test_quarantine_keeps_object_encrypted(store, tmp_path):
+    object_id = store.put(b"secret")
+    target = store.quarantine(object_id)
+    assert target.parent.name == "quarantine" and b"secret" not in target.read_bytes()
+
+
+def test_disk_watermark_refuses_writes(tmp_path):
+    full = ObjectStore(tmp_path / "store", StaticKeyProvider(secrets.token_bytes(32)), min_free_bytes=2**62)
+    with pytest.raises(OutOfResourcesError):
+        full.put(b"data")
+
+
+def test_key_file_permissions_and_env(tmp_path, monkeypatch):
+    path = tmp_path / "k.key"
+    key_id = generate_key_file(path)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert load_key_provider(FileKeySource(provider="file", path=path)).current().key_id == key_id
+    with pytest.raises(KeyProviderError, match="already exists"):
+        generate_key_file(path)
+    os.chmod(path, 0o644)
+    with pytest.raises(KeyProviderError, match="readable by others"):
+        load_key_provider(FileKeySource(provider="file", path=path))
+    with pytest.raises(KeyProviderError, match="not set"):
+        load_key_provider(EnvKeySource(provider="env", variable="AINODE_NO_SUCH_VAR"))
+    monkeypatch.setenv("AINODE_K", base64.b64encode(b"short").decode())
+    with pytest.raises(KeyProviderError, match="32 bytes"):
+        load_key_provider(EnvKeySource(provider="env", variable="AINODE_K"))
+
+
+def test_index_late_instance_reopens_study_and_duplicates_are_ignored(tmp_path):
+    index = Index.for_data_dir(tmp_path)
+
+    def row(sop: str, t: float) -> InstanceRow:
+        return InstanceRow(
+            object_id=f"obj{sop}", sop_key=sop, study_key="study", series_key="series",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2", size=1, received_at=t,
+        )  # fmt: skip
+
+    assert index.add_instance(row("a", 1.0), "PACS")
+    assert not index.add_instance(row("a", 2.0), "PACS")
+    assert index.quiet_studies(10, now=5.0) == []
+    assert index.quiet_studies(1, now=5.0) == ["study"]
+    index.set_study_state("study", StudyState.DONE)
+    assert index.add_instance(row("b", 6.0), "PACS")
+    study = index.study("study")
+    assert study is not None
+    assert (study.state, study.generation, study.instance_count) == (StudyState.RECEIVING, 2, 2)
