@@ -13,7 +13,7 @@ from node.deid.pseudonyms import Pseudonymizer, derive_uid, shift_da
 from node.deid.reid import PseudonymMap, reidentify
 from node.errors import DeidentificationError
 
-from .conftest import CT_SERIES, MR_SERIES, series_files
+from .peers import CT_SERIES, MR_SERIES, series_files
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 from algorithms.lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 
-from .conftest import (
+from .peers import (
     CT_PATIENT_NAME,
     CT_SERIES,
     LUNG_ROUTE,

@@ -15,7 +15,7 @@ from algorithms.registry import Registry
 from node.errors import PluginError, SeriesRefused
 from node.jobs.volume import load_volume
 
-from .conftest import CT_SERIES, MR_SERIES, TRANSCODED, series_files
+from .peers import CT_SERIES, MR_SERIES, TRANSCODED, series_files
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from node.routing.router import header_of, plan_routes
 from node.routing.rules import RuleSyntaxError, evaluate, keywords_of, parse_condition
 from node.settings.models import Settings
 
-from .conftest import CT_SERIES, MR_SERIES, series_files
+from .peers import CT_SERIES, MR_SERIES, series_files
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from node.storage.index import Index, InstanceRow, StudyState
 from node.storage.keys import StaticKeyProvider, generate_key_file, load_key_provider
 from node.storage.store import HEADER_BYTES, ObjectStore
 
-from .conftest import CT_SERIES, series_files
+from .peers import CT_SERIES, series_files
 
 
 @pytest.fixture

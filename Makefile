@@ -1,0 +1,40 @@
+# One command to set up and run the node, one to set up and run the tests.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN     = $(VENV)/bin
+CONFIG ?= config/ainode.example.yaml
+
+.PHONY: setup serve test check lint typecheck bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+var/ainode.key: | $(VENV)/.installed
+	$(BIN)/ainode keys generate --out $@
+
+serve: setup var/ainode.key
+	$(BIN)/ainode config check $(CONFIG)
+	$(BIN)/ainode serve --config $(CONFIG)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+check: lint typecheck
+
+test: check
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python bench/e2e.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,134 @@
+"""End-to-end turnaround of the CT study: Orthanc forwards it, ainode returns SEG + SR to Orthanc.
+
+Prints a table and writes ``bench/results/e2e.json``. Each run starts a fresh Orthanc and a fresh
+node (empty data directory) on loopback ports. Figures per run:
+
+- ``ingest_s`` / ``ingest_mb_s``: Orthanc's C-STORE of the study to ainode (encrypted, fsync'd);
+- ``end_to_end_s``: last instance received -> results accepted by Orthanc, quiet period excluded
+  (includes up to one 0.25 s scheduler poll);
+- the job's stages: de-identify, load volume, algorithm, build SEG/SR, send;
+- ``peak_rss_mb``: the node process's peak resident set (VmHWM).
+
+Usage: ``python bench/e2e.py [--runs 3] [--quiet-period 1.0]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import platform
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from node.storage.index import Index, JobState  # noqa: E402
+from tests.peers import (  # noqa: E402
+    CT_SERIES,
+    LUNG_ROUTE,
+    free_port,
+    node_config,
+    series_files,
+    start_node_process,
+    start_orthanc,
+    wait_until,
+)
+
+STAGES = ("deidentify_s", "load_volume_s", "algorithm_s", "build_results_s", "send_s")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident set size of a process (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one_run(work: Path, quiet_period_s: float) -> dict[str, float]:
+    """One fresh Orthanc + node; returns the figures of that run."""
+    files = series_files(CT_SERIES)
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
+    node_port = free_port()
+    pacs = start_orthanc(work / "orthanc", "AINODE", node_port)
+    node = None
+    try:
+        config_path, config = node_config(
+            work,
+            port=node_port,
+            peers=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
+            destinations={"pacs": {"type": "dicom", "peer": "PACS"}},
+            routes=[{**LUNG_ROUTE, "destinations": ["pacs"], "completion": {"quiet_period_s": quiet_period_s}}],
+        )
+        key = {"AINODE_TEST_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
+        node = start_node_process(config_path, config, key, work / "node.log")
+        for f in files:
+            pacs.rest("POST", "/instances", raw=f.read_bytes())
+        (study_id,) = pacs.rest("GET", "/studies")
+        start = time.perf_counter()
+        pacs.rest("POST", "/modalities/ainode/store", {"Resources": [study_id], "Synchronous": True})
+        ingest_s = time.perf_counter() - start
+        index = Index.for_data_dir(node.data_dir)
+        job = wait_until(lambda: next(iter(index.jobs(state=JobState.DELIVERED)), None), 300, 0.1)
+        modalities = {s["MainDicomTags"]["Modality"] for s in pacs.rest("GET", f"/studies/{study_id}/series")}
+        assert {"SEG", "SR"} <= modalities, modalities
+        study = index.study(job.study_key)
+        assert study is not None
+        timings = json.loads(job.timings)
+        figures = {
+            "instances": len(files),
+            "study_mb": round(size_mb, 1),
+            "ingest_s": ingest_s,
+            "ingest_mb_s": size_mb / ingest_s,
+            "end_to_end_s": timings["delivered_at"] - study.last_received_at - quiet_period_s,
+            **{k: timings[k] for k in STAGES},
+            "peak_rss_mb": peak_rss_mb(node.proc.pid),  # type: ignore[union-attr]
+        }
+        index.engine.dispose()
+        return figures
+    finally:
+        if node is not None:
+            node.stop()
+        pacs.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quiet-period", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
+    args = parser.parse_args()
+    runs = []
+    for i in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="ainode-bench-") as tmp:
+            runs.append(one_run(Path(tmp), args.quiet_period))
+        print(f"run {i + 1}/{args.runs}: end-to-end {runs[-1]['end_to_end_s']:.2f} s", file=sys.stderr)
+    keys = [k for k in runs[0] if k not in ("instances", "study_mb")]
+    medians = {k: statistics.median(r[k] for r in runs) for k in keys}
+    print(f"\nCT {runs[0]['instances']} instances, {runs[0]['study_mb']} MB; median of {args.runs} run(s)")
+    print(f"{'figure':<18}{'median':>10}   runs")
+    for k in keys:
+        print(f"{k:<18}{medians[k]:>10.2f}   " + " ".join(f"{r[k]:.2f}" for r in runs))
+    report = {
+        "benchmark": "e2e",
+        "series": str(CT_SERIES.relative_to(CT_SERIES.parents[2])),
+        "quiet_period_s": args.quiet_period,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "median": medians,
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

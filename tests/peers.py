@@ -1,0 +1,213 @@
+"""Real peers for tests and benchmarks: data paths, free loopback ports, a node process, Orthanc, DCMTK.
+
+No pytest here, so ``bench/`` scripts can use it too."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("AINODE_TEST_DATA", ROOT.parent / "shared" / "data"))
+CT_SERIES = DATA / "ct_chest_lungpetctdx_A0001" / "series2_5mm_kernelL_lung"
+CT_SOFT_SERIES = DATA / "ct_chest_lungpetctdx_A0001" / "series3_5mm_kernelB_mediastinal"
+MR_SERIES = DATA / "mr_brain_siemens_t1sag_HFS" / "HFS_t1_fl2d_sag"
+TRANSCODED = DATA / "ct_chest_derived_transcoded_A0001"
+CT_PATIENT_NAME = "Lung_Dx-A0001"
+AINODE = shutil.which("ainode", path=str(Path(sys.executable).parent)) or "ainode"
+TOOL_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until something listens on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.5) -> Any:
+    """Poll ``predicate`` until it returns something truthy; return it or raise ``TimeoutError``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"condition not met within {timeout_s} s")
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """Run dicom3tools' dciodvfy; return (errors, warnings)."""
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warning")]
+
+
+def storescu(
+    port: int, files: list[Path], calling: str = "STORESCU", called: str = "AINODE"
+) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK storescu (proposing only what is sent)."""
+    cmd = ["storescu", "-R", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=TOOL_ENV, timeout=120, check=False)
+
+
+def series_files(folder: Path) -> list[Path]:
+    """The ``.dcm`` files of a folder, sorted."""
+    return sorted(folder.glob("*.dcm"))
+
+
+@dataclass
+class NodeProcess:
+    """An ``ainode serve`` subprocess with its configuration and captured log."""
+
+    config_path: Path
+    data_dir: Path
+    port: int
+    ae_title: str
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=Path)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run another ``ainode`` subcommand with this node's configuration."""
+        return subprocess.run(
+            [AINODE, *args, "--config", str(self.config_path)], capture_output=True, text=True, check=False
+        )
+
+    def log(self) -> str:
+        """Everything the node logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def node_config(
+    tmp_path: Path,
+    *,
+    peers: list[dict[str, Any]],
+    destinations: dict[str, Any],
+    routes: list[dict[str, Any]],
+    port: int | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Write a node configuration into ``tmp_path`` and return its path and content."""
+    port = port or free_port()
+    config = {
+        "node": {"ae_title": "AINODE", "host": "127.0.0.1", "port": port, "data_dir": str(tmp_path / "data")},
+        "keys": {"provider": "env", "variable": "AINODE_TEST_KEY"},
+        "peers": peers,
+        "destinations": destinations,
+        "routes": routes,
+    }
+    path = tmp_path / "ainode.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, config
+
+
+LUNG_ROUTE = {
+    "name": "chest-ct-lung-density",
+    "match": {"Modality": "CT", "StudyDescription": {"regex": "chest|thorax", "ignore_case": True}},
+    "algorithms": ["lung-ct-density"],
+    "completion": {"quiet_period_s": 1.0},
+}
+
+
+@dataclass
+class Orthanc:
+    """A real Orthanc (Debian package) on loopback ports, used as the PACS."""
+
+    dicom_port: int
+    http_port: int
+    ae_title: str
+    proc: subprocess.Popen[bytes]
+
+    def rest(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+        """Call Orthanc's REST API; JSON in and out (bytes out for ``/file``)."""
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        with urllib.request.urlopen(request, timeout=120) as response:
+            payload = response.read()
+        return payload if path.endswith("/file") else json.loads(payload or b"null")
+
+    def stop(self) -> None:
+        """SIGTERM and wait (Orthanc takes a few seconds to exit)."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_orthanc(root: Path, node_ae_title: str, node_port: int) -> Orthanc:
+    """Start Orthanc in ``root`` knowing ainode as modality ``ainode`` at ``node_port``."""
+    root.mkdir(parents=True)
+    dicom_port, http_port = free_port(), free_port()
+    config = {
+        "Name": "ainode-test-pacs",
+        "DicomAet": "PACS",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "DicomAlwaysAllowStore": True,
+        "DicomCheckCalledAet": False,
+        "DicomModalities": {"ainode": {"AET": node_ae_title, "Host": "127.0.0.1", "Port": node_port}},
+        "Plugins": [],
+    }
+    (root / "orthanc.json").write_text(json.dumps(config))
+    log = open(root / "orthanc.log", "wb")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(["/usr/sbin/Orthanc", str(root / "orthanc.json")], stdout=log, stderr=log, env=TOOL_ENV)
+    wait_for_port(http_port, 60, proc)
+    wait_for_port(dicom_port, 60, proc)
+    return Orthanc(dicom_port, http_port, "PACS", proc)
+
+
+def start_node_process(config_path: Path, config: dict[str, Any], env: dict[str, str], log_path: Path) -> NodeProcess:
+    """Start ``ainode serve`` and wait until it listens."""
+    node = NodeProcess(
+        config_path=config_path,
+        data_dir=Path(config["node"]["data_dir"]),
+        port=int(config["node"]["port"]),
+        ae_title=config["node"]["ae_title"],
+        log_path=log_path,
+        env={**os.environ, **env},
+    )
+    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
+    node.proc = subprocess.Popen([AINODE, "serve", "--config", str(config_path)], stdout=log, stderr=log, env=node.env)
+    wait_for_port(node.port, 60, node.proc)
+    return node
