@@ -7,6 +7,7 @@
     ainode config check FILE                validate a configuration
     ainode algorithms list                  registered analysis algorithms
     ainode keys generate --out FILE         create a master key file (mode 0600)
+    ainode deidentify PATH... --out DIR     de-identify files (PS3.15 Annex E) with a profile
     ainode studies list --config FILE       studies in the node and their state
     ainode jobs list|show --config FILE     jobs and why they ended as they did
 """
@@ -100,6 +101,56 @@ def cmd_algorithms_list(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from node.deid import InstanceDeidentifier
+    from node.deid.pseudonyms import Pseudonymizer
+    from node.errors import QuarantinedError
+    from node.settings import load_settings
+    from node.settings.models import Deidentification, EnvKeySource
+    from node.storage.keys import load_key_provider
+
+    if args.config:
+        settings = load_settings(args.config)
+        source, profiles = settings.keys, settings.deidentification
+    else:
+        source, profiles = EnvKeySource(provider="env", variable=args.key_env), {"default": Deidentification()}
+    if args.profile not in profiles:
+        raise AinodeError(f"no de-identification profile {args.profile!r}")
+    key = load_key_provider(source).current()
+    deid = InstanceDeidentifier(Pseudonymizer(key.derive("pseudonym"), key.key_id), profiles[args.profile])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = quarantined = failed = skipped = 0
+    for path in _files(args.paths):
+        try:
+            ds = dcmread(path)
+        except InvalidDicomError:
+            skipped += 1
+            continue
+        try:
+            deid(ds)
+            target = out / f"{ds.SOPInstanceUID}.dcm"
+            n = 1
+            while target.exists():  # two inputs with one SOP Instance UID: keep both
+                n += 1
+                target = out / f"{ds.SOPInstanceUID}-{n}.dcm"
+            if n > 1:
+                print(f"{path}: duplicate SOP Instance UID, written as {target.name}", file=sys.stderr)
+            ds.save_as(target, enforce_file_format=True)
+            written += 1
+        except QuarantinedError as exc:
+            quarantined += 1
+            print(f"{path}: {exc}", file=sys.stderr)
+        except (OSError, EOFError, ValueError, AttributeError, AinodeError) as exc:
+            failed += 1
+            print(f"{path}: not de-identified: {type(exc).__name__}", file=sys.stderr)
+    print(f"de-identified {written}, quarantined {quarantined}, failed {failed}, skipped {skipped} (not DICOM)")
+    return 1 if failed else 0
+
+
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from node.storage.keys import generate_key_file
 
@@ -166,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_keys_generate)
 
+    p = sub.add_parser("deidentify", help="de-identify DICOM files (PS3.15 Annex E)")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--out", required=True, help="folder for the de-identified files")
+    p.add_argument("--config", help="take the key and profiles from this configuration")
+    p.add_argument("--profile", default="default")
+    p.add_argument("--key-env", default="AINODE_KEY", help="without --config: variable holding the master key")
+    p.set_defaults(func=cmd_deidentify)
+
     studies = sub.add_parser("studies", help="studies in the node").add_subparsers(dest="action", required=True)
     p = studies.add_parser("list")
     p.add_argument("--config", required=True)
@@ -174,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="analysis jobs").add_subparsers(dest="action", required=True)
     p = jobs.add_parser("list")
     p.add_argument("--config", required=True)
-    p.add_argument("--state", choices=["pending", "running", "delivered", "refused", "failed"])
+    p.add_argument("--state", choices=["pending", "running", "delivered", "refused", "quarantined", "failed"])
     p.set_defaults(func=cmd_jobs_list)
     p = jobs.add_parser("show")
     p.add_argument("id", type=int)

@@ -10,6 +10,7 @@
     │   └── OutOfResourcesError    the disk watermark is reached; maps to DIMSE 0xA700
     ├── InvalidInstanceError   a received data set is unusable; maps to DIMSE 0xA900 / 0xC000
     ├── DeidentificationError  a data set cannot be de-identified or re-identified safely
+    │   └── QuarantinedError       pixels may hold burned-in PHI and no rule cleans them
     ├── RoutingError           a rule cannot be evaluated
     ├── PluginError            an algorithm plugin failed to load or raised
     │   └── SeriesRefused          the algorithm declines the series with a reason (not a failure)
@@ -52,6 +53,10 @@ class InvalidInstanceError(AinodeError):
 
 class DeidentificationError(AinodeError):
     """A data set cannot be de-identified or re-identified safely."""
+
+
+class QuarantinedError(DeidentificationError):
+    """An image may carry identifying text in its pixels and no pixel rule cleans it (PS3.15 E.3.1)."""
 
 
 class RoutingError(AinodeError):

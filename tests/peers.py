@@ -63,7 +63,7 @@ def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.5) -> Any
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     """Run dicom3tools' dciodvfy; return (errors, warnings)."""
-    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", check=False)
     lines = (proc.stdout + proc.stderr).splitlines()
     return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warning")]
 

@@ -8,7 +8,8 @@ import secrets
 import pydicom
 import pytest
 
-from node.deid.engine import Deidentifier, ProfileOptions
+from node.deid.engine import Deidentifier
+from node.deid.profile import ProfileOptions
 from node.deid.pseudonyms import Pseudonymizer, derive_uid, shift_da
 from node.deid.reid import PseudonymMap, reidentify
 from node.errors import DeidentificationError

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from node.routing.router import header_of, plan_routes
-from node.routing.rules import RuleSyntaxError, evaluate, keywords_of, parse_condition
+from node.routing.router import plan_routes
+from node.routing.rules import RuleSyntaxError, evaluate, header_of, keywords_of, parse_condition
 from node.settings.models import Settings
 
 from .peers import CT_SERIES, MR_SERIES, series_files

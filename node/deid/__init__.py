@@ -1,0 +1,58 @@
+"""De-identification before analysis (PS3.15 Annex E) and re-identification of results."""
+
+from __future__ import annotations
+
+from pydicom import Dataset
+
+from node.deid.engine import Deidentifier, Outcome
+from node.deid.pixels import blank_regions, matching_rule, pixel_phi_risk
+from node.deid.profile import ProfileOptions, SafePrivateTag
+from node.deid.pseudonyms import Pseudonymizer
+from node.errors import QuarantinedError
+from node.settings.models import Deidentification
+
+__all__ = ["InstanceDeidentifier", "Outcome", "options_from"]
+
+
+def options_from(profile: Deidentification) -> ProfileOptions:
+    """The engine's options for a configured de-identification profile."""
+    safe = tuple(
+        SafePrivateTag(int(s.group, 16), s.creator, int(element, 16))
+        for s in profile.safe_private
+        for element in s.elements
+    )
+    return ProfileOptions(
+        retain_patient_characteristics=profile.retain_patient_characteristics,
+        retain_device_identity=profile.retain_device_identity,
+        retain_institution_identity=profile.retain_institution_identity,
+        retain_uids=profile.retain_uids,
+        dates=profile.dates,
+        clean_descriptors=profile.clean_descriptors,
+        clean_structured_content=profile.clean_structured_content,
+        clean_graphics=profile.clean_graphics,
+        safe_private=safe,
+    )
+
+
+class InstanceDeidentifier:
+    """De-identifies one instance under a profile: the pixel PHI policy, then Table E.1-1.
+
+    Raises :class:`~node.errors.QuarantinedError` for an image whose pixels may hold identifying
+    text and that no pixel rule of the profile cleans.
+    """
+
+    def __init__(self, pseudonyms: Pseudonymizer, profile: Deidentification) -> None:
+        self.profile = profile
+        self.engine = Deidentifier(pseudonyms, options_from(profile))
+
+    def __call__(self, ds: Dataset) -> Outcome:
+        """De-identify ``ds`` in place; returns the UID map made."""
+        reason = pixel_phi_risk(ds)
+        cleaned = False
+        if reason is not None:
+            rule = matching_rule(ds, self.profile.pixel_rules)
+            if rule is None:
+                raise QuarantinedError(f"quarantined: {reason}")
+            blank_regions(ds, rule.regions)
+            cleaned = True
+        return self.engine.deidentify(ds, pixels_cleaned=cleaned)

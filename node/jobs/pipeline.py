@@ -19,11 +19,11 @@ from pydicom import Dataset
 
 from algorithms.base import Device
 from algorithms.registry import Registry, check_accepts
-from node.deid.engine import Deidentifier, ProfileOptions
+from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
-from node.errors import AinodeError, DeliveryError, SeriesRefused
+from node.errors import AinodeError, DeliveryError, QuarantinedError, SeriesRefused
 from node.jobs.delivery import deliver
 from node.jobs.volume import load_volume
 from node.results import build_measurement_report, build_segmentation
@@ -104,14 +104,14 @@ class Pipeline:
         key = self.s.keys.current()
         return Pseudonymizer(key.derive("pseudonym"), key.key_id)
 
-    def _deidentify_series(self, study_key: str, series_key: str) -> tuple[list[Dataset], PseudonymMap]:
+    def _deidentify_series(self, study_key: str, series_key: str, profile: str) -> tuple[list[Dataset], PseudonymMap]:
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
         pseudonyms = self._pseudonymizer()
-        deid = Deidentifier(pseudonyms, ProfileOptions(**self.s.settings.deidentification.model_dump()))
+        deid = InstanceDeidentifier(pseudonyms, self.s.settings.deidentification[profile])
         datasets = [decode(self.s.store.get(r.object_id)) for r in rows]
         mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
         for ds in datasets:
-            mapping.add(deid.deidentify(ds).uid_map)
+            mapping.add(deid(ds).uid_map)
         map_id = self.s.store.put(mapping.to_bytes())
         self.s.index.set_map_object(study_key, map_id)
         return datasets, mapping
@@ -119,13 +119,17 @@ class Pipeline:
     def run_job(self, job_id: int) -> str:
         """Run one job to a terminal state and return it (``delivered``, ``refused``, ``failed``)."""
         job = self.s.index.job(job_id)
-        if job is None or job.state in (JobState.DELIVERED, JobState.REFUSED):
+        if job is None or job.state in (JobState.DELIVERED, JobState.REFUSED, JobState.QUARANTINED):
             return job.state if job else JobState.FAILED
         self.s.index.update_job(job_id, state=JobState.RUNNING, attempts=job.attempts + 1)
         extra = {"study_key": job.study_key, "job_id": job_id, "algorithm": job.algorithm}
         timings: dict[str, float] = {}
         try:
             state = self._run(job_id, job.study_key, job.series_key, job.algorithm, job.route, timings)
+        except QuarantinedError as exc:
+            state = JobState.QUARANTINED
+            self.s.index.update_job(job_id, state=state, reason=str(exc), timings=timings)
+            logger.warning("series quarantined: %s", exc, extra=extra)
         except SeriesRefused as exc:
             state = JobState.REFUSED
             self.s.index.update_job(job_id, state=state, reason=exc.reason, timings=timings)
@@ -153,7 +157,7 @@ class Pipeline:
         spec = algorithm.spec
 
         start = time.perf_counter()
-        datasets, mapping = self._deidentify_series(study_key, series_key)
+        datasets, mapping = self._deidentify_series(study_key, series_key, route.deidentification)
         t["deidentify_s"] = time.perf_counter() - start
 
         start = time.perf_counter()

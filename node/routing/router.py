@@ -13,7 +13,7 @@ from typing import Any
 
 from pydicom import Dataset
 
-from node.routing.rules import Decision, evaluate, keywords_of
+from node.routing.rules import Decision, evaluate, header_of, keywords_of
 from node.settings.models import Route, Settings
 
 
@@ -23,19 +23,6 @@ class RoutePlan:
 
     route: Route
     series_keys: tuple[str, ...]
-
-
-def header_of(ds: Dataset, keywords: set[str], calling_ae_title: str, called_ae_title: str) -> dict[str, Any]:
-    """The values of ``keywords`` in ``ds`` (top level), plus the association's AE titles."""
-    header: dict[str, Any] = {"calling_ae_title": calling_ae_title, "called_ae_title": called_ae_title}
-    for keyword in keywords:
-        if keyword in header or keyword not in ds:
-            continue
-        elem = ds[keyword]
-        if elem.VR == "SQ" or elem.value is None:
-            continue
-        header[keyword] = [str(v) for v in elem.value] if elem.VM > 1 else str(elem.value)
-    return header
 
 
 def explain(settings: Settings, header: Mapping[str, Any]) -> list[tuple[Route, Decision]]:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom import Dataset
 from pydicom.datadict import keyword_dict, tag_for_keyword
 
 from node.errors import ConfigError
@@ -187,6 +188,19 @@ def keywords_of(condition: Condition) -> set[str]:
     if isinstance(condition, Not):
         return keywords_of(condition.condition)
     return set().union(*(keywords_of(c) for c in condition.conditions))
+
+
+def header_of(ds: Dataset, keywords: set[str], calling_ae_title: str, called_ae_title: str) -> dict[str, Any]:
+    """The values of ``keywords`` in ``ds`` (top level), plus the association's AE titles."""
+    header: dict[str, Any] = {"calling_ae_title": calling_ae_title, "called_ae_title": called_ae_title}
+    for keyword in keywords:
+        if keyword in header or keyword not in ds:
+            continue
+        elem = ds[keyword]
+        if elem.VR == "SQ" or elem.value is None:
+            continue
+        header[keyword] = [str(v) for v in elem.value] if elem.VM > 1 else str(elem.value)
+    return header
 
 
 def _values(raw: Any) -> list[Any]:

@@ -102,6 +102,7 @@ class Route(_Model):
     algorithms: list[str] = []
     destinations: list[str] = []
     completion: Completion = Completion()
+    deidentification: str = "default"
 
 
 class Routing(_Model):
@@ -110,12 +111,40 @@ class Routing(_Model):
     mode: Literal["first_match", "all_matches"] = "first_match"
 
 
+class SafePrivate(_Model):
+    """Private attributes known to be safe: a block (group, Private Creator) and element offsets."""
+
+    group: Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{3}[13579BDFbdf]$")]
+    creator: Annotated[str, Field(min_length=1, max_length=64)]
+    elements: list[Annotated[str, Field(pattern=r"^[0-9A-Fa-f]{2}$")]]
+
+
+class PixelRule(_Model):
+    """Blank regions of images with burned-in text: for images matching ``match``, each region
+    ``[column_start, row_start, column_stop, row_stop]`` (pixels, stop exclusive) is set to 0."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    match: Annotated[Condition, BeforeValidator(_parse_match)]
+    regions: list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=4, max_length=4)]]
+
+
 class Deidentification(_Model):
-    """PS3.15 Annex E options applied before any algorithm sees a series."""
+    """One de-identification profile: PS3.15 Annex E Basic Profile plus the E.3 options.
+
+    The default is Basic + Modified Dates + Patient Characteristics + Clean Descriptors.
+    """
 
     retain_patient_characteristics: bool = True
-    retain_device_identity: bool = True
-    modified_dates: bool = True
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    retain_uids: bool = False
+    dates: Literal["modified", "full", "remove"] = "modified"
+    clean_descriptors: bool = True
+    clean_structured_content: bool = False
+    clean_graphics: bool = False
+    safe_private: list[SafePrivate] = []
+    pixel_rules: list[PixelRule] = []
 
 
 class Settings(_Model):
@@ -127,7 +156,7 @@ class Settings(_Model):
     destinations: dict[str, Destination] = {}
     routing: Routing = Routing()
     routes: list[Route] = []
-    deidentification: Deidentification = Deidentification()
+    deidentification: dict[str, Deidentification] = {"default": Deidentification()}
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -138,10 +167,16 @@ class Settings(_Model):
         for name, dest in self.destinations.items():
             if isinstance(dest, DicomDestination) and dest.peer not in titles:
                 raise ValueError(f"destinations.{name}.peer: {dest.peer!r} is not in peers")
+        if "default" not in self.deidentification:
+            raise ValueError("deidentification: a profile named 'default' is required")
         names = [r.name for r in self.routes]
         for i, route in enumerate(self.routes):
             if names.count(route.name) > 1:
                 raise ValueError(f"routes[{i}].name: {route.name!r} is used by more than one route")
+            if route.deidentification not in self.deidentification:
+                raise ValueError(
+                    f"routes[{i}].deidentification: {route.deidentification!r} is not a de-identification profile"
+                )
             for dest_name in route.destinations:
                 if dest_name not in self.destinations:
                     raise ValueError(f"routes[{i}].destinations: {dest_name!r} is not a configured destination")

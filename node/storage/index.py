@@ -12,7 +12,7 @@ Study states (PS3 has no such thing; this is ainode's own life cycle)::
 
 Job states::
 
-    pending -> running -> delivered | refused | failed
+    pending -> running -> delivered | refused | quarantined | failed
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ class JobState(enum.StrEnum):
     RUNNING = "running"
     DELIVERED = "delivered"
     REFUSED = "refused"
+    QUARANTINED = "quarantined"
     FAILED = "failed"
 
 
