@@ -13,6 +13,7 @@ import threading
 import time
 
 from algorithms.registry import Registry, select_device
+from node.dicomio import configure_pydicom
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.scheduler import InProcessExecutor, Scheduler
 from node.network.scp import ReceivedInstance, StorageSCP
@@ -58,6 +59,7 @@ class Node:
 
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
+        configure_pydicom()
         data_dir = settings.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.keys = load_key_provider(settings.keys)

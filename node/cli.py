@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ainode`` console script."""
     args = build_parser().parse_args(argv)
+    from node.dicomio import configure_pydicom
+
+    configure_pydicom()
     try:
         return int(args.func(args))
     except AinodeError as exc:

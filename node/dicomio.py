@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import io
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset, config, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from node.errors import InvalidInstanceError
+
+
+def configure_pydicom() -> None:
+    """Process-wide pydicom settings of the node.
+
+    Value validation on read and write is off: pydicom's validation warnings quote the offending
+    value (a patient name, an ID) and would put PHI into logs; ainode checks what it relies on
+    itself. It also saves about a tenth of the decoding time.
+    """
+    config.settings.reading_validation_mode = config.IGNORE
+    config.settings.writing_validation_mode = config.IGNORE
 
 
 def encode(ds: Dataset) -> bytes:

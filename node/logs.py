@@ -39,3 +39,4 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset, FileMetaDataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
@@ -64,7 +65,7 @@ SAFE_TEXT_KEYWORDS = frozenset(
 DUMMY: dict[str, Any] = {
     "AE": "ANONYMOUS", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101", "DS": "0", "DT": "19000101000000",
     "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED", "PN": "ANONYMIZED", "SH": "ANONYMIZED", "ST": "ANONYMIZED",
-    "TM": "000000", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": "", "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0,
+    "TM": "000000", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": "urn:anonymized", "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0,
     "UL": 0, "US": 0, "SV": 0, "UV": 0,
 }  # fmt: skip
 IDENTIFYING_KEYWORDS = (
@@ -73,6 +74,20 @@ IDENTIFYING_KEYWORDS = (
     "MedicalRecordLocator", "IssuerOfPatientID", "RequestingService", "PatientBirthName",
 )  # fmt: skip
 _MIN_NEEDLE = 3
+SWEPT_VRS = frozenset({"SQ", "PN", "DA", "DT", "UI", "UN", *TEXT_VRS})
+HARVESTED_TAGS = frozenset(tag_for_keyword(k) for k in IDENTIFYING_KEYWORDS)
+
+
+def _raw_vr(ds: Dataset, tag: BaseTag) -> str:
+    """The VR of an element without converting its value (implicit VR: from the dictionary)."""
+    raw = ds.get_item(tag)
+    vr = getattr(raw, "VR", None)
+    if vr:
+        return str(vr)
+    try:
+        return str(dictionary_VR(tag)).split(" or ")[0]
+    except KeyError:
+        return "UN"
 
 
 @dataclass
@@ -87,29 +102,30 @@ class _Context:
     outcome: Outcome
     days: int
     patient_id: str
-    needles: tuple[str, ...]
+    needles: set[str] = field(default_factory=set)
+    pending_clean: list[DataElement] = field(default_factory=list)
 
 
-def identifying_values(ds: Dataset) -> tuple[str, ...]:
-    """Values of ``ds`` that identify the patient (names and their parts, IDs, institution, dates),
-    case-folded; text containing any of them is not clean."""
-    found: set[str] = set()
-    for elem in ds.iterall():
-        if elem.value in (None, "") or elem.VR == "SQ":
-            continue
-        if elem.VR == "PN" or elem.keyword in IDENTIFYING_KEYWORDS:
-            values = elem.value if elem.VM > 1 else [elem.value]
-            for value in values:
-                text = str(value)
-                found.add(text)
-                found.update(part for part in text.replace("=", "^").replace(",", "^").split("^"))
-        elif elem.VR == "DA":
-            for value in elem.value if elem.VM > 1 else [elem.value]:
-                d = str(value)
-                if len(d) == 8:
-                    y, m, dd = d[:4], d[4:6], d[6:]
-                    found.update({d, f"{y}-{m}-{dd}", f"{dd}.{m}.{y}", f"{m}/{dd}/{y}"})
-    return tuple(sorted({v.strip().casefold() for v in found if len(v.strip()) >= _MIN_NEEDLE}))
+def _harvest(elem: DataElement, needles: set[str]) -> None:
+    """Collect identifying values of one original element (names and their parts, IDs,
+    institution, dates in common spellings), case-folded; text holding any of them is not clean."""
+    vr = elem.VR
+    if vr not in ("PN", "DA") and elem.keyword not in IDENTIFYING_KEYWORDS:
+        return
+    value = elem.value
+    if value in (None, "", b""):
+        return
+    found: list[str] = []
+    for v in value if elem.VM > 1 else [value]:
+        text = str(v)
+        if vr == "DA":
+            if len(text) == 8:
+                y, m, d = text[:4], text[4:6], text[6:]
+                found += [text, f"{y}-{m}-{d}", f"{d}.{m}.{y}", f"{m}/{d}/{y}"]
+        else:
+            found.append(text)
+            found += text.replace("=", "^").replace(",", "^").split("^")
+    needles.update(f.strip().casefold() for f in found if len(f.strip()) >= _MIN_NEEDLE)
 
 
 class Deidentifier:
@@ -135,9 +151,10 @@ class Deidentifier:
         """
         patient_id = str(ds.get("PatientID", "") or "")
         anchor = patient_id or str(ds.get("StudyInstanceUID", "") or ds.get("SOPInstanceUID", "") or "unknown")
-        ctx = _Context(Outcome(), self.pseudonyms.date_offset_days(anchor), patient_id, ())
-        ctx.needles = identifying_values(ds)
+        ctx = _Context(Outcome(), self.pseudonyms.date_offset_days(anchor), patient_id)
         self._walk(ds, ctx)
+        for elem in ctx.pending_clean:  # after the walk: every identifying value is known
+            elem.value = self._clean_text(elem, ctx)
         self._mark(ds, pixels_cleaned)
         self._rebuild_file_meta(ds)
         return ctx.outcome
@@ -216,7 +233,6 @@ class Deidentifier:
 
     def _walk(self, ds: Dataset, ctx: _Context) -> None:
         for tag in list(ds.keys()):
-            elem = ds[tag]
             if tag.is_private:
                 if not self._keep_private(ds, tag):
                     del ds[tag]
@@ -225,6 +241,17 @@ class Deidentifier:
                 del ds[tag]
                 continue
             action = self.table.action_for(tag)
+            if action == "X" and tag not in HARVESTED_TAGS:
+                del ds[tag]
+                continue
+            if action is None and tag not in HARVESTED_TAGS and _raw_vr(ds, tag) not in SWEPT_VRS:
+                continue  # nothing to do: leave the value unconverted (pixel data, numbers, codes)
+            if action == "X":
+                _harvest(ds[tag], ctx.needles)
+                del ds[tag]
+                continue
+            elem = ds[tag]
+            _harvest(elem, ctx.needles)
             if action is None:
                 self._sweep(ds, elem, ctx)
             else:
@@ -260,7 +287,7 @@ class Deidentifier:
         elif elem.VR == "PN":
             elem.value = None
         elif elem.VR in TEXT_VRS:
-            elem.value = self._clean_text(elem, ctx)
+            ctx.pending_clean.append(elem)
         elif elem.VR == "UI":
             elem.value = self._map_uids(elem.value, ctx)
         # TM and everything else: kept (whole-day shifts leave times unchanged)
