@@ -125,9 +125,8 @@ def check(row: dict[str, str], action: str, host: pydicom.Dataset, original: Dat
     elif action in ("U", "D") and vr == "UI":
         assert str(value).startswith("2.25.") and value != original.value, where
     elif action == "D":
-        assert (value not in (None, "", b"") and value != original.value) or vr in ("US", "SS", "UL", "SL", "FL", "FD"), (
-            where
-        )
+        numeric = vr in ("US", "SS", "UL", "SL", "FL", "FD")
+        assert numeric or (value not in (None, "", b"") and value != original.value), where
         if vr in ("US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "DS", "IS"):
             assert float(value) == 0, where
     elif action == "C":

@@ -65,8 +65,8 @@ SAFE_TEXT_KEYWORDS = frozenset(
 DUMMY: dict[str, Any] = {
     "AE": "ANONYMOUS", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101", "DS": "0", "DT": "19000101000000",
     "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED", "PN": "ANONYMIZED", "SH": "ANONYMIZED", "ST": "ANONYMIZED",
-    "TM": "000000", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": "urn:anonymized", "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0,
-    "UL": 0, "US": 0, "SV": 0, "UV": 0,
+    "TM": "000000", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": "urn:anonymized", "FL": 0.0, "FD": 0.0,
+    "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0,
 }  # fmt: skip
 IDENTIFYING_KEYWORDS = (
     "PatientID", "OtherPatientIDs", "AccessionNumber", "InstitutionName", "InstitutionAddress",
