@@ -69,10 +69,11 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
 
 
 def storescu(
-    port: int, files: list[Path], calling: str = "STORESCU", called: str = "AINODE"
+    port: int, files: list[Path], calling: str = "STORESCU", called: str = "AINODE", extra: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Send files with DCMTK storescu (proposing only what is sent)."""
-    cmd = ["storescu", "-R", "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+    """Send files with DCMTK storescu (proposing only what is sent; ``extra`` options, e.g. ``-xy``
+    to propose JPEG baseline, since storescu cannot transcode JPEG itself)."""
+    cmd = ["storescu", "-R", *extra, "-aet", calling, "-aec", called, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, env=TOOL_ENV, timeout=120, check=False)
 
 

@@ -18,6 +18,7 @@ from algorithms.lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 
 from .peers import (
+    DATA,
     CT_PATIENT_NAME,
     CT_SERIES,
     LUNG_ROUTE,
@@ -251,3 +252,26 @@ def test_mr_study_matches_no_route_and_unknown_ae_is_rejected(start_node, tmp_pa
         capture_output=True, text=True, env=TOOL_ENV, check=False,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
+
+
+def test_secondary_captures_are_quarantined_not_analysed(start_node, tmp_path):
+    """Pixel PHI policy in the node: SC images matched by a route never reach the algorithm."""
+    results = tmp_path / "results"
+    sc_route = {**LUNG_ROUTE, "name": "sc", "match": {"SOPClassUID": "1.2.840.10008.5.1.4.1.1.7"}}
+    config_path, config = node_config(
+        tmp_path,
+        peers=[{"ae_title": "STORESCU"}],
+        destinations={"folder": {"type": "folder", "path": str(results)}},
+        routes=[{**sc_route, "destinations": ["folder"]}],
+    )
+    node = start_node(config_path, config)
+    sc_files = sorted((DATA / "deid_fake_phi").rglob("*.dcm"))
+    sent = storescu(node.port, sc_files, extra=("-xy",))
+    assert sent.returncode == 0, sent.stderr
+    listing = wait_until(
+        lambda: (out := node.cli("jobs", "list").stdout) and "running" not in out and "pending" not in out and out, 60
+    )
+    assert "quarantined" in listing and "delivered" not in listing
+    assert "Secondary Capture images may carry burned-in text" in listing
+    assert not results.exists() or not any(results.rglob("*.dcm"))
+    assert "SIMPSON" not in node.log()
