@@ -18,9 +18,9 @@ from algorithms.lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 
 from .peers import (
-    DATA,
     CT_PATIENT_NAME,
     CT_SERIES,
+    DATA,
     LUNG_ROUTE,
     MR_SERIES,
     TOOL_ENV,
