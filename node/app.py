@@ -19,7 +19,8 @@ from node.jobs.scheduler import InProcessExecutor, Scheduler
 from node.network.scp import ReceivedInstance, StorageSCP
 from node.settings.models import Settings
 from node.storage.index import Index, InstanceRow
-from node.storage.keys import KeyProvider, load_key_provider
+from node.storage.keys import load_key_provider
+from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -31,20 +32,20 @@ class Ingest:
     Only keyed digests of the UIDs reach the index; the encoded bytes go to the encrypted store.
     """
 
-    def __init__(self, store: ObjectStore, index: Index, keys: KeyProvider) -> None:
+    def __init__(self, store: ObjectStore, index: Index, secrets: NodeSecrets) -> None:
         self.store = store
         self.index = index
-        self.keys = keys
+        self.secrets = secrets
 
     def __call__(self, instance: ReceivedInstance) -> None:
         """Store ``instance``; raises :class:`~node.errors.StorageError` subclasses on failure."""
-        key = self.keys.current()
         object_id = self.store.put(instance.encoded)
+        key = self.secrets.index_key
         row = InstanceRow(
             object_id=object_id,
-            sop_key=key.keyed_digest("index", instance.sop_instance_uid),
-            study_key=key.keyed_digest("index", instance.study_instance_uid),
-            series_key=key.keyed_digest("index", instance.series_instance_uid),
+            sop_key=key(instance.sop_instance_uid),
+            study_key=key(instance.study_instance_uid),
+            series_key=key(instance.series_instance_uid),
             sop_class_uid=instance.sop_class_uid,
             transfer_syntax_uid=instance.transfer_syntax_uid,
             size=len(instance.encoded),
@@ -65,16 +66,17 @@ class Node:
         self.keys = load_key_provider(settings.keys)
         self.store = ObjectStore(data_dir / "store", self.keys, settings.node.min_free_disk_mb * 2**20)
         self.index = Index.for_data_dir(data_dir)
+        self.secrets = NodeSecrets(self.store)
         self.registry = registry or Registry()
         device = select_device()
-        self.pipeline = Pipeline(Services(settings, self.store, self.index, self.keys, self.registry, device))
+        self.pipeline = Pipeline(Services(settings, self.store, self.index, self.secrets, self.registry, device))
         self.executor = InProcessExecutor(self.pipeline.run_job, workers=1)
         self.scheduler = Scheduler(self.pipeline, self.index, settings, self.executor)
         n = settings.node
         self.scp = StorageSCP(
             n.ae_title,
             [p.ae_title for p in settings.peers],
-            Ingest(self.store, self.index, self.keys),
+            Ingest(self.store, self.index, self.secrets),
             max_associations=n.max_associations,
             max_pdu_bytes=n.max_pdu_bytes,
             network_timeout_s=n.network_timeout_s,

@@ -7,6 +7,7 @@
     ainode config check FILE                validate a configuration
     ainode algorithms list                  registered analysis algorithms
     ainode keys generate --out FILE         create a master key file (mode 0600)
+    ainode keys rotate|status --config FILE rotate the master key (re-wrap, retire); show key use
     ainode deidentify PATH... --out DIR     de-identify files (PS3.15 Annex E) with a profile
     ainode studies list --config FILE       studies in the node and their state
     ainode jobs list|show --config FILE     jobs and why they ended as they did
@@ -24,7 +25,10 @@ from typing import TYPE_CHECKING
 from node.errors import AinodeError
 
 if TYPE_CHECKING:
+    from node.settings.models import Settings
     from node.storage.index import Index
+    from node.storage.secrets import NodeSecrets
+    from node.storage.store import ObjectStore
 
 
 def _files(paths: Sequence[str]) -> list[Path]:
@@ -111,16 +115,19 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     from node.settings import load_settings
     from node.settings.models import Deidentification, EnvKeySource
     from node.storage.keys import load_key_provider
+    from node.storage.secrets import PSEUDONYM_SECRET
 
-    if args.config:
+    if args.config:  # the node's own pseudonym secret: same pseudonyms as the running node
         settings = load_settings(args.config)
-        source, profiles = settings.keys, settings.deidentification
-    else:
-        source, profiles = EnvKeySource(provider="env", variable=args.key_env), {"default": Deidentification()}
+        profiles = settings.deidentification
+        pseudonyms = Pseudonymizer(_secrets(settings).get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
+    else:  # stand-alone: a pseudonym key derived from the master key in the environment
+        profiles = {"default": Deidentification()}
+        key = load_key_provider(EnvKeySource(provider="env", variable=args.key_env)).current()
+        pseudonyms = Pseudonymizer(key.derive("pseudonym"), key.key_id)
     if args.profile not in profiles:
         raise AinodeError(f"no de-identification profile {args.profile!r}")
-    key = load_key_provider(source).current()
-    deid = InstanceDeidentifier(Pseudonymizer(key.derive("pseudonym"), key.key_id), profiles[args.profile])
+    deid = InstanceDeidentifier(pseudonyms, profiles[args.profile])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = quarantined = failed = skipped = 0
@@ -149,6 +156,70 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
             print(f"{path}: not de-identified: {type(exc).__name__}", file=sys.stderr)
     print(f"de-identified {written}, quarantined {quarantined}, failed {failed}, skipped {skipped} (not DICOM)")
     return 1 if failed else 0
+
+
+def _store(settings: Settings) -> ObjectStore:
+    from node.storage.keys import load_key_provider
+    from node.storage.store import ObjectStore
+
+    return ObjectStore(settings.node.data_dir / "store", load_key_provider(settings.keys))
+
+
+def _secrets(settings: Settings) -> NodeSecrets:
+    from node.storage.secrets import NodeSecrets
+
+    return NodeSecrets(_store(settings))
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    import secrets as random
+
+    from node.errors import TamperedObjectError
+    from node.settings import load_settings
+    from node.settings.models import FileKeySource
+    from node.storage.keys import load_key_provider, write_keyring
+
+    settings = load_settings(args.config)
+    if isinstance(settings.keys, FileKeySource):
+        ring = load_key_provider(settings.keys)
+        write_keyring(settings.keys.path, [random.token_bytes(32), *[k.secret for k in ring.keys]])
+        print("new current key added to", settings.keys.path)
+    else:
+        print(f"keys come from ${settings.keys.variable}: put the new key first there; re-wrapping to it")
+    store = _store(settings)
+    current = store.keys.current().key_id
+    rewrapped = tampered = 0
+    for object_id in store.object_ids():
+        try:
+            rewrapped += store.rewrap(object_id)
+        except TamperedObjectError as exc:
+            tampered += 1
+            print(f"tampered, quarantined: {exc}", file=sys.stderr)
+    in_use = {store.key_id_of(o) for o in store.object_ids()}
+    retired = [k for k in store.keys.key_ids() if k != current and k not in in_use]
+    if isinstance(settings.keys, FileKeySource) and retired:
+        ring = load_key_provider(settings.keys)
+        write_keyring(settings.keys.path, [k.secret for k in ring.keys if k.key_id not in retired])
+    print(f"current key {current}: {rewrapped} object(s) re-wrapped, {tampered} quarantined;", end=" ")
+    print(f"retired {len(retired)} key(s)")
+    return 1 if tampered else 0
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from node.settings import load_settings
+
+    store = _store(load_settings(args.config))
+    counts = Counter(store.key_id_of(o) for o in store.object_ids())
+    current = store.keys.current().key_id
+    for key_id in store.keys.key_ids():
+        print(f"{key_id}  {'current' if key_id == current else 'old    '}  {counts.pop(key_id, 0)} object(s)")
+    for key_id, n in counts.items():
+        print(f"{key_id}  MISSING  {n} object(s) cannot be opened")
+    quarantined = len(list((store.root / "quarantine").iterdir()))
+    print(f"quarantined objects: {quarantined}")
+    return 1 if counts else 0
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -216,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("generate", help="write a new master key file")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_keys_generate)
+    p = keys.add_parser("rotate", help="add a new current key, re-wrap every object, retire unused keys")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_keys_rotate)
+    p = keys.add_parser("status", help="keys in the keyring and the objects each one wraps")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_keys_status)
 
     p = sub.add_parser("deidentify", help="de-identify DICOM files (PS3.15 Annex E)")
     p.add_argument("paths", nargs="+")

@@ -16,6 +16,8 @@ import yaml
 from node.deid.pseudonyms import Pseudonymizer
 from node.settings.models import EnvKeySource
 from node.storage.keys import load_key_provider
+from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
+from node.storage.store import ObjectStore
 
 from .peers import AINODE, DATA, dciodvfy
 
@@ -77,6 +79,7 @@ def deidentified(tmp_path_factory, leak_key) -> tuple[Path, subprocess.Completed
     blanks the top of secondary captures (so their headers are de-identified and checked too)."""
     work = tmp_path_factory.mktemp("deid")
     config = {
+        "node": {"data_dir": str(work / "data")},
         "keys": {"provider": "env", "variable": "AINODE_LEAK_KEY"},
         "deidentification": {
             "default": {},
@@ -98,11 +101,12 @@ def deidentified(tmp_path_factory, leak_key) -> tuple[Path, subprocess.Completed
         str(work / "ainode.yaml"),
     ]
     proc = subprocess.run([*cmd, "--profile", "sc-cleaned"], capture_output=True, text=True, env=env, check=False)
-    return work / "out", proc
+    return work, proc
 
 
 def test_no_identifying_value_survives_anywhere(deidentified):
-    out, proc = deidentified
+    work, proc = deidentified
+    out = work / "out"
     originals = [pydicom.dcmread(p) for folder in LEAK_FOLDERS for p in dicom_files(folder)]
     outputs = {p: p.read_bytes() for p in sorted(out.glob("*.dcm"))}
     assert len(outputs) == len(originals), proc.stdout + proc.stderr
@@ -120,9 +124,11 @@ def test_no_identifying_value_survives_anywhere(deidentified):
 
 
 def test_output_passes_dciodvfy_without_new_errors(deidentified):
-    out, _ = deidentified
-    key = load_key_provider(EnvKeySource(provider="env", variable="AINODE_LEAK_KEY")).current()
-    pseudonyms = Pseudonymizer(key.derive("pseudonym"), key.key_id)
+    work, _ = deidentified
+    out = work / "out"
+    keys = load_key_provider(EnvKeySource(provider="env", variable="AINODE_LEAK_KEY"))
+    secret = NodeSecrets(ObjectStore(work / "data" / "store", keys)).get(PSEUDONYM_SECRET)
+    pseudonyms = Pseudonymizer(secret, PSEUDONYM_SECRET)
     checked: set[Path] = set()
     for folder in LEAK_FOLDERS:
         for path in dicom_files(folder):
@@ -148,7 +154,7 @@ def test_secondary_captures_are_quarantined_without_a_pixel_rule(tmp_path):
 
 
 def test_pixel_rule_blanks_region_and_records_clean_pixel_option(deidentified):
-    out, _ = deidentified
+    out = deidentified[0] / "out"
     cleaned = [pydicom.dcmread(p) for p in out.glob("*.dcm")]
     sc = [ds for ds in cleaned if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"]
     assert sc

@@ -11,7 +11,7 @@ import pytest
 from node.errors import KeyProviderError, OutOfResourcesError, TamperedObjectError
 from node.settings.models import EnvKeySource, FileKeySource
 from node.storage.index import Index, InstanceRow, StudyState
-from node.storage.keys import StaticKeyProvider, generate_key_file, load_key_provider
+from node.storage.keys import KeyringProvider, generate_key_file, load_key_provider
 from node.storage.store import HEADER_BYTES, ObjectStore
 
 from .peers import CT_SERIES, series_files
@@ -19,7 +19,7 @@ from .peers import CT_SERIES, series_files
 
 @pytest.fixture
 def store(tmp_path):
-    return ObjectStore(tmp_path / "store", StaticKeyProvider(secrets.token_bytes(32)))
+    return ObjectStore(tmp_path / "store", KeyringProvider([secrets.token_bytes(32)]))
 
 
 def test_roundtrip_and_no_plaintext_on_disk(store, tmp_path):
@@ -63,7 +63,7 @@ def test_quarantine_keeps_object_encrypted(store, tmp_path):
 
 
 def test_disk_watermark_refuses_writes(tmp_path):
-    full = ObjectStore(tmp_path / "store", StaticKeyProvider(secrets.token_bytes(32)), min_free_bytes=2**62)
+    full = ObjectStore(tmp_path / "store", KeyringProvider([secrets.token_bytes(32)]), min_free_bytes=2**62)
     with pytest.raises(OutOfResourcesError):
         full.put(b"data")
 

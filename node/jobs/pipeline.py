@@ -30,7 +30,7 @@ from node.results import build_measurement_report, build_segmentation
 from node.routing.router import plan_routes
 from node.settings.models import Settings
 from node.storage.index import Index, InstanceRow, JobState, StudyState
-from node.storage.keys import KeyProvider
+from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Services:
     settings: Settings
     store: ObjectStore
     index: Index
-    keys: KeyProvider
+    secrets: NodeSecrets
     registry: Registry
     device: Device
     clock: Callable[[], float] = time.time
@@ -101,8 +101,7 @@ class Pipeline:
     # -- running ---------------------------------------------------------------------------------
 
     def _pseudonymizer(self) -> Pseudonymizer:
-        key = self.s.keys.current()
-        return Pseudonymizer(key.derive("pseudonym"), key.key_id)
+        return Pseudonymizer(self.s.secrets.get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
 
     def _deidentify_series(self, study_key: str, series_key: str, profile: str) -> tuple[list[Dataset], PseudonymMap]:
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]

@@ -1,6 +1,6 @@
 """The index of received instances, studies and jobs (SQLAlchemy; SQLite by default).
 
-The index holds no PHI: UIDs appear only as keyed digests (``MasterKey.keyed_digest("index", uid)``),
+The index holds no PHI: UIDs appear only as keyed digests (``NodeSecrets.index_key(uid)``),
 and everything identifying stays inside encrypted objects. The same schema runs on PostgreSQL
 when a site scales out (``database_url``).
 

@@ -1,9 +1,11 @@
-"""Key-encryption keys (KEK) and the keys derived from them.
+"""Master keys and the key-encryption keys (KEK) derived from them.
 
 A *master key* (32 random bytes, base64 in a key file or an environment variable) is never used
-directly: HKDF-SHA256 (RFC 5869) derives separate keys for wrapping data keys, for keyed hashes of
-UIDs in the index, and for pseudonyms. Every derived key is tagged with the master key's id
-(the first 16 hex digits of SHA-256 of the key), so stored objects name the key they need.
+directly: HKDF-SHA256 (RFC 5869) derives the KEK that wraps each object's data key. Keys live in a
+keyring, current first; stored objects name the key id (16 hex digits of a SHA-256 of the key)
+that wraps them, so a rotated key keeps opening old objects until they are re-wrapped. The node's
+long-lived secrets (for index digests and pseudonyms) are random and stored encrypted, so they
+survive key rotation (see :mod:`node.storage.secrets`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import os
 import secrets
 import stat
@@ -45,10 +46,6 @@ class MasterKey:
         hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=f"ainode/{purpose}/v1".encode())
         return hkdf.derive(self.secret)
 
-    def keyed_digest(self, purpose: str, value: str) -> str:
-        """Hex HMAC-SHA256 of ``value`` under the key derived for ``purpose`` (32 hex digits)."""
-        return hmac.new(self.derive(purpose), value.encode(), hashlib.sha256).hexdigest()[:32]
-
 
 class KeyProvider(Protocol):
     """Where master keys come from; a KMS or Vault provider implements the same two methods."""
@@ -61,47 +58,76 @@ class KeyProvider(Protocol):
         """The key with ``key_id``; raises :class:`KeyProviderError` when unknown."""
         ...
 
+    def key_ids(self) -> list[str]:
+        """Ids of every key the provider holds, current first."""
+        ...
 
-class StaticKeyProvider:
-    """A provider holding one master key (from a file or the environment)."""
 
-    def __init__(self, secret: bytes) -> None:
-        if len(secret) != KEY_BYTES:
-            raise KeyProviderError(f"a master key must be {KEY_BYTES} bytes, got {len(secret)}")
-        self._key = MasterKey(key_id_of(secret), secret)
+class KeyringProvider:
+    """Master keys from a keyring: the first key is current, the others still open old objects.
+
+    Parameters
+    ----------
+    secrets_
+        32-byte master keys, current first.
+    """
+
+    def __init__(self, secrets_: list[bytes]) -> None:
+        if not secrets_:
+            raise KeyProviderError("the keyring holds no key")
+        keys = []
+        for secret in secrets_:
+            if len(secret) != KEY_BYTES:
+                raise KeyProviderError(f"a master key must be {KEY_BYTES} bytes, got {len(secret)}")
+            keys.append(MasterKey(key_id_of(secret), secret))
+        self.keys = keys
 
     def current(self) -> MasterKey:
-        """The one master key."""
-        return self._key
+        """The first key of the keyring."""
+        return self.keys[0]
 
     def get(self, key_id: str) -> MasterKey:
-        """The master key if ``key_id`` is its id."""
-        if key_id != self._key.key_id:
-            raise KeyProviderError(f"key {key_id} is not available from this key provider")
-        return self._key
+        """The key with ``key_id``."""
+        for key in self.keys:
+            if key.key_id == key_id:
+                return key
+        raise KeyProviderError(f"key {key_id} is not in the keyring")
+
+    def key_ids(self) -> list[str]:
+        """Ids of every key, current first."""
+        return [k.key_id for k in self.keys]
 
 
-def _decode(text: str, where: str) -> bytes:
-    try:
-        return base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise KeyProviderError(f"{where}: not base64 of a {KEY_BYTES}-byte key") from None
+def _decode(text: str, where: str) -> list[bytes]:
+    keys = []
+    for line in text.replace(",", "\n").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            keys.append(base64.b64decode(line, validate=True))
+        except (binascii.Error, ValueError):
+            raise KeyProviderError(f"{where}: not base64 of a {KEY_BYTES}-byte key") from None
+    return keys
 
 
-def load_key_provider(source: FileKeySource | EnvKeySource) -> StaticKeyProvider:
+def load_key_provider(source: FileKeySource | EnvKeySource) -> KeyringProvider:
     """Build the key provider a configuration names.
+
+    A key file holds one base64 key per line, current first; an environment variable holds them
+    separated by commas.
 
     Raises
     ------
     KeyProviderError
-        The file is missing, readable by group or others, or does not hold a 32-byte base64 key;
-        or the environment variable is unset.
+        The file is missing, readable by group or others, or holds no valid key; or the
+        environment variable is unset.
     """
     if isinstance(source, EnvKeySource):
         value = os.environ.get(source.variable)
         if not value:
             raise KeyProviderError(f"environment variable {source.variable} is not set")
-        return StaticKeyProvider(_decode(value, f"environment variable {source.variable}"))
+        return KeyringProvider(_decode(value, f"environment variable {source.variable}"))
     path = source.path
     try:
         mode = path.stat().st_mode
@@ -110,7 +136,18 @@ def load_key_provider(source: FileKeySource | EnvKeySource) -> StaticKeyProvider
         raise KeyProviderError(f"key file {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyProviderError(f"key file {path}: readable by others (mode {oct(mode & 0o777)}); chmod 600")
-    return StaticKeyProvider(_decode(text, f"key file {path}"))
+    return KeyringProvider(_decode(text, f"key file {path}"))
+
+
+def write_keyring(path: Path, secrets_: list[bytes]) -> None:
+    """Atomically replace a key file with ``secrets_`` (current first), mode 0600."""
+    tmp = path.with_name(path.name + ".new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("".join(base64.b64encode(s).decode() + "\n" for s in secrets_))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def generate_key_file(path: Path) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -48,6 +49,7 @@ class ObjectStore:
         self.root = root
         self.keys = keys
         self.min_free_bytes = min_free_bytes
+        self.on_tamper: Callable[[str, str], None] | None = None
         for sub in ("objects", "quarantine", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -70,25 +72,39 @@ class ObjectStore:
         Raises
         ------
         TamperedObjectError
-            Wrong magic, truncated, or authentication failed (altered bytes, wrong object id).
-        KeyProviderError
-            The master key named in the header is not available.
+            Wrong magic, truncated, authentication failed (altered bytes, wrong object id), or the
+            master key named in the header is not in the keyring.
         """
+        key_id, wrap_nonce, wrapped = self._header(object_id, blob)
+        nonce, pos = blob[HEADER_BYTES - _NONCE : HEADER_BYTES], HEADER_BYTES
+        aad = object_id.encode()
+        dek = self._unwrap(object_id, key_id, wrap_nonce, wrapped)
+        try:
+            return AESGCM(dek).decrypt(nonce, blob[pos:], aad)
+        except InvalidTag:
+            raise TamperedObjectError(f"object {object_id}: authentication failed (tampered)") from None
+
+    def _unwrap(self, object_id: str, key_id: str, wrap_nonce: bytes, wrapped: bytes) -> bytes:
+        try:
+            master = self.keys.get(key_id)
+        except KeyProviderError:
+            raise TamperedObjectError(
+                f"object {object_id}: names key {key_id!r}, not in the keyring (tampered, or the key was removed)"
+            ) from None
+        try:
+            return AESGCM(master.derive("kek")).decrypt(wrap_nonce, wrapped, b"dek:" + object_id.encode())
+        except InvalidTag:
+            raise TamperedObjectError(f"object {object_id}: data key authentication failed (tampered)") from None
+
+    @staticmethod
+    def _header(object_id: str, blob: bytes) -> tuple[str, bytes, bytes]:
         if len(blob) < HEADER_BYTES + 16 or not blob.startswith(MAGIC):
             raise TamperedObjectError(f"object {object_id}: truncated or not an ainode object")
         pos = len(MAGIC)
         key_id = blob[pos : pos + _KID].decode("ascii", "replace")
-        pos += _KID
-        wrap_nonce, pos = blob[pos : pos + _NONCE], pos + _NONCE
-        wrapped, pos = blob[pos : pos + _WRAPPED], pos + _WRAPPED
-        nonce, pos = blob[pos : pos + _NONCE], pos + _NONCE
-        aad = object_id.encode()
-        master = self.keys.get(key_id)
-        try:
-            dek = AESGCM(master.derive("kek")).decrypt(wrap_nonce, wrapped, b"dek:" + aad)
-            return AESGCM(dek).decrypt(nonce, blob[pos:], aad)
-        except InvalidTag:
-            raise TamperedObjectError(f"object {object_id}: authentication failed (tampered)") from None
+        wrap_nonce = blob[pos + _KID : pos + _KID + _NONCE]
+        wrapped = blob[pos + _KID + _NONCE : pos + _KID + _NONCE + _WRAPPED]
+        return key_id, wrap_nonce, wrapped
 
     def check_space(self, incoming: int = 0) -> None:
         """Raise :class:`OutOfResourcesError` if writing ``incoming`` bytes would pass the watermark."""
@@ -108,7 +124,16 @@ class ObjectStore:
         """
         object_id = object_id or uuid.uuid4().hex
         self.check_space(len(plaintext))
-        blob = self.seal(object_id, plaintext)
+        self._write(object_id, self.seal(object_id, plaintext))
+        return object_id
+
+    def _read(self, object_id: str) -> bytes:
+        try:
+            return self._path(object_id).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"object {object_id}: cannot read: {exc.strerror}") from None
+
+    def _write(self, object_id: str, blob: bytes) -> None:
         final = self._path(object_id)
         final.parent.mkdir(exist_ok=True, mode=0o700)
         tmp = self.root / "tmp" / f"{object_id}.{uuid.uuid4().hex[:8]}"
@@ -130,15 +155,63 @@ class ObjectStore:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StorageError(f"object {object_id}: write failed: {exc.strerror}") from None
-        return object_id
 
     def get(self, object_id: str) -> bytes:
-        """Read and decrypt an object; see :meth:`unseal` for the errors."""
+        """Read and decrypt an object.
+
+        Raises
+        ------
+        TamperedObjectError
+            The object failed authentication; it has been moved to ``quarantine/`` (still
+            encrypted) and ``on_tamper`` was told.
+        StorageError
+            The object cannot be read.
+        """
         try:
-            blob = self._path(object_id).read_bytes()
-        except OSError as exc:
-            raise StorageError(f"object {object_id}: cannot read: {exc.strerror}") from None
-        return self.unseal(object_id, blob)
+            return self.unseal(object_id, self._read(object_id))
+        except TamperedObjectError as exc:
+            self._quarantine_tampered(object_id, exc)
+            raise
+
+    def _quarantine_tampered(self, object_id: str, exc: TamperedObjectError) -> None:
+        if self._path(object_id).exists():
+            self.quarantine(object_id)
+        if self.on_tamper is not None:
+            self.on_tamper(object_id, str(exc))
+
+    def key_id_of(self, object_id: str) -> str:
+        """The id of the master key that wraps an object's data key (reads the header only)."""
+        with open(self._path(object_id), "rb") as fh:
+            head = fh.read(HEADER_BYTES + 16)
+        return self._header(object_id, head)[0]
+
+    def object_ids(self) -> list[str]:
+        """Every object in the store (quarantined ones excluded)."""
+        return sorted(p.name for p in (self.root / "objects").glob("*/*") if p.is_file())
+
+    def rewrap(self, object_id: str) -> bool:
+        """Re-wrap an object's data key under the current master key (the payload is not
+        re-encrypted). Returns ``False`` when it already is. Tampered objects are quarantined."""
+        current = self.keys.current()
+        blob = self._read(object_id)
+        try:
+            key_id, wrap_nonce, wrapped = self._header(object_id, blob)
+            if key_id == current.key_id:
+                return False
+            dek = self._unwrap(object_id, key_id, wrap_nonce, wrapped)
+        except TamperedObjectError as exc:
+            self._quarantine_tampered(object_id, exc)
+            raise
+        new_nonce = os.urandom(_NONCE)
+        new_wrapped = AESGCM(current.derive("kek")).encrypt(new_nonce, dek, b"dek:" + object_id.encode())
+        self._write(
+            object_id, b"".join((MAGIC, current.key_id.encode(), new_nonce, new_wrapped, blob[HEADER_BYTES - _NONCE :]))
+        )
+        return True
+
+    def exists(self, object_id: str) -> bool:
+        """Whether the store holds ``object_id`` (outside quarantine)."""
+        return self._path(object_id).exists()
 
     def delete(self, object_id: str) -> None:
         """Remove an object (no error if it is already gone)."""
