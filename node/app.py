@@ -11,12 +11,31 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter, defaultdict
 
 from algorithms.registry import Registry, select_device
+from node.audit import (
+    APPLICATION_ACTIVITY,
+    APPLICATION_ROLE,
+    APPLICATION_START,
+    APPLICATION_STOP,
+    DESTINATION_ROLE,
+    INSTANCES_TRANSFERRED,
+    NODE_AUTHENTICATION,
+    OBJECT_SECURITY_ATTRIBUTES_CHANGED,
+    SOURCE_ROLE,
+    AuditEvent,
+    AuditLog,
+    Participant,
+    security_alert,
+    study_event,
+)
 from node.dicomio import configure_pydicom
 from node.jobs.pipeline import Pipeline, Services
+from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
-from node.network.scp import ReceivedInstance, StorageSCP
+from node.network.scp import PeerRule, ReceivedInstance, StorageSCP
+from node.network.tls import server_context
 from node.settings.models import Settings
 from node.storage.index import Index, InstanceRow
 from node.storage.keys import load_key_provider
@@ -30,12 +49,16 @@ class Ingest:
     """Stores one received instance encrypted and durably, then indexes it (the C-STORE work).
 
     Only keyed digests of the UIDs reach the index; the encoded bytes go to the encrypted store.
+    It also counts, per association, the instances of each study, for the audit record written
+    when the association ends.
     """
 
     def __init__(self, store: ObjectStore, index: Index, secrets: NodeSecrets) -> None:
         self.store = store
         self.index = index
         self.secrets = secrets
+        self._received: dict[int, Counter[str]] = defaultdict(Counter)
+        self._lock = threading.Lock()
 
     def __call__(self, instance: ReceivedInstance) -> None:
         """Store ``instance``; raises :class:`~node.errors.StorageError` subclasses on failure."""
@@ -53,6 +76,13 @@ class Ingest:
         )
         if not self.index.add_instance(row, instance.calling_ae_title):
             self.store.delete(object_id)  # a duplicate: the first copy stays
+        with self._lock:
+            self._received[instance.association_id][instance.study_instance_uid] += 1
+
+    def take_received(self, association_id: int) -> Counter[str]:
+        """Instances received per Study Instance UID on an association (forgotten afterwards)."""
+        with self._lock:
+            return self._received.pop(association_id, Counter())
 
 
 class Node:
@@ -67,16 +97,26 @@ class Node:
         self.store = ObjectStore(data_dir / "store", self.keys, settings.node.min_free_disk_mb * 2**20)
         self.index = Index.for_data_dir(data_dir)
         self.secrets = NodeSecrets(self.store)
+        syslog = (settings.audit.syslog_host, settings.audit.syslog_port) if settings.audit.syslog_host else None
+        self.audit = AuditLog(data_dir / "audit" / "audit.log", self.store, settings.node.ae_title, syslog)
+        self.store.on_tamper = self._tamper_detected
         self.registry = registry or Registry()
         device = select_device()
-        self.pipeline = Pipeline(Services(settings, self.store, self.index, self.secrets, self.registry, device))
+        self.pipeline = Pipeline(
+            Services(settings, self.store, self.index, self.secrets, self.registry, device, audit=self.audit)
+        )
         self.executor = InProcessExecutor(self.pipeline.run_job, workers=1)
         self.scheduler = Scheduler(self.pipeline, self.index, settings, self.executor)
         n = settings.node
+        self.ingest = Ingest(self.store, self.index, self.secrets)
+        rules = [PeerRule(p.ae_title, tuple(p.source_addresses), p.certificate_subject) for p in settings.peers]
         self.scp = StorageSCP(
             n.ae_title,
-            [p.ae_title for p in settings.peers],
-            Ingest(self.store, self.index, self.secrets),
+            rules,
+            self.ingest,
+            on_security_event=self._association_refused,
+            on_release=self._association_ended,
+            ssl_context=server_context(n.tls) if n.tls is not None else None,
             max_associations=n.max_associations,
             max_pdu_bytes=n.max_pdu_bytes,
             network_timeout_s=n.network_timeout_s,
@@ -85,10 +125,47 @@ class Node:
         self._stop = threading.Event()
         logger.info("node ready", extra={"device": device, "algorithms": self.registry.names()})
 
+    def _association_refused(self, calling: str, address: str, reason: str) -> None:
+        who = [Participant(calling or "unknown", requestor=True, address=address)]
+        self.audit.record(security_alert(NODE_AUTHENTICATION, reason, who))
+
+    def _association_ended(self, association_id: int, calling: str, address: str) -> None:
+        for study_uid, count in self.ingest.take_received(association_id).items():
+            participants = [
+                Participant(calling, SOURCE_ROLE, requestor=True, address=address),
+                Participant(self.settings.node.ae_title, DESTINATION_ROLE),
+            ]
+            self.audit.record(
+                study_event(
+                    INSTANCES_TRANSFERRED,
+                    "C",
+                    study_uid,
+                    "instances received",
+                    participants,
+                    {"NumberOfInstances": str(count)},
+                )
+            )
+
+    def _tamper_detected(self, object_id: str, reason: str) -> None:
+        logger.error("stored object failed authentication; quarantined", extra={"object_id": object_id})
+        self.audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, f"tamper detected: {reason}"))
+
+    def _application(self, event_type: tuple[str, str]) -> None:
+        me = [Participant(self.settings.node.ae_title, APPLICATION_ROLE)]
+        self.audit.record(AuditEvent(APPLICATION_ACTIVITY, "E", event_type=event_type, participants=me))
+
     def start(self) -> None:
         """Resume unfinished work, start the scheduler thread and listen for associations."""
+        self._application(APPLICATION_START)
         self.scheduler.recover()
-        threading.Thread(target=self.scheduler.run, args=(self._stop,), name="ainode-scheduler", daemon=True).start()
+        retention = self.settings.storage.retention_days
+
+        def housekeeping() -> int:
+            return purge_expired(self.index, self.store, retention, self.audit)
+
+        threading.Thread(
+            target=self.scheduler.run, args=(self._stop, 0.25, housekeeping), name="ainode-scheduler", daemon=True
+        ).start()
         self.scp.start(self.settings.node.host, self.settings.node.port)
 
     def stop(self) -> None:
@@ -96,6 +173,7 @@ class Node:
         self.scp.stop()
         self._stop.set()
         self.executor.shutdown(wait=True)
+        self._application(APPLICATION_STOP)
         self.index.engine.dispose()
 
     def serve_forever(self) -> None:

@@ -9,6 +9,9 @@
     ainode keys generate --out FILE         create a master key file (mode 0600)
     ainode keys rotate|status --config FILE rotate the master key (re-wrap, retire); show key use
     ainode deidentify PATH... --out DIR     de-identify files (PS3.15 Annex E) with a profile
+    ainode store verify --config FILE       decrypt every stored object, quarantine tampered ones
+    ainode purge STUDY_KEY --config FILE    delete a study's originals, map and results now
+    ainode audit show --config FILE         the decrypted audit trail (DICOM audit messages)
     ainode studies list --config FILE       studies in the node and their state
     ainode jobs list|show --config FILE     jobs and why they ended as they did
 """
@@ -174,6 +177,7 @@ def _secrets(settings: Settings) -> NodeSecrets:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     import secrets as random
 
+    from node.audit import SECURITY_CONFIGURATION, AuditLog, security_alert
     from node.errors import TamperedObjectError
     from node.settings import load_settings
     from node.settings.models import FileKeySource
@@ -195,13 +199,16 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         except TamperedObjectError as exc:
             tampered += 1
             print(f"tampered, quarantined: {exc}", file=sys.stderr)
-    in_use = {store.key_id_of(o) for o in store.object_ids()}
+    audit = AuditLog(settings.node.data_dir / "audit" / "audit.log", store, settings.node.ae_title)
+    audit.rewrap()
+    in_use = {store.key_id_of(o) for o in store.object_ids()} | audit.key_ids()
     retired = [k for k in store.keys.key_ids() if k != current and k not in in_use]
     if isinstance(settings.keys, FileKeySource) and retired:
         ring = load_key_provider(settings.keys)
         write_keyring(settings.keys.path, [k.secret for k in ring.keys if k.key_id not in retired])
     print(f"current key {current}: {rewrapped} object(s) re-wrapped, {tampered} quarantined;", end=" ")
     print(f"retired {len(retired)} key(s)")
+    audit.record(security_alert(SECURITY_CONFIGURATION, f"master key rotated to {current}; {len(retired)} retired"))
     return 1 if tampered else 0
 
 
@@ -220,6 +227,56 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     quarantined = len(list((store.root / "quarantine").iterdir()))
     print(f"quarantined objects: {quarantined}")
     return 1 if counts else 0
+
+
+def cmd_store_verify(args: argparse.Namespace) -> int:
+    from node.audit import OBJECT_SECURITY_ATTRIBUTES_CHANGED, AuditLog, security_alert
+    from node.errors import StorageError, TamperedObjectError
+    from node.settings import load_settings
+
+    settings = load_settings(args.config)
+    store = _store(settings)
+    audit = AuditLog(settings.node.data_dir / "audit" / "audit.log", store, settings.node.ae_title)
+    ok = tampered = 0
+    for object_id in store.object_ids():
+        try:
+            store.get(object_id)
+            ok += 1
+        except TamperedObjectError as exc:
+            tampered += 1
+            print(f"tampered, quarantined: {exc}", file=sys.stderr)
+            audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, f"tamper detected: {exc}"))
+        except StorageError as exc:
+            tampered += 1
+            print(f"unreadable: {exc}", file=sys.stderr)
+    print(f"{ok} object(s) intact, {tampered} tampered or unreadable")
+    return 1 if tampered else 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    from node.audit import AuditLog
+    from node.jobs.retention import purge_study
+    from node.settings import load_settings
+
+    settings = load_settings(args.config)
+    store = _store(settings)
+    audit = AuditLog(settings.node.data_dir / "audit" / "audit.log", store, settings.node.ae_title)
+    n = purge_study(_index(args.config), store, args.study_key, audit, "purged by an administrator")
+    if n == 0:
+        raise AinodeError(f"no study {args.study_key} (see 'ainode studies list')")
+    print(f"purged study {args.study_key}: {n} object(s) deleted")
+    return 0
+
+
+def cmd_audit_show(args: argparse.Namespace) -> int:
+    from node.audit import AuditLog
+    from node.settings import load_settings
+
+    settings = load_settings(args.config)
+    log = AuditLog(settings.node.data_dir / "audit" / "audit.log", _store(settings), settings.node.ae_title)
+    for record in log.read():
+        print(record)
+    return 0
 
 
 def cmd_keys_generate(args: argparse.Namespace) -> int:
@@ -301,6 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="default")
     p.add_argument("--key-env", default="AINODE_KEY", help="without --config: variable holding the master key")
     p.set_defaults(func=cmd_deidentify)
+
+    store = sub.add_parser("store", help="the encrypted store").add_subparsers(dest="action", required=True)
+    p = store.add_parser("verify", help="decrypt every object; quarantine tampered ones")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_store_verify)
+
+    p = sub.add_parser("purge", help="delete everything held for a study now")
+    p.add_argument("study_key", help="the study key shown by 'ainode studies list'")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_purge)
+
+    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="action", required=True)
+    p = audit.add_parser("show", help="decrypt and print the audit records (PS3.15 A.5 XML)")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_audit_show)
 
     studies = sub.add_parser("studies", help="studies in the node").add_subparsers(dest="action", required=True)
     p = studies.add_parser("list")

@@ -50,6 +50,20 @@ def wait_for_port(port: int, timeout_s: float = 30.0, proc: subprocess.Popen[byt
     raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
 
 
+def wait_listening(port: int, timeout_s: float = 30.0) -> None:
+    """Wait until a socket listens on ``port`` without connecting to it (a bare TCP connect upsets
+    TLS servers that handle one connection at a time, like DCMTK storescp)."""
+    needle = f":{port:04X} "
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with open(table) as fh:
+                if any(needle in line and line.split()[3] == "0A" for line in fh):
+                    return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
 def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.5) -> Any:
     """Poll ``predicate`` until it returns something truthy; return it or raise ``TimeoutError``."""
     deadline = time.monotonic() + timeout_s

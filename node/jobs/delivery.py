@@ -12,6 +12,7 @@ from pydicom import Dataset
 from node.dicomio import encode
 from node.errors import DeliveryError
 from node.network.scu import send_datasets
+from node.network.tls import client_context
 from node.settings.models import DicomDestination, FolderDestination, Settings
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,18 @@ def deliver(settings: Settings, destination_names: Sequence[str], objects: Seque
                 write_folder(dest.path, objects)
             elif isinstance(dest, DicomDestination):
                 peer = settings.peer(dest.peer)
+                tls = None
+                if peer.tls:
+                    if settings.node.tls is None:
+                        raise DeliveryError(f"peer {peer.ae_title} needs TLS but node.tls is not configured")
+                    tls = client_context(settings.node.tls)
                 outcome = send_datasets(
                     objects,
                     peer.host,
                     peer.port,
                     calling_ae_title=settings.node.ae_title,
                     called_ae_title=peer.ae_title,
+                    tls=tls,
                 )
                 if outcome.failed:
                     statuses = sorted({f"0x{s:04X}" if s is not None else "none" for s in outcome.statuses.values()})

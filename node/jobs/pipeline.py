@@ -19,6 +19,15 @@ from pydicom import Dataset
 
 from algorithms.base import Device
 from algorithms.registry import Registry, check_accepts
+from node.audit import (
+    DESTINATION_ROLE,
+    INSTANCES_ACCESSED,
+    INSTANCES_TRANSFERRED,
+    SOURCE_ROLE,
+    AuditLog,
+    Participant,
+    study_event,
+)
 from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
@@ -51,6 +60,7 @@ class Services:
     device: Device
     clock: Callable[[], float] = time.time
     on_job_done: Callable[[int, str], None] | None = field(default=None)
+    audit: AuditLog | None = None
 
 
 class Pipeline:
@@ -159,6 +169,9 @@ class Pipeline:
         datasets, mapping = self._deidentify_series(study_key, series_key, route.deidentification)
         t["deidentify_s"] = time.perf_counter() - start
 
+        study_uid = mapping.original_study_instance_uid
+        self._audit(INSTANCES_ACCESSED, "R", study_uid, f"series de-identified for {spec.name}")
+
         start = time.perf_counter()
         volume, slices = load_volume(datasets)
         t["load_volume_s"] = time.perf_counter() - start
@@ -167,6 +180,7 @@ class Pipeline:
         start = time.perf_counter()
         result = algorithm.run(volume, self.s.device)
         t["algorithm_s"] = time.perf_counter() - start
+        self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
 
         start = time.perf_counter()
         study = self.s.index.study(study_key)
@@ -201,10 +215,19 @@ class Pipeline:
         objects = [decode(self.s.store.get(oid)) for oid in result_ids]
         deliver(self.s.settings, route.destinations, objects)
         t["send_s"] = time.perf_counter() - start
+        receivers = [Participant(name, DESTINATION_ROLE) for name in route.destinations]
+        self._audit(INSTANCES_TRANSFERRED, "R", study_uid, "results sent (SEG, SR)", receivers)
         t["delivered_at"] = time.time()
         self.s.index.update_job(job_id, state=JobState.DELIVERED, reason=None, timings=t)
         logger.info("results delivered", extra={"study_key": study_key, "job_id": job_id, **_rounded(t)})
         return JobState.DELIVERED
+
+    def _audit(
+        self, event_id: tuple[str, str], action: str, study_uid: str, text: str, who: list[Participant] | None = None
+    ) -> None:
+        if self.s.audit is not None:
+            me = Participant(self.s.settings.node.ae_title, SOURCE_ROLE)
+            self.s.audit.record(study_event(event_id, action, study_uid, text, [me, *(who or [])]))
 
     def _finish_study(self, study_key: str) -> None:
         study = self.s.index.study(study_key)

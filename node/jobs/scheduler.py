@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
@@ -98,10 +99,16 @@ class Scheduler:
             submitted += len(job_ids)
         return submitted
 
-    def run(self, stop: threading.Event, interval_s: float = 0.25) -> None:
-        """Tick until ``stop`` is set."""
+    def run(
+        self, stop: threading.Event, interval_s: float = 0.25, housekeeping: Callable[[], object] | None = None
+    ) -> None:
+        """Tick until ``stop`` is set; run ``housekeeping`` (retention) about once a minute."""
+        last_housekeeping = 0.0
         while not stop.wait(interval_s):
             try:
                 self.tick()
+                if housekeeping is not None and time.monotonic() - last_housekeeping > 60:
+                    last_housekeeping = time.monotonic()
+                    housekeeping()
             except Exception:  # keep the loop alive: the next tick retries
                 logger.exception("scheduler tick failed")

@@ -8,8 +8,11 @@ and durably and indexes them, then answer. Everything else happens later in jobs
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
+import ssl
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -31,11 +34,13 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from node.errors import AinodeError, ConfigError, InvalidInstanceError
 from node.network.status import StoreStatus, status_for
+from node.network.tls import subject_of
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +92,71 @@ class ReceivedInstance:
     transfer_syntax_uid: str
     calling_ae_title: str
     encoded: bytes
+    association_id: int = 0
 
 
 StoreCallback = Callable[[ReceivedInstance], None]
+SecurityCallback = Callable[[str, str, str], None]
+"""Told (calling AE title, source address, reason) about every refused association or TLS handshake."""
+ReleaseCallback = Callable[[int, str, str], None]
+"""Told (association id, calling AE title, source address) when an association ends."""
+
+
+@dataclass(frozen=True)
+class PeerRule:
+    """Who may associate as ``ae_title``: from which networks and with which certificate subject."""
+
+    ae_title: str
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    certificate_subject: str | None = None
+
+    def refusal(self, address: str, subject: str | None) -> str | None:
+        """Why this peer is refused from ``address`` with ``subject``, or ``None`` if admitted."""
+        if self.networks:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return f"{self.ae_title} from an unparsable address"
+            if not any(ip in net for net in self.networks):
+                return f"{self.ae_title} called from {address}, not from its configured addresses"
+        if self.certificate_subject is not None and subject != self.certificate_subject:
+            return f"{self.ae_title} presented certificate subject {subject!r}, not the configured one"
+        return None
+
+
+class _AccessControlledAE(AE):
+    """An AE whose list of admitted calling AE titles depends on the association asking.
+
+    pynetdicom reads ``require_calling_aet`` while negotiating, in the association's own thread;
+    peers whose address or certificate does not match are left out, so the requestor gets the
+    standard A-ASSOCIATE-RJ "calling AE title not recognised" (PS3.8 9.3.4).
+    """
+
+    def __init__(self, ae_title: str, rules: Sequence[PeerRule]) -> None:
+        super().__init__(ae_title=ae_title)
+        self.rules = {r.ae_title: r for r in rules}
+        self.refusals: dict[int, str] = {}
+
+    @property
+    def require_calling_aet(self) -> list[str]:
+        assoc = threading.current_thread()
+        if not isinstance(assoc, Association):
+            return list(self.rules)
+        address = str(assoc.requestor.address)
+        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        subject = subject_of(sock.getpeercert()) if isinstance(sock, ssl.SSLSocket) else None
+        admitted = []
+        for title, rule in self.rules.items():
+            reason = rule.refusal(address, subject)
+            if reason is None:
+                admitted.append(title)
+            elif title == str(assoc.requestor.ae_title).strip():
+                self.refusals[id(assoc)] = reason
+        return admitted or ["\\"]  # an empty list would admit everyone; no AE title contains a backslash
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, ae_titles: list[str]) -> None:
+        raise TypeError("admitted peers come from the PeerRule list given to the AE")
 
 
 def set_tcp_nodelay(event: Event) -> None:
@@ -118,9 +185,9 @@ class StorageSCP:
     ae_title
         Our AE title; associations calling another title are rejected (A-ASSOCIATE-RJ,
         reason "called AE title not recognised", PS3.8 9.3.4).
-    calling_ae_titles
-        AE titles of the peers allowed to associate; others are rejected with reason
-        "calling AE title not recognised".
+    peers
+        The peers allowed to associate, each optionally bound to source networks and a client
+        certificate subject; others are rejected with reason "calling AE title not recognised".
     on_store
         Called for each C-STORE with the received instance; it must store it durably before it
         returns. An :class:`~node.errors.AinodeError` it raises becomes the matching DIMSE status.
@@ -129,9 +196,12 @@ class StorageSCP:
     def __init__(
         self,
         ae_title: str,
-        calling_ae_titles: Sequence[str],
+        peers: Sequence[PeerRule],
         on_store: StoreCallback,
         *,
+        on_security_event: SecurityCallback | None = None,
+        on_release: ReleaseCallback | None = None,
+        ssl_context: ssl.SSLContext | None = None,
         max_associations: int = 16,
         max_pdu_bytes: int = 262144,
         network_timeout_s: float = 60.0,
@@ -139,11 +209,13 @@ class StorageSCP:
         sop_classes: Sequence[str] = tuple(STORAGE_SOP_CLASSES.values()),
     ) -> None:
         self.on_store = on_store
-        ae = AE(ae_title=ae_title)
-        ae.require_called_aet = True
-        if not calling_ae_titles:
+        self.on_security_event = on_security_event
+        self.on_release = on_release
+        self.ssl_context = ssl_context
+        if not peers:
             raise ConfigError("peers: at least one peer must be configured to receive from")
-        ae.require_calling_aet = list(calling_ae_titles)
+        ae = _AccessControlledAE(ae_title, peers)
+        ae.require_called_aet = True
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu_bytes
         ae.network_timeout = network_timeout_s
@@ -174,6 +246,7 @@ class StorageSCP:
                 transfer_syntax_uid=str(event.context.transfer_syntax),
                 calling_ae_title=calling,
                 encoded=event.encoded_dataset(include_meta=True),
+                association_id=id(event.assoc),
             )
             self.on_store(instance)
         except AinodeError as exc:
@@ -185,14 +258,47 @@ class StorageSCP:
             return StoreStatus.PROCESSING_FAILURE
         return StoreStatus.SUCCESS
 
+    def _handle_rejected(self, event: Event) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        called = str(getattr(assoc.requestor.primitive, "called_ae_title", "") or "").strip()
+        reason = self.ae.refusals.pop(id(assoc), None)
+        if reason is None:
+            if calling not in self.ae.rules:
+                reason = f"unknown calling AE title {calling!r}"
+            elif called != self.ae.ae_title.strip():
+                reason = f"called AE title {called!r} is not ours"
+            else:
+                reason = "association limit reached"
+        logger.warning("association rejected: %s", reason, extra={"address": assoc.requestor.address})
+        if self.on_security_event is not None:
+            self.on_security_event(calling, str(assoc.requestor.address), reason)
+
+    def _handle_end(self, event: Event) -> None:
+        if self.on_release is not None:
+            assoc = event.assoc
+            self.on_release(id(assoc), str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
+
+    def _tls_failure(self, address: str, reason: str) -> None:
+        logger.warning("TLS handshake failed: %s", reason, extra={"address": address})
+        if self.on_security_event is not None:
+            self.on_security_event("", address, f"TLS handshake failed: {reason}")
+
     def start(self, host: str, port: int) -> None:
-        """Listen on ``host:port`` in background threads."""
+        """Listen on ``host:port`` in background threads (DICOM TLS only, when a context is set)."""
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, set_tcp_nodelay),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, lambda _event: 0x0000),
+            (evt.EVT_REJECTED, self._handle_rejected),
+            (evt.EVT_RELEASED, self._handle_end),
+            (evt.EVT_ABORTED, self._handle_end),
         ]
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        if self.ssl_context is not None and hasattr(self.ssl_context, "on_failure"):
+            self.ssl_context.on_failure = self._tls_failure
+        self._server = self.ae.start_server(
+            (host, port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
+        )
         logger.info("Storage SCP listening", extra={"port": port, "ae_title": self.ae.ae_title})
 
     def stop(self) -> None:

@@ -10,6 +10,7 @@ a new association.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,13 +52,25 @@ def _contexts(datasets: Sequence[Dataset]) -> list:
 
 
 def _send_once(
-    datasets: Sequence[Dataset], host: str, port: int, calling: str, called: str, timeout_s: float
+    datasets: Sequence[Dataset],
+    host: str,
+    port: int,
+    calling: str,
+    called: str,
+    timeout_s: float,
+    tls: ssl.SSLContext | None,
 ) -> dict[str, int | None]:
     ae = AE(ae_title=calling)
     ae.requested_contexts = _contexts(datasets)
     ae.acse_timeout = ae.network_timeout = timeout_s
     ae.dimse_timeout = timeout_s
-    assoc = ae.associate(host, port, ae_title=called, evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
+    assoc = ae.associate(
+        host,
+        port,
+        ae_title=called,
+        evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)],
+        tls_args=(tls, host) if tls is not None else None,
+    )
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise DeliveryError(f"association with {called} at {host}:{port} {reason}")
@@ -84,17 +97,19 @@ def send_datasets(
     calling_ae_title: str,
     called_ae_title: str,
     timeout_s: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> StoreOutcome:
-    """Send ``datasets`` on one association (retrying unanswered ones once on a new association).
+    """Send ``datasets`` on one association (retrying unanswered ones once on a new association),
+    over DICOM TLS when ``tls`` is given.
 
     Raises
     ------
     DeliveryError
         The association could not be established.
     """
-    statuses = _send_once(datasets, host, port, calling_ae_title, called_ae_title, timeout_s)
+    statuses = _send_once(datasets, host, port, calling_ae_title, called_ae_title, timeout_s, tls)
     missing = [ds for ds in datasets if statuses.get(str(ds.SOPInstanceUID)) is None]
     if missing:
         logger.warning("resending %d instance(s) that got no C-STORE response", len(missing))
-        statuses.update(_send_once(missing, host, port, calling_ae_title, called_ae_title, timeout_s))
+        statuses.update(_send_once(missing, host, port, calling_ae_title, called_ae_title, timeout_s, tls))
     return StoreOutcome(statuses)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, model_validator
 
 from node.routing.rules import All, AnyOf, Condition, Not, Test, parse_condition
 
@@ -21,6 +21,15 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Model):
+    """DICOM TLS (PS3.15 B.12, BCP 195) for the SCP and for the SCU that sends results."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
 
 
 class NodeSettings(_Model):
@@ -35,6 +44,7 @@ class NodeSettings(_Model):
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
+    tls: TLSSettings | None = None
 
 
 class FileKeySource(_Model):
@@ -60,6 +70,9 @@ class Peer(_Model):
     ae_title: AETitle
     host: str = "127.0.0.1"
     port: Port = 104
+    tls: bool = False
+    source_addresses: list[IPvAnyNetwork] = []
+    certificate_subject: str | None = None
 
 
 class DicomDestination(_Model):
@@ -147,6 +160,19 @@ class Deidentification(_Model):
     pixel_rules: list[PixelRule] = []
 
 
+class AuditSettings(_Model):
+    """Where audit records go besides the node's encrypted local log."""
+
+    syslog_host: str | None = None
+    syslog_port: Port = 514
+
+
+class StorageSettings(_Model):
+    """Retention: originals, maps and results are deleted this long after delivery."""
+
+    retention_days: Annotated[float, Field(gt=0)] = 7.0
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
@@ -157,6 +183,8 @@ class Settings(_Model):
     routing: Routing = Routing()
     routes: list[Route] = []
     deidentification: dict[str, Deidentification] = {"default": Deidentification()}
+    audit: AuditSettings = AuditSettings()
+    storage: StorageSettings = StorageSettings()
 
     @model_validator(mode="after")
     def _references(self) -> Settings:

@@ -229,6 +229,31 @@ class Index:
         with self.session() as s:
             s.execute(update(StudyRow).where(StudyRow.study_key == study_key).values(map_object_id=object_id))
 
+    def delete_study(self, study_key: str) -> list[str]:
+        """Remove a study, its instances and jobs from the index; return every object id they named
+        (instances, pseudonym map, results) so the caller can delete them from the store."""
+        with self.session() as s:
+            study = s.get(StudyRow, study_key)
+            if study is None:
+                return []
+            ids = [r.object_id for r in s.scalars(select(InstanceRow).where(InstanceRow.study_key == study_key))]
+            for job in s.scalars(select(JobRow).where(JobRow.study_key == study_key)):
+                ids += job.result_ids
+                s.delete(job)
+            if study.map_object_id:
+                ids.append(study.map_object_id)
+            for row in s.scalars(select(InstanceRow).where(InstanceRow.study_key == study_key)):
+                s.delete(row)
+            s.delete(study)
+            return ids
+
+    def expired_studies(self, before: float) -> list[str]:
+        """Studies finished (done, no match, failed) and last changed before ``before`` (epoch s)."""
+        finished = (StudyState.DONE, StudyState.NO_MATCH)
+        with self.session() as s:
+            query = select(StudyRow.study_key).where(StudyRow.state.in_(finished), StudyRow.updated_at < before)
+            return list(s.scalars(query))
+
     # -- jobs ----------------------------------------------------------------------------------
 
     def add_job(self, study_key: str, generation: int, route: str, algorithm: str, series_key: str) -> int:

@@ -189,25 +189,41 @@ class ObjectStore:
         """Every object in the store (quarantined ones excluded)."""
         return sorted(p.name for p in (self.root / "objects").glob("*/*") if p.is_file())
 
-    def rewrap(self, object_id: str) -> bool:
-        """Re-wrap an object's data key under the current master key (the payload is not
-        re-encrypted). Returns ``False`` when it already is. Tampered objects are quarantined."""
+    def key_id_of_blob(self, object_id: str, blob: bytes) -> str:
+        """The id of the master key named in a sealed blob's header."""
+        return self._header(object_id, blob)[0]
+
+    def rewrap_blob(self, object_id: str, blob: bytes) -> tuple[bytes, bool]:
+        """A sealed blob with its data key re-wrapped under the current master key (the payload
+        bytes are unchanged), and whether anything changed.
+
+        Raises
+        ------
+        TamperedObjectError
+            The header or the wrapped data key failed authentication.
+        """
         current = self.keys.current()
-        blob = self._read(object_id)
+        key_id, wrap_nonce, wrapped = self._header(object_id, blob)
+        if key_id == current.key_id:
+            return blob, False
+        dek = self._unwrap(object_id, key_id, wrap_nonce, wrapped)
+        new_nonce = os.urandom(_NONCE)
+        new_wrapped = AESGCM(current.derive("kek")).encrypt(new_nonce, dek, b"dek:" + object_id.encode())
+        body = blob[HEADER_BYTES - _NONCE :]
+        return b"".join((MAGIC, current.key_id.encode(), new_nonce, new_wrapped, body)), True
+
+    def rewrap(self, object_id: str) -> bool:
+        """Re-wrap a stored object's data key under the current master key (atomic rewrite; the
+        payload is not re-encrypted). Returns ``False`` when it already was. Tampered objects are
+        quarantined and :class:`TamperedObjectError` is raised."""
         try:
-            key_id, wrap_nonce, wrapped = self._header(object_id, blob)
-            if key_id == current.key_id:
-                return False
-            dek = self._unwrap(object_id, key_id, wrap_nonce, wrapped)
+            blob, changed = self.rewrap_blob(object_id, self._read(object_id))
         except TamperedObjectError as exc:
             self._quarantine_tampered(object_id, exc)
             raise
-        new_nonce = os.urandom(_NONCE)
-        new_wrapped = AESGCM(current.derive("kek")).encrypt(new_nonce, dek, b"dek:" + object_id.encode())
-        self._write(
-            object_id, b"".join((MAGIC, current.key_id.encode(), new_nonce, new_wrapped, blob[HEADER_BYTES - _NONCE :]))
-        )
-        return True
+        if changed:
+            self._write(object_id, blob)
+        return changed
 
     def exists(self, object_id: str) -> bool:
         """Whether the store holds ``object_id`` (outside quarantine)."""
@@ -222,6 +238,3 @@ class ObjectStore:
         target = self.root / "quarantine" / object_id
         os.replace(self._path(object_id), target)
         return target
-
-
-__all__ = ["KeyProviderError", "ObjectStore"]

@@ -1,0 +1,38 @@
+"""Retention: a study's originals, pseudonym map and results are deleted after delivery.
+
+``storage.retention_days`` after a study finished (results delivered, or no route matched), or at
+once with ``ainode purge``, every object the study owns is deleted from the encrypted store and
+the study leaves the index; a DICOM Study Deleted audit record (110105) is written.
+Failed studies are kept until an administrator retries or purges them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from node.audit import STUDY_DELETED, AuditEvent, AuditLog, ParticipantObject
+from node.storage.index import Index
+from node.storage.store import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+
+def purge_study(index: Index, store: ObjectStore, study_key: str, audit: AuditLog | None, why: str) -> int:
+    """Delete everything the node holds for one study; returns the number of objects deleted."""
+    object_ids = index.delete_study(study_key)
+    for object_id in object_ids:
+        store.delete(object_id)
+    if audit is not None and object_ids:
+        key_object = ParticipantObject(study_key, id_type=("STUDYKEY", "99AINODE", "ainode study key"))
+        audit.record(AuditEvent(STUDY_DELETED, "D", objects=[key_object], description=why))
+    logger.info("study purged (%s): %d object(s)", why, len(object_ids), extra={"study_key": study_key})
+    return len(object_ids)
+
+
+def purge_expired(index: Index, store: ObjectStore, retention_days: float, audit: AuditLog | None) -> int:
+    """Purge every finished study older than the retention period; returns how many."""
+    expired = index.expired_studies(time.time() - retention_days * 86400)
+    for study_key in expired:
+        purge_study(index, store, study_key, audit, f"retention of {retention_days:g} day(s) passed")
+    return len(expired)
