@@ -8,10 +8,12 @@ Receive (``node.network``) -> store (``node.storage``) -> complete and route (``
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
 from collections import Counter, defaultdict
+from pathlib import Path
 
 from algorithms.registry import Registry, select_device
 from node.audit import (
@@ -23,6 +25,7 @@ from node.audit import (
     INSTANCES_TRANSFERRED,
     NODE_AUTHENTICATION,
     OBJECT_SECURITY_ATTRIBUTES_CHANGED,
+    SOFTWARE_CONFIGURATION,
     SOURCE_ROLE,
     AuditEvent,
     AuditLog,
@@ -31,11 +34,13 @@ from node.audit import (
     study_event,
 )
 from node.dicomio import configure_pydicom
+from node.errors import AinodeError, ConfigError
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
 from node.network.scp import PeerRule, ReceivedInstance, StorageSCP
 from node.network.tls import server_context
+from node.settings import config_digest, load_settings
 from node.settings.models import Settings
 from node.storage.index import Index, InstanceRow
 from node.storage.keys import load_key_provider
@@ -88,8 +93,9 @@ class Ingest:
 class Node:
     """A running ainode: Storage SCP, scheduler and job executor over one data directory."""
 
-    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+    def __init__(self, settings: Settings, registry: Registry | None = None, config_path: Path | None = None) -> None:
         self.settings = settings
+        self.config_path = config_path
         configure_pydicom()
         data_dir = settings.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -123,6 +129,7 @@ class Node:
             dimse_timeout_s=n.dimse_timeout_s,
         )
         self._stop = threading.Event()
+        self._reload_lock = threading.Lock()
         logger.info("node ready", extra={"device": device, "algorithms": self.registry.names()})
 
     def _association_refused(self, calling: str, address: str, reason: str) -> None:
@@ -157,6 +164,9 @@ class Node:
     def start(self) -> None:
         """Resume unfinished work, start the scheduler thread and listen for associations."""
         self._application(APPLICATION_START)
+        if self.config_path is not None:
+            digest = config_digest(self.config_path)
+            self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration in force: sha256 {digest}"))
         self.scheduler.recover()
         retention = self.settings.storage.retention_days
 
@@ -176,12 +186,51 @@ class Node:
         self._application(APPLICATION_STOP)
         self.index.engine.dispose()
 
+    def reload(self) -> bool:
+        """Load, validate and swap in the configuration file again (routes, peers, destinations,
+        de-identification, audit); the old configuration stays when the new one is invalid.
+
+        Changes to ``node`` or ``keys`` need a restart and are refused. Running associations and
+        jobs are not disturbed: a job keeps the configuration it started with.
+        """
+        if self.config_path is None:
+            return False
+        try:
+            new = load_settings(self.config_path)
+            for route in new.routes:
+                for name in route.algorithms:
+                    self.registry.get(name)
+            for section in ("node", "keys"):
+                if getattr(new, section) != getattr(self.settings, section):
+                    raise ConfigError(f"{self.config_path}: {section}: changed; this needs a restart")
+        except AinodeError as exc:
+            logger.error("configuration reload refused: %s", exc)
+            self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration reload refused: {exc}"))
+            return False
+        rules = [PeerRule(p.ae_title, tuple(p.source_addresses), p.certificate_subject) for p in new.peers]
+        with self._reload_lock:
+            self.scp.set_peers(rules)
+            self.settings = new
+            self.pipeline.s.settings = new
+            self.scheduler.settings = new
+        digest = config_digest(self.config_path)
+        self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration reloaded: sha256 {digest}"))
+        logger.info("configuration reloaded", extra={"sha256": digest})
+        return True
+
     def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT."""
-        done = threading.Event()
+        """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration. Writes ``ainode.pid``."""
+        done, reload_requested = threading.Event(), threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: done.set())
+        signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+        pid_file = self.settings.node.data_dir / "ainode.pid"
+        pid_file.write_text(f"{os.getpid()}\n")
         self.start()
-        done.wait()
+        while not done.wait(0.2):
+            if reload_requested.is_set():
+                reload_requested.clear()
+                self.reload()
         logger.info("shutting down")
         self.stop()
+        pid_file.unlink(missing_ok=True)

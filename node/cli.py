@@ -5,6 +5,9 @@
     ainode serve --config FILE              run the node (Storage SCP, scheduler, jobs)
     ainode send PATH... --to HOST:PORT --aet AET   C-STORE files or folders to a peer
     ainode config check FILE                validate a configuration
+    ainode config reload --config FILE      validate, then make the running node reload it
+    ainode config schema                    JSON Schema of the configuration, for editors
+    ainode route test PATH... --config FILE dry run: which route takes each series, and why
     ainode algorithms list                  registered analysis algorithms
     ainode keys generate --out FILE         create a master key file (mode 0600)
     ainode keys rotate|status --config FILE rotate the master key (re-wrap, retire); show key use
@@ -51,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.settings import load_settings
 
     logs.configure(args.log_level)
-    Node(load_settings(args.config)).serve_forever()
+    Node(load_settings(args.config), config_path=Path(args.config)).serve_forever()
     return 0
 
 
@@ -90,6 +93,41 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             if name not in known:
                 raise AinodeError(f"{args.file}: routes[{i}].algorithms: no algorithm named {name!r}")
     print(f"{args.file}: OK ({len(settings.peers)} peer(s), {len(settings.routes)} route(s))")
+    return 0
+
+
+def cmd_config_reload(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    from node.settings import load_settings
+
+    settings = load_settings(args.config)  # refuse here, with the error, before bothering the node
+    cmd_config_check(argparse.Namespace(file=args.config))
+    pid_file = settings.node.data_dir / "ainode.pid"
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as exc:
+        raise AinodeError(f"no running node found through {pid_file}: {exc}") from None
+    print(f"reload requested from node pid {pid}; its log and audit trail record the outcome")
+    return 0
+
+
+def cmd_config_schema(_args: argparse.Namespace) -> int:
+    from node.settings.models import Settings
+
+    print(json.dumps(Settings.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_route_test(args: argparse.Namespace) -> int:
+    from node.routing.dryrun import dry_run
+    from node.settings import load_settings
+
+    settings = load_settings(args.config)
+    calling = args.calling_aet or (settings.peers[0].ae_title if settings.peers else "UNKNOWN")
+    print(dry_run(settings, [Path(p) for p in args.paths], calling, show_values=args.show_values))
     return 0
 
 
@@ -336,6 +374,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = config.add_parser("check", help="validate a configuration file")
     p.add_argument("file")
     p.set_defaults(func=cmd_config_check)
+
+    p = config.add_parser("reload", help="validate, then make the running node reload (SIGHUP)")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_config_reload)
+    config.add_parser("schema", help="print the JSON Schema of the configuration").set_defaults(func=cmd_config_schema)
+
+    route = sub.add_parser("route", help="routing rules").add_subparsers(dest="action", required=True)
+    p = route.add_parser("test", help="dry run: explain which route takes each series (no network)")
+    p.add_argument("paths", nargs="+", help="files, folders or a DICOMDIR")
+    p.add_argument("--config", required=True)
+    p.add_argument("--calling-aet", help="AE title the study would come from (default: the first peer)")
+    p.add_argument("--show-values", action="store_true", help="also print the attribute values (may be PHI)")
+    p.set_defaults(func=cmd_route_test)
 
     algorithms = sub.add_parser("algorithms", help="analysis plugins").add_subparsers(dest="action", required=True)
     algorithms.add_parser("list", help="list registered algorithms").set_defaults(func=cmd_algorithms_list)

@@ -6,7 +6,7 @@ import pydicom
 import pytest
 
 from node.routing.router import plan_routes
-from node.routing.rules import RuleSyntaxError, evaluate, header_of, keywords_of, parse_condition
+from node.routing.rules import RuleSyntaxError, evaluate, header_of, keywords_of, matches, parse_condition, prepare
 from node.settings.models import Settings
 
 from .peers import CT_SERIES, MR_SERIES, series_files
@@ -52,8 +52,10 @@ CASES = [
 def test_operator_and_combinator(spec, on_ct, on_mr, ct, mr):
     condition = parse_condition(spec)
     keywords = keywords_of(condition)
-    assert evaluate(condition, header_of(ct, keywords, "STAT-CT", "AINODE")).matched is on_ct
-    assert evaluate(condition, header_of(mr, keywords, "STAT-CT", "AINODE")).matched is on_mr
+    for ds, expected in ((ct, on_ct), (mr, on_mr)):
+        header = header_of(ds, keywords, "STAT-CT", "AINODE")
+        assert evaluate(condition, header).matched is expected  # the explaining path
+        assert matches(condition, prepare(header)) is expected  # the fast path routing uses
 
 
 def test_decision_names_tag_and_operator_but_no_value(ct):

@@ -37,7 +37,7 @@ from node.jobs.delivery import deliver
 from node.jobs.volume import load_volume
 from node.results import build_measurement_report, build_segmentation
 from node.routing.router import plan_routes
-from node.settings.models import Settings
+from node.settings.models import Deidentification, Settings
 from node.storage.index import Index, InstanceRow, JobState, StudyState
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore
@@ -101,8 +101,12 @@ class Pipeline:
             for algorithm in plan.route.algorithms
         ]
         if not jobs:
-            self.s.index.set_study_state(study_key, StudyState.NO_MATCH, reason="no route matched")
-            logger.info("study matched no route", extra={"study_key": study_key})
+            if plans:
+                names = ", ".join(p.route.name for p in plans)
+                self.s.index.set_study_state(study_key, StudyState.DONE, reason=f"matched {names}: nothing to run")
+            else:
+                self.s.index.set_study_state(study_key, StudyState.NO_MATCH, reason="no route matched")
+            logger.info("study needs no analysis", extra={"study_key": study_key, "routes": len(plans)})
             return []
         self.s.index.set_study_state(study_key, StudyState.PROCESSING)
         logger.info("study complete: %d job(s)", len(jobs), extra={"study_key": study_key})
@@ -113,10 +117,12 @@ class Pipeline:
     def _pseudonymizer(self) -> Pseudonymizer:
         return Pseudonymizer(self.s.secrets.get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
 
-    def _deidentify_series(self, study_key: str, series_key: str, profile: str) -> tuple[list[Dataset], PseudonymMap]:
+    def _deidentify_series(
+        self, study_key: str, series_key: str, profile: Deidentification
+    ) -> tuple[list[Dataset], PseudonymMap]:
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
         pseudonyms = self._pseudonymizer()
-        deid = InstanceDeidentifier(pseudonyms, self.s.settings.deidentification[profile])
+        deid = InstanceDeidentifier(pseudonyms, profile)
         datasets = [decode(self.s.store.get(r.object_id)) for r in rows]
         mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
         for ds in datasets:
@@ -159,14 +165,16 @@ class Pipeline:
     def _run(
         self, job_id: int, study_key: str, series_key: str, name: str, route_name: str, t: dict[str, float]
     ) -> str:
-        route = next((r for r in self.s.settings.routes if r.name == route_name), None)
+        settings = self.s.settings  # one configuration for the whole job, even across a reload
+        route = next((r for r in settings.routes if r.name == route_name), None)
         if route is None:
             raise DeliveryError(f"route {route_name!r} is no longer configured")
         algorithm = self.s.registry.get(name)
         spec = algorithm.spec
 
         start = time.perf_counter()
-        datasets, mapping = self._deidentify_series(study_key, series_key, route.deidentification)
+        profile = settings.deidentification[route.deidentification]
+        datasets, mapping = self._deidentify_series(study_key, series_key, profile)
         t["deidentify_s"] = time.perf_counter() - start
 
         study_uid = mapping.original_study_instance_uid
@@ -191,7 +199,7 @@ class Pipeline:
         def uid(kind: str) -> str:
             return derive_uid(original_study, original_series, spec.name, spec.version, generation, kind)
 
-        node_title = self.s.settings.node.ae_title
+        node_title = settings.node.ae_title
         seg = build_segmentation(
             slices, result, spec,
             series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"),
@@ -213,7 +221,7 @@ class Pipeline:
 
         start = time.perf_counter()
         objects = [decode(self.s.store.get(oid)) for oid in result_ids]
-        deliver(self.s.settings, route.destinations, objects)
+        deliver(settings, route.destinations, objects)
         t["send_s"] = time.perf_counter() - start
         receivers = [Participant(name, DESTINATION_ROLE) for name in route.destinations]
         self._audit(INSTANCES_TRANSFERRED, "R", study_uid, "results sent (SEG, SR)", receivers)

@@ -8,11 +8,12 @@ same ``submit``/``shutdown`` pair, since jobs are plain ids in a shared index an
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from node.jobs.pipeline import Pipeline
@@ -22,11 +23,14 @@ from node.storage.index import Index, JobState, StudyState
 logger = logging.getLogger(__name__)
 
 
+PRIORITY_RANK = {"stat": 0, "routine": 1, "background": 2}
+
+
 class JobExecutor(Protocol):
     """Runs jobs by id somewhere (threads here, Celery workers when scaled out)."""
 
-    def submit(self, job_id: int) -> None:
-        """Queue ``job_id`` for execution."""
+    def submit(self, job_id: int, priority: str = "routine") -> None:
+        """Queue ``job_id``; ``stat`` jobs run before ``routine`` before ``background``."""
         ...
 
     def shutdown(self, wait: bool = True) -> None:
@@ -35,25 +39,42 @@ class JobExecutor(Protocol):
 
 
 class InProcessExecutor:
-    """Runs jobs on a small thread pool inside the node (the embedded default)."""
+    """Runs jobs on worker threads inside the node (the embedded default), by priority then age."""
 
     def __init__(self, run: Callable[[int], object], workers: int = 1) -> None:
         self._run = run
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ainode-job")
+        self._queue: queue.PriorityQueue[tuple[int, int, int]] = queue.PriorityQueue()
+        self._seq = itertools.count()
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"ainode-job-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def _run_safely(self, job_id: int) -> None:
-        try:
-            self._run(job_id)
-        except Exception:  # executor boundary: the pipeline records job failures itself
-            logger.exception("job runner raised", extra={"job_id": job_id})
+    def _work(self) -> None:
+        while True:
+            _rank, _seq, job_id = self._queue.get()
+            if job_id < 0 or self._stopping.is_set():
+                return
+            try:
+                self._run(job_id)
+            except Exception:  # executor boundary: the pipeline records job failures itself
+                logger.exception("job runner raised", extra={"job_id": job_id})
 
-    def submit(self, job_id: int) -> None:
-        """Queue ``job_id``."""
-        self._pool.submit(self._run_safely, job_id)
+    def submit(self, job_id: int, priority: str = "routine") -> None:
+        """Queue ``job_id`` at ``priority``."""
+        self._queue.put((PRIORITY_RANK.get(priority, 1), next(self._seq), job_id))
 
     def shutdown(self, wait: bool = True) -> None:
-        """Stop the pool; queued jobs stay ``pending`` in the index and resume at the next start."""
-        self._pool.shutdown(wait=wait, cancel_futures=True)
+        """Stop after the running jobs; queued jobs stay ``pending`` in the index and resume at the
+        next start."""
+        self._stopping.set()
+        for _ in self._threads:
+            self._queue.put((-1, -1, -1))
+        if wait:
+            for thread in self._threads:
+                thread.join()
 
 
 class Scheduler:
@@ -71,11 +92,15 @@ class Scheduler:
         periods = [r.completion.quiet_period_s for r in self.settings.routes]
         return min(periods) if periods else 60.0
 
+    def _priority(self, route_name: str) -> str:
+        route = next((r for r in self.settings.routes if r.name == route_name), None)
+        return route.priority if route is not None else "routine"
+
     def recover(self) -> int:
         """Resubmit the jobs a previous run left pending or running; returns how many."""
         jobs = self.index.jobs(state=JobState.PENDING) + self.index.jobs(state=JobState.RUNNING)
         for job in sorted(jobs, key=lambda j: j.id):
-            self.executor.submit(job.id)
+            self.executor.submit(job.id, self._priority(job.route))
         for study in self.index.studies(StudyState.COMPLETE):
             # planned but no job recorded before a crash: plan again
             if not self.index.jobs(study.study_key):
@@ -95,7 +120,8 @@ class Scheduler:
                 self.index.set_study_state(study_key, StudyState.FAILED, reason="planning failed")
                 continue
             for job_id in job_ids:
-                self.executor.submit(job_id)
+                job = self.index.job(job_id)
+                self.executor.submit(job_id, self._priority(job.route if job else ""))
             submitted += len(job_ids)
         return submitted
 

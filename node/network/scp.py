@@ -34,6 +34,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
@@ -214,6 +215,8 @@ class StorageSCP:
         self.ssl_context = ssl_context
         if not peers:
             raise ConfigError("peers: at least one peer must be configured to receive from")
+        # pynetdicom's chunked receive would spool each data set to a plaintext temporary file
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False
         ae = _AccessControlledAE(ae_title, peers)
         ae.require_called_aet = True
         ae.maximum_associations = max_associations
@@ -257,6 +260,12 @@ class StorageSCP:
             logger.exception("C-STORE failed", extra={"calling_ae": calling})
             return StoreStatus.PROCESSING_FAILURE
         return StoreStatus.SUCCESS
+
+    def set_peers(self, peers: Sequence[PeerRule]) -> None:
+        """Replace the admitted peers (configuration reload); running associations are unaffected."""
+        if not peers:
+            raise ConfigError("peers: at least one peer must be configured to receive from")
+        self.ae.rules = {r.ae_title: r for r in peers}
 
     def _handle_rejected(self, event: Event) -> None:
         assoc = event.assoc

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydicom import Dataset
 
-from node.routing.rules import Decision, evaluate, header_of, keywords_of
+from node.routing.rules import Decision, evaluate, header_of, keywords_of, matches, prepare
 from node.settings.models import Route, Settings
 
 
@@ -41,12 +41,12 @@ def plan_routes(
         One representative header per series, keyed by series key.
     """
     keywords = set().union(*(keywords_of(r.match) for r in settings.routes)) if settings.routes else set()
-    flat = {key: header_of(ds, keywords, calling_ae_title, called_ae_title) for key, ds in headers.items()}
+    flat = {key: prepare(header_of(ds, keywords, calling_ae_title, called_ae_title)) for key, ds in headers.items()}
     taken: set[str] = set()
     plans: list[RoutePlan] = []
     for route in settings.routes:
         free = [k for k in flat if k not in taken]
-        matched = [k for k in free if evaluate(route.match, flat[k]).matched]
+        matched = [k for k in free if matches(route.match, flat[k])]
         if route.level == "study" and matched:
             matched = free
         if not matched:

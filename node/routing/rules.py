@@ -240,6 +240,84 @@ def _test(test: Test, header: Mapping[str, Any]) -> bool:
     return any(test.operand in t for t in texts)  # contains
 
 
+@dataclass(frozen=True)
+class _Value:
+    texts: tuple[str, ...]
+    folded: tuple[str, ...]
+    number: float | None
+
+
+def prepare(header: Mapping[str, Any]) -> dict[str, _Value]:
+    """Normalise a header once (stripped text, case-folded text, first value as a number) so that
+    many conditions can be checked against it quickly with :func:`matches`."""
+    prepared = {}
+    for keyword, raw in header.items():
+        values = _values(raw)
+        if not values:
+            continue
+        texts = tuple(str(v).strip() for v in values)
+        try:
+            number: float | None = float(values[0])
+        except (TypeError, ValueError):
+            number = None
+        prepared[keyword] = _Value(texts, tuple(t.casefold() for t in texts), number)
+    return prepared
+
+
+def _test_prepared(test: Test, header: Mapping[str, _Value]) -> bool:
+    value = header.get(test.keyword)
+    op = test.op
+    if op == "exists":
+        return (value is not None) == test.operand
+    if value is None:
+        return op == "ne"
+    if op in ("lt", "le", "gt", "ge"):
+        n = value.number
+        if n is None:
+            return False
+        bound = test.operand
+        return n < bound if op == "lt" else n <= bound if op == "le" else n > bound if op == "gt" else n >= bound
+    if op == "regex":
+        search = test.pattern.search  # type: ignore[union-attr]
+        for text in value.texts:
+            if search(text):
+                return True
+        return False
+    texts = value.folded if test.ignore_case else value.texts
+    if op == "eq":
+        return test.operand in texts
+    if op == "ne":
+        return test.operand not in texts
+    operand = test.operand
+    if op == "in":
+        for text in texts:
+            if text in operand:
+                return True
+        return False
+    for text in texts:  # contains
+        if operand in text:
+            return True
+    return False
+
+
+def matches(condition: Condition, header: Mapping[str, _Value]) -> bool:
+    """Whether ``condition`` holds for a :func:`prepare`-d header (the fast path of routing)."""
+    kind = type(condition)
+    if kind is Test:
+        return _test_prepared(condition, header)  # type: ignore[arg-type]
+    if kind is All:
+        for sub in condition.conditions:  # type: ignore[union-attr]
+            if not matches(sub, header):
+                return False
+        return True
+    if kind is AnyOf:
+        for sub in condition.conditions:  # type: ignore[union-attr]
+            if matches(sub, header):
+                return True
+        return False
+    return not matches(condition.condition, header)  # type: ignore[union-attr]
+
+
 def evaluate(condition: Condition, header: Mapping[str, Any]) -> Decision:
     """Evaluate ``condition`` on ``header`` (keyword -> value; AE titles under their own keys).
 
@@ -266,3 +344,53 @@ def evaluate(condition: Condition, header: Mapping[str, Any]) -> Decision:
         if decision.matched:
             return decision
     return decision
+
+
+def explain_tree(condition: Condition, header: Mapping[str, Any], depth: int = 0) -> list[str]:
+    """Every test of ``condition`` with PASS/FAIL, indented by nesting (tag names and operators
+    only: no values, so a dry run prints no PHI)."""
+    pad = "  " * depth
+    verdict = "PASS" if evaluate(condition, header).matched else "FAIL"
+    if isinstance(condition, Test):
+        return [f"{pad}{condition.describe()}: {verdict}"]
+    if isinstance(condition, Not):
+        return [f"{pad}not: {verdict}", *explain_tree(condition.condition, header, depth + 1)]
+    name = "all" if isinstance(condition, All) else "any"
+    lines = [f"{pad}{name}: {verdict}"]
+    for sub in condition.conditions:
+        lines += explain_tree(sub, header, depth + 1)
+    return lines
+
+
+_TEST_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {"type": ["string", "number", "boolean"], "description": "shorthand for eq"},
+        {"type": "array", "description": "shorthand for in"},
+        {
+            "type": "object",
+            "properties": {
+                **{op: {} for op in ("eq", "ne", "contains")},
+                "in": {"type": "array", "minItems": 1},
+                "regex": {"type": "string"},
+                **{op: {"type": "number"} for op in ("lt", "le", "gt", "ge")},
+                "exists": {"type": "boolean"},
+                "ignore_case": {"type": "boolean"},
+            },
+            "additionalProperties": False,
+            "minProperties": 1,
+        },
+    ]
+}
+CONDITION_JSON_SCHEMA: dict[str, Any] = {
+    "title": "Condition",
+    "description": "all/any/not of tests on DICOM keywords, calling_ae_title or called_ae_title",
+    "type": "object",
+    "minProperties": 1,
+    "properties": {
+        "all": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+        "any": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+        "not": {"type": "object"},
+    },
+    "additionalProperties": _TEST_SCHEMA,
+}
+"""JSON Schema of a condition, for editors (``ainode config schema``)."""

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, WithJsonSchema, model_validator
 
-from node.routing.rules import All, AnyOf, Condition, Not, Test, parse_condition
+from node.routing.rules import CONDITION_JSON_SCHEMA, All, AnyOf, Condition, Not, Test, parse_condition
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
 """An AE title: 1-16 characters of the default repertoire, no backslash, not all spaces (PS3.5 6.2)."""
@@ -111,11 +111,12 @@ class Route(_Model):
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     level: Literal["series", "study"] = "series"
-    match: Annotated[Condition, BeforeValidator(_parse_match)]
+    match: Annotated[Condition, BeforeValidator(_parse_match), WithJsonSchema(CONDITION_JSON_SCHEMA)]
     algorithms: list[str] = []
     destinations: list[str] = []
     completion: Completion = Completion()
     deidentification: str = "default"
+    priority: Literal["stat", "routine", "background"] = "routine"
 
 
 class Routing(_Model):
@@ -138,7 +139,7 @@ class PixelRule(_Model):
 
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
-    match: Annotated[Condition, BeforeValidator(_parse_match)]
+    match: Annotated[Condition, BeforeValidator(_parse_match), WithJsonSchema(CONDITION_JSON_SCHEMA)]
     regions: list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=4, max_length=4)]]
 
 
