@@ -1,9 +1,9 @@
 """Routing rule evaluation: 100 rules against one series header (issue target: under 1 ms).
 
-Timed as the router runs them: the header is prepared once, then every rule is checked (the fast
-boolean path; explanations for dry runs use ``evaluate``). The rules mix every operator and combinator on keywords of the real chest CT header; none matches,
-so every rule is evaluated in full (the worst case for first_match). Prints a table and writes
-``bench/results/rules.json``.
+Timed as the router runs them: the header is prepared once, then every rule is checked (the
+fast boolean path; explanations for dry runs use ``evaluate``). The rules mix every operator and
+combinator on keywords of the real chest CT header; none matches, so every rule is evaluated in
+full (the worst case for first_match). Prints a table and writes ``bench/results/rules.json``.
 
 Usage: ``python bench/rules.py [--rules 100] [--repeats 2000]``
 """

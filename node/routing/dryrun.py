@@ -72,9 +72,8 @@ def dry_run(settings: Settings, paths: Sequence[Path], calling_ae_title: str, sh
                     f"{name} (C-STORE to {dest.peer})" if isinstance(dest, DicomDestination) else f"{name} (folder)"
                 )
             lines.append(f"    -> runs {runs}; results to {', '.join(where) or 'nowhere'}")
-            lines.append(
-                f"    -> de-identification profile {route.deidentification!r}, quiet period {route.completion.quiet_period_s:g} s"
-            )
+            quiet = route.completion.quiet_period_s
+            lines.append(f"    -> de-identification profile {route.deidentification!r}, quiet period {quiet:g} s")
             taken = settings.routing.mode == "first_match"
         if not any(evaluate(r.match, header).matched for r in settings.routes):
             lines.append("  => no route matched: the series is stored and nothing runs")
