@@ -16,7 +16,7 @@
     ainode purge STUDY_KEY --config FILE    delete a study's originals, map and results now
     ainode audit show --config FILE         the decrypted audit trail (DICOM audit messages)
     ainode studies list --config FILE       studies in the node and their state
-    ainode jobs list|show --config FILE     jobs and why they ended as they did
+    ainode jobs list|show|retry --config F  jobs, why they ended as they did; replay dead letters
 """
 
 from __future__ import annotations
@@ -347,9 +347,29 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     job = _index(args.config).job(args.id)
     if job is None:
         raise AinodeError(f"no job {args.id}")
-    fields = ("id", "study_key", "route", "algorithm", "state", "attempts", "reason", "created_at", "updated_at")
+    fields = (
+        "id", "study_key", "route", "algorithm", "state", "attempts", "next_attempt_at", "reason", "created_at",
+        "updated_at",
+    )  # fmt: skip
     info = {f: getattr(job, f) for f in fields} | {"timings": json.loads(job.timings), "results": job.result_ids}
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_jobs_retry(args: argparse.Namespace) -> int:
+    import time
+
+    from node.storage.index import JobState, StudyState
+
+    index = _index(args.config)
+    job = index.job(args.id)
+    if job is None:
+        raise AinodeError(f"no job {args.id}")
+    if job.state not in (JobState.FAILED, JobState.PENDING):
+        raise AinodeError(f"job {args.id} is {job.state}; only failed (dead-letter) or waiting jobs are retried")
+    index.update_job(args.id, state=JobState.PENDING, attempts=0, next_attempt_at=time.time(), reason="retry requested")
+    index.set_study_state(job.study_key, StudyState.PROCESSING)
+    print(f"job {args.id} queued again; a running node picks it up within a second")
     return 0
 
 
@@ -435,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--state", choices=["pending", "running", "delivered", "refused", "quarantined", "failed"])
     p.set_defaults(func=cmd_jobs_list)
+    p = jobs.add_parser("retry", help="queue a failed (dead-letter) job again")
+    p.add_argument("id", type=int)
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_jobs_retry)
     p = jobs.add_parser("show")
     p.add_argument("id", type=int)
     p.add_argument("--config", required=True)

@@ -186,10 +186,12 @@ class Orthanc:
             self.proc.wait()
 
 
-def start_orthanc(root: Path, node_ae_title: str, node_port: int) -> Orthanc:
+def start_orthanc(
+    root: Path, node_ae_title: str, node_port: int, dicom_port: int | None = None, http_port: int | None = None
+) -> Orthanc:
     """Start Orthanc in ``root`` knowing ainode as modality ``ainode`` at ``node_port``."""
-    root.mkdir(parents=True)
-    dicom_port, http_port = free_port(), free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = dicom_port or free_port(), http_port or free_port()
     config = {
         "Name": "ainode-test-pacs",
         "DicomAet": "PACS",

@@ -9,7 +9,9 @@ can run them, and a job can be re-run after a crash.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,6 +151,9 @@ class Pipeline:
             state = JobState.REFUSED
             self.s.index.update_job(job_id, state=state, reason=exc.reason, timings=timings)
             logger.info("series refused: %s", exc.reason, extra=extra)
+        except DeliveryError as exc:
+            state = self._retry_or_dead_letter(job_id, job.attempts + 1, str(exc), timings)
+            logger.warning("delivery failed (%s): %s", state, exc, extra=extra)
         except AinodeError as exc:
             state = JobState.FAILED
             self.s.index.update_job(job_id, state=state, reason=str(exc), timings=timings)
@@ -162,6 +167,25 @@ class Pipeline:
             self.s.on_job_done(job_id, state)
         return state
 
+    def _retry_or_dead_letter(self, job_id: int, attempts: int, reason: str, timings: dict[str, float]) -> str:
+        """Schedule another attempt with exponential backoff and full jitter, or dead-letter the job."""
+        policy = self.s.settings.delivery
+        if attempts >= policy.max_attempts:
+            self.s.index.update_job(
+                job_id,
+                state=JobState.FAILED,
+                reason=f"dead letter after {attempts} attempt(s): {reason}",
+                timings=timings,
+            )
+            return JobState.FAILED
+        delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** (attempts - 1))
+        delay = delay / 2 + random.uniform(0, delay / 2)
+        self.s.index.update_job(
+            job_id, state=JobState.PENDING, next_attempt_at=self.s.clock() + delay, timings=timings,
+            reason=f"attempt {attempts} failed, retrying in {delay:.0f} s: {reason}",
+        )  # fmt: skip
+        return JobState.PENDING
+
     def _run(
         self, job_id: int, study_key: str, series_key: str, name: str, route_name: str, t: dict[str, float]
     ) -> str:
@@ -169,6 +193,10 @@ class Pipeline:
         route = next((r for r in settings.routes if r.name == route_name), None)
         if route is None:
             raise DeliveryError(f"route {route_name!r} is no longer configured")
+        job = self.s.index.job(job_id)
+        if job is not None and job.result_ids:  # built before a crash or a failed delivery: send only
+            t.update({k: v for k, v in json.loads(job.timings).items() if k not in t})
+            return self._deliver(job_id, job.result_ids, route.destinations, settings, t)
         algorithm = self.s.registry.get(name)
         spec = algorithm.spec
 
@@ -219,15 +247,20 @@ class Pipeline:
         t["build_results_s"] = time.perf_counter() - start
         self.s.index.update_job(job_id, result_object_ids=result_ids, timings=t)
 
+        return self._deliver(job_id, result_ids, route.destinations, settings, t)
+
+    def _deliver(
+        self, job_id: int, result_ids: list[str], destinations: list[str], settings: Settings, t: dict[str, float]
+    ) -> str:
         start = time.perf_counter()
         objects = [decode(self.s.store.get(oid)) for oid in result_ids]
-        deliver(settings, route.destinations, objects)
+        deliver(settings, destinations, objects)
         t["send_s"] = time.perf_counter() - start
-        receivers = [Participant(name, DESTINATION_ROLE) for name in route.destinations]
-        self._audit(INSTANCES_TRANSFERRED, "R", study_uid, "results sent (SEG, SR)", receivers)
+        receivers = [Participant(name, DESTINATION_ROLE) for name in destinations]
+        self._audit(INSTANCES_TRANSFERRED, "R", str(objects[0].StudyInstanceUID), "results sent (SEG, SR)", receivers)
         t["delivered_at"] = time.time()
         self.s.index.update_job(job_id, state=JobState.DELIVERED, reason=None, timings=t)
-        logger.info("results delivered", extra={"study_key": study_key, "job_id": job_id, **_rounded(t)})
+        logger.info("results delivered", extra={"job_id": job_id, **_rounded(t)})
         return JobState.DELIVERED
 
     def _audit(

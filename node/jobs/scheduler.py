@@ -99,6 +99,7 @@ class Scheduler:
     def recover(self) -> int:
         """Resubmit the jobs a previous run left pending or running; returns how many."""
         jobs = self.index.jobs(state=JobState.PENDING) + self.index.jobs(state=JobState.RUNNING)
+        jobs = [j for j in jobs if j.next_attempt_at is None]  # waiting retries come back through tick()
         for job in sorted(jobs, key=lambda j: j.id):
             self.executor.submit(job.id, self._priority(job.route))
         for study in self.index.studies(StudyState.COMPLETE):
@@ -110,8 +111,12 @@ class Scheduler:
         return len(jobs)
 
     def tick(self) -> int:
-        """Plan every quiet study once; returns the number of jobs submitted."""
+        """Plan every quiet study once and submit jobs whose retry time has come; returns the
+        number of jobs submitted."""
         submitted = 0
+        for due in self.index.claim_due_jobs(time.time()):
+            self.executor.submit(due.id, self._priority(due.route))
+            submitted += 1
         for study_key in self.index.quiet_studies(self.min_quiet_period_s):
             try:
                 job_ids = self.pipeline.plan(study_key)

@@ -161,6 +161,15 @@ class Deidentification(_Model):
     pixel_rules: list[PixelRule] = []
 
 
+class DeliverySettings(_Model):
+    """Retries of a job whose destination is down or refuses: exponential backoff with jitter,
+    then the dead-letter state (``failed``) where ``ainode jobs retry`` picks it up again."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    backoff_s: Annotated[float, Field(gt=0)] = 30.0
+    max_backoff_s: Annotated[float, Field(gt=0)] = 3600.0
+
+
 class AuditSettings(_Model):
     """Where audit records go besides the node's encrypted local log."""
 
@@ -185,6 +194,7 @@ class Settings(_Model):
     routes: list[Route] = []
     deidentification: dict[str, Deidentification] = {"default": Deidentification()}
     audit: AuditSettings = AuditSettings()
+    delivery: DeliverySettings = DeliverySettings()
     storage: StorageSettings = StorageSettings()
 
     @model_validator(mode="after")

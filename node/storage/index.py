@@ -13,6 +13,7 @@ Study states (PS3 has no such thing; this is ainode's own life cycle)::
 Job states::
 
     pending -> running -> delivered | refused | quarantined | failed
+                  \\-> pending (retry after backoff)          failed = dead letter
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class JobRow(Base):
     series_key: Mapped[str] = mapped_column(String(32))
     state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     result_object_ids: Mapped[str] = mapped_column(Text, default="[]")
     timings: Mapped[str] = mapped_column(Text, default="{}")
@@ -273,6 +275,17 @@ class Index:
             s.add(job)
             s.flush()
             return job.id
+
+    def claim_due_jobs(self, now: float) -> list[JobRow]:
+        """Pending jobs whose retry time has come; their retry time is cleared (claimed)."""
+        with self.session() as s:
+            query = select(JobRow).where(
+                JobRow.state == JobState.PENDING, JobRow.next_attempt_at.is_not(None), JobRow.next_attempt_at <= now
+            )
+            jobs = list(s.scalars(query))
+            for job in jobs:
+                job.next_attempt_at = None
+            return jobs
 
     def job(self, job_id: int) -> JobRow | None:
         """The job row, or ``None``."""

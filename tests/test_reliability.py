@@ -1,0 +1,75 @@
+"""Issue 5 (part): delivery retries with backoff, the dead-letter state and replay, against a real
+Orthanc that is down when results are due."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .peers import CT_SERIES, LUNG_ROUTE, free_port, node_config, series_files, start_orthanc, storescu, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _setup(tmp_path, start_node, max_attempts: int):
+    dicom_port, http_port = free_port(), free_port()  # Orthanc will listen here, later
+    config_path, config = node_config(
+        tmp_path,
+        peers=[{"ae_title": "STORESCU"}, {"ae_title": "PACS", "host": "127.0.0.1", "port": dicom_port}],
+        destinations={"pacs": {"type": "dicom", "peer": "PACS"}},
+        routes=[{**LUNG_ROUTE, "destinations": ["pacs"]}],
+    )
+    config["delivery"] = {"max_attempts": max_attempts, "backoff_s": 1.0, "max_backoff_s": 2.0}
+    config_path.write_text(__import__("yaml").safe_dump(config))
+    node = start_node(config_path, config)
+    sent = storescu(node.port, series_files(CT_SERIES))
+    assert sent.returncode == 0, sent.stderr
+    return node, dicom_port, http_port
+
+
+def _job(node) -> dict:
+    shown = node.cli("jobs", "show", "1")
+    return json.loads(shown.stdout) if shown.returncode == 0 else {}
+
+
+def _results_in(pacs) -> set[str]:
+    modalities = set()
+    for study in pacs.rest("GET", "/studies"):
+        for series in pacs.rest("GET", f"/studies/{study}/series"):
+            modalities.add(series["MainDicomTags"].get("Modality"))
+    return modalities
+
+
+def test_delivery_retries_until_the_pacs_returns(tmp_path, start_node):
+    node, dicom_port, http_port = _setup(tmp_path, start_node, max_attempts=20)
+    wait_until(lambda: "retrying in" in (_job(node).get("reason") or ""), 180)
+    pacs = start_orthanc(tmp_path / "orthanc", "AINODE", node.port, dicom_port, http_port)
+    try:
+        job = wait_until(lambda: (j := _job(node)).get("state") == "delivered" and j, 120)
+        assert job["attempts"] >= 2
+        assert _results_in(pacs) == {"SEG", "SR"}
+    finally:
+        pacs.stop()
+
+
+def test_dead_letter_is_listed_and_replayed(tmp_path, start_node):
+    node, dicom_port, http_port = _setup(tmp_path, start_node, max_attempts=2)
+    job = wait_until(lambda: (j := _job(node)).get("state") == "failed" and j, 180)
+    assert job["reason"].startswith("dead letter after 2 attempt(s)")
+    listed = node.cli("jobs", "list", "--state", "failed").stdout
+    assert listed.split()[0] == "1" and "dead letter" in listed
+    assert "failed" in node.cli("studies", "list").stdout
+    pacs = start_orthanc(tmp_path / "orthanc", "AINODE", node.port, dicom_port, http_port)
+    try:
+        retried = node.cli("jobs", "retry", "1")
+        assert retried.returncode == 0, retried.stderr
+        job = wait_until(lambda: (j := _job(node)).get("state") == "delivered" and j, 60)
+        assert job["timings"].get("algorithm_s") is not None  # kept from the first (only) analysis
+        audit = node.cli("audit", "show").stdout
+        assert audit.count("algorithm lung-ct-density") == 1  # the replay did not analyse again
+        assert audit.count("results sent (SEG, SR)") == 1
+        assert _results_in(pacs) == {"SEG", "SR"}
+        assert "done" in node.cli("studies", "list").stdout
+    finally:
+        pacs.stop()
