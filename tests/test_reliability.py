@@ -4,10 +4,22 @@ Orthanc that is down when results are due."""
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 
-from .peers import CT_SERIES, LUNG_ROUTE, free_port, node_config, series_files, start_orthanc, storescu, wait_until
+from .peers import (
+    CT_SERIES,
+    DATA,
+    LUNG_ROUTE,
+    TOOL_ENV,
+    free_port,
+    node_config,
+    series_files,
+    start_orthanc,
+    storescu,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -73,3 +85,43 @@ def test_dead_letter_is_listed_and_replayed(tmp_path, start_node):
         assert "done" in node.cli("studies", "list").stdout
     finally:
         pacs.stop()
+
+
+def test_every_odd_transfer_syntax_file_gets_a_sensible_answer(tmp_path, start_node):
+    """Every file of ../shared/data/transfer_syntaxes (truncated, bad VR, meta-less, every codec) is
+    offered; the node answers each without an internal error, keeps serving, and a clean CT study
+    sent afterwards still gets its results."""
+    results = tmp_path / "results"
+    config_path, config = node_config(
+        tmp_path,
+        peers=[{"ae_title": "STORESCU"}],
+        destinations={"folder": {"type": "folder", "path": str(results)}},
+        routes=[{**LUNG_ROUTE, "destinations": ["folder"]}],
+    )
+    node = start_node(config_path, config)
+    files = sorted(p for p in (DATA / "transfer_syntaxes").rglob("*") if p.is_file())
+    assert len(files) > 200
+    # dcmsend proposes each file's own transfer syntax (storescu cannot transcode compressed files)
+    offered = subprocess.run(
+        ["dcmsend", "-v", "--no-halt", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port),
+         *map(str, files)],
+        capture_output=True, text=True, env=TOOL_ENV, timeout=600, check=False,
+    )  # fmt: skip
+    summary = offered.stdout + offered.stderr
+    stored = int(summary.split("with status SUCCESS  :")[1].split()[0])
+    refused = int(summary.split("with status ERROR    :")[1].split()[0])
+    assert stored > 100, summary[-3000:]
+    assert refused >= 1  # files without a Study Instance UID: 0xC000 Cannot Understand
+    log = node.log()
+    assert "C-STORE refused (CANNOT_UNDERSTAND): Study Instance UID is missing" in log
+    assert '"C-STORE failed"' not in log  # no internal error on any file
+    assert node.proc is not None and node.proc.poll() is None
+
+    echo = subprocess.run(
+        ["echoscu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port)],
+        capture_output=True, text=True, env=TOOL_ENV, check=False,
+    )  # fmt: skip
+    assert echo.returncode == 0
+    sent = storescu(node.port, series_files(CT_SERIES))
+    assert sent.returncode == 0, sent.stderr
+    wait_until(lambda: results.exists() and len(list(results.rglob("*.dcm"))) == 2, 180)
