@@ -118,6 +118,12 @@ class NodeProcess:
         """Everything the node logged so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def kill(self) -> None:
+        """SIGKILL (a crash): no shutdown code runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self) -> None:
         """SIGTERM and wait."""
         if self.proc is not None and self.proc.poll() is None:

@@ -125,3 +125,46 @@ def test_every_odd_transfer_syntax_file_gets_a_sensible_answer(tmp_path, start_n
     sent = storescu(node.port, series_files(CT_SERIES))
     assert sent.returncode == 0, sent.stderr
     wait_until(lambda: results.exists() and len(list(results.rglob("*.dcm"))) == 2, 180)
+
+
+def test_kill_9_mid_association_and_during_analysis_delivers_exactly_once(tmp_path, start_node):
+    node_port = free_port()
+    pacs = start_orthanc(tmp_path / "orthanc", "AINODE", node_port)
+    try:
+        config_path, config = node_config(
+            tmp_path,
+            port=node_port,
+            peers=[{"ae_title": "STORESCU"}, {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
+            destinations={"pacs": {"type": "dicom", "peer": "PACS"}},
+            routes=[{**LUNG_ROUTE, "destinations": ["pacs"], "completion": {"quiet_period_s": 2.0}}],
+        )
+        files = series_files(CT_SERIES)
+        node = start_node(config_path, config)
+        # 1. killed mid-association: Nagle left on, so the sender is slow enough to be cut off
+        sender = subprocess.Popen(
+            ["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**TOOL_ENV, "TCP_NODELAY": "0"},
+        )  # fmt: skip
+        wait_until(lambda: any((node.data_dir / "store" / "objects").rglob("*")), 30, 0.05)
+        node.kill()
+        sender.communicate(timeout=60)
+        assert sender.returncode != 0  # the modality saw the failure and will send again
+
+        # 2. restarted; the modality resends; killed again while the algorithm runs
+        node = start_node(config_path, config)
+        assert storescu(node.port, files).returncode == 0
+        wait_until(lambda: '"state": "running"' in node.cli("jobs", "show", "1").stdout, 60, 0.1)
+        node.kill()
+
+        # 3. restarted: the job resumes from the index and the results reach the PACS once
+        node = start_node(config_path, config)
+        wait_until(lambda: '"state": "delivered"' in node.cli("jobs", "show", "1").stdout, 180)
+        (study,) = pacs.rest("GET", "/studies")
+        series = pacs.rest("GET", f"/studies/{study}/series")
+        modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
+        assert modalities == ["SEG", "SR"]
+        assert all(len(s["Instances"]) == 1 for s in series)
+        listing = node.cli("studies", "list").stdout
+        assert f"{len(files):>5} instance(s)" in listing and "done" in listing  # one study, nothing lost
+    finally:
+        pacs.stop()
