@@ -234,3 +234,28 @@ def start_node_process(config_path: Path, config: dict[str, Any], env: dict[str,
     node.proc = subprocess.Popen([AINODE, "serve", "--config", str(config_path)], stdout=log, stderr=log, env=node.env)
     wait_for_port(node.port, 60, node.proc)
     return node
+
+
+def make_studies(source: Path, count: int, out: Path) -> list[list[Path]]:
+    """``count`` copies of the series in ``source`` as distinct studies (new Study, Series and SOP
+    Instance UIDs, derived from the originals), written under ``out``; returns the files of each."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    originals = [pydicom.dcmread(p) for p in series_files(source)]
+    studies = []
+    for n in range(count):
+        folder = out / f"study{n:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        study_uid = generate_uid(entropy_srcs=[str(originals[0].StudyInstanceUID), str(n)])
+        series_uid = generate_uid(entropy_srcs=[str(originals[0].SeriesInstanceUID), str(n)])
+        files = []
+        for i, ds in enumerate(originals):
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(n), str(i), study_uid])
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            path = folder / f"{i:04d}.dcm"
+            ds.save_as(path)
+            files.append(path)
+        studies.append(files)
+    return studies

@@ -14,6 +14,7 @@ from .peers import (
     LUNG_ROUTE,
     TOOL_ENV,
     free_port,
+    make_studies,
     node_config,
     series_files,
     start_orthanc,
@@ -168,3 +169,32 @@ def test_kill_9_mid_association_and_during_analysis_delivers_exactly_once(tmp_pa
         assert f"{len(files):>5} instance(s)" in listing and "done" in listing  # one study, nothing lost
     finally:
         pacs.stop()
+
+
+def test_eight_concurrent_senders_all_delivered(tmp_path, start_node):
+    studies = make_studies(CT_SERIES, 8, tmp_path / "studies")
+    results = tmp_path / "results"
+    config_path, config = node_config(
+        tmp_path,
+        peers=[{"ae_title": "STORESCU"}],
+        destinations={"folder": {"type": "folder", "path": str(results)}},
+        routes=[{**LUNG_ROUTE, "destinations": ["folder"]}],
+    )
+    node = start_node(config_path, config)
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=TOOL_ENV,
+        )
+        for files in studies
+    ]
+    for sender in senders:
+        _out, err = sender.communicate(timeout=300)
+        assert sender.returncode == 0, err[-2000:]  # every instance acknowledged with Success
+    listing = wait_until(lambda: (out := node.cli("studies", "list").stdout).count("done") == 8 and out, 600, 1.0)
+    assert listing.count(f"{len(studies[0]):>5} instance(s)") == 8
+    assert len(list(results.rglob("*.dcm"))) == 16  # a SEG and an SR for each study
+    assert node.proc is not None and node.proc.poll() is None
