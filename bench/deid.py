@@ -11,9 +11,7 @@ Usage: ``python bench/deid.py [--repeats 5]``
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import secrets
 import statistics
 import sys
@@ -23,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import write_report  # noqa: E402
 from node.deid import InstanceDeidentifier  # noqa: E402
 from node.deid.pseudonyms import Pseudonymizer  # noqa: E402
 from node.dicomio import configure_pydicom, decode, encode  # noqa: E402
@@ -66,17 +65,7 @@ def main() -> None:
     print(f"de-identify CT ({len(blobs)} instances, {megabytes:.1f} MB), one core, median of {args.repeats}")
     for key, value in figures.items():
         print(f"  {key:<18}{value:>10.2f}" if isinstance(value, float) else f"  {key:<18}{value:>10}")
-    report = {
-        "benchmark": "deid",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "figures": figures,
-        "runs_s": runs,
-        "encode_runs_s": encode_runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, "deid", figures=figures, runs_s=runs, encode_runs_s=encode_runs)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
-import platform
 import secrets
 import statistics
 import sys
@@ -29,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import write_report  # noqa: E402
 from node.storage.index import Index, JobState  # noqa: E402
 from tests.peers import (  # noqa: E402
     CT_SERIES,
@@ -116,18 +115,14 @@ def main() -> None:
     print(f"{'figure':<18}{'median':>10}   runs")
     for k in keys:
         print(f"{k:<18}{medians[k]:>10.2f}   " + " ".join(f"{r[k]:.2f}" for r in runs))
-    report = {
-        "benchmark": "e2e",
-        "series": str(CT_SERIES.relative_to(CT_SERIES.parents[2])),
-        "quiet_period_s": args.quiet_period,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "median": medians,
-        "runs": runs,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(
+        args.out,
+        "e2e",
+        series=str(CT_SERIES.relative_to(CT_SERIES.parents[2])),
+        quiet_period_s=args.quiet_period,
+        median=medians,
+        runs=runs,
+    )
 
 
 if __name__ == "__main__":

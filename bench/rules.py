@@ -11,8 +11,6 @@ Usage: ``python bench/rules.py [--rules 100] [--repeats 2000]``
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -23,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import pydicom  # noqa: E402
 
+from bench.report import write_report  # noqa: E402
 from node.routing.rules import evaluate, header_of, keywords_of, matches, parse_condition, prepare  # noqa: E402
 from tests.peers import CT_SERIES, series_files  # noqa: E402
 
@@ -72,15 +71,7 @@ def main() -> None:
     print(f"{args.rules} rules against one CT series header, {args.repeats} repeats")
     for key, value in figures.items():
         print(f"  {key:<26}{value:>10.4f}" if isinstance(value, float) else f"  {key:<26}{value:>10}")
-    report = {
-        "benchmark": "rules",
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "figures": figures,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_report(args.out, "rules", figures=figures)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,7 @@ class Node:
         self.index = Index.for_data_dir(data_dir)
         self.secrets = NodeSecrets(self.store)
         syslog = (settings.audit.syslog_host, settings.audit.syslog_port) if settings.audit.syslog_host else None
-        self.audit = AuditLog(data_dir / "audit" / "audit.log", self.store, settings.node.ae_title, syslog)
+        self.audit = AuditLog.for_data_dir(data_dir, self.store, settings.node.ae_title, syslog)
         self.store.on_tamper = self._tamper_detected
         self.registry = registry or Registry()
         device = select_device()

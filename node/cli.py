@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from node.errors import AinodeError
 
 if TYPE_CHECKING:
+    from node.audit import AuditLog
     from node.settings.models import Settings
     from node.storage.index import Index
     from node.storage.secrets import NodeSecrets
@@ -206,6 +207,16 @@ def _store(settings: Settings) -> ObjectStore:
     return ObjectStore(settings.node.data_dir / "store", load_key_provider(settings.keys))
 
 
+def _open(config: str) -> tuple[Settings, ObjectStore, AuditLog]:
+    """The configuration, the encrypted store and the audit log an admin command works on."""
+    from node.audit import AuditLog
+    from node.settings import load_settings
+
+    settings = load_settings(config)
+    store = _store(settings)
+    return settings, store, AuditLog.for_data_dir(settings.node.data_dir, store, settings.node.ae_title)
+
+
 def _secrets(settings: Settings) -> NodeSecrets:
     from node.storage.secrets import NodeSecrets
 
@@ -215,7 +226,7 @@ def _secrets(settings: Settings) -> NodeSecrets:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     import secrets as random
 
-    from node.audit import SECURITY_CONFIGURATION, AuditLog, security_alert
+    from node.audit import SECURITY_CONFIGURATION, security_alert
     from node.errors import TamperedObjectError
     from node.settings import load_settings
     from node.settings.models import FileKeySource
@@ -228,7 +239,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         print("new current key added to", settings.keys.path)
     else:
         print(f"keys come from ${settings.keys.variable}: put the new key first there; re-wrapping to it")
-    store = _store(settings)
+    _settings, store, audit = _open(args.config)  # opened after the keyring changed
     current = store.keys.current().key_id
     rewrapped = tampered = 0
     for object_id in store.object_ids():
@@ -237,7 +248,6 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         except TamperedObjectError as exc:
             tampered += 1
             print(f"tampered, quarantined: {exc}", file=sys.stderr)
-    audit = AuditLog(settings.node.data_dir / "audit" / "audit.log", store, settings.node.ae_title)
     audit.rewrap()
     in_use = {store.key_id_of(o) for o in store.object_ids()} | audit.key_ids()
     retired = [k for k in store.keys.key_ids() if k != current and k not in in_use]
@@ -268,13 +278,10 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 
 
 def cmd_store_verify(args: argparse.Namespace) -> int:
-    from node.audit import OBJECT_SECURITY_ATTRIBUTES_CHANGED, AuditLog, security_alert
+    from node.audit import OBJECT_SECURITY_ATTRIBUTES_CHANGED, security_alert
     from node.errors import StorageError, TamperedObjectError
-    from node.settings import load_settings
 
-    settings = load_settings(args.config)
-    store = _store(settings)
-    audit = AuditLog(settings.node.data_dir / "audit" / "audit.log", store, settings.node.ae_title)
+    _settings, store, audit = _open(args.config)
     ok = tampered = 0
     for object_id in store.object_ids():
         try:
@@ -292,13 +299,9 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    from node.audit import AuditLog
     from node.jobs.retention import purge_study
-    from node.settings import load_settings
 
-    settings = load_settings(args.config)
-    store = _store(settings)
-    audit = AuditLog(settings.node.data_dir / "audit" / "audit.log", store, settings.node.ae_title)
+    _settings, store, audit = _open(args.config)
     n = purge_study(_index(args.config), store, args.study_key, audit, "purged by an administrator")
     if n == 0:
         raise AinodeError(f"no study {args.study_key} (see 'ainode studies list')")
@@ -307,11 +310,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    from node.audit import AuditLog
-    from node.settings import load_settings
-
-    settings = load_settings(args.config)
-    log = AuditLog(settings.node.data_dir / "audit" / "audit.log", _store(settings), settings.node.ae_title)
+    *_, log = _open(args.config)
     for record in log.read():
         print(record)
     return 0

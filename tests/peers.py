@@ -165,6 +165,19 @@ LUNG_ROUTE = {
 }
 
 
+def folder_node_config(tmp_path: Path, route: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any], Path]:
+    """A node that accepts DCMTK's STORESCU and writes results of ``route`` (the lung route by
+    default) into a folder; returns the config path, the config and the results folder."""
+    results = tmp_path / "results"
+    config_path, config = node_config(
+        tmp_path,
+        peers=[{"ae_title": "STORESCU"}],
+        destinations={"folder": {"type": "folder", "path": str(results)}},
+        routes=[{**(route or LUNG_ROUTE), "destinations": ["folder"]}],
+    )
+    return config_path, config, results
+
+
 @dataclass
 class Orthanc:
     """A real Orthanc (Debian package) on loopback ports, used as the PACS."""

@@ -25,6 +25,7 @@ from .peers import (
     MR_SERIES,
     TOOL_ENV,
     dciodvfy,
+    folder_node_config,
     free_port,
     node_config,
     series_files,
@@ -182,13 +183,7 @@ def test_orthanc_forwards_study_and_gets_seg_and_sr_back(
 
 
 def test_storescu_to_folder_destination_valid_objects(start_node, tmp_path, ct_originals, expected_measurements):
-    results = tmp_path / "results"
-    config_path, config = node_config(
-        tmp_path,
-        peers=[{"ae_title": "STORESCU"}],
-        destinations={"folder": {"type": "folder", "path": str(results)}},
-        routes=[{**LUNG_ROUTE, "destinations": ["folder"]}],
-    )
+    config_path, config, results = folder_node_config(tmp_path)
     node = start_node(config_path, config)
     sent = storescu(node.port, CT_FILES)
     assert sent.returncode == 0, sent.stderr
@@ -212,13 +207,7 @@ def test_storescu_to_folder_destination_valid_objects(start_node, tmp_path, ct_o
 
 
 def test_mr_study_matches_no_route_and_unknown_ae_is_rejected(start_node, tmp_path):
-    results = tmp_path / "results"
-    config_path, config = node_config(
-        tmp_path,
-        peers=[{"ae_title": "STORESCU"}],
-        destinations={"folder": {"type": "folder", "path": str(results)}},
-        routes=[{**LUNG_ROUTE, "destinations": ["folder"]}],
-    )
+    config_path, config, results = folder_node_config(tmp_path)
     node = start_node(config_path, config)
     mr_files = sorted(p for p in MR_SERIES.iterdir() if p.is_file())
     sent = storescu(node.port, mr_files)

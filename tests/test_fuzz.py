@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .peers import CT_SERIES, LUNG_ROUTE, free_port, node_config, series_files, storescu, wait_until
+from .peers import CT_SERIES, folder_node_config, free_port, series_files, storescu, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -81,13 +81,7 @@ def _threads(pid: int) -> int:
 
 
 def test_fuzzed_sessions_do_not_break_the_node(start_node, tmp_path):
-    results = tmp_path / "results"
-    config_path, config = node_config(
-        tmp_path,
-        peers=[{"ae_title": "STORESCU"}],
-        destinations={"folder": {"type": "folder", "path": str(results)}},
-        routes=[{**LUNG_ROUTE, "destinations": ["folder"]}],
-    )
+    config_path, config, results = folder_node_config(tmp_path)
     config["node"]["network_timeout_s"] = 5.0  # a cut-off sender must not hold a thread for long
     config_path.write_text(__import__("yaml").safe_dump(config))
     node = start_node(config_path, config)

@@ -13,6 +13,7 @@ from .peers import (
     DATA,
     LUNG_ROUTE,
     TOOL_ENV,
+    folder_node_config,
     free_port,
     make_studies,
     node_config,
@@ -92,13 +93,7 @@ def test_every_odd_transfer_syntax_file_gets_a_sensible_answer(tmp_path, start_n
     """Every file of ../shared/data/transfer_syntaxes (truncated, bad VR, meta-less, every codec) is
     offered; the node answers each without an internal error, keeps serving, and a clean CT study
     sent afterwards still gets its results."""
-    results = tmp_path / "results"
-    config_path, config = node_config(
-        tmp_path,
-        peers=[{"ae_title": "STORESCU"}],
-        destinations={"folder": {"type": "folder", "path": str(results)}},
-        routes=[{**LUNG_ROUTE, "destinations": ["folder"]}],
-    )
+    config_path, config, results = folder_node_config(tmp_path)
     node = start_node(config_path, config)
     files = sorted(p for p in (DATA / "transfer_syntaxes").rglob("*") if p.is_file())
     assert len(files) > 200
@@ -173,13 +168,7 @@ def test_kill_9_mid_association_and_during_analysis_delivers_exactly_once(tmp_pa
 
 def test_eight_concurrent_senders_all_delivered(tmp_path, start_node):
     studies = make_studies(CT_SERIES, 8, tmp_path / "studies")
-    results = tmp_path / "results"
-    config_path, config = node_config(
-        tmp_path,
-        peers=[{"ae_title": "STORESCU"}],
-        destinations={"folder": {"type": "folder", "path": str(results)}},
-        routes=[{**LUNG_ROUTE, "destinations": ["folder"]}],
-    )
+    config_path, config, results = folder_node_config(tmp_path)
     node = start_node(config_path, config)
     senders = [
         subprocess.Popen(

@@ -145,6 +145,13 @@ class AuditLog:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._next = sum(1 for _ in self._lines())
 
+    @classmethod
+    def for_data_dir(
+        cls, data_dir: Path, store: ObjectStore, source_id: str, syslog: tuple[str, int] | None = None
+    ) -> AuditLog:
+        """The node's audit log, ``DATA_DIR/audit/audit.log``."""
+        return cls(data_dir / "audit" / "audit.log", store, source_id, syslog)
+
     def _lines(self) -> Iterator[str]:
         if self.path.exists():
             with open(self.path, encoding="ascii") as fh:
