@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
 
 Code = tuple[str, str, str]
 """A coded concept as ``(CodeValue, CodingSchemeDesignator, CodeMeaning)`` (PS3.3 8.8)."""
@@ -151,12 +152,24 @@ class AlgorithmSpec:
     resources: Resources
 
 
+class NoParams(BaseModel):
+    """The parameters of an algorithm that takes none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 @runtime_checkable
 class Algorithm(Protocol):
-    """An analysis plugin. Raise :class:`node.errors.SeriesRefused` for series it cannot measure."""
+    """An analysis plugin. Raise :class:`node.errors.SeriesRefused` for series it cannot measure.
+
+    ``Params`` is a pydantic model (``extra="forbid"``) of the parameters a route may set; the node
+    validates a route's parameters against it when the configuration is loaded.
+    """
 
     spec: AlgorithmSpec
+    Params: type[BaseModel]
 
-    def run(self, volume: Volume, device: Device) -> AlgorithmResult:
-        """Analyse ``volume`` on ``device`` and return masks and measurements."""
+    def run(self, volume: Volume, device: Device, params: Any = None) -> AlgorithmResult:
+        """Analyse ``volume`` on ``device`` with ``params`` (an instance of ``Params``, or ``None``
+        for the defaults) and return masks and measurements."""
         ...

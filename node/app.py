@@ -15,6 +15,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from algorithms.registry import Registry, select_device
 from node.audit import (
     APPLICATION_ACTIVITY,
@@ -34,7 +36,7 @@ from node.audit import (
     study_event,
 )
 from node.dicomio import configure_pydicom
-from node.errors import AinodeError, ConfigError
+from node.errors import AinodeError, ConfigError, PluginError
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
@@ -48,6 +50,29 @@ from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
+
+
+def check_algorithms(settings: Settings, registry: Registry, where: str) -> None:
+    """Every algorithm a route names exists and accepts the route's parameters.
+
+    Raises
+    ------
+    ConfigError
+        ``FILE: routes[i].algorithms[j]: problem``.
+    """
+    for i, route in enumerate(settings.routes):
+        for j, ref in enumerate(route.algorithms):
+            key = f"{where}: routes[{i}].algorithms[{j}]"
+            try:
+                algorithm = registry.get(ref.name)
+            except PluginError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+            try:
+                algorithm.Params.model_validate(ref.parameters)
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                field = ".".join(str(x) for x in err["loc"])
+                raise ConfigError(f"{key}.parameters.{field}: {err['msg']}") from None
 
 
 class Ingest:
@@ -107,6 +132,7 @@ class Node:
         self.audit = AuditLog.for_data_dir(data_dir, self.store, settings.node.ae_title, syslog)
         self.store.on_tamper = self._tamper_detected
         self.registry = registry or Registry()
+        check_algorithms(settings, self.registry, str(config_path or "configuration"))
         device = select_device()
         self.pipeline = Pipeline(
             Services(settings, self.store, self.index, self.secrets, self.registry, device, audit=self.audit)
@@ -197,9 +223,7 @@ class Node:
             return False
         try:
             new = load_settings(self.config_path)
-            for route in new.routes:
-                for name in route.algorithms:
-                    self.registry.get(name)
+            check_algorithms(new, self.registry, str(self.config_path))
             for section in ("node", "keys"):
                 if getattr(new, section) != getattr(self.settings, section):
                     raise ConfigError(f"{self.config_path}: {section}: changed; this needs a restart")

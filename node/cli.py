@@ -85,14 +85,11 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from algorithms.registry import Registry
+    from node.app import check_algorithms
     from node.settings import load_settings
 
     settings = load_settings(args.file)
-    known = set(Registry().names())
-    for i, route in enumerate(settings.routes):
-        for name in route.algorithms:
-            if name not in known:
-                raise AinodeError(f"{args.file}: routes[{i}].algorithms: no algorithm named {name!r}")
+    check_algorithms(settings, Registry(), args.file)
     print(f"{args.file}: OK ({len(settings.peers)} peer(s), {len(settings.routes)} route(s))")
     return 0
 

@@ -174,3 +174,15 @@ def test_cuda_matches_cpu(ct_volume, result):
     gpu = LungCtDensity().run(ct_volume, "cuda")
     cpu = {(m.segment_label, m.concept[2]): m.value for m in result.measurements}
     assert {(m.segment_label, m.concept[2]): m.value for m in gpu.measurements} == pytest.approx(cpu, rel=1e-4)
+
+
+def test_parameters_change_the_measurement(ct_volume, result):
+    from algorithms.lung_ct_density import LungCtDensityParams
+
+    laxer = LungCtDensity().run(ct_volume, "cpu", LungCtDensityParams(laa_threshold_hu=-900))
+    default = {(m.segment_label, m.concept[2]): m.value for m in result.measurements}
+    changed = {(m.segment_label, m.concept[2]): m.value for m in laxer.measurements}
+    at_900 = changed[("Both lungs", "Percent lung volume at or below -900 HU")]
+    assert at_900 > default[("Both lungs", "Percent lung volume at or below -950 HU")]
+    assert laxer.parameters["laa_threshold_hu"] == "-900"
+    assert {s.property_type[0] for s in laxer.segments} >= {"LAA900"}

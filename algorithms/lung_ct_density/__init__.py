@@ -13,9 +13,12 @@ connected components run in SciPy on the host.
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import numpy as np
 import numpy.typing as npt
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from algorithms.base import (
     AlgorithmResult,
@@ -42,12 +45,24 @@ MORPHOLOGICALLY_ABNORMAL: Code = ("49755003", "SCT", "Morphologically Altered St
 LEFT_LUNG: Code = ("44029006", "SCT", "Left lung")
 RIGHT_LUNG: Code = ("3341006", "SCT", "Right lung")
 LUNGS: Code = ("39607008", "SCT", "Lung")
-LOW_ATTENUATION_AREA: Code = ("LAA950", "99AINODE", "Low attenuation area at or below -950 HU")
+
+
+def low_attenuation_area(threshold_hu: float) -> Code:
+    """Segment type of the low attenuation area at ``threshold_hu`` (private code: none standard)."""
+    return (f"LAA{-threshold_hu:g}", "99AINODE", f"Low attenuation area at or below {threshold_hu:g} HU")
+
+
+def laa_percent(threshold_hu: float) -> Code:
+    """Concept of %LAA at ``threshold_hu`` (e.g. %LAA-950)."""
+    return (f"LAA{-threshold_hu:g}PCT", "99AINODE", f"Percent lung volume at or below {threshold_hu:g} HU")
+
+
+LOW_ATTENUATION_AREA: Code = low_attenuation_area(LAA_THRESHOLD_HU)
 
 VOLUME: Code = ("118565006", "SCT", "Volume")
 ATTENUATION: Code = ("112031", "DCM", "Attenuation Coefficient")
 MEAN: Code = ("373098007", "SCT", "Mean")
-LAA_PERCENT: Code = ("LAA950PCT", "99AINODE", "Percent lung volume at or below -950 HU")
+LAA_PERCENT: Code = laa_percent(LAA_THRESHOLD_HU)
 PERC15: Code = ("PERC15", "99AINODE", "15th percentile of lung density")
 
 ML: Code = ("ml", "UCUM", "milliliter")
@@ -56,21 +71,33 @@ PERCENT: Code = ("%", "UCUM", "percent")
 
 
 def _density_measures(
-    hu: torch.Tensor, mask: npt.NDArray[np.bool_], voxel_ml: float, device: torch.device
+    hu: torch.Tensor, mask: npt.NDArray[np.bool_], voxel_ml: float, device: torch.device, laa_hu: float
 ) -> tuple[float, float, float, float]:
-    """Volume (ml), mean density (HU), %LAA-950 and Perc15 (HU) of the voxels under ``mask``."""
+    """Volume (ml), mean density (HU), %LAA (at ``laa_hu``) and Perc15 (HU) of the voxels under ``mask``."""
     values = hu[torch.from_numpy(mask).to(device)]
     n = values.numel()
     volume_ml = n * voxel_ml
     mean_hu = float(values.mean())
-    laa = float((values <= LAA_THRESHOLD_HU).sum()) * 100.0 / n
+    laa = float((values <= laa_hu).sum()) * 100.0 / n
     # Lower 15th percentile (nearest rank); torch.quantile is limited to 2**24 elements.
     perc15 = float(torch.kthvalue(values, max(1, int(np.ceil(0.15 * n)))).values)
     return volume_ml, mean_hu, laa, perc15
 
 
+class LungCtDensityParams(BaseModel):
+    """What a route may tune (HU thresholds, minimum lung size)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    air_threshold_hu: Annotated[float, Field(ge=-700, le=-200)] = -320.0
+    laa_threshold_hu: Annotated[float, Field(ge=-1000, le=-850)] = LAA_THRESHOLD_HU
+    min_lung_ml: Annotated[float, Field(gt=0, le=2000)] = 200.0
+
+
 class LungCtDensity:
     """The ``lung-ct-density`` plugin (see the module docstring)."""
+
+    Params = LungCtDensityParams
 
     spec = AlgorithmSpec(
         name="lung-ct-density",
@@ -83,7 +110,7 @@ class LungCtDensity:
         resources=Resources(memory_gib=1.5, gpu="optional"),
     )
 
-    def run(self, volume: Volume, device: Device) -> AlgorithmResult:
+    def run(self, volume: Volume, device: Device, params: Any = None) -> AlgorithmResult:
         """Segment the lungs of ``volume`` and measure their density.
 
         Parameters
@@ -92,6 +119,9 @@ class LungCtDensity:
             Chest CT in HU, ``(slices, rows, columns)``, at most 5 mm slices, at least 20 slices.
         device
             ``"cuda"`` or ``"cpu"``: where the density statistics run.
+        params
+            :class:`LungCtDensityParams`, or ``None`` for the defaults (-320 HU air threshold,
+            %LAA at -950 HU, lungs of at least 200 ml).
 
         Returns
         -------
@@ -107,27 +137,32 @@ class LungCtDensity:
             lungs found.
         """
         check_accepts(self.spec, volume)
-        lungs = segment_lungs(volume)
+        p = params if isinstance(params, LungCtDensityParams) else LungCtDensityParams()
+        lungs = segment_lungs(volume, air_threshold_hu=p.air_threshold_hu, min_lung_ml=p.min_lung_ml)
         torch_device = torch.device(device)
         hu = torch.from_numpy(volume.voxels).to(torch_device)
         both = lungs.left | lungs.right
-        laa_mask = both & (volume.voxels <= LAA_THRESHOLD_HU)
+        laa_mask = both & (volume.voxels <= p.laa_threshold_hu)
         measurements: list[Measurement] = []
         for label, mask in (("Left lung", lungs.left), ("Right lung", lungs.right), ("Both lungs", both)):
-            vol, mean, laa, perc15 = _density_measures(hu, mask, volume.voxel_volume_ml, torch_device)
+            vol, mean, laa, perc15 = _density_measures(
+                hu, mask, volume.voxel_volume_ml, torch_device, p.laa_threshold_hu
+            )
             measurements += [
                 Measurement(label, VOLUME, round(vol, 1), ML),
                 Measurement(label, ATTENUATION, round(mean, 1), HU, derivation=MEAN),
-                Measurement(label, LAA_PERCENT, round(laa, 2), PERCENT),
+                Measurement(label, laa_percent(p.laa_threshold_hu), round(laa, 2), PERCENT),
                 Measurement(label, PERC15, round(perc15, 1), HU),
             ]
         segments = [
             Segment("Left lung", lungs.left, ANATOMICAL_STRUCTURE, LEFT_LUNG),
             Segment("Right lung", lungs.right, ANATOMICAL_STRUCTURE, RIGHT_LUNG),
-            Segment("Low attenuation area", laa_mask, MORPHOLOGICALLY_ABNORMAL, LOW_ATTENUATION_AREA),
+            Segment(
+                "Low attenuation area", laa_mask, MORPHOLOGICALLY_ABNORMAL, low_attenuation_area(p.laa_threshold_hu)
+            ),
         ]
         return AlgorithmResult(
             segments=segments,
             measurements=measurements,
-            parameters={"laa_threshold_hu": str(LAA_THRESHOLD_HU), "air_threshold_hu": "-320"},
+            parameters={"laa_threshold_hu": f"{p.laa_threshold_hu:g}", "air_threshold_hu": f"{p.air_threshold_hu:g}"},
         )

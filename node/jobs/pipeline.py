@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
 from pydicom import Dataset
 
 from algorithms.base import Device
@@ -34,11 +35,12 @@ from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
-from node.errors import AinodeError, DeliveryError, QuarantinedError, SeriesRefused
+from node.errors import AinodeError, DeliveryError, PluginError, QuarantinedError, SeriesRefused
 from node.jobs.delivery import deliver
 from node.jobs.volume import load_volume
 from node.results import build_measurement_report, build_segmentation
-from node.routing.router import plan_routes
+from node.routing.router import RoutePlan, plan_routes
+from node.routing.rules import header_of, keywords_of, matches, prepare
 from node.settings.models import Deidentification, Settings
 from node.storage.index import Index, InstanceRow, JobState, StudyState
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
@@ -92,7 +94,7 @@ class Pipeline:
         instances = self.s.index.instances(study_key)
         headers = self._headers(instances)
         plans = plan_routes(self.s.settings, headers, study.calling_ae_title, self.s.settings.node.ae_title)
-        if plans and self.s.clock() - study.last_received_at < max(p.route.completion.quiet_period_s for p in plans):
+        if plans and not self._complete(plans, headers, study.first_received_at, study.last_received_at):
             return []
         if not self.s.index.set_study_state(study_key, StudyState.COMPLETE, expect=StudyState.RECEIVING):
             return []  # a late instance re-opened it meanwhile
@@ -100,7 +102,7 @@ class Pipeline:
             self.s.index.add_job(study_key, study.generation, plan.route.name, algorithm, series_key)
             for plan in plans
             for series_key in plan.series_keys
-            for algorithm in plan.route.algorithms
+            for algorithm in (a.name for a in plan.route.algorithms)
         ]
         if not jobs:
             if plans:
@@ -113,6 +115,25 @@ class Pipeline:
         self.s.index.set_study_state(study_key, StudyState.PROCESSING)
         logger.info("study complete: %d job(s)", len(jobs), extra={"study_key": study_key})
         return jobs
+
+    def _complete(
+        self, plans: list[RoutePlan], headers: dict[str, Dataset], first_received: float, last_received: float
+    ) -> bool:
+        """Whether the matched routes' completion rules hold (quiet period and expected series,
+        or their maximum wait has passed)."""
+        now = self.s.clock()
+        waits = [p.route.completion.max_wait_s for p in plans if p.route.completion.max_wait_s is not None]
+        if waits and now - first_received >= min(waits):
+            return True
+        if now - last_received < max(p.route.completion.quiet_period_s for p in plans):
+            return False
+        for plan in plans:
+            expected = plan.route.completion.expected_series
+            if expected is not None and not any(
+                matches(expected, prepare(header_of(ds, keywords_of(expected), "", ""))) for ds in headers.values()
+            ):
+                return False
+        return True
 
     # -- running ---------------------------------------------------------------------------------
 
@@ -214,7 +235,12 @@ class Pipeline:
         check_accepts(spec, volume)
 
         start = time.perf_counter()
-        result = algorithm.run(volume, self.s.device)
+        ref = next((a for a in route.algorithms if a.name == name), None)
+        try:
+            params = algorithm.Params.model_validate(ref.parameters if ref is not None else {})
+        except ValidationError as exc:
+            raise PluginError(f"parameters of {name} in route {route.name}: {exc.errors()[0]['msg']}") from None
+        result = algorithm.run(volume, self.s.device, params)
         t["algorithm_s"] = time.perf_counter() - start
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
 

@@ -23,6 +23,7 @@ from node.storage.index import Index, JobState, StudyState
 logger = logging.getLogger(__name__)
 
 
+DEFER_S = 1.0
 PRIORITY_RANK = {"stat": 0, "routine": 1, "background": 2}
 
 
@@ -85,12 +86,30 @@ class Scheduler:
         self.index = index
         self.settings = settings
         self.executor = executor
+        self._deferred: dict[str, tuple[float, float]] = {}
 
     @property
     def min_quiet_period_s(self) -> float:
         """Shortest quiet period of any route (a study is looked at no earlier than this)."""
         periods = [r.completion.quiet_period_s for r in self.settings.routes]
         return min(periods) if periods else 60.0
+
+    def _defer(self, study_key: str) -> None:
+        """A study planned too early (quiet period, expected series): look again in a few seconds,
+        or at once when another instance arrives."""
+        study = self.index.study(study_key)
+        if study is not None and study.state == StudyState.RECEIVING:
+            self._deferred[study_key] = (study.last_received_at, time.monotonic() + DEFER_S)
+
+    def _still_deferred(self, study_key: str) -> bool:
+        deferred = self._deferred.get(study_key)
+        if deferred is None:
+            return False
+        study = self.index.study(study_key)
+        if time.monotonic() >= deferred[1] or study is None or study.last_received_at != deferred[0]:
+            del self._deferred[study_key]
+            return False
+        return True
 
     def _priority(self, route_name: str) -> str:
         route = next((r for r in self.settings.routes if r.name == route_name), None)
@@ -117,13 +136,21 @@ class Scheduler:
         for due in self.index.claim_due_jobs(time.time()):
             self.executor.submit(due.id, self._priority(due.route))
             submitted += 1
-        for study_key in self.index.quiet_studies(self.min_quiet_period_s):
+        candidates = self.index.quiet_studies(self.min_quiet_period_s)
+        waits = [r.completion.max_wait_s for r in self.settings.routes if r.completion.max_wait_s is not None]
+        if waits:
+            candidates += [k for k in self.index.receiving_since(time.time() - min(waits)) if k not in candidates]
+        for study_key in candidates:
+            if self._still_deferred(study_key):
+                continue
             try:
                 job_ids = self.pipeline.plan(study_key)
             except Exception:  # one unreadable study must not stop the others
                 logger.exception("planning failed", extra={"study_key": study_key})
                 self.index.set_study_state(study_key, StudyState.FAILED, reason="planning failed")
                 continue
+            if not job_ids:
+                self._defer(study_key)
             for job_id in job_ids:
                 job = self.index.job(job_id)
                 self.executor.submit(job_id, self._priority(job.route if job else ""))

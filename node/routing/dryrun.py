@@ -64,7 +64,7 @@ def dry_run(settings: Settings, paths: Sequence[Path], calling_ae_title: str, sh
                 continue
             lines.append(f"  route {route.name}: MATCH ({route.level} level, priority {route.priority})")
             lines += [f"    {line}" for line in explain_tree(route.match, header)]
-            runs = ", ".join(route.algorithms) or "no algorithm"
+            runs = ", ".join(a.name for a in route.algorithms) or "no algorithm"
             where = []
             for name in route.destinations:
                 dest = settings.destinations[name]

@@ -92,16 +92,40 @@ class FolderDestination(_Model):
 Destination = Annotated[DicomDestination | FolderDestination, Field(discriminator="type")]
 
 
-class Completion(_Model):
-    """When a study counts as complete: no new instance for ``quiet_period_s`` seconds."""
-
-    quiet_period_s: Annotated[float, Field(gt=0)] = 60.0
-
-
 def _parse_match(value: Any) -> Condition:
     if isinstance(value, Test | All | AnyOf | Not):
         return value
     return parse_condition(value)
+
+
+class Completion(_Model):
+    """When a study counts as complete.
+
+    No new instance for ``quiet_period_s`` seconds and, when ``expected_series`` is given, at least
+    one series of the study matching it; but at the latest ``max_wait_s`` after its first instance
+    (a study still trickling in, or one whose expected series never comes, is analysed anyway).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    quiet_period_s: Annotated[float, Field(gt=0)] = 60.0
+    max_wait_s: Annotated[float, Field(gt=0)] | None = None
+    expected_series: Annotated[
+        Condition | None,
+        BeforeValidator(lambda v: None if v is None else _parse_match(v)),
+        WithJsonSchema(CONDITION_JSON_SCHEMA),
+    ] = None
+
+
+class AlgorithmRef(_Model):
+    """An algorithm of a route with the parameters it runs with (checked against its ``Params``)."""
+
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+def _algorithm_ref(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
 
 
 class Route(_Model):
@@ -112,7 +136,7 @@ class Route(_Model):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
     level: Literal["series", "study"] = "series"
     match: Annotated[Condition, BeforeValidator(_parse_match), WithJsonSchema(CONDITION_JSON_SCHEMA)]
-    algorithms: list[str] = []
+    algorithms: list[Annotated[AlgorithmRef, BeforeValidator(_algorithm_ref)]] = []
     destinations: list[str] = []
     completion: Completion = Completion()
     deidentification: str = "default"

@@ -196,6 +196,14 @@ class Index:
             )
             return list(rows)
 
+    def receiving_since(self, first_before: float) -> list[str]:
+        """Keys of studies still receiving whose first instance came before ``first_before``."""
+        with self.session() as s:
+            query = select(StudyRow.study_key).where(
+                StudyRow.state == StudyState.RECEIVING, StudyRow.first_received_at <= first_before
+            )
+            return list(s.scalars(query))
+
     def set_study_state(
         self, study_key: str, state: StudyState, reason: str | None = None, expect: StudyState | None = None
     ) -> bool:

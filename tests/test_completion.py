@@ -1,0 +1,116 @@
+"""Issue 6: per-route study completion (quiet period, expected series, maximum wait) and algorithm
+parameters, on the real CT received through the node's own ingest path (no network)."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+
+from algorithms.registry import Registry
+from node.app import Ingest, check_algorithms
+from node.errors import ConfigError
+from node.jobs.pipeline import Pipeline, Services
+from node.network.scp import ReceivedInstance
+from node.settings.models import Settings
+from node.storage.index import Index, StudyState
+from node.storage.keys import KeyringProvider
+from node.storage.secrets import NodeSecrets
+from node.storage.store import ObjectStore
+
+from .peers import AINODE, CT_SERIES, series_files
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _pipeline(tmp_path: Path, completion: dict) -> tuple[Pipeline, Index, str, Clock]:
+    settings = Settings.model_validate(
+        {
+            "node": {"data_dir": str(tmp_path)},
+            "keys": {"provider": "env"},
+            "peers": [{"ae_title": "STORESCU"}],
+            "routes": [
+                {
+                    "name": "lung",
+                    "match": {"Modality": "CT"},
+                    "algorithms": ["lung-ct-density"],
+                    "completion": completion,
+                }
+            ],
+        }
+    )
+    store = ObjectStore(tmp_path / "store", KeyringProvider([secrets.token_bytes(32)]))
+    index = Index.for_data_dir(tmp_path)
+    node_secrets = NodeSecrets(store)
+    ingest = Ingest(store, index, node_secrets)
+    for path in series_files(CT_SERIES)[:3]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ingest(ReceivedInstance(
+            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+            "1.2.840.10008.1.2", "STORESCU", path.read_bytes(),
+        ))  # fmt: skip
+    (study,) = index.studies()
+    clock = Clock(study.last_received_at)
+    services = Services(settings, store, index, node_secrets, Registry(), "cpu", clock=clock)
+    return Pipeline(services), index, study.study_key, clock
+
+
+def test_quiet_period(tmp_path):
+    pipeline, index, key, clock = _pipeline(tmp_path, {"quiet_period_s": 30})
+    clock.now += 10
+    assert pipeline.plan(key) == [] and index.study(key).state == StudyState.RECEIVING
+    clock.now += 25
+    assert len(pipeline.plan(key)) == 1
+
+
+def test_expected_series_waits_past_the_quiet_period_until_max_wait(tmp_path):
+    completion = {"quiet_period_s": 5, "max_wait_s": 600, "expected_series": {"SeriesDescription": "never sent"}}
+    pipeline, _index, key, clock = _pipeline(tmp_path, completion)
+    clock.now += 60
+    assert pipeline.plan(key) == []  # quiet, but the expected series has not arrived
+    clock.now += 600
+    assert len(pipeline.plan(key)) == 1  # the maximum wait has passed: analysed anyway
+
+
+def test_expected_series_present_completes_after_quiet_period(tmp_path):
+    completion = {"quiet_period_s": 5, "expected_series": {"SeriesDescription": {"regex": "5mm"}}}
+    pipeline, _index, key, clock = _pipeline(tmp_path, completion)
+    clock.now += 6
+    assert len(pipeline.plan(key)) == 1
+
+
+def test_algorithm_parameters_are_validated_against_the_plugin(tmp_path):
+    def settings_with(parameters: dict) -> Settings:
+        route = {
+            "name": "lung",
+            "match": {"Modality": "CT"},
+            "algorithms": [{"name": "lung-ct-density", "parameters": parameters}],
+        }
+        return Settings.model_validate({"keys": {"provider": "env"}, "routes": [route]})
+
+    check_algorithms(settings_with({"laa_threshold_hu": -910}), Registry(), "x.yaml")
+    with pytest.raises(
+        ConfigError, match=r"routes\[0\]\.algorithms\[0\]\.parameters\.air_threshold_hu: Input should be less"
+    ):
+        check_algorithms(settings_with({"air_threshold_hu": 5}), Registry(), "x.yaml")
+    with pytest.raises(ConfigError, match=r"parameters\.colour: Extra inputs are not permitted"):
+        check_algorithms(settings_with({"colour": "red"}), Registry(), "x.yaml")
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump({"keys": {"provider": "env"}, "routes": [
+        {"name": "lung", "match": {"Modality": "CT"}, "algorithms": ["no-such-algorithm"]}]}))  # fmt: skip
+    checked = subprocess.run([AINODE, "config", "check", str(path)], capture_output=True, text=True, check=False)
+    assert (
+        checked.returncode == 2 and "routes[0].algorithms[0]: no algorithm named 'no-such-algorithm'" in checked.stderr
+    )
