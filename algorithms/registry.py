@@ -86,6 +86,13 @@ class Registry:
         self._loaded[name] = algorithm
         return algorithm
 
+    def entry_point(self, name: str) -> str:
+        """``module:attribute`` of the algorithm ``name`` (to load it in another process)."""
+        ep = self._entry_points.get(name)
+        if ep is None:
+            raise PluginError(f"no algorithm named {name!r}")
+        return str(ep.value)
+
     def specs(self) -> list[AlgorithmSpec]:
         """Specs of every algorithm that loads (failures are logged and skipped)."""
         out = []

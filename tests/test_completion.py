@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import secrets
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
 import pytest
 import yaml
 
+from algorithms.base import NoParams
+from algorithms.lung_ct_density import LungCtDensityParams
 from algorithms.registry import Registry
 from node.app import Ingest, check_algorithms
-from node.errors import ConfigError
+from node.errors import ConfigError, PluginError, SeriesRefused
+from node.jobs.isolation import run_isolated
 from node.jobs.pipeline import Pipeline, Services
+from node.jobs.volume import load_volume
 from node.network.scp import ReceivedInstance
 from node.settings.models import Settings
 from node.storage.index import Index, StudyState
@@ -114,3 +119,21 @@ def test_algorithm_parameters_are_validated_against_the_plugin(tmp_path):
     assert (
         checked.returncode == 2 and "routes[0].algorithms[0]: no algorithm named 'no-such-algorithm'" in checked.stderr
     )
+
+
+def test_misbehaving_plugins_fail_their_job_not_the_node():
+    volume, _ = load_volume([pydicom.dcmread(p) for p in series_files(CT_SERIES)])
+    none = NoParams()
+    with pytest.raises(PluginError, match="algorithm raised ValueError: the model file is corrupt"):
+        run_isolated("tests.plugins:Raises", volume, "cpu", none, 60)
+    with pytest.raises(PluginError, match=r"algorithm process died \(exit code 137"):
+        run_isolated("tests.plugins:Crashes", volume, "cpu", none, 60)
+    with pytest.raises(PluginError, match="ran past its timeout of 2 s"):
+        run_isolated("tests.plugins:Hangs", volume, "cpu", none, 2)
+    # this process is unharmed; the real algorithm runs in its own child, refusals come back as such
+    lung = "algorithms.lung_ct_density:LungCtDensity"
+    result = run_isolated(lung, volume, "cpu", LungCtDensityParams(), 120)
+    assert {s.label for s in result.segments} == {"Left lung", "Right lung", "Low attenuation area"}
+    assert result.segments[0].mask.shape == volume.voxels.shape and result.segments[0].mask.any()
+    with pytest.raises(SeriesRefused, match="modality 'MR'"):
+        run_isolated(lung, replace(volume, modality="MR"), "cpu", LungCtDensityParams(), 60)

@@ -37,6 +37,7 @@ from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
 from node.errors import AinodeError, DeliveryError, PluginError, QuarantinedError, SeriesRefused
 from node.jobs.delivery import deliver
+from node.jobs.isolation import run_isolated
 from node.jobs.volume import load_volume
 from node.results import build_measurement_report, build_segmentation
 from node.routing.router import RoutePlan, plan_routes
@@ -240,7 +241,8 @@ class Pipeline:
             params = algorithm.Params.model_validate(ref.parameters if ref is not None else {})
         except ValidationError as exc:
             raise PluginError(f"parameters of {name} in route {route.name}: {exc.errors()[0]['msg']}") from None
-        result = algorithm.run(volume, self.s.device, params)
+        timeout = settings.node.algorithm_timeout_s
+        result = run_isolated(self.s.registry.entry_point(name), volume, self.s.device, params, timeout)
         t["algorithm_s"] = time.perf_counter() - start
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
 

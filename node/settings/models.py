@@ -44,6 +44,7 @@ class NodeSettings(_Model):
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
+    algorithm_timeout_s: Annotated[float, Field(gt=0)] = 900.0
     tls: TLSSettings | None = None
 
 
