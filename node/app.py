@@ -37,6 +37,7 @@ from node.audit import (
 )
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError, ConfigError, PluginError
+from node.jobs.isolation import warm_up
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
@@ -190,6 +191,7 @@ class Node:
     def start(self) -> None:
         """Resume unfinished work, start the scheduler thread and listen for associations."""
         self._application(APPLICATION_START)
+        threading.Thread(target=warm_up, name="ainode-warm-up", daemon=True).start()
         if self.config_path is not None:
             digest = config_digest(self.config_path)
             self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration in force: sha256 {digest}"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import multiprocessing.connection
+from multiprocessing import forkserver
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -23,6 +24,11 @@ from node.errors import PluginError, SeriesRefused
 _PRELOAD = ["numpy", "scipy.ndimage", "torch", "algorithms.registry", "algorithms.lung_ct_density"]
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(_PRELOAD)
+
+
+def warm_up() -> None:
+    """Start the forkserver (and its imports) now, so the first study does not wait for it."""
+    forkserver.ensure_running()
 
 
 def _child(
