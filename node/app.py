@@ -36,7 +36,7 @@ from node.audit import (
     study_event,
 )
 from node.dicomio import configure_pydicom
-from node.errors import AinodeError, ConfigError, PluginError
+from node.errors import AinodeError, ConfigError, OutOfResourcesError, PluginError
 from node.jobs.isolation import warm_up
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
@@ -45,7 +45,7 @@ from node.network.scp import PeerRule, ReceivedInstance, StorageSCP
 from node.network.tls import server_context
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
-from node.storage.index import Index, InstanceRow
+from node.storage.index import Index, InstanceRow, JobState
 from node.storage.keys import load_key_provider
 from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore
@@ -84,15 +84,36 @@ class Ingest:
     when the association ends.
     """
 
-    def __init__(self, store: ObjectStore, index: Index, secrets: NodeSecrets) -> None:
+    def __init__(self, store: ObjectStore, index: Index, secrets: NodeSecrets, max_queued_jobs: int = 1000) -> None:
         self.store = store
         self.index = index
         self.secrets = secrets
+        self.max_queued_jobs = max_queued_jobs
+        self._backlog_checked = 0.0
+        self._backlog_full = False
         self._received: dict[int, Counter[str]] = defaultdict(Counter)
         self._lock = threading.Lock()
 
+    def _check_backlog(self) -> None:
+        now = time.monotonic()
+        if now - self._backlog_checked > 1.0:  # a count query at most once a second
+            self._backlog_checked = now
+            self._backlog_full = self.index.count_jobs(JobState.PENDING) >= self.max_queued_jobs
+        if self._backlog_full:
+            raise OutOfResourcesError(f"{self.max_queued_jobs} jobs are waiting; refusing new instances for now")
+
     def __call__(self, instance: ReceivedInstance) -> None:
-        """Store ``instance``; raises :class:`~node.errors.StorageError` subclasses on failure."""
+        """Store ``instance``.
+
+        Raises
+        ------
+        OutOfResourcesError
+            The disk watermark is reached or too many jobs are waiting (DIMSE 0xA700, so the
+            sender keeps the instance and retries later).
+        StorageError
+            The instance could not be written.
+        """
+        self._check_backlog()
         object_id = self.store.put(instance.encoded)
         key = self.secrets.index_key
         row = InstanceRow(
@@ -141,7 +162,7 @@ class Node:
         self.executor = InProcessExecutor(self.pipeline.run_job, workers=1)
         self.scheduler = Scheduler(self.pipeline, self.index, settings, self.executor)
         n = settings.node
-        self.ingest = Ingest(self.store, self.index, self.secrets)
+        self.ingest = Ingest(self.store, self.index, self.secrets, n.max_queued_jobs)
         rules = [PeerRule(p.ae_title, tuple(p.source_addresses), p.certificate_subject) for p in settings.peers]
         self.scp = StorageSCP(
             n.ae_title,

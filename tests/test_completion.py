@@ -137,3 +137,23 @@ def test_misbehaving_plugins_fail_their_job_not_the_node():
     assert result.segments[0].mask.shape == volume.voxels.shape and result.segments[0].mask.any()
     with pytest.raises(SeriesRefused, match="modality 'MR'"):
         run_isolated(lung, replace(volume, modality="MR"), "cpu", LungCtDensityParams(), 60)
+
+
+def test_backlog_cap_refuses_new_instances_with_out_of_resources(tmp_path):
+    from node.errors import OutOfResourcesError
+    from node.network.status import StoreStatus, status_for
+
+    pipeline, index, key, clock = _pipeline(tmp_path, {"quiet_period_s": 1})
+    clock.now += 5
+    assert len(pipeline.plan(key)) == 1  # one pending job
+    ingest = Ingest(pipeline.s.store, index, pipeline.s.secrets, max_queued_jobs=1)
+    path = series_files(CT_SERIES)[10]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    received = ReceivedInstance(
+        str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+        "1.2.840.10008.1.2", "STORESCU", path.read_bytes(),
+    )  # fmt: skip
+    with pytest.raises(OutOfResourcesError) as refused:
+        ingest(received)
+    assert status_for(refused.value) == StoreStatus.OUT_OF_RESOURCES  # 0xA700: the sender retries later
+    assert len(index.instances(key)) == 3  # nothing stored

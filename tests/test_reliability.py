@@ -187,3 +187,31 @@ def test_eight_concurrent_senders_all_delivered(tmp_path, start_node):
     assert listing.count(f"{len(studies[0]):>5} instance(s)") == 8
     assert len(list(results.rglob("*.dcm"))) == 16  # a SEG and an SR for each study
     assert node.proc is not None and node.proc.poll() is None
+
+
+def test_sigterm_finishes_the_running_job_and_kill_9_before_delivery_resumes(tmp_path, start_node):
+    """SIGTERM while the algorithm runs: no new associations, the job finishes (results built and
+    their delivery attempted), the node exits. kill -9 while results wait for a PACS that is down:
+    after restart they reach the PACS once."""
+    node, dicom_port, http_port = _setup(tmp_path, start_node, max_attempts=20)
+    wait_until(lambda: _job(node).get("state") == "running", 120, 0.1)
+    assert node.proc is not None
+    node.proc.send_signal(__import__("signal").SIGTERM)
+    assert node.proc.wait(timeout=120) == 0
+    job = _job(node)
+    assert job["results"] and job["state"] == "pending"  # built, delivery waiting for the PACS
+    assert "retrying in" in job["reason"]
+
+    node = start_node(node.config_path, __import__("yaml").safe_load(node.config_path.read_text()))
+    wait_until(lambda: _job(node).get("attempts", 0) >= 2, 120)
+    node.kill()  # results built, not yet delivered
+    pacs = start_orthanc(tmp_path / "orthanc", "AINODE", node.port, dicom_port, http_port)
+    try:
+        node = start_node(node.config_path, __import__("yaml").safe_load(node.config_path.read_text()))
+        wait_until(lambda: _job(node).get("state") == "delivered", 120)
+        (study,) = pacs.rest("GET", "/studies")
+        series = pacs.rest("GET", f"/studies/{study}/series")
+        assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["SEG", "SR"]
+        assert all(len(s["Instances"]) == 1 for s in series)
+    finally:
+        pacs.stop()

@@ -34,7 +34,7 @@ routes:
 
 def test_example_config_is_valid():
     settings = load_settings(ROOT / "config" / "ainode.example.yaml")
-    assert settings.routes[0].algorithms == ["lung-ct-density"]
+    assert [a.name for a in settings.routes[0].algorithms] == ["lung-ct-density"]
 
 
 def test_valid_minimal(tmp_path):

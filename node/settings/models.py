@@ -45,6 +45,7 @@ class NodeSettings(_Model):
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024
     algorithm_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    max_queued_jobs: Annotated[int, Field(ge=1)] = 1000
     tls: TLSSettings | None = None
 
 

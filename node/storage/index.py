@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event, select, update
+from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -294,6 +294,11 @@ class Index:
             for job in jobs:
                 job.next_attempt_at = None
             return jobs
+
+    def count_jobs(self, state: JobState) -> int:
+        """How many jobs are in ``state``."""
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state == state)) or 0)
 
     def job(self, job_id: int) -> JobRow | None:
         """The job row, or ``None``."""

@@ -1,0 +1,153 @@
+"""Ingest: DCMTK storescu -> (a) DCMTK storescp writing files, (b) Orthanc, (c) ainode (encrypted,
+fsync'd), measured side by side in one run.
+
+A 300-slice series is generated from the chest CT by repeating its slices with new UIDs. Runs are
+interleaved (a, b, c, a, b, c, ...) with a fresh, empty receiver each time; TCP_NODELAY is set on
+every sender and receiver. Reported per receiver (medians): MB/s and instances/s on one
+association, the same with 4 concurrent associations, and associations per second when every
+instance comes on its own association. Prints a table and writes ``bench/results/ingest.json``.
+
+Usage: ``python bench/ingest.py [--runs 3] [--slices 300]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import write_report  # noqa: E402
+from tests.peers import (  # noqa: E402
+    CT_SERIES,
+    TOOL_ENV,
+    free_port,
+    make_studies,
+    node_config,
+    start_node_process,
+    start_orthanc,
+    wait_for_port,
+)
+
+Receiver = Callable[[Path], tuple[int, str, Callable[[], None]]]  # work dir -> (port, called AE, stop)
+
+
+def storescp(work: Path) -> tuple[int, str, Callable[[], None]]:
+    port = free_port()
+    out = work / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen(
+        ["storescp", "-od", str(out), "+xa", "-pdu", "131072", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=TOOL_ENV,
+    )  # fmt: skip
+    wait_for_port(port, 30, proc)  # type: ignore[arg-type]
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(30)
+
+    return port, "STORESCP", stop
+
+
+def orthanc(work: Path) -> tuple[int, str, Callable[[], None]]:
+    pacs = start_orthanc(work / "orthanc", "AINODE", 1)
+    return pacs.dicom_port, "PACS", pacs.stop
+
+
+def ainode(work: Path) -> tuple[int, str, Callable[[], None]]:
+    config_path, config = node_config(work, peers=[{"ae_title": "STORESCU"}], destinations={}, routes=[])
+    key = {"AINODE_TEST_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
+    node = start_node_process(config_path, config, key, work / "node.log")
+    return node.port, "AINODE", node.stop
+
+
+RECEIVERS: dict[str, Receiver] = {"storescp": storescp, "orthanc": orthanc, "ainode": ainode}
+
+
+def send(port: int, called: str, files: list[Path], per_file: bool = False) -> None:
+    base = ["storescu", "-aet", "STORESCU", "-aec", called, "-pdu", "131072", "127.0.0.1", str(port)]
+    if per_file:
+        for f in files:
+            subprocess.run([*base, str(f)], check=True, capture_output=True, env=TOOL_ENV)
+    else:
+        subprocess.run([*base, *map(str, files)], check=True, capture_output=True, env=TOOL_ENV)
+
+
+def measure(name: str, files: list[Path], one_per_assoc: list[Path], megabytes: float) -> dict[str, float]:
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix=f"ainode-ingest-{name}-") as tmp:
+        port, called, stop = RECEIVERS[name](Path(tmp))
+        try:
+            start = time.perf_counter()
+            send(port, called, files)
+            seconds = time.perf_counter() - start
+            figures["one_association_mb_s"] = megabytes / seconds
+            figures["one_association_inst_s"] = len(files) / seconds
+        finally:
+            stop()
+    with tempfile.TemporaryDirectory(prefix=f"ainode-ingest-{name}-") as tmp:
+        port, called, stop = RECEIVERS[name](Path(tmp))
+        try:
+            quarters = [files[i::4] for i in range(4)]
+            start = time.perf_counter()
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(lambda part: send(port, called, part), quarters))
+            figures["four_associations_mb_s"] = megabytes / (time.perf_counter() - start)
+            start = time.perf_counter()
+            send(port, called, one_per_assoc, per_file=True)
+            figures["associations_per_s"] = len(one_per_assoc) / (time.perf_counter() - start)
+        finally:
+            stop()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ainode-ingest-data-"))
+    try:
+        copies = -(-args.slices // 64)
+        files = [f for study in make_studies(CT_SERIES, copies, work) for f in study][: args.slices]
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        one_per_assoc = files[:40]
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in RECEIVERS}
+        for run in range(args.runs):
+            for name in RECEIVERS:  # interleaved
+                runs[name].append(measure(name, files, one_per_assoc, megabytes))
+                print(f"run {run + 1}: {name} {runs[name][-1]['one_association_mb_s']:.0f} MB/s", file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    keys = list(runs["ainode"][0])
+    medians = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
+    ratios = {
+        "ainode_over_storescp": medians["ainode"]["one_association_mb_s"] / medians["storescp"]["one_association_mb_s"],
+        "ainode_over_orthanc": medians["ainode"]["one_association_mb_s"] / medians["orthanc"]["one_association_mb_s"],
+    }
+    print(f"\n{args.slices} CT instances, {megabytes:.1f} MB; medians of {args.runs} interleaved runs")
+    print(f"{'receiver':<10}" + "".join(f"{k:>26}" for k in keys))
+    for name, m in medians.items():
+        print(f"{name:<10}" + "".join(f"{m[k]:>26.1f}" for k in keys))
+    print("ratios (one association):", ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    write_report(
+        args.out, "ingest", instances=args.slices, megabytes=megabytes, cpus=os.cpu_count(),
+        median=medians, ratios=ratios, runs=runs,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
