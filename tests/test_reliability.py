@@ -215,3 +215,27 @@ def test_sigterm_finishes_the_running_job_and_kill_9_before_delivery_resumes(tmp
         assert all(len(s["Instances"]) == 1 for s in series)
     finally:
         pacs.stop()
+
+
+def test_one_study_over_four_concurrent_associations(tmp_path, start_node):
+    """A PACS may send one study on several associations at once: every instance is acknowledged,
+    the node sees one study, and the results are built once."""
+    config_path, config, results = folder_node_config(tmp_path)
+    node = start_node(config_path, config)
+    files = series_files(CT_SERIES)
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files[i::4])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=TOOL_ENV,
+        )
+        for i in range(4)
+    ]
+    for sender in senders:
+        _out, err = sender.communicate(timeout=120)
+        assert sender.returncode == 0, err[-2000:]
+    listing = wait_until(lambda: (out := node.cli("studies", "list").stdout) and "done" in out and out, 180)
+    assert len(listing.strip().splitlines()) == 1 and f"{len(files):>5} instance(s)" in listing
+    assert len(list(results.rglob("*.dcm"))) == 2

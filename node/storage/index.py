@@ -26,9 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event, func, select, update
+from sqlalchemy import Float, ForeignKey, Integer, String, Text, case, create_engine, event, func, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from node.errors import StorageError
 
 
 class StudyState(enum.StrEnum):
@@ -153,34 +156,60 @@ class Index:
     def add_instance(self, row: InstanceRow, calling_ae_title: str) -> bool:
         """Index a stored instance and touch its study; a late instance re-opens the study.
 
-        Returns ``False`` (and changes nothing) when the SOP instance is already indexed.
+        Returns ``False`` (and changes nothing) when the SOP instance is already indexed. Several
+        associations may deliver one study at the same moment: when two create the study (or the
+        same instance) at once, the loser retries and finds the winner's row.
+
+        Raises
+        ------
+        StorageError
+            The index could not record the instance.
         """
+        for _attempt in range(3):
+            try:
+                return self._add_instance(row, calling_ae_title)
+            except IntegrityError:
+                continue  # a concurrent association inserted the same study or instance first
+        raise StorageError("index: could not record the instance after concurrent updates")
+
+    def _add_instance(self, row: InstanceRow, calling_ae_title: str) -> bool:
         now = row.received_at
         with self.session() as s:
             existing = s.scalar(select(InstanceRow).where(InstanceRow.sop_key == row.sop_key))
             if existing is not None:
                 s.execute(update(StudyRow).where(StudyRow.study_key == row.study_key).values(last_received_at=now))
                 return False
-            study = s.get(StudyRow, row.study_key)
-            if study is None:
-                study = StudyRow(
-                    study_key=row.study_key,
-                    state=StudyState.RECEIVING,
-                    calling_ae_title=calling_ae_title,
-                    first_received_at=now,
-                    last_received_at=now,
-                    instance_count=0,
-                    generation=1,
+            if s.get(StudyRow, row.study_key) is None:
+                s.add(
+                    StudyRow(
+                        study_key=row.study_key,
+                        state=StudyState.RECEIVING,
+                        calling_ae_title=calling_ae_title,
+                        first_received_at=now,
+                        last_received_at=now,
+                        instance_count=0,
+                        generation=1,
+                        updated_at=now,
+                    )
+                )
+                s.flush()
+            this_study = StudyRow.study_key == row.study_key
+            # single statements, not read-modify-write: other associations update the same row
+            s.execute(
+                update(StudyRow)
+                .where(this_study, StudyRow.state != StudyState.RECEIVING)
+                .values(state=StudyState.RECEIVING, generation=StudyRow.generation + 1)
+            )
+            s.execute(
+                update(StudyRow)
+                .where(this_study)
+                .values(
+                    instance_count=StudyRow.instance_count + 1,
+                    last_received_at=case((StudyRow.last_received_at < now, now), else_=StudyRow.last_received_at),
                     updated_at=now,
                 )
-                s.add(study)
-            elif study.state != StudyState.RECEIVING:
-                study.state = StudyState.RECEIVING
-                study.generation += 1
-            study.instance_count += 1
-            study.last_received_at = now
-            study.updated_at = now
-            s.add(row)
+            )
+            s.add(InstanceRow(**{c.name: getattr(row, c.name) for c in InstanceRow.__table__.columns}))
         return True
 
     # -- scheduling ----------------------------------------------------------------------------
