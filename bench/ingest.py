@@ -117,6 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--receivers", nargs="+", choices=list(RECEIVERS), default=list(RECEIVERS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ainode-ingest-data-"))
@@ -125,9 +126,9 @@ def main() -> None:
         files = [f for study in make_studies(CT_SERIES, copies, work) for f in study][: args.slices]
         megabytes = sum(f.stat().st_size for f in files) / 1e6
         one_per_assoc = files[:40]
-        runs: dict[str, list[dict[str, float]]] = {name: [] for name in RECEIVERS}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.receivers}
         for run in range(args.runs):
-            for name in RECEIVERS:  # interleaved
+            for name in args.receivers:  # interleaved
                 runs[name].append(measure(name, files, one_per_assoc, megabytes))
                 print(f"run {run + 1}: {name} {runs[name][-1]['one_association_mb_s']:.0f} MB/s", file=sys.stderr)
     finally:
@@ -135,8 +136,9 @@ def main() -> None:
     keys = list(runs["ainode"][0])
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
     ratios = {
-        "ainode_over_storescp": medians["ainode"]["one_association_mb_s"] / medians["storescp"]["one_association_mb_s"],
-        "ainode_over_orthanc": medians["ainode"]["one_association_mb_s"] / medians["orthanc"]["one_association_mb_s"],
+        f"ainode_over_{other}": medians["ainode"]["one_association_mb_s"] / medians[other]["one_association_mb_s"]
+        for other in ("storescp", "orthanc")
+        if "ainode" in medians and other in medians
     }
     print(f"\n{args.slices} CT instances, {megabytes:.1f} MB; medians of {args.runs} interleaved runs")
     print(f"{'receiver':<10}" + "".join(f"{k:>26}" for k in keys))

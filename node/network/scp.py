@@ -8,6 +8,7 @@ and durably and indexes them, then answer. Everything else happens later in jobs
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import socket
@@ -17,6 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -101,6 +105,17 @@ SecurityCallback = Callable[[str, str, str], None]
 """Told (calling AE title, source address, reason) about every refused association or TLS handshake."""
 ReleaseCallback = Callable[[int, str, str], None]
 """Told (association id, calling AE title, source address) when an association ends."""
+
+
+_HEADER_TAGS = [Tag("SOPClassUID"), Tag("SOPInstanceUID"), Tag("StudyInstanceUID"), Tag("SeriesInstanceUID")]
+
+
+def _header(encoded: bytes) -> Dataset:
+    """The four UIDs the SCP checks, parsed from the PS3.10 bytes without touching pixel data."""
+    try:
+        return dcmread(io.BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidInstanceError(f"data set cannot be parsed: {type(exc).__name__}") from None
 
 
 @dataclass(frozen=True)
@@ -233,7 +248,8 @@ class StorageSCP:
         calling = event.assoc.requestor.ae_title.strip()
         try:
             request = cast(C_STORE, event.request)
-            ds = event.dataset
+            encoded = event.encoded_dataset(include_meta=True)
+            ds = _header(encoded)
             sop_instance_uid = _uid(getattr(ds, "SOPInstanceUID", None), "SOP Instance UID")
             if sop_instance_uid != str(request.AffectedSOPInstanceUID):
                 raise InvalidInstanceError("SOP Instance UID differs from the C-STORE request's")
@@ -248,7 +264,7 @@ class StorageSCP:
                 sop_class_uid=sop_class_uid,
                 transfer_syntax_uid=str(event.context.transfer_syntax),
                 calling_ae_title=calling,
-                encoded=event.encoded_dataset(include_meta=True),
+                encoded=encoded,
                 association_id=id(event.assoc),
             )
             self.on_store(instance)
