@@ -57,12 +57,9 @@ def laa_percent(threshold_hu: float) -> Code:
     return (f"LAA{-threshold_hu:g}PCT", "99AINODE", f"Percent lung volume at or below {threshold_hu:g} HU")
 
 
-LOW_ATTENUATION_AREA: Code = low_attenuation_area(LAA_THRESHOLD_HU)
-
 VOLUME: Code = ("118565006", "SCT", "Volume")
 ATTENUATION: Code = ("112031", "DCM", "Attenuation Coefficient")
 MEAN: Code = ("373098007", "SCT", "Mean")
-LAA_PERCENT: Code = laa_percent(LAA_THRESHOLD_HU)
 PERC15: Code = ("PERC15", "99AINODE", "15th percentile of lung density")
 
 ML: Code = ("ml", "UCUM", "milliliter")

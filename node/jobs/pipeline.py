@@ -14,7 +14,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
@@ -64,7 +64,6 @@ class Services:
     registry: Registry
     device: Device
     clock: Callable[[], float] = time.time
-    on_job_done: Callable[[int, str], None] | None = field(default=None)
     audit: AuditLog | None = None
 
 
@@ -185,8 +184,6 @@ class Pipeline:
             self.s.index.update_job(job_id, state=state, reason=f"internal error: {type(exc).__name__}")
             logger.exception("job failed with an internal error", extra=extra)
         self._finish_study(job.study_key)
-        if self.s.on_job_done is not None:
-            self.s.on_job_done(job_id, state)
         return state
 
     def _retry_or_dead_letter(self, job_id: int, attempts: int, reason: str, timings: dict[str, float]) -> str:

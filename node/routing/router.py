@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from pydicom import Dataset
 
-from node.routing.rules import Decision, evaluate, header_of, keywords_of, matches, prepare
+from node.routing.rules import header_of, keywords_of, matches, prepare
 from node.settings.models import Route, Settings
 
 
@@ -23,11 +22,6 @@ class RoutePlan:
 
     route: Route
     series_keys: tuple[str, ...]
-
-
-def explain(settings: Settings, header: Mapping[str, Any]) -> list[tuple[Route, Decision]]:
-    """Every route in order with its decision for one series header (for dry runs)."""
-    return [(route, evaluate(route.match, header)) for route in settings.routes]
 
 
 def plan_routes(
