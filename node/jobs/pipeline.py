@@ -151,7 +151,9 @@ class Pipeline:
         for ds in datasets:
             mapping.add(deid(ds).uid_map)
         map_id = self.s.store.put(mapping.to_bytes())
-        self.s.index.set_map_object(study_key, map_id)
+        replaced = self.s.index.set_map_object(study_key, map_id)
+        if replaced is not None:
+            self.s.store.delete(replaced)
         return datasets, mapping
 
     def run_job(self, job_id: int) -> str:

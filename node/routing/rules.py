@@ -211,35 +211,6 @@ def _values(raw: Any) -> list[Any]:
     return [raw]
 
 
-def _test(test: Test, header: Mapping[str, Any]) -> bool:
-    values = _values(header.get(test.keyword))
-    op = test.op
-    if op == "exists":
-        return bool(values) == test.operand
-    if not values:
-        return op == "ne"
-    if op in ("lt", "le", "gt", "ge"):
-        try:
-            number = float(values[0])
-        except (TypeError, ValueError):
-            return False
-        bound: float = test.operand
-        return {"lt": number < bound, "le": number <= bound, "gt": number > bound, "ge": number >= bound}[op]
-    texts = [str(v).strip() for v in values]
-    if op == "regex":
-        assert test.pattern is not None
-        return any(test.pattern.search(t) for t in texts)
-    if test.ignore_case:
-        texts = [t.casefold() for t in texts]
-    if op == "eq":
-        return test.operand in texts
-    if op == "ne":
-        return test.operand not in texts
-    if op == "in":
-        return any(t in test.operand for t in texts)
-    return any(test.operand in t for t in texts)  # contains
-
-
 @dataclass(frozen=True)
 class _Value:
     texts: tuple[str, ...]
@@ -321,26 +292,33 @@ def matches(condition: Condition, header: Mapping[str, _Value]) -> bool:
 def evaluate(condition: Condition, header: Mapping[str, Any]) -> Decision:
     """Evaluate ``condition`` on ``header`` (keyword -> value; AE titles under their own keys).
 
+    The same operator semantics as :func:`matches` (the header is prepared once), plus which test
+    decided the outcome, for dry runs and logs.
+
     Returns
     -------
     Decision
         Whether it matched, and the test (tag name and operator, never a value) that decided it.
     """
+    return _decide(condition, prepare(header))
+
+
+def _decide(condition: Condition, header: Mapping[str, _Value]) -> Decision:
     if isinstance(condition, Test):
-        return Decision(_test(condition, header), condition.describe())
+        return Decision(_test_prepared(condition, header), condition.describe())
     if isinstance(condition, Not):
-        inner = evaluate(condition.condition, header)
+        inner = _decide(condition.condition, header)
         return Decision(not inner.matched, f"not ({inner.decided_by})")
     if isinstance(condition, All):
         decision = Decision(True, "all")
         for sub in condition.conditions:
-            decision = evaluate(sub, header)
+            decision = _decide(sub, header)
             if not decision.matched:
                 return decision
         return decision
     decision = Decision(False, "any")
     for sub in condition.conditions:
-        decision = evaluate(sub, header)
+        decision = _decide(sub, header)
         if decision.matched:
             return decision
     return decision

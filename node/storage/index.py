@@ -263,10 +263,15 @@ class Index:
             query = select(InstanceRow).where(InstanceRow.study_key == study_key).order_by(InstanceRow.received_at)
             return list(s.scalars(query))
 
-    def set_map_object(self, study_key: str, object_id: str) -> None:
-        """Record the encrypted pseudonym map of a study."""
+    def set_map_object(self, study_key: str, object_id: str) -> str | None:
+        """Record the encrypted pseudonym map of a study; returns the id of the map it replaces
+        (the caller deletes that object, so re-analyses leave no orphan maps in the store)."""
         with self.session() as s:
-            s.execute(update(StudyRow).where(StudyRow.study_key == study_key).values(map_object_id=object_id))
+            study = s.get(StudyRow, study_key)
+            if study is None:
+                return None
+            previous, study.map_object_id = study.map_object_id, object_id
+            return previous if previous != object_id else None
 
     def delete_study(self, study_key: str) -> list[str]:
         """Remove a study, its instances and jobs from the index; return every object id they named
