@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 import time
+import warnings
+from typing import Any, TextIO
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -30,8 +32,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _log_warning(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+    line: str | None = None, **_: Any,
+) -> None:  # fmt: skip
+    """Log a library warning by category and place only: the text of pydicom's and highdicom's
+    warnings quotes data element values (a Patient's Name, a UID), which must not reach a log."""
+    logging.getLogger("py.warnings").warning(
+        "library warning (text withheld)", extra={"category": category.__name__, "source": f"{filename}:{lineno}"}
+    )
+
+
 def configure(level: str = "INFO") -> None:
-    """Send every log record to standard error as JSON lines."""
+    """Send every log record to standard error as JSON lines; library warnings are logged without
+    their text."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
@@ -40,3 +54,4 @@ def configure(level: str = "INFO") -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.showwarning = _log_warning

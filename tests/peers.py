@@ -206,7 +206,12 @@ class Orthanc:
 
 
 def start_orthanc(
-    root: Path, node_ae_title: str, node_port: int, dicom_port: int | None = None, http_port: int | None = None
+    root: Path,
+    node_ae_title: str,
+    node_port: int,
+    dicom_port: int | None = None,
+    http_port: int | None = None,
+    lua_scripts: list[Path] | None = None,
 ) -> Orthanc:
     """Start Orthanc in ``root`` knowing ainode as modality ``ainode`` at ``node_port``."""
     root.mkdir(parents=True, exist_ok=True)
@@ -224,6 +229,7 @@ def start_orthanc(
         "DicomCheckCalledAet": False,
         "DicomModalities": {"ainode": {"AET": node_ae_title, "Host": "127.0.0.1", "Port": node_port}},
         "Plugins": [],
+        "LuaScripts": [str(p) for p in lua_scripts or []],
     }
     (root / "orthanc.json").write_text(json.dumps(config))
     log = open(root / "orthanc.log", "wb")  # noqa: SIM115 - closed with the process

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pydicom
+
 import pytest
 
 from .peers import (
+    CT_PATIENT_NAME,
     CT_SERIES,
     DATA,
     LUNG_ROUTE,
+    ROOT,
     TOOL_ENV,
     folder_node_config,
     free_port,
@@ -20,6 +24,7 @@ from .peers import (
     series_files,
     start_orthanc,
     storescu,
+    dciodvfy,
     wait_until,
 )
 
@@ -239,3 +244,73 @@ def test_one_study_over_four_concurrent_associations(tmp_path, start_node):
     listing = wait_until(lambda: (out := node.cli("studies", "list").stdout) and "done" in out and out, 180)
     assert len(listing.strip().splitlines()) == 1 and f"{len(files):>5} instance(s)" in listing
     assert len(list(results.rglob("*.dcm"))) == 2
+
+
+def test_a_late_burst_supersedes_the_first_analysis(tmp_path, start_node):
+    """Two bursts separated by more than the quiet period: the first is analysed and delivered; the
+    late burst re-opens the study, the whole series is analysed again, and the first results are
+    withdrawn with an IOCM Rejection Note, which Orthanc acts on through deploy/orthanc's script.
+    The PACS ends with one study holding only the superseding SEG and SR (and the note)."""
+    node_port = free_port()
+    pacs = start_orthanc(
+        tmp_path / "orthanc", "AINODE", node_port, lua_scripts=[ROOT / "deploy" / "orthanc" / "iocm-rejection.lua"]
+    )
+    try:
+        config_path, config = node_config(
+            tmp_path,
+            port=node_port,
+            peers=[{"ae_title": "STORESCU"}, {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
+            destinations={
+                "pacs": {"type": "dicom", "peer": "PACS"},
+                "folder": {"type": "folder", "path": str(tmp_path / "results")},
+            },
+            routes=[{**LUNG_ROUTE, "destinations": ["pacs", "folder"], "completion": {"quiet_period_s": 2.0}}],
+        )
+        node = start_node(config_path, config)
+        files = sorted(
+            series_files(CT_SERIES),
+            key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]),
+        )
+        assert storescu(node.port, files[:40]).returncode == 0  # first burst: the upper 40 slices
+        wait_until(lambda: '"state": "delivered"' in node.cli("jobs", "show", "1").stdout, 180)
+        first = {i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.rest("GET", "/instances?expand")}
+        assert len(first) == 2
+
+        assert storescu(node.port, files[40:]).returncode == 0  # late burst
+        wait_until(lambda: '"state": "delivered"' in node.cli("jobs", "show", "2").stdout, 180)
+        superseded = json.loads(node.cli("jobs", "show", "1").stdout)
+        assert superseded["state"] == "superseded" and "withdrawn from pacs, folder" in superseded["reason"]
+        in_folder = {p.name.split("_", 1)[1].removesuffix(".dcm") for p in (tmp_path / "results").rglob("*.dcm")}
+        assert len(in_folder) == 2 and not in_folder & first  # the folder holds only the new results
+
+        (study,) = pacs.rest("GET", "/studies")
+        series = pacs.rest("GET", f"/studies/{study}/series")
+        assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["KO", "SEG", "SR"]
+        for uid in first:  # the first analysis is gone from the PACS
+            assert pacs.rest("POST", "/tools/lookup", raw=uid.encode()) == []
+        seg_series = next(s for s in series if s["MainDicomTags"]["Modality"] == "SEG")
+        seg_file = tmp_path / "seg.dcm"
+        seg_file.write_bytes(pacs.rest("GET", f"/instances/{seg_series['Instances'][0]}/file"))
+        seg = pydicom.dcmread(seg_file)
+        referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+        assert len(referenced) == len(files)  # the superseding analysis covers the whole series
+        kos_series = next(s for s in series if s["MainDicomTags"]["Modality"] == "KO")
+        kos_file = tmp_path / "kos.dcm"
+        kos_file.write_bytes(pacs.rest("GET", f"/instances/{kos_series['Instances'][0]}/file"))
+        errors, _warnings = dciodvfy(kos_file)
+        assert errors == []
+        kos = pydicom.dcmread(kos_file)
+        assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"
+        withdrawn = {
+            sop.ReferencedSOPInstanceUID
+            for item in kos.CurrentRequestedProcedureEvidenceSequence
+            for ser in item.ReferencedSeriesSequence
+            for sop in ser.ReferencedSOPSequence
+        }
+        assert withdrawn == first
+        assert "superseded results withdrawn" in node.cli("audit", "show").stdout
+        # highdicom warns about the (re-identified) patient name while building the note: the node's
+        # log records such library warnings without their text
+        assert "library warning (text withheld)" in node.log() and CT_PATIENT_NAME not in node.log()
+    finally:
+        pacs.stop()

@@ -25,9 +25,8 @@ def write_folder(root: Path, objects: Sequence[Dataset]) -> list[Path]:
     """
     written = []
     for ds in objects:
-        folder = root / str(ds.StudyInstanceUID)
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+        final = _folder_path(root, ds)
+        final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_suffix(".tmp")
         data = encode(ds)
         with open(tmp, "wb") as fh:
@@ -37,6 +36,41 @@ def write_folder(root: Path, objects: Sequence[Dataset]) -> list[Path]:
         os.replace(tmp, final)
         written.append(final)
     return written
+
+
+def _folder_path(root: Path, ds: Dataset) -> Path:
+    return root / str(ds.StudyInstanceUID) / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+
+
+def withdraw(
+    settings: Settings, destination_names: Sequence[str], superseded: Sequence[Dataset], note: Dataset
+) -> list[str]:
+    """Withdraw results that a re-analysis replaced, at every named destination.
+
+    DICOM peers with ``reject_superseded`` receive ``note`` (the IOCM Rejection Note, a KOS
+    referencing ``superseded``) by C-STORE; folders, which the node owns, lose the superseded files.
+
+    Returns
+    -------
+    list of str
+        The destinations the superseded results were withdrawn from.
+
+    Raises
+    ------
+    DeliveryError
+        A peer refused the note or could not be reached.
+    """
+    done = []
+    for name in destination_names:
+        dest = settings.destinations[name]
+        if isinstance(dest, FolderDestination):
+            for ds in superseded:
+                _folder_path(dest.path, ds).unlink(missing_ok=True)
+            done.append(name)
+        elif isinstance(dest, DicomDestination) and dest.reject_superseded:
+            deliver(settings, [name], [note])
+            done.append(name)
+    return done
 
 
 def deliver(settings: Settings, destination_names: Sequence[str], objects: Sequence[Dataset]) -> None:

@@ -36,10 +36,10 @@ from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
 from node.errors import AinodeError, DeliveryError, PluginError, QuarantinedError, SeriesRefused
-from node.jobs.delivery import deliver
+from node.jobs.delivery import deliver, withdraw
 from node.jobs.isolation import run_isolated
 from node.jobs.volume import load_volume
-from node.results import build_measurement_report, build_segmentation
+from node.results import build_measurement_report, build_rejection_note, build_segmentation
 from node.routing.router import RoutePlan, plan_routes
 from node.routing.rules import header_of, keywords_of, matches, prepare
 from node.settings.models import Deidentification, Settings
@@ -161,6 +161,8 @@ class Pipeline:
         job = self.s.index.job(job_id)
         if job is None or job.state in (JobState.DELIVERED, JobState.REFUSED, JobState.QUARANTINED):
             return job.state if job else JobState.FAILED
+        if self._supersede_if_stale(job_id):
+            return JobState.SUPERSEDED
         self.s.index.update_job(job_id, state=JobState.RUNNING, attempts=job.attempts + 1)
         extra = {"study_key": job.study_key, "job_id": job_id, "algorithm": job.algorithm}
         timings: dict[str, float] = {}
@@ -187,6 +189,18 @@ class Pipeline:
             logger.exception("job failed with an internal error", extra=extra)
         self._finish_study(job.study_key)
         return state
+
+    def _supersede_if_stale(self, job_id: int) -> bool:
+        """A job of an older generation whose results are not yet delivered is dropped: the study
+        was re-opened by a late instance and its re-analysis replaces this one."""
+        job = self.s.index.job(job_id)
+        study = self.s.index.study(job.study_key) if job is not None else None
+        if job is None or study is None or study.generation <= job.generation:
+            return False
+        reason = f"superseded: the study was re-opened (generation {study.generation}) before delivery"
+        self.s.index.update_job(job_id, state=JobState.SUPERSEDED, reason=reason)
+        logger.info("job superseded before delivery", extra={"job_id": job_id, "study_key": job.study_key})
+        return True
 
     def _retry_or_dead_letter(self, job_id: int, attempts: int, reason: str, timings: dict[str, float]) -> str:
         """Schedule another attempt with exponential backoff and full jitter, or dead-letter the job."""
@@ -279,16 +293,61 @@ class Pipeline:
     def _deliver(
         self, job_id: int, result_ids: list[str], destinations: list[str], settings: Settings, t: dict[str, float]
     ) -> str:
+        if self._supersede_if_stale(job_id):
+            return JobState.SUPERSEDED
         start = time.perf_counter()
         objects = [decode(self.s.store.get(oid)) for oid in result_ids]
         deliver(settings, destinations, objects)
         t["send_s"] = time.perf_counter() - start
         receivers = [Participant(name, DESTINATION_ROLE) for name in destinations]
         self._audit(INSTANCES_TRANSFERRED, "R", str(objects[0].StudyInstanceUID), "results sent (SEG, SR)", receivers)
+        self._withdraw_superseded(job_id, objects[0], destinations, settings)
         t["delivered_at"] = time.time()
         self.s.index.update_job(job_id, state=JobState.DELIVERED, reason=None, timings=t)
         logger.info("results delivered", extra={"job_id": job_id, **_rounded(t)})
         return JobState.DELIVERED
+
+    def _withdraw_superseded(
+        self, job_id: int, new_result: Dataset, destinations: list[str], settings: Settings
+    ) -> None:
+        """Withdraw the delivered results of earlier generations of this job (same study, route,
+        algorithm and series) now that ``job_id``'s results are delivered: an IOCM Rejection Note to
+        DICOM destinations, file removal in folders. The earlier jobs become ``superseded``.
+
+        Raises
+        ------
+        DeliveryError
+            A destination did not accept the rejection note (the job is retried as a whole).
+        """
+        job = self.s.index.job(job_id)
+        if job is None:
+            return
+        earlier = [
+            j for j in self.s.index.jobs(job.study_key, state=JobState.DELIVERED)
+            if j.generation < job.generation and j.result_ids
+            and (j.route, j.algorithm, j.series_key) == (job.route, job.algorithm, job.series_key)
+        ]  # fmt: skip
+        if not earlier:
+            return
+        withdrawn = [decode(self.s.store.get(oid), stop_before_pixels=True) for j in earlier for oid in j.result_ids]
+        anchor = str(new_result.SOPInstanceUID)  # deterministic: a re-sent note replaces itself
+        note = build_rejection_note(
+            withdrawn,
+            series_instance_uid=derive_uid(anchor, "rejection-series"),
+            sop_instance_uid=derive_uid(anchor, "rejection"),
+            device_name=settings.node.ae_title,
+            device_uid=derive_uid("ainode-device", settings.node.ae_title),
+            description=f"superseded by the re-analysis of generation {job.generation}",
+        )
+        done = withdraw(settings, destinations, withdrawn, note)
+        receivers = [Participant(name, DESTINATION_ROLE) for name in done]
+        self._audit(INSTANCES_TRANSFERRED, "U", str(note.StudyInstanceUID), "superseded results withdrawn", receivers)
+        for j in earlier:
+            reason = (
+                f"superseded by job {job_id} (generation {job.generation}); withdrawn from {', '.join(done) or 'none'}"
+            )
+            self.s.index.update_job(j.id, state=JobState.SUPERSEDED, reason=reason)
+        logger.info("superseded results withdrawn", extra={"job_id": job_id, "superseded": [j.id for j in earlier]})
 
     def _audit(
         self, event_id: tuple[str, str], action: str, study_uid: str, text: str, who: list[Participant] | None = None

@@ -82,6 +82,11 @@ class DicomDestination(_Model):
 
     type: Literal["dicom"]
     peer: AETitle
+    reject_superseded: bool = Field(
+        True,
+        description="after a re-analysis, send an IHE IOCM Rejection Note (KOS, 113001 'Rejected for Quality "
+        "Reasons') for the results it replaced",
+    )
 
 
 class FolderDestination(_Model):

@@ -54,6 +54,7 @@ class JobState(enum.StrEnum):
     REFUSED = "refused"
     QUARANTINED = "quarantined"
     FAILED = "failed"
+    SUPERSEDED = "superseded"
 
 
 class Base(DeclarativeBase):
