@@ -278,3 +278,34 @@ def make_studies(source: Path, count: int, out: Path) -> list[list[Path]]:
             files.append(path)
         studies.append(files)
     return studies
+
+
+def make_tall_series(source: Path, slices: int, out: Path) -> list[Path]:
+    """A series of ``slices`` instances built from the series in ``source`` for benchmarks: its
+    slices repeated in order along the slice normal, each placed one slice spacing further on (so
+    the volume geometry stays consistent), with new UIDs; written under ``out``."""
+    import numpy as np
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    originals = sorted(
+        (pydicom.dcmread(p) for p in series_files(source)), key=lambda d: float(d.ImagePositionPatient[2])
+    )
+    start = np.array([float(v) for v in originals[0].ImagePositionPatient])
+    step = np.array([float(v) for v in originals[1].ImagePositionPatient]) - start
+    study_uid = generate_uid(entropy_srcs=[str(originals[0].StudyInstanceUID), "tall", str(slices)])
+    series_uid = generate_uid(entropy_srcs=[str(originals[0].SeriesInstanceUID), "tall", str(slices)])
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i in range(slices):
+        ds = originals[i % len(originals)]
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[study_uid, str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImagePositionPatient = [f"{v:.3f}" for v in start + i * step]
+        ds.SliceLocation = f"{(start + i * step)[2]:.3f}"
+        ds.InstanceNumber = i + 1
+        path = out / f"{i:04d}.dcm"
+        ds.save_as(path)
+        files.append(path)
+    return files

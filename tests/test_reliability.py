@@ -7,7 +7,6 @@ import json
 import subprocess
 
 import pydicom
-
 import pytest
 
 from .peers import (
@@ -17,6 +16,7 @@ from .peers import (
     LUNG_ROUTE,
     ROOT,
     TOOL_ENV,
+    dciodvfy,
     folder_node_config,
     free_port,
     make_studies,
@@ -24,7 +24,6 @@ from .peers import (
     series_files,
     start_orthanc,
     storescu,
-    dciodvfy,
     wait_until,
 )
 
@@ -128,7 +127,7 @@ def test_every_odd_transfer_syntax_file_gets_a_sensible_answer(tmp_path, start_n
     wait_until(lambda: results.exists() and len(list(results.rglob("*.dcm"))) == 2, 180)
 
 
-def test_kill_9_mid_association_and_during_analysis_delivers_exactly_once(tmp_path, start_node):
+def test_kill_9_mid_association_after_complete_and_during_analysis_delivers_exactly_once(tmp_path, start_node):
     node_port = free_port()
     pacs = start_orthanc(tmp_path / "orthanc", "AINODE", node_port)
     try:
@@ -140,6 +139,7 @@ def test_kill_9_mid_association_and_during_analysis_delivers_exactly_once(tmp_pa
             routes=[{**LUNG_ROUTE, "destinations": ["pacs"], "completion": {"quiet_period_s": 2.0}}],
         )
         files = series_files(CT_SERIES)
+        (second,) = make_studies(CT_SERIES, 1, tmp_path / "second")
         node = start_node(config_path, config)
         # 1. killed mid-association: Nagle left on, so the sender is slow enough to be cut off
         sender = subprocess.Popen(
@@ -151,22 +151,29 @@ def test_kill_9_mid_association_and_during_analysis_delivers_exactly_once(tmp_pa
         sender.communicate(timeout=60)
         assert sender.returncode != 0  # the modality saw the failure and will send again
 
-        # 2. restarted; the modality resends; killed again while the algorithm runs
+        # 2. restarted; the modality resends, then sends a second study; killed while the first
+        #    study's algorithm runs and the second is complete, its job waiting for the worker
         node = start_node(config_path, config)
         assert storescu(node.port, files).returncode == 0
-        wait_until(lambda: '"state": "running"' in node.cli("jobs", "show", "1").stdout, 60, 0.1)
+        assert storescu(node.port, second).returncode == 0
+
+        def states() -> list[str]:
+            return [json.loads(node.cli("jobs", "show", str(i)).stdout or "{}").get("state", "") for i in (1, 2)]
+
+        wait_until(lambda: sorted(states()) == ["pending", "running"], 60, 0.1)
         node.kill()
 
-        # 3. restarted: the job resumes from the index and the results reach the PACS once
+        # 3. restarted: the jobs resume from the index and each study's results reach the PACS once
         node = start_node(config_path, config)
-        wait_until(lambda: '"state": "delivered"' in node.cli("jobs", "show", "1").stdout, 180)
-        (study,) = pacs.rest("GET", "/studies")
-        series = pacs.rest("GET", f"/studies/{study}/series")
-        modalities = sorted(s["MainDicomTags"]["Modality"] for s in series)
-        assert modalities == ["SEG", "SR"]
-        assert all(len(s["Instances"]) == 1 for s in series)
+        wait_until(lambda: states() == ["delivered", "delivered"], 240)
+        studies = pacs.rest("GET", "/studies")
+        assert len(studies) == 2
+        for study in studies:
+            series = pacs.rest("GET", f"/studies/{study}/series")
+            assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["SEG", "SR"]
+            assert all(len(s["Instances"]) == 1 for s in series)
         listing = node.cli("studies", "list").stdout
-        assert f"{len(files):>5} instance(s)" in listing and "done" in listing  # one study, nothing lost
+        assert listing.count(f"{len(files):>5} instance(s)") == 2 and listing.count("done") == 2  # nothing lost
     finally:
         pacs.stop()
 

@@ -8,7 +8,8 @@ The method follows the classic threshold-based pipeline (Hu, Hoffman & Reinhardt
 3. the trachea and main bronchi are tracked slice by slice from the most superior slice downward
    and removed while they are a small airway lumen separate from the lung;
 4. the largest remaining components are the lungs; if they are joined (anterior junction), they are
-   split by iterative erosion and nearest-seed assignment;
+   split by iterative erosion, then each voxel goes to the seed that reaches it first by geodesic
+   dilation inside the joined mask;
 5. holes (vessels, nodules) are filled slice by slice;
 6. left and right are assigned from the patient coordinates (LPS +x = patient left), never from
    array order.
@@ -17,7 +18,9 @@ The method follows the classic threshold-based pipeline (Hu, Hoffman & Reinhardt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import cc3d
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
@@ -39,29 +42,31 @@ class LungMasks:
 
 
 def _drop_border_air(air: BoolArray) -> BoolArray:
-    """Remove air components that touch the in-plane border (outside the body)."""
-    labels, n = ndi.label(air, structure=_STRUCTURE_6)
-    if n == 0:
-        return air
-    border = np.zeros(n + 1, dtype=bool)
-    for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        border[np.unique(face)] = True
-    border[0] = True
-    return ~border[labels] & air
+    """Remove air components that touch the in-plane border (outside the body).
+
+    The air is framed by one voxel of air around every slice: all components that touch the border
+    then join the frame's single component, found by one labelling pass.
+    """
+    framed = np.pad(air, ((0, 0), (1, 1), (1, 1)), constant_values=True)
+    labels, _ = _label_3d(framed)
+    outside = labels[0, 0, 0]
+    return air & (labels[:, 1:-1, 1:-1] != outside)
 
 
-def _airway_mask(candidate: BoolArray, pixel_area_mm2: float, max_area_mm2: float) -> BoolArray:
+def _airway_mask(
+    candidate: BoolArray, pixel_area_mm2: float, max_area_mm2: float, centre: tuple[float, float], radius: float
+) -> BoolArray:
     """Track the trachea and main bronchi from the most superior slice down.
 
     In each axial slice (``candidate[k]``), airway lumen is a small 2D component; the tracking starts
     at the small component nearest the slice centre in the top slice that has one and follows
     overlapping small components downward. Components larger than ``max_area_mm2`` are lung and
-    stop the tracking of that branch.
+    stop the tracking of that branch. ``centre`` (row, column) and ``radius`` (pixels) bound where
+    the trachea may start: around the centre of the image.
     """
     airway = np.zeros_like(candidate)
     max_pixels = max_area_mm2 / pixel_area_mm2
     previous: BoolArray | None = None
-    rows, cols = candidate.shape[1:]
     for k in range(candidate.shape[0] - 1, -1, -1):
         labels, n = ndi.label(candidate[k])
         if n == 0:
@@ -74,8 +79,8 @@ def _airway_mask(candidate: BoolArray, pixel_area_mm2: float, max_area_mm2: floa
             centres = ndi.center_of_mass(np.ones_like(labels), labels, index=np.arange(1, n + 1))
             best, best_d = 0, np.inf
             for i, (size, (r, c)) in enumerate(zip(sizes, centres, strict=True), start=1):
-                d = np.hypot(r - rows / 2, c - cols / 2)
-                if size <= max_pixels and d < min(rows, cols) / 6 and d < best_d:
+                d = np.hypot(r - centre[0], c - centre[1])
+                if size <= max_pixels and d < radius and d < best_d:
                     best, best_d = i, d
             if best == 0:
                 if sizes.max() > max_pixels:
@@ -95,12 +100,39 @@ def _airway_mask(candidate: BoolArray, pixel_area_mm2: float, max_area_mm2: floa
 
 def _component_sizes(labels: npt.NDArray[np.integer], n: int) -> npt.NDArray[np.int64]:
     """Voxel count of components ``1..n`` of a label image."""
-    return np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    counts = np.asarray(cc3d.statistics(labels)["voxel_counts"], dtype=np.int64)
+    return np.pad(counts, (0, max(0, n + 1 - len(counts))))[1 : n + 1]
+
+
+def _centroid(mask: BoolArray) -> npt.NDArray[np.float64]:
+    """Mean voxel index (slice, row, column) of ``mask``'s true voxels."""
+    total = float(np.count_nonzero(mask))
+    axes = ((1, 2), (0, 2), (0, 1))
+    return np.array(
+        [(mask.sum(axis=a, dtype=np.int64) * np.arange(n)).sum() / total for a, n in zip(axes, mask.shape, strict=True)]
+    )
+
+
+def _label_3d(mask: BoolArray) -> tuple[npt.NDArray[np.unsignedinteger[Any]], int]:
+    """6-connected components of a 3D mask (cc3d: about twice as fast as SciPy here)."""
+    labels, n = cc3d.connected_components(mask, connectivity=6, return_N=True)
+    return labels, int(n)
+
+
+def _box(mask: BoolArray, margin: int = 1) -> tuple[slice, ...]:
+    """Bounding box of ``mask``'s true voxels, grown by ``margin`` voxels within the array."""
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if present.size == 0:
+            return tuple(slice(0, n) for n in mask.shape)
+        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
 
 
 def _split_joined(mask: BoolArray, min_voxels: int, max_erosions: int = 8) -> list[BoolArray]:
     """Split one joined lung component into two by eroding until it separates."""
-    box = ndi.find_objects(mask.astype(np.uint8))[0]
+    box = _box(mask)
     parts = _split_joined_cropped(mask[box], min_voxels, max_erosions)
     out = []
     for part in parts:
@@ -112,30 +144,52 @@ def _split_joined(mask: BoolArray, min_voxels: int, max_erosions: int = 8) -> li
 
 def _split_joined_cropped(mask: BoolArray, min_voxels: int, max_erosions: int) -> list[BoolArray]:
     eroded = mask
-    for _ in range(max_erosions):
+    for erosions in range(1, max_erosions + 1):
         eroded = ndi.binary_erosion(eroded, structure=_STRUCTURE_6)
-        labels, n = ndi.label(eroded, structure=_STRUCTURE_6)
+        labels, n = _label_3d(eroded)
         if n < 2:
             continue
         sizes = _component_sizes(labels, n)
         order = np.argsort(sizes)[::-1]
         if sizes[order[1]] < min_voxels / 4:
             continue
-        seeds = np.zeros_like(labels)
-        seeds[labels == order[0] + 1] = 1
-        seeds[labels == order[1] + 1] = 2
-        # Each voxel of the joined mask goes to the nearest seed.
-        _, nearest = ndi.distance_transform_edt(seeds == 0, return_indices=True)
-        assigned = seeds[tuple(nearest)]
-        return [mask & (assigned == 1), mask & (assigned == 2)]
+        return list(_grow_seeds(labels == order[0] + 1, labels == order[1] + 1, mask, erosions + 1))
     return [mask]
+
+
+def _grow_seeds(a: BoolArray, b: BoolArray, mask: BoolArray, steps: int) -> tuple[BoolArray, BoolArray]:
+    """Give every voxel of ``mask`` to seed ``a`` or ``b``.
+
+    The seeds grow inside ``mask`` one 6-connected step at a time for ``steps`` steps (as far as
+    the erosion that separated them reached), so a voxel goes to the seed that reaches it first
+    (geodesic nearest seed). What is still unassigned, thin structures the erosion cut off, goes
+    by connected piece to the seed it touches most.
+    """
+    for _ in range(steps):
+        a = ndi.binary_dilation(a, structure=_STRUCTURE_6) & mask & ~b
+        b = ndi.binary_dilation(b, structure=_STRUCTURE_6) & mask & ~a
+    rest = mask & ~a & ~b
+    labels, n = _label_3d(rest)
+    if n:
+        touch_a = np.bincount(labels[ndi.binary_dilation(a, structure=_STRUCTURE_6) & rest], minlength=n + 1)
+        touch_b = np.bincount(labels[ndi.binary_dilation(b, structure=_STRUCTURE_6) & rest], minlength=n + 1)
+        to_a = touch_a >= touch_b
+        to_a[0] = False
+        to_b = ~to_a
+        to_b[0] = False
+        a = a | to_a[labels]
+        b = b | to_b[labels]
+    return a, b
 
 
 def _fill_holes_per_slice(mask: BoolArray) -> BoolArray:
     """Fill holes (vessels, airways inside the lung, nodules) in each axial slice."""
-    filled = np.empty_like(mask)
-    for k in range(mask.shape[0]):
-        filled[k] = ndi.binary_fill_holes(mask[k])
+    filled = np.zeros_like(mask)
+    box = _box(mask)
+    inside, out = mask[box], filled[box]
+    for k in range(inside.shape[0]):
+        if inside[k].any():
+            out[k] = ndi.binary_fill_holes(inside[k])
     return filled
 
 
@@ -172,10 +226,15 @@ def segment_lungs(
     """
     hu = volume.voxels
     air = hu < air_threshold_hu
-    candidate = _drop_border_air(air)
+    inside = _drop_border_air(air)
+    box = _box(inside, margin=2)  # everything below works on the box around the air inside the body
+    candidate = inside[box]
+    rows, cols = hu.shape[1:]
+    centre = (rows / 2 - box[1].start, cols / 2 - box[2].start)
     pixel_area = volume.spacing_mm[1] * volume.spacing_mm[2]
-    candidate &= ~ndi.binary_dilation(_airway_mask(candidate, pixel_area, max_airway_area_mm2), iterations=1)
-    labels, n = ndi.label(candidate, structure=_STRUCTURE_6)
+    airway = _airway_mask(candidate, pixel_area, max_airway_area_mm2, centre, min(rows, cols) / 6)
+    candidate &= ~ndi.binary_dilation(airway, iterations=1)
+    labels, n = _label_3d(candidate)
     if n == 0:
         raise SeriesRefused("no air-filled region inside the body: no lungs found")
     sizes = _component_sizes(labels, n)
@@ -188,9 +247,11 @@ def segment_lungs(
         parts = _split_joined(parts[0], min_voxels)
     if len(parts) < 2:
         raise SeriesRefused("only one lung region found; cannot tell left from right")
-    centroids_lps = [volume.index_to_lps(np.argwhere(p).mean(axis=0))[0] for p in parts]
+    offset = np.array([s.start for s in box])
+    centroids_lps = [volume.index_to_lps(_centroid(p) + offset)[0] for p in parts]
     # LPS: +x is towards the patient's left.
     left_i = int(np.argmax([c[0] for c in centroids_lps]))
-    left = _fill_holes_per_slice(parts[left_i])
-    right = _fill_holes_per_slice(parts[1 - left_i])
-    return LungMasks(left=left, right=right & ~left)
+    left, right = np.zeros_like(air), np.zeros_like(air)
+    left[box] = _fill_holes_per_slice(parts[left_i])
+    right[box] = _fill_holes_per_slice(parts[1 - left_i]) & ~left[box]
+    return LungMasks(left=left, right=right)
