@@ -9,7 +9,10 @@ node (empty data directory) on loopback ports. Figures per run:
 - the job's stages: de-identify, load volume, algorithm, build SEG/SR, send;
 - ``peak_rss_mb``: the node process's peak resident set (VmHWM).
 
-Usage: ``python bench/e2e.py [--runs 3] [--quiet-period 1.0]``
+With ``--slices N`` (N > 64) the study is a taller series built from the chest CT by repeating its
+slices along the slice normal with consistent geometry (``tests.peers.make_tall_series``).
+
+Usage: ``python bench/e2e.py [--runs 3] [--quiet-period 1.0] [--slices 64]``
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from tests.peers import (  # noqa: E402
     CT_SERIES,
     LUNG_ROUTE,
     free_port,
+    make_tall_series,
     node_config,
     series_files,
     start_node_process,
@@ -51,9 +55,8 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def one_run(work: Path, quiet_period_s: float) -> dict[str, float]:
+def one_run(work: Path, quiet_period_s: float, files: list[Path]) -> dict[str, float]:
     """One fresh Orthanc + node; returns the figures of that run."""
-    files = series_files(CT_SERIES)
     size_mb = sum(f.stat().st_size for f in files) / 1e6
     node_port = free_port()
     pacs = start_orthanc(work / "orthanc", "AINODE", node_port)
@@ -102,12 +105,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quiet-period", type=float, default=1.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "e2e.json")
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--out", type=Path, help="default: bench/results/e2e.json, e2e-<slices>.json if not 64")
     args = parser.parse_args()
     runs = []
+    series = tempfile.TemporaryDirectory(prefix="ainode-bench-series-")
+    files = series_files(CT_SERIES)
+    if args.slices != 64:
+        files = make_tall_series(CT_SERIES, args.slices, Path(series.name))
     for i in range(args.runs):
         with tempfile.TemporaryDirectory(prefix="ainode-bench-") as tmp:
-            runs.append(one_run(Path(tmp), args.quiet_period))
+            runs.append(one_run(Path(tmp), args.quiet_period, files))
         print(f"run {i + 1}/{args.runs}: end-to-end {runs[-1]['end_to_end_s']:.2f} s", file=sys.stderr)
     keys = [k for k in runs[0] if k not in ("instances", "study_mb")]
     medians = {k: statistics.median(r[k] for r in runs) for k in keys}
@@ -115,10 +123,13 @@ def main() -> None:
     print(f"{'figure':<18}{'median':>10}   runs")
     for k in keys:
         print(f"{k:<18}{medians[k]:>10.2f}   " + " ".join(f"{r[k]:.2f}" for r in runs))
+    series.cleanup()
+    name = "e2e.json" if args.slices == 64 else f"e2e-{args.slices}.json"
     write_report(
-        args.out,
+        args.out or ROOT / "bench" / "results" / name,
         "e2e",
         series=str(CT_SERIES.relative_to(CT_SERIES.parents[2])),
+        slices=args.slices,
         quiet_period_s=args.quiet_period,
         median=medians,
         runs=runs,

@@ -280,10 +280,10 @@ def make_studies(source: Path, count: int, out: Path) -> list[list[Path]]:
     return studies
 
 
-def make_tall_series(source: Path, slices: int, out: Path) -> list[Path]:
+def make_tall_series(source: Path, slices: int, out: Path, tag: str = "tall") -> list[Path]:
     """A series of ``slices`` instances built from the series in ``source`` for benchmarks: its
     slices repeated in order along the slice normal, each placed one slice spacing further on (so
-    the volume geometry stays consistent), with new UIDs; written under ``out``."""
+    the volume geometry stays consistent), with new UIDs derived from ``tag``; written under ``out``."""
     import numpy as np
     import pydicom
     from pydicom.uid import generate_uid
@@ -293,8 +293,8 @@ def make_tall_series(source: Path, slices: int, out: Path) -> list[Path]:
     )
     start = np.array([float(v) for v in originals[0].ImagePositionPatient])
     step = np.array([float(v) for v in originals[1].ImagePositionPatient]) - start
-    study_uid = generate_uid(entropy_srcs=[str(originals[0].StudyInstanceUID), "tall", str(slices)])
-    series_uid = generate_uid(entropy_srcs=[str(originals[0].SeriesInstanceUID), "tall", str(slices)])
+    study_uid = generate_uid(entropy_srcs=[str(originals[0].StudyInstanceUID), tag, str(slices)])
+    series_uid = generate_uid(entropy_srcs=[str(originals[0].SeriesInstanceUID), tag, str(slices)])
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for i in range(slices):

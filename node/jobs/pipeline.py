@@ -245,6 +245,10 @@ class Pipeline:
 
         start = time.perf_counter()
         volume, slices = load_volume(datasets)
+        for ds in datasets:  # from here on only the headers are needed (SEG/SR references)
+            if "PixelData" in ds:
+                del ds.PixelData
+        del datasets
         t["load_volume_s"] = time.perf_counter() - start
         check_accepts(spec, volume)
 
@@ -256,6 +260,7 @@ class Pipeline:
             raise PluginError(f"parameters of {name} in route {route.name}: {exc.errors()[0]['msg']}") from None
         timeout = settings.node.algorithm_timeout_s
         result = run_isolated(self.s.registry.entry_point(name), volume, self.s.device, params, timeout)
+        del volume
         t["algorithm_s"] = time.perf_counter() - start
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
 

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from pydicom import Dataset
+from pydicom.pixels import get_decoder
 
 from algorithms.base import Volume
 from node.errors import SeriesRefused
@@ -55,10 +56,15 @@ def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
     return [datasets[i] for i in order]
 
 
-def _hu(ds: Dataset) -> np.ndarray:
+def _hu_into(out: np.ndarray, ds: Dataset) -> None:
+    """Decode ``ds``'s pixels into ``out`` (rows, columns) as float32 after the Modality LUT
+    (rescale slope and intercept), without caching the decoded array on the data set."""
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    return ds.pixel_array.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
+    pixels = get_decoder(syntax).as_array(ds)[0] if syntax is not None else ds.pixel_array
+    np.multiply(pixels, np.float32(slope), out=out, casting="unsafe")
+    out += np.float32(intercept)
 
 
 def load_volume(datasets: Sequence[Dataset], workers: int = 2) -> tuple[Volume, list[Dataset]]:
@@ -101,8 +107,9 @@ def load_volume(datasets: Sequence[Dataset], workers: int = 2) -> tuple[Volume, 
     affine[:3, 1] = col_cos * pixel_spacing[0]  # row index moves along the column direction
     affine[:3, 2] = row_cos * pixel_spacing[1]  # column index moves along the row direction
     affine[:3, 3] = positions[0]
+    voxels = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        voxels = np.stack(list(pool.map(_hu, slices)))
+        list(pool.map(_hu_into, voxels, slices))  # one copy of the volume, filled in place
     thickness = first.get("SliceThickness")
     volume = Volume(
         voxels=voxels,

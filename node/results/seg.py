@@ -64,7 +64,7 @@ def build_segmentation(
     for s in segments:
         if s.mask.shape != shape:
             raise ResultBuildError(f"mask {s.label!r} has shape {s.mask.shape}, sources give {shape}")
-    pixels = np.stack([s.mask for s in segments], axis=-1).astype(np.uint8)
+    pixels = np.stack([s.mask.astype(bool, copy=False) for s in segments], axis=-1)
     algorithm = algorithm_identification(spec, dict(result.parameters))
     descriptions = [
         hd.seg.SegmentDescription(
