@@ -39,6 +39,7 @@ from tests.peers import (  # noqa: E402
     start_node_process,
     start_orthanc,
     wait_for_port,
+    wait_until,
 )
 
 Receiver = Callable[[Path], tuple[int, str, Callable[[], None]]]  # work dir -> (port, called AE, stop)
@@ -70,6 +71,11 @@ def ainode(work: Path) -> tuple[int, str, Callable[[], None]]:
     config_path, config = node_config(work, peers=[{"ae_title": "STORESCU"}], destinations={}, routes=[])
     key = {"AINODE_TEST_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
     node = start_node_process(config_path, config, key, work / "node.log")
+    receivers = int(config["node"].get("receivers", 2))
+    # measure the running node, not its start: every receiver listening, the algorithm server's imports done
+    wait_until(
+        lambda: node.log().count("receiver ") >= receivers - 1 and "algorithm process server ready" in node.log(), 60
+    )
     return node.port, "AINODE", node.stop
 
 

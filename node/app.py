@@ -11,8 +11,6 @@ import logging
 import os
 import signal
 import threading
-import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -23,29 +21,22 @@ from node.audit import (
     APPLICATION_ROLE,
     APPLICATION_START,
     APPLICATION_STOP,
-    DESTINATION_ROLE,
-    INSTANCES_TRANSFERRED,
-    NODE_AUTHENTICATION,
-    OBJECT_SECURITY_ATTRIBUTES_CHANGED,
     SOFTWARE_CONFIGURATION,
-    SOURCE_ROLE,
     AuditEvent,
     AuditLog,
     Participant,
     security_alert,
-    study_event,
 )
 from node.dicomio import configure_pydicom
-from node.errors import AinodeError, ConfigError, OutOfResourcesError, PluginError
+from node.errors import AinodeError, ConfigError, PluginError
 from node.jobs.isolation import warm_up
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
-from node.network.scp import PeerRule, ReceivedInstance, StorageSCP
-from node.network.tls import server_context
+from node.receiver import Receiver, ReceiverPool
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
-from node.storage.index import Index, InstanceRow, JobState
+from node.storage.index import Index
 from node.storage.keys import load_key_provider
 from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore
@@ -76,71 +67,16 @@ def check_algorithms(settings: Settings, registry: Registry, where: str) -> None
                 raise ConfigError(f"{key}.parameters.{field}: {err['msg']}") from None
 
 
-class Ingest:
-    """Stores one received instance encrypted and durably, then indexes it (the C-STORE work).
-
-    Only keyed digests of the UIDs reach the index; the encoded bytes go to the encrypted store.
-    It also counts, per association, the instances of each study, for the audit record written
-    when the association ends.
-    """
-
-    def __init__(self, store: ObjectStore, index: Index, secrets: NodeSecrets, max_queued_jobs: int = 1000) -> None:
-        self.store = store
-        self.index = index
-        self.secrets = secrets
-        self.max_queued_jobs = max_queued_jobs
-        self._backlog_checked = 0.0
-        self._backlog_full = False
-        self._received: dict[int, Counter[str]] = defaultdict(Counter)
-        self._lock = threading.Lock()
-
-    def _check_backlog(self) -> None:
-        now = time.monotonic()
-        if now - self._backlog_checked > 1.0:  # a count query at most once a second
-            self._backlog_checked = now
-            self._backlog_full = self.index.count_jobs(JobState.PENDING) >= self.max_queued_jobs
-        if self._backlog_full:
-            raise OutOfResourcesError(f"{self.max_queued_jobs} jobs are waiting; refusing new instances for now")
-
-    def __call__(self, instance: ReceivedInstance) -> None:
-        """Store ``instance``.
-
-        Raises
-        ------
-        OutOfResourcesError
-            The disk watermark is reached or too many jobs are waiting (DIMSE 0xA700, so the
-            sender keeps the instance and retries later).
-        StorageError
-            The instance could not be written.
-        """
-        self._check_backlog()
-        object_id = self.store.put(instance.encoded)
-        key = self.secrets.index_key
-        row = InstanceRow(
-            object_id=object_id,
-            sop_key=key(instance.sop_instance_uid),
-            study_key=key(instance.study_instance_uid),
-            series_key=key(instance.series_instance_uid),
-            sop_class_uid=instance.sop_class_uid,
-            transfer_syntax_uid=instance.transfer_syntax_uid,
-            size=len(instance.encoded),
-            received_at=time.time(),
-        )
-        if not self.index.add_instance(row, instance.calling_ae_title):
-            self.store.delete(object_id)  # a duplicate: the first copy stays
-        with self._lock:
-            self._received[instance.association_id][instance.study_instance_uid] += 1
-
-    def take_received(self, association_id: int) -> Counter[str]:
-        """Instances received per Study Instance UID on an association (forgotten afterwards)."""
-        with self._lock:
-            return self._received.pop(association_id, Counter())
-
-
 class Node:
     """A running ainode: Storage SCP, scheduler and job executor over one data directory."""
 
-    def __init__(self, settings: Settings, registry: Registry | None = None, config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry | None = None,
+        config_path: Path | None = None,
+        log_level: str = "INFO",
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         configure_pydicom()
@@ -152,7 +88,6 @@ class Node:
         self.secrets = NodeSecrets(self.store)
         syslog = (settings.audit.syslog_host, settings.audit.syslog_port) if settings.audit.syslog_host else None
         self.audit = AuditLog.for_data_dir(data_dir, self.store, settings.node.ae_title, syslog)
-        self.store.on_tamper = self._tamper_detected
         self.registry = registry or Registry()
         check_algorithms(settings, self.registry, str(config_path or "configuration"))
         device = select_device()
@@ -161,58 +96,30 @@ class Node:
         )
         self.executor = InProcessExecutor(self.pipeline.run_job, workers=1)
         self.scheduler = Scheduler(self.pipeline, self.index, settings, self.executor)
-        n = settings.node
-        self.ingest = Ingest(self.store, self.index, self.secrets, n.max_queued_jobs)
-        rules = [PeerRule(p.ae_title, tuple(p.source_addresses), p.certificate_subject) for p in settings.peers]
-        self.scp = StorageSCP(
-            n.ae_title,
-            rules,
-            self.ingest,
-            on_security_event=self._association_refused,
-            on_release=self._association_ended,
-            ssl_context=server_context(n.tls) if n.tls is not None else None,
-            max_associations=n.max_associations,
-            max_pdu_bytes=n.max_pdu_bytes,
-            network_timeout_s=n.network_timeout_s,
-            dimse_timeout_s=n.dimse_timeout_s,
-        )
+        self.secrets.get("index")  # created now, before any other receiving process needs it
+        receivers = settings.node.receivers if config_path is not None else 1
+        self.receiver = Receiver(settings, self.store, self.index, self.secrets, self.audit, reuse_port=receivers > 1)
+        self.store.on_tamper = self.receiver.tamper_detected
+        self.ingest = self.receiver.ingest
+        self.pool = ReceiverPool(config_path, receivers, log_level) if config_path is not None else None
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         logger.info("node ready", extra={"device": device, "algorithms": self.registry.names()})
-
-    def _association_refused(self, calling: str, address: str, reason: str) -> None:
-        who = [Participant(calling or "unknown", requestor=True, address=address)]
-        self.audit.record(security_alert(NODE_AUTHENTICATION, reason, who))
-
-    def _association_ended(self, association_id: int, calling: str, address: str) -> None:
-        for study_uid, count in self.ingest.take_received(association_id).items():
-            participants = [
-                Participant(calling, SOURCE_ROLE, requestor=True, address=address),
-                Participant(self.settings.node.ae_title, DESTINATION_ROLE),
-            ]
-            self.audit.record(
-                study_event(
-                    INSTANCES_TRANSFERRED,
-                    "C",
-                    study_uid,
-                    "instances received",
-                    participants,
-                    {"NumberOfInstances": str(count)},
-                )
-            )
-
-    def _tamper_detected(self, object_id: str, reason: str) -> None:
-        logger.error("stored object failed authentication; quarantined", extra={"object_id": object_id})
-        self.audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, f"tamper detected: {reason}"))
 
     def _application(self, event_type: tuple[str, str]) -> None:
         me = [Participant(self.settings.node.ae_title, APPLICATION_ROLE)]
         self.audit.record(AuditEvent(APPLICATION_ACTIVITY, "E", event_type=event_type, participants=me))
 
+    @staticmethod
+    def _warm_up() -> None:
+        warm_up()
+        logger.info("algorithm process server ready")
+
     def start(self) -> None:
-        """Resume unfinished work, start the scheduler thread and listen for associations."""
+        """Resume unfinished work, start the scheduler thread and listen for associations (here
+        and in the child receivers, when ``node.receivers`` > 1)."""
         self._application(APPLICATION_START)
-        threading.Thread(target=warm_up, name="ainode-warm-up", daemon=True).start()
+        threading.Thread(target=self._warm_up, name="ainode-warm-up", daemon=True).start()
         if self.config_path is not None:
             digest = config_digest(self.config_path)
             self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration in force: sha256 {digest}"))
@@ -225,11 +132,15 @@ class Node:
         threading.Thread(
             target=self.scheduler.run, args=(self._stop, 0.25, housekeeping), name="ainode-scheduler", daemon=True
         ).start()
-        self.scp.start(self.settings.node.host, self.settings.node.port)
+        self.receiver.start()
+        if self.pool is not None:
+            self.pool.start()
 
     def stop(self) -> None:
         """Stop accepting associations, then let the running job finish (pending ones resume later)."""
-        self.scp.stop()
+        self.receiver.stop()
+        if self.pool is not None:
+            self.pool.stop()
         self._stop.set()
         self.executor.shutdown(wait=True)
         self._application(APPLICATION_STOP)
@@ -254,9 +165,10 @@ class Node:
             logger.error("configuration reload refused: %s", exc)
             self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration reload refused: {exc}"))
             return False
-        rules = [PeerRule(p.ae_title, tuple(p.source_addresses), p.certificate_subject) for p in new.peers]
         with self._reload_lock:
-            self.scp.set_peers(rules)
+            self.receiver.set_settings(new)
+            if self.pool is not None:
+                self.pool.reload()
             self.settings = new
             self.pipeline.s.settings = new
             self.scheduler.settings = new
@@ -278,6 +190,8 @@ class Node:
             if reload_requested.is_set():
                 reload_requested.clear()
                 self.reload()
+            if self.pool is not None:
+                self.pool.supervise()
         logger.info("shutting down")
         self.stop()
         pid_file.unlink(missing_ok=True)

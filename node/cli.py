@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from node.settings import load_settings
 
     logs.configure(args.log_level)
-    Node(load_settings(args.config), config_path=Path(args.config)).serve_forever()
+    Node(load_settings(args.config), config_path=Path(args.config), log_level=args.log_level).serve_forever()
     return 0
 
 

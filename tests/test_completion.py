@@ -15,12 +15,13 @@ import yaml
 from algorithms.base import NoParams
 from algorithms.lung_ct_density import LungCtDensityParams
 from algorithms.registry import Registry
-from node.app import Ingest, check_algorithms
+from node.app import check_algorithms
 from node.errors import ConfigError, PluginError, SeriesRefused
 from node.jobs.isolation import run_isolated
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.volume import load_volume
 from node.network.scp import ReceivedInstance
+from node.receiver import Ingest
 from node.settings.models import Settings
 from node.storage.index import Index, StudyState
 from node.storage.keys import KeyringProvider

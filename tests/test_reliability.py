@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -321,3 +322,36 @@ def test_a_late_burst_supersedes_the_first_analysis(tmp_path, start_node):
         assert "library warning (text withheld)" in node.log() and CT_PATIENT_NAME not in node.log()
     finally:
         pacs.stop()
+
+
+def test_receiver_processes_share_the_port_follow_reloads_and_die_with_the_node(tmp_path, start_node):
+    """With node.receivers = 2 a child process listens on the same port: associations are spread
+    over both, a reload that admits a new peer reaches both, and kill -9 of the node leaves no
+    receiver behind."""
+    config_path, config, _results = folder_node_config(tmp_path)
+    config["node"]["receivers"] = 2
+    config_path.write_text(__import__("yaml").safe_dump(config))
+    node = start_node(config_path, config)
+    wait_until(lambda: "receiver 1 listening" in node.log(), 60)
+    assert node.proc is not None
+    children = subprocess.run(["pgrep", "-P", str(node.proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
+    (child,) = map(int, children.stdout.split())
+
+    config["peers"].append({"ae_title": "NEWPEER"})
+    config_path.write_text(__import__("yaml").safe_dump(config))
+    assert node.cli("config", "reload").returncode == 0
+    wait_until(lambda: "receiver 1 reloaded its configuration" in node.log(), 30)
+    one_file = series_files(CT_SERIES)[:1]
+    for _ in range(16):  # each on its own association; the kernel spreads them over the listeners
+        sent = subprocess.run(
+            ["storescu", "-aet", "NEWPEER", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, one_file)],
+            capture_output=True, text=True, env=TOOL_ENV, timeout=60, check=False,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr  # admitted by whichever process took the association
+    record_ids = [line.split()[0] for line in (node.data_dir / "audit" / "audit.log").read_text().splitlines()]
+    by_child = [r for r in record_ids if r.startswith("audit-r1-")]
+    assert by_child and len(by_child) < len(record_ids)  # both processes received (and audited)
+    assert len(set(record_ids)) == len(record_ids)  # record ids stay unique across processes
+
+    node.kill()
+    wait_until(lambda: not Path(f"/proc/{child}").exists(), 10, 0.1)

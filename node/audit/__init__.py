@@ -134,10 +134,21 @@ class AuditLog:
         AuditSourceID: the node's AE title.
     syslog
         ``(host, port)`` of an RFC 5424 collector, or ``None``.
+    id_prefix
+        Prefix of the record ids (the associated data of each sealed record); each process that
+        writes to the log has its own, so ids stay unique.
     """
 
-    def __init__(self, path: Path, store: ObjectStore, source_id: str, syslog: tuple[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        store: ObjectStore,
+        source_id: str,
+        syslog: tuple[str, int] | None = None,
+        id_prefix: str = "audit-",
+    ) -> None:
         self.path = path
+        self.id_prefix = id_prefix
         self.store = store
         self.source_id = source_id
         self.syslog = syslog
@@ -147,10 +158,16 @@ class AuditLog:
 
     @classmethod
     def for_data_dir(
-        cls, data_dir: Path, store: ObjectStore, source_id: str, syslog: tuple[str, int] | None = None
+        cls,
+        data_dir: Path,
+        store: ObjectStore,
+        source_id: str,
+        syslog: tuple[str, int] | None = None,
+        id_prefix: str = "audit-",
     ) -> AuditLog:
-        """The node's audit log, ``DATA_DIR/audit/audit.log``."""
-        return cls(data_dir / "audit" / "audit.log", store, source_id, syslog)
+        """The node's audit log, ``DATA_DIR/audit/audit.log`` (``id_prefix`` keeps the record ids
+        of several writing processes apart)."""
+        return cls(data_dir / "audit" / "audit.log", store, source_id, syslog, id_prefix)
 
     def _lines(self) -> Iterator[str]:
         if self.path.exists():
@@ -161,7 +178,7 @@ class AuditLog:
         """Seal and append ``event`` (fsync'd), then mirror it to syslog if configured."""
         xml = to_xml(event, self.source_id, dt.datetime.now(dt.UTC))
         with self._lock:
-            record_id = f"audit-{self._next}"
+            record_id = f"{self.id_prefix}{self._next}"
             line = f"{record_id} {base64.b64encode(self.store.seal(record_id, xml.encode())).decode()}\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:

@@ -42,6 +42,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.transport import AssociationServer
 
 from node.errors import AinodeError, ConfigError, InvalidInstanceError
 from node.network.status import StoreStatus, status_for
@@ -148,10 +149,37 @@ class _AccessControlledAE(AE):
     standard A-ASSOCIATE-RJ "calling AE title not recognised" (PS3.8 9.3.4).
     """
 
-    def __init__(self, ae_title: str, rules: Sequence[PeerRule]) -> None:
+    def __init__(self, ae_title: str, rules: Sequence[PeerRule], reuse_port: bool = False) -> None:
         super().__init__(ae_title=ae_title)
         self.rules = {r.ae_title: r for r in rules}
         self.refusals: dict[int, str] = {}
+        self.reuse_port = reuse_port
+
+    def make_server(  # type: ignore[override]
+        self,
+        address: Any,
+        ae_title: str | None = None,
+        contexts: Any = None,
+        ssl_context: ssl.SSLContext | None = None,
+        evt_handlers: Any = None,
+        server_class: type[AssociationServer] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """pynetdicom's server, listening with ``SO_REUSEPORT`` when several receiver processes
+        share the port (the kernel spreads the incoming associations over them)."""
+        base = server_class or AssociationServer
+        if self.reuse_port:
+
+            class _ReusePortServer(base):  # type: ignore[valid-type,misc]
+                def server_bind(self) -> None:
+                    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    super().server_bind()
+
+            base = _ReusePortServer
+        return super().make_server(
+            address, ae_title=ae_title, contexts=contexts, ssl_context=ssl_context, evt_handlers=evt_handlers,
+            server_class=base, **kwargs,
+        )  # fmt: skip
 
     @property
     def require_calling_aet(self) -> list[str]:
@@ -207,6 +235,8 @@ class StorageSCP:
     on_store
         Called for each C-STORE with the received instance; it must store it durably before it
         returns. An :class:`~node.errors.AinodeError` it raises becomes the matching DIMSE status.
+    reuse_port
+        Listen with ``SO_REUSEPORT``, so that several receiver processes can share the port.
     """
 
     def __init__(
@@ -219,6 +249,7 @@ class StorageSCP:
         on_release: ReleaseCallback | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_associations: int = 16,
+        reuse_port: bool = False,
         max_pdu_bytes: int = 262144,
         network_timeout_s: float = 60.0,
         dimse_timeout_s: float = 60.0,
@@ -232,7 +263,7 @@ class StorageSCP:
             raise ConfigError("peers: at least one peer must be configured to receive from")
         # pynetdicom's chunked receive would spool each data set to a plaintext temporary file
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False
-        ae = _AccessControlledAE(ae_title, peers)
+        ae = _AccessControlledAE(ae_title, peers, reuse_port)
         ae.require_called_aet = True
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu_bytes

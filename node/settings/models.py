@@ -40,6 +40,13 @@ class NodeSettings(_Model):
     port: Port = 11112
     data_dir: Path = Path("var/ainode")
     max_associations: Annotated[int, Field(ge=1, le=256)] = 16
+    receivers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="receiving processes sharing the port (SO_REUSEPORT); more than one lets concurrent "
+        "associations use several cores. max_associations applies to each",
+    )
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0

@@ -24,9 +24,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, case, create_engine, event, func, select, update
+from sqlalchemy import Float, ForeignKey, Integer, String, Table, Text, case, create_engine, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -173,44 +174,46 @@ class Index:
                 continue  # a concurrent association inserted the same study or instance first
         raise StorageError("index: could not record the instance after concurrent updates")
 
+    def _insert_ignoring_conflicts(self, table: Any) -> Any:
+        """``INSERT ... ON CONFLICT DO NOTHING`` in the engine's dialect (SQLite or PostgreSQL)."""
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table).on_conflict_do_nothing()
+
     def _add_instance(self, row: InstanceRow, calling_ae_title: str) -> bool:
+        # Core statements, three per instance: this runs on every C-STORE, before Success.
         now = row.received_at
-        with self.session() as s:
-            existing = s.scalar(select(InstanceRow).where(InstanceRow.sop_key == row.sop_key))
-            if existing is not None:
-                s.execute(update(StudyRow).where(StudyRow.study_key == row.study_key).values(last_received_at=now))
-                return False
-            if s.get(StudyRow, row.study_key) is None:
-                s.add(
-                    StudyRow(
-                        study_key=row.study_key,
-                        state=StudyState.RECEIVING,
-                        calling_ae_title=calling_ae_title,
-                        first_received_at=now,
-                        last_received_at=now,
-                        instance_count=0,
-                        generation=1,
-                        updated_at=now,
-                    )
+        studies, instances = cast(Table, StudyRow.__table__), cast(Table, InstanceRow.__table__)
+        this_study = studies.c.study_key == row.study_key
+        with self.engine.begin() as conn:
+            conn.execute(
+                self._insert_ignoring_conflicts(studies).values(
+                    study_key=row.study_key, state=StudyState.RECEIVING, calling_ae_title=calling_ae_title,
+                    first_received_at=now, last_received_at=now, instance_count=0, generation=1, updated_at=now,
                 )
-                s.flush()
-            this_study = StudyRow.study_key == row.study_key
-            # single statements, not read-modify-write: other associations update the same row
-            s.execute(
-                update(StudyRow)
-                .where(this_study, StudyRow.state != StudyState.RECEIVING)
-                .values(state=StudyState.RECEIVING, generation=StudyRow.generation + 1)
-            )
-            s.execute(
-                update(StudyRow)
+            )  # fmt: skip
+            added = conn.execute(
+                self._insert_ignoring_conflicts(instances).values(
+                    {c.name: getattr(row, c.name) for c in instances.columns}
+                )
+            ).rowcount
+            later = case((studies.c.last_received_at < now, now), else_=studies.c.last_received_at)
+            if not added:  # the SOP instance is already indexed: the first copy stays
+                conn.execute(update(studies).where(this_study).values(last_received_at=later))
+                return False
+            # one statement, not read-modify-write: other associations update the same row; a
+            # late instance re-opens a study that had moved on (next generation)
+            reopened = studies.c.state != StudyState.RECEIVING
+            conn.execute(
+                update(studies)
                 .where(this_study)
                 .values(
-                    instance_count=StudyRow.instance_count + 1,
-                    last_received_at=case((StudyRow.last_received_at < now, now), else_=StudyRow.last_received_at),
+                    generation=studies.c.generation + case((reopened, 1), else_=0),
+                    state=StudyState.RECEIVING,
+                    instance_count=studies.c.instance_count + 1,
+                    last_received_at=later,
                     updated_at=now,
                 )
             )
-            s.add(InstanceRow(**{c.name: getattr(row, c.name) for c in InstanceRow.__table__.columns}))
         return True
 
     # -- scheduling ----------------------------------------------------------------------------

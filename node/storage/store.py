@@ -143,7 +143,7 @@ class ObjectStore:
                 view = memoryview(blob)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                os.fdatasync(fd)  # data and size; the name is made durable by the directory's fsync
             finally:
                 os.close(fd)
             os.replace(tmp, final)
