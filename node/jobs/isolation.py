@@ -10,6 +10,7 @@ job; the receiver and the other studies go on.
 from __future__ import annotations
 
 import importlib
+import logging
 import multiprocessing
 import multiprocessing.connection
 from multiprocessing import forkserver
@@ -20,6 +21,8 @@ import numpy as np
 
 from algorithms.base import AlgorithmResult, Device, Segment, Volume
 from node.errors import PluginError, SeriesRefused
+
+logger = logging.getLogger(__name__)
 
 _PRELOAD = ["numpy", "scipy.ndimage", "torch", "algorithms.registry", "algorithms.lung_ct_density"]
 _context = multiprocessing.get_context("forkserver")
@@ -71,8 +74,56 @@ def _receive(process: Any, receiver: multiprocessing.connection.Connection, time
         process.join(5)
 
 
-def run_isolated(entry_point: str, volume: Volume, device: Device, params: Any, timeout_s: float) -> AlgorithmResult:
+class SharedVolume:
+    """Voxels in shared memory, so that a volume reaches the algorithm's process without a copy.
+
+    Use as a context manager around loading the volume and :func:`run_isolated`; ``allocate`` is
+    the allocator :func:`node.jobs.volume.load_volume` fills. Leaving the context frees the memory
+    (drop other references to the array first).
+    """
+
+    def __init__(self) -> None:
+        self.shm: SharedMemory | None = None
+        self.array: np.ndarray | None = None
+
+    def allocate(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float32 array of ``shape`` (slices, rows, columns) in a new shared memory block."""
+        if self.shm is not None:
+            raise PluginError("a SharedVolume holds one volume")
+        self.shm = SharedMemory(create=True, size=max(1, int(np.prod(shape)) * 4))
+        self.array = np.ndarray(shape, dtype=np.float32, buffer=self.shm.buf)
+        return self.array
+
+    def holds(self, voxels: np.ndarray) -> bool:
+        """Whether ``voxels`` is this block's array."""
+        return self.array is not None and voxels is self.array
+
+    def __enter__(self) -> SharedVolume:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.array = None
+        if self.shm is not None:
+            try:
+                self.shm.close()
+            except BufferError:  # an array still refers to it: the mapping goes when that does
+                logger.warning("shared volume still referenced when released")
+            self.shm.unlink()
+            self.shm = None
+
+
+def run_isolated(
+    entry_point: str,
+    volume: Volume,
+    device: Device,
+    params: Any,
+    timeout_s: float,
+    shared: SharedVolume | None = None,
+) -> AlgorithmResult:
     """Run the algorithm ``entry_point`` (``module:attribute``) on ``volume`` in a child process.
+
+    ``shared``, when it holds ``volume.voxels``, hands them over without a copy; otherwise they
+    are copied into a shared memory block for the duration of the call.
 
     Raises
     ------
@@ -81,24 +132,33 @@ def run_isolated(entry_point: str, volume: Volume, device: Device, params: Any, 
     PluginError
         It raised, crashed, was killed (out of memory) or ran past ``timeout_s`` seconds.
     """
-    voxels = np.ascontiguousarray(volume.voxels, dtype=np.float32)
-    shm = SharedMemory(create=True, size=max(1, voxels.nbytes))
+    if shared is not None and shared.holds(volume.voxels):
+        return _run_on_shared(entry_point, volume, device, params, timeout_s, shared)
+    with SharedVolume() as own:
+        own.allocate(volume.voxels.shape)[...] = volume.voxels
+        return _run_on_shared(entry_point, volume, device, params, timeout_s, own)
+
+
+def _run_on_shared(
+    entry_point: str, volume: Volume, device: Device, params: Any, timeout_s: float, shared: SharedVolume
+) -> AlgorithmResult:
+    """Run the child on the voxels in ``shared`` (``volume`` gives their geometry)."""
+    if shared.shm is None:
+        raise PluginError("no shared volume to run on")
+    voxels = volume.voxels
     receiver, sender = _context.Pipe(duplex=False)
     try:
-        np.ndarray(voxels.shape, dtype=np.float32, buffer=shm.buf)[...] = voxels
         geometry = {
             "shape": voxels.shape, "spacing_mm": volume.spacing_mm, "affine": volume.affine,
             "modality": volume.modality, "slice_thickness_mm": volume.slice_thickness_mm,
             "device": device, "params_json": params.model_dump_json(),
         }  # fmt: skip
-        process = _context.Process(target=_child, args=(sender, entry_point, shm.name, geometry), daemon=True)
+        process = _context.Process(target=_child, args=(sender, entry_point, shared.shm.name, geometry), daemon=True)
         process.start()
         sender.close()
         kind, payload = _receive(process, receiver, timeout_s)
     finally:
         receiver.close()
-        shm.close()
-        shm.unlink()
     if kind == "refused":
         raise SeriesRefused(payload)
     if kind == "error":

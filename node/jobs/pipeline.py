@@ -37,7 +37,7 @@ from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
 from node.errors import AinodeError, DeliveryError, PluginError, QuarantinedError, SeriesRefused
 from node.jobs.delivery import deliver, withdraw
-from node.jobs.isolation import run_isolated
+from node.jobs.isolation import SharedVolume, run_isolated
 from node.jobs.volume import load_volume
 from node.results import build_measurement_report, build_rejection_note, build_segmentation
 from node.routing.router import RoutePlan, plan_routes
@@ -243,24 +243,24 @@ class Pipeline:
         study_uid = mapping.original_study_instance_uid
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"series de-identified for {spec.name}")
 
-        start = time.perf_counter()
-        volume, slices = load_volume(datasets)
-        for ds in datasets:  # from here on only the headers are needed (SEG/SR references)
-            if "PixelData" in ds:
-                del ds.PixelData
-        del datasets
-        t["load_volume_s"] = time.perf_counter() - start
-        check_accepts(spec, volume)
-
-        start = time.perf_counter()
         ref = next((a for a in route.algorithms if a.name == name), None)
         try:
             params = algorithm.Params.model_validate(ref.parameters if ref is not None else {})
         except ValidationError as exc:
             raise PluginError(f"parameters of {name} in route {route.name}: {exc.errors()[0]['msg']}") from None
-        timeout = settings.node.algorithm_timeout_s
-        result = run_isolated(self.s.registry.entry_point(name), volume, self.s.device, params, timeout)
-        del volume
+        with SharedVolume() as shared:  # the voxels go to the algorithm's process without a copy
+            start = time.perf_counter()
+            volume, slices = load_volume(datasets, allocate=shared.allocate)
+            for ds in datasets:  # from here on only the headers are needed (SEG/SR references)
+                if "PixelData" in ds:
+                    del ds.PixelData
+            del datasets
+            t["load_volume_s"] = time.perf_counter() - start
+            check_accepts(spec, volume)
+            start = time.perf_counter()
+            timeout = settings.node.algorithm_timeout_s
+            result = run_isolated(self.s.registry.entry_point(name), volume, self.s.device, params, timeout, shared)
+            del volume
         t["algorithm_s"] = time.perf_counter() - start
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
 

@@ -8,7 +8,7 @@ the Modality LUT (Rescale Slope/Intercept) is applied, so CT values are in HU.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -67,7 +67,11 @@ def _hu_into(out: np.ndarray, ds: Dataset) -> None:
     out += np.float32(intercept)
 
 
-def load_volume(datasets: Sequence[Dataset], workers: int = 2) -> tuple[Volume, list[Dataset]]:
+def load_volume(
+    datasets: Sequence[Dataset],
+    workers: int = 2,
+    allocate: Callable[[tuple[int, int, int]], np.ndarray] | None = None,
+) -> tuple[Volume, list[Dataset]]:
     """Build a volume and return it with the slices in volume order.
 
     Parameters
@@ -76,6 +80,9 @@ def load_volume(datasets: Sequence[Dataset], workers: int = 2) -> tuple[Volume, 
         Single-frame images of one series (any order).
     workers
         Threads decoding pixel data in parallel.
+    allocate
+        Returns the float32 array of shape (slices, rows, columns) to fill, e.g. in shared memory
+        (:class:`node.jobs.isolation.SharedVolume`); a new array by default.
 
     Returns
     -------
@@ -107,7 +114,8 @@ def load_volume(datasets: Sequence[Dataset], workers: int = 2) -> tuple[Volume, 
     affine[:3, 1] = col_cos * pixel_spacing[0]  # row index moves along the column direction
     affine[:3, 2] = row_cos * pixel_spacing[1]  # column index moves along the row direction
     affine[:3, 3] = positions[0]
-    voxels = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    shape = (len(slices), int(first.Rows), int(first.Columns))
+    voxels = allocate(shape) if allocate is not None else np.empty(shape, dtype=np.float32)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         list(pool.map(_hu_into, voxels, slices))  # one copy of the volume, filled in place
     thickness = first.get("SliceThickness")
