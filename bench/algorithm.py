@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_report  # noqa: E402
+from bench.report import status_mb, write_report  # noqa: E402
 
 
 def one(folder: Path, device: str) -> dict[str, float]:
@@ -39,7 +39,7 @@ def one(folder: Path, device: str) -> dict[str, float]:
     start = time.perf_counter()
     volume, _ = load_volume([pydicom.dcmread(f) for f in series_files(folder)])
     load_s = time.perf_counter() - start
-    rss_before = _status_mb("VmRSS")
+    rss_before = status_mb("self", "VmRSS")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -51,19 +51,12 @@ def one(folder: Path, device: str) -> dict[str, float]:
         "algorithm_s": seconds,
         "volume_mb": volume.voxels.nbytes / 2**20,
         "rss_before_mb": rss_before,
-        "peak_rss_mb": _status_mb("VmHWM"),
+        "peak_rss_mb": status_mb("self", "VmHWM"),
         "segments": len(result.segments),
     }
     if device == "cuda":
         figures["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return figures
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main() -> None:

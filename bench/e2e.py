@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_report  # noqa: E402
+from bench.report import status_mb, write_report  # noqa: E402
 from node.storage.index import Index, JobState  # noqa: E402
 from tests.peers import (  # noqa: E402
     CT_SERIES,
@@ -45,14 +45,6 @@ from tests.peers import (  # noqa: E402
 )
 
 STAGES = ("deidentify_s", "load_volume_s", "algorithm_s", "build_results_s", "send_s")
-
-
-def peak_rss_mb(pid: int) -> float:
-    """Peak resident set size of a process (VmHWM), in MB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def one_run(work: Path, quiet_period_s: float, files: list[Path]) -> dict[str, float]:
@@ -91,7 +83,7 @@ def one_run(work: Path, quiet_period_s: float, files: list[Path]) -> dict[str, f
             "ingest_mb_s": size_mb / ingest_s,
             "end_to_end_s": timings["delivered_at"] - study.last_received_at - quiet_period_s,
             **{k: timings[k] for k in STAGES},
-            "peak_rss_mb": peak_rss_mb(node.proc.pid),  # type: ignore[union-attr]
+            "peak_rss_mb": status_mb(node.proc.pid, "VmHWM"),  # type: ignore[union-attr]
         }
         index.engine.dispose()
         return figures

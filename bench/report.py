@@ -21,3 +21,16 @@ def write_report(out: Path, benchmark: str, **content: Any) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
+
+
+def status_mb(pid: int | str, field: str) -> float | None:
+    """A memory figure of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``, ...) in MB; ``pid`` may be
+    ``"self"``. ``None`` when the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return None

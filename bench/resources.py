@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import os
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -31,27 +29,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import write_report  # noqa: E402
+from bench.report import status_mb, write_report  # noqa: E402
 from tests.peers import (  # noqa: E402
     CT_SERIES,
-    TOOL_ENV,
     folder_node_config,
     make_studies,
     make_tall_series,
     series_files,
     start_node_process,
+    start_storescu,
     storescu,
     wait_until,
 )
 
-PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
-
 
 def _rss_mb(pid: int) -> float:
-    try:
-        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_MB
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    """Resident set size now (MB); 0 when the process is gone."""
+    return status_mb(pid, "VmRSS") or 0.0
 
 
 def _descendants(pid: int) -> list[int]:
@@ -69,13 +63,6 @@ def _descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
-
-
-def _hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 class Sampler(threading.Thread):
@@ -118,16 +105,10 @@ def concurrent(work: Path, senders: int) -> dict[str, float]:
     node, results, sampler = _start(work / "node")
     try:
         start = time.perf_counter()
-        procs = [
-            subprocess.Popen(
-                ["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env=TOOL_ENV,
-            )
-            for files in studies
-        ]
-        failed = sum(p.wait(600) != 0 for p in procs)
+        procs = [start_storescu(node.port, files) for files in studies]
+        for proc in procs:
+            proc.communicate(timeout=600)
+        failed = sum(proc.returncode != 0 for proc in procs)
         received_s = time.perf_counter() - start
         wait_until(lambda: _delivered(results) == senders, 1800, 0.5)
         assert node.proc is not None
@@ -138,7 +119,7 @@ def concurrent(work: Path, senders: int) -> dict[str, float]:
             "all_received_s": received_s,
             "all_delivered_s": time.perf_counter() - start,
             "peak_node_rss_mb": sampler.peak_node_mb,
-            "node_vmhwm_mb": _hwm_mb(node.proc.pid),
+            "node_vmhwm_mb": status_mb(node.proc.pid, "VmHWM"),
             "peak_tree_rss_mb": sampler.peak_tree_mb,
         }
     finally:

@@ -91,6 +91,15 @@ def storescu(
     return subprocess.run(cmd, capture_output=True, text=True, env=TOOL_ENV, timeout=120, check=False)
 
 
+def start_storescu(port: int, files: list[Path], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start DCMTK storescu (calling STORESCU, called AINODE) in the background, for concurrent
+    senders; collect its outcome with ``communicate()``."""
+    return subprocess.Popen(
+        ["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(port), *map(str, files)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or TOOL_ENV,
+    )  # fmt: skip
+
+
 def series_files(folder: Path) -> list[Path]:
     """The ``.dcm`` files of a folder, sorted."""
     return sorted(folder.glob("*.dcm"))

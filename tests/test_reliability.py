@@ -24,6 +24,7 @@ from .peers import (
     node_config,
     series_files,
     start_orthanc,
+    start_storescu,
     storescu,
     wait_until,
 )
@@ -143,10 +144,7 @@ def test_kill_9_mid_association_after_complete_and_during_analysis_delivers_exac
         (second,) = make_studies(CT_SERIES, 1, tmp_path / "second")
         node = start_node(config_path, config)
         # 1. killed mid-association: Nagle left on, so the sender is slow enough to be cut off
-        sender = subprocess.Popen(
-            ["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**TOOL_ENV, "TCP_NODELAY": "0"},
-        )  # fmt: skip
+        sender = start_storescu(node.port, files, env={**TOOL_ENV, "TCP_NODELAY": "0"})
         wait_until(lambda: any((node.data_dir / "store" / "objects").rglob("*")), 30, 0.05)
         node.kill()
         sender.communicate(timeout=60)
@@ -183,16 +181,7 @@ def test_eight_concurrent_senders_all_delivered(tmp_path, start_node):
     studies = make_studies(CT_SERIES, 8, tmp_path / "studies")
     config_path, config, results = folder_node_config(tmp_path)
     node = start_node(config_path, config)
-    senders = [
-        subprocess.Popen(
-            ["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=TOOL_ENV,
-        )
-        for files in studies
-    ]
+    senders = [start_storescu(node.port, files) for files in studies]
     for sender in senders:
         _out, err = sender.communicate(timeout=300)
         assert sender.returncode == 0, err[-2000:]  # every instance acknowledged with Success
@@ -236,16 +225,7 @@ def test_one_study_over_four_concurrent_associations(tmp_path, start_node):
     config_path, config, results = folder_node_config(tmp_path)
     node = start_node(config_path, config)
     files = series_files(CT_SERIES)
-    senders = [
-        subprocess.Popen(
-            ["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, files[i::4])],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=TOOL_ENV,
-        )
-        for i in range(4)
-    ]
+    senders = [start_storescu(node.port, files[i::4]) for i in range(4)]
     for sender in senders:
         _out, err = sender.communicate(timeout=120)
         assert sender.returncode == 0, err[-2000:]
