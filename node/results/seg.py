@@ -64,7 +64,9 @@ def build_segmentation(
     for s in segments:
         if s.mask.shape != shape:
             raise ResultBuildError(f"mask {s.label!r} has shape {s.mask.shape}, sources give {shape}")
-    pixels = np.stack([s.mask.astype(bool, copy=False) for s in segments], axis=-1)
+    # (frames, rows, columns, segments) as highdicom wants it, but segment-major in memory: its
+    # overlap check sums over the segment axis, which is several times faster over whole planes
+    pixels = np.stack([s.mask.astype(bool, copy=False) for s in segments], axis=0).transpose(1, 2, 3, 0)
     algorithm = algorithm_identification(spec, dict(result.parameters))
     descriptions = [
         hd.seg.SegmentDescription(
