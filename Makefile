@@ -35,6 +35,12 @@ test: check
 
 bench: setup
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/e2e.py --slices 500 --runs 2
+	$(BIN)/python bench/algorithm.py
+	$(BIN)/python bench/deid.py
+	$(BIN)/python bench/rules.py
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/resources.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
