@@ -100,7 +100,6 @@ class Node:
         receivers = settings.node.receivers if config_path is not None else 1
         self.receiver = Receiver(settings, self.store, self.index, self.secrets, self.audit, reuse_port=receivers > 1)
         self.store.on_tamper = self.receiver.tamper_detected
-        self.ingest = self.receiver.ingest
         self.pool = ReceiverPool(config_path, receivers, log_level) if config_path is not None else None
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
