@@ -449,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("jobs", help="analysis jobs").add_subparsers(dest="action", required=True)
     p = jobs.add_parser("list")
     p.add_argument("--config", required=True)
-    p.add_argument("--state", choices=["pending", "running", "delivered", "refused", "quarantined", "failed"])
+    p.add_argument(
+        "--state", choices=["pending", "running", "delivered", "refused", "quarantined", "failed", "superseded"]
+    )
     p.set_defaults(func=cmd_jobs_list)
     p = jobs.add_parser("retry", help="queue a failed (dead-letter) job again")
     p.add_argument("id", type=int)
