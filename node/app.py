@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from algorithms.registry import Registry, select_device
+from algorithms.registry import Registry
 from node.audit import (
     APPLICATION_ACTIVITY,
     APPLICATION_ROLE,
@@ -29,7 +29,7 @@ from node.audit import (
 )
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError, ConfigError, PluginError
-from node.jobs.isolation import warm_up
+from node.jobs.isolation import probe_device, warm_up
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
@@ -90,7 +90,7 @@ class Node:
         self.audit = AuditLog.for_data_dir(data_dir, self.store, settings.node.ae_title, syslog)
         self.registry = registry or Registry()
         check_algorithms(settings, self.registry, str(config_path or "configuration"))
-        device = select_device()
+        device = probe_device()  # in a child: the node itself never imports torch
         self.pipeline = Pipeline(
             Services(settings, self.store, self.index, self.secrets, self.registry, device, audit=self.audit)
         )

@@ -13,11 +13,10 @@ connected components run on the host (SciPy, cc3d).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from algorithms.base import (
@@ -33,6 +32,9 @@ from algorithms.base import (
 )
 from algorithms.lung_ct_density.segment import segment_lungs
 from algorithms.registry import check_accepts
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["LAA_THRESHOLD_HU", "LungCtDensity"]
 
@@ -71,6 +73,8 @@ def _density_measures(
     hu: torch.Tensor, mask: npt.NDArray[np.bool_], voxel_ml: float, device: torch.device, laa_hu: float
 ) -> tuple[float, float, float, float]:
     """Volume (ml), mean density (HU), %LAA (at ``laa_hu``) and Perc15 (HU) of the voxels under ``mask``."""
+    import torch
+
     values = hu[torch.from_numpy(mask).to(device)]
     n = values.numel()
     volume_ml = n * voxel_ml
@@ -136,6 +140,8 @@ class LungCtDensity:
         check_accepts(self.spec, volume)
         p = params if isinstance(params, LungCtDensityParams) else LungCtDensityParams()
         lungs = segment_lungs(volume, air_threshold_hu=p.air_threshold_hu, min_lung_ml=p.min_lung_ml)
+        import torch  # here, not at import: the node process loads plugins to check parameters only
+
         torch_device = torch.device(device)
         hu = torch.from_numpy(volume.voxels).to(torch_device)
         both = lungs.left | lungs.right

@@ -29,6 +29,32 @@ _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(_PRELOAD)
 
 
+def _device_child(conn: multiprocessing.connection.Connection) -> None:
+    from algorithms.registry import select_device
+
+    conn.send(select_device())
+    conn.close()
+
+
+def probe_device(timeout_s: float = 300.0) -> Device:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``, asked in a child of the forkserver (where
+    torch is imported already), so that the node's own process never loads torch."""
+    receiver, sender = _context.Pipe(duplex=False)
+    process = _context.Process(target=_device_child, args=(sender,), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if receiver.poll(timeout_s):
+            device: Device = receiver.recv()
+            return device
+    except EOFError:
+        logger.warning("device probe died; running algorithms on cpu")
+    finally:
+        receiver.close()
+        process.join(5)
+    return "cpu"
+
+
 def warm_up() -> None:
     """Start the forkserver (and its imports) now, so the first study does not wait for it."""
     forkserver.ensure_running()
