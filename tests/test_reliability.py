@@ -4,6 +4,8 @@ Orthanc that is down when results are due."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -332,6 +334,12 @@ def test_receiver_processes_share_the_port_follow_reloads_and_die_with_the_node(
     by_child = [r for r in record_ids if r.startswith("audit-r1-")]
     assert by_child and len(by_child) < len(record_ids)  # both processes received (and audited)
     assert len(set(record_ids)) == len(record_ids)  # record ids stay unique across processes
+
+    os.kill(child, signal.SIGKILL)  # a receiver crashes: the node restarts it
+    wait_until(lambda: node.log().count("receiver 1 listening") == 2, 60)
+    assert "receiver 1 exited" in node.log()
+    children = subprocess.run(["pgrep", "-P", str(node.proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
+    (child,) = map(int, children.stdout.split())
 
     node.kill()
     wait_until(lambda: not Path(f"/proc/{child}").exists(), 10, 0.1)
