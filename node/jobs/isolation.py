@@ -190,8 +190,19 @@ def _run_on_shared(
     if kind == "error":
         raise PluginError(f"algorithm raised {payload}")
     packed, measurements, parameters = payload
+    shapes = {tuple(item[2]) for item in packed}
+    if len(shapes) == 1:  # the usual case: one segment-major block, each mask a view of it
+        (shape,) = shapes
+        block = np.empty((len(packed), *shape), dtype=bool)
+        for i, (_label, bits, _shape, _category, _kind) in enumerate(packed):
+            block[i] = np.unpackbits(bits, count=block[i].size).view(bool).reshape(shape)
+        masks = list(block)
+    else:
+        masks = [
+            np.unpackbits(bits, count=int(np.prod(shape))).view(bool).reshape(shape) for _, bits, shape, *_ in packed
+        ]
     segments = [
-        Segment(label, np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool), category, kind_)
-        for label, bits, shape, category, kind_ in packed
+        Segment(label, mask, category, kind_)
+        for (label, _bits, _shape, category, kind_), mask in zip(packed, masks, strict=True)
     ]
     return AlgorithmResult(segments=segments, measurements=measurements, parameters=parameters)

@@ -32,6 +32,20 @@ def algorithm_identification(spec: AlgorithmSpec, parameters: dict[str, str]) ->
     )
 
 
+def _segment_major(masks: list[np.ndarray]) -> np.ndarray:
+    """The masks as one bool array (segments, frames, rows, columns): the block they are views of
+    when they already form one in order (as the isolated runner returns them), else a stacked copy."""
+    base = masks[0].base
+    if (
+        isinstance(base, np.ndarray)
+        and base.dtype == np.bool_
+        and base.shape == (len(masks), *masks[0].shape)
+        and all(m.base is base and m.ctypes.data == base[i].ctypes.data for i, m in enumerate(masks))
+    ):
+        return base
+    return np.stack([m.astype(bool, copy=False) for m in masks], axis=0)
+
+
 def build_segmentation(
     sources: Sequence[Dataset],
     result: AlgorithmResult,
@@ -66,7 +80,7 @@ def build_segmentation(
             raise ResultBuildError(f"mask {s.label!r} has shape {s.mask.shape}, sources give {shape}")
     # (frames, rows, columns, segments) as highdicom wants it, but segment-major in memory: its
     # overlap check sums over the segment axis, which is several times faster over whole planes
-    pixels = np.stack([s.mask.astype(bool, copy=False) for s in segments], axis=0).transpose(1, 2, 3, 0)
+    pixels = _segment_major([s.mask for s in segments]).transpose(1, 2, 3, 0)
     algorithm = algorithm_identification(spec, dict(result.parameters))
     descriptions = [
         hd.seg.SegmentDescription(
