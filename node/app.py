@@ -23,7 +23,6 @@ from node.audit import (
     APPLICATION_STOP,
     SOFTWARE_CONFIGURATION,
     AuditEvent,
-    AuditLog,
     Participant,
     security_alert,
 )
@@ -33,13 +32,9 @@ from node.jobs.isolation import probe_device, warm_up
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
-from node.receiver import Receiver, ReceiverPool
+from node.receiver import Receiver, ReceiverPool, open_data_dir
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
-from node.storage.index import Index
-from node.storage.keys import load_key_provider
-from node.storage.secrets import NodeSecrets
-from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +75,8 @@ class Node:
         self.settings = settings
         self.config_path = config_path
         configure_pydicom()
-        data_dir = settings.node.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.keys = load_key_provider(settings.keys)
-        self.store = ObjectStore(data_dir / "store", self.keys, settings.node.min_free_disk_mb * 2**20)
-        self.index = Index.for_data_dir(data_dir)
-        self.secrets = NodeSecrets(self.store)
-        syslog = (settings.audit.syslog_host, settings.audit.syslog_port) if settings.audit.syslog_host else None
-        self.audit = AuditLog.for_data_dir(data_dir, self.store, settings.node.ae_title, syslog)
+        data = open_data_dir(settings)
+        self.store, self.index, self.secrets, self.audit = data.store, data.index, data.secrets, data.audit
         self.registry = registry or Registry()
         check_algorithms(settings, self.registry, str(config_path or "configuration"))
         device = probe_device()  # in a child: the node itself never imports torch

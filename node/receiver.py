@@ -21,6 +21,7 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -111,6 +112,33 @@ class Ingest:
         """Instances received per Study Instance UID on an association (forgotten afterwards)."""
         with self._lock:
             return self._received.pop(association_id, Counter())
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The parts of a node's data directory that every process of the node opens for itself."""
+
+    store: ObjectStore
+    index: Index
+    secrets: NodeSecrets
+    audit: AuditLog
+
+
+def open_data_dir(settings: Settings, audit_id_prefix: str = "audit-") -> DataDir:
+    """Open (creating if needed, mode 0700) the encrypted store, the index, the node's secrets and
+    the audit log under ``node.data_dir``; ``audit_id_prefix`` keeps each process's record ids apart.
+
+    Raises
+    ------
+    KeyProviderError
+        The master key cannot be loaded.
+    """
+    data_dir = settings.node.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = ObjectStore(data_dir / "store", load_key_provider(settings.keys), settings.node.min_free_disk_mb * 2**20)
+    syslog = (settings.audit.syslog_host, settings.audit.syslog_port) if settings.audit.syslog_host else None
+    audit = AuditLog.for_data_dir(data_dir, store, settings.node.ae_title, syslog, id_prefix=audit_id_prefix)
+    return DataDir(store, Index.for_data_dir(data_dir), NodeSecrets(store), audit)
 
 
 def peer_rules(settings: Settings) -> list[PeerRule]:
@@ -208,13 +236,9 @@ def _receiver_main(config_path: str, number: int, parent_pid: int, log_level: st
     configure_pydicom()
     path = Path(config_path)
     settings = load_settings(path)
-    data_dir = settings.node.data_dir
-    store = ObjectStore(data_dir / "store", load_key_provider(settings.keys), settings.node.min_free_disk_mb * 2**20)
-    index = Index.for_data_dir(data_dir)
-    syslog = (settings.audit.syslog_host, settings.audit.syslog_port) if settings.audit.syslog_host else None
-    audit = AuditLog.for_data_dir(data_dir, store, settings.node.ae_title, syslog, id_prefix=f"audit-r{number}-")
-    receiver = Receiver(settings, store, index, NodeSecrets(store), audit, reuse_port=True)
-    store.on_tamper = receiver.tamper_detected
+    data = open_data_dir(settings, audit_id_prefix=f"audit-r{number}-")
+    receiver = Receiver(settings, data.store, data.index, data.secrets, data.audit, reuse_port=True)
+    data.store.on_tamper = receiver.tamper_detected
     done, reload_requested = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides (Ctrl-C reaches the group)
@@ -230,7 +254,7 @@ def _receiver_main(config_path: str, number: int, parent_pid: int, log_level: st
             except AinodeError as exc:  # the main process validated it; keep the old peers
                 logger.error("receiver %d kept its configuration: %s", number, exc)
     receiver.stop()
-    index.engine.dispose()
+    data.index.engine.dispose()
 
 
 class ReceiverPool:

@@ -49,6 +49,7 @@ from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
 
+FINISHED_JOB_STATES = (JobState.DELIVERED, JobState.REFUSED, JobState.QUARANTINED, JobState.SUPERSEDED)
 SEG_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
 
@@ -159,7 +160,7 @@ class Pipeline:
     def run_job(self, job_id: int) -> str:
         """Run one job to a terminal state and return it (``delivered``, ``refused``, ``failed``)."""
         job = self.s.index.job(job_id)
-        if job is None or job.state in (JobState.DELIVERED, JobState.REFUSED, JobState.QUARANTINED):
+        if job is None or job.state in FINISHED_JOB_STATES:
             return job.state if job else JobState.FAILED
         if self._supersede_if_stale(job_id):
             return JobState.SUPERSEDED
