@@ -47,6 +47,7 @@ from pynetdicom.transport import AssociationServer
 from node.errors import AinodeError, ConfigError, InvalidInstanceError
 from node.network.status import StoreStatus, status_for
 from node.network.tls import subject_of
+from node.network.transport import GuardedAssociationServer
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +150,21 @@ class _AccessControlledAE(AE):
     standard A-ASSOCIATE-RJ "calling AE title not recognised" (PS3.8 9.3.4).
     """
 
-    def __init__(self, ae_title: str, rules: Sequence[PeerRule], reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        ae_title: str,
+        rules: Sequence[PeerRule],
+        reuse_port: bool = False,
+        max_per_address: int = 8,
+        on_refused: Callable[[str, str], None] | None = None,
+    ) -> None:
         super().__init__(ae_title=ae_title)
         self.rules = {r.ae_title: r for r in rules}
         self.refusals: dict[int, str] = {}
         self.reuse_port = reuse_port
+        self.max_per_address = max_per_address
+        self.on_refused = on_refused
+        self.on_tls_failure: Callable[[str, str], None] | None = None
 
     def make_server(  # type: ignore[override]
         self,
@@ -165,20 +176,14 @@ class _AccessControlledAE(AE):
         server_class: type[AssociationServer] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """pynetdicom's server, listening with ``SO_REUSEPORT`` when several receiver processes
-        share the port (the kernel spreads the incoming associations over them)."""
-        base = server_class or AssociationServer
-        if self.reuse_port:
-
-            class _ReusePortServer(base):  # type: ignore[valid-type,misc]
-                def server_bind(self) -> None:
-                    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                    super().server_bind()
-
-            base = _ReusePortServer
+        """A :class:`~node.network.transport.GuardedAssociationServer` (PDU deadlines and limits,
+        TLS handshake off the accept loop, connections per address capped; ``SO_REUSEPORT`` when
+        several receiver processes share the port)."""
         return super().make_server(
             address, ae_title=ae_title, contexts=contexts, ssl_context=ssl_context, evt_handlers=evt_handlers,
-            server_class=base, **kwargs,
+            server_class=GuardedAssociationServer, network_timeout_s=self.network_timeout,
+            max_per_address=self.max_per_address, reuse_port=self.reuse_port,
+            on_tls_failure=self.on_tls_failure, on_refused=self.on_refused, **kwargs,
         )  # fmt: skip
 
     @property
@@ -237,6 +242,10 @@ class StorageSCP:
         returns. An :class:`~node.errors.AinodeError` it raises becomes the matching DIMSE status.
     reuse_port
         Listen with ``SO_REUSEPORT``, so that several receiver processes can share the port.
+    max_per_address
+        Connections admitted at once from one source address (see :mod:`node.network.transport`).
+    network_timeout_s
+        Deadline for each PDU, the TLS handshake and an idle connection's A-ASSOCIATE-RQ.
     """
 
     def __init__(
@@ -250,6 +259,7 @@ class StorageSCP:
         ssl_context: ssl.SSLContext | None = None,
         max_associations: int = 16,
         reuse_port: bool = False,
+        max_per_address: int = 8,
         max_pdu_bytes: int = 262144,
         network_timeout_s: float = 60.0,
         dimse_timeout_s: float = 60.0,
@@ -263,11 +273,12 @@ class StorageSCP:
             raise ConfigError("peers: at least one peer must be configured to receive from")
         # pynetdicom's chunked receive would spool each data set to a plaintext temporary file
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False
-        ae = _AccessControlledAE(ae_title, peers, reuse_port)
+        ae = _AccessControlledAE(ae_title, peers, reuse_port, max_per_address, self._connection_refused)
         ae.require_called_aet = True
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu_bytes
         ae.network_timeout = network_timeout_s
+        ae.acse_timeout = network_timeout_s  # an idle connection that never asks is closed as well
         ae.dimse_timeout = dimse_timeout_s
         ae.add_supported_context(VERIFICATION_SOP_CLASS)
         for sop_class in sop_classes:
@@ -335,6 +346,10 @@ class StorageSCP:
             assoc = event.assoc
             self.on_release(id(assoc), str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
 
+    def _connection_refused(self, address: str, reason: str) -> None:
+        if self.on_security_event is not None:
+            self.on_security_event("", address, reason)
+
     def _tls_failure(self, address: str, reason: str) -> None:
         logger.warning("TLS handshake failed: %s", reason, extra={"address": address})
         if self.on_security_event is not None:
@@ -350,8 +365,7 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._handle_end),
             (evt.EVT_ABORTED, self._handle_end),
         ]
-        if self.ssl_context is not None and hasattr(self.ssl_context, "on_failure"):
-            self.ssl_context.on_failure = self._tls_failure
+        self.ae.on_tls_failure = self._tls_failure
         self._server = self.ae.start_server(
             (host, port), block=False, evt_handlers=handlers, ssl_context=self.ssl_context
         )

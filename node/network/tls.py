@@ -2,38 +2,18 @@
 
 The server context requires and verifies client certificates against the configured CA when
 mutual TLS is on; the client context verifies the peer's certificate chain against the same CA
-and presents the node's own certificate. A handshake failure on the server side is reported to a
-callback (an audit security alert) before the connection is dropped.
+and presents the node's own certificate.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
 from typing import Any
 
 from node.errors import ConfigError
 from node.settings.models import TLSSettings
 
 BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
-
-
-class _ReportingContext(ssl.SSLContext):
-    """An SSLContext that tells ``on_failure`` about failed server-side handshakes."""
-
-    on_failure: Callable[[str, str], None] | None = None
-
-    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        try:
-            address = str(sock.getpeername()[0])
-        except OSError:
-            address = "unknown"
-        try:
-            return super().wrap_socket(sock, *args, **kwargs)
-        except (ssl.SSLError, OSError) as exc:
-            if self.on_failure is not None:
-                self.on_failure(address, getattr(exc, "reason", None) or type(exc).__name__)
-            raise
 
 
 def _base(context: ssl.SSLContext, tls: TLSSettings) -> ssl.SSLContext:
@@ -48,14 +28,14 @@ def _base(context: ssl.SSLContext, tls: TLSSettings) -> ssl.SSLContext:
     return context
 
 
-def server_context(tls: TLSSettings, on_failure: Callable[[str, str], None] | None = None) -> ssl.SSLContext:
-    """TLS context of the Storage SCP."""
-    context = _base(_ReportingContext(ssl.PROTOCOL_TLS_SERVER), tls)
+def server_context(tls: TLSSettings) -> ssl.SSLContext:
+    """TLS context of the Storage SCP (the handshake itself runs in
+    :class:`node.network.transport.GuardedAssociationServer`, which reports failures)."""
+    context = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), tls)
     if tls.require_client_certificate:
         if tls.ca_certificates is None:
             raise ConfigError("node.tls.ca_certificates: needed to verify client certificates")
         context.verify_mode = ssl.CERT_REQUIRED
-    context.on_failure = on_failure  # type: ignore[attr-defined]
     return context
 
 
