@@ -26,13 +26,14 @@ from node.audit import (
     Participant,
     security_alert,
 )
+from node.datadir import open_data_dir
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError, ConfigError, PluginError
 from node.jobs.isolation import probe_device, warm_up
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
-from node.receiver import Receiver, ReceiverPool, open_data_dir
+from node.receiver import Receiver, ReceiverPool
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
 
@@ -75,7 +76,7 @@ class Node:
         self.settings = settings
         self.config_path = config_path
         configure_pydicom()
-        data = open_data_dir(settings)
+        data = self.data = open_data_dir(settings, role="node")
         self.store, self.index, self.secrets, self.audit = data.store, data.index, data.secrets, data.audit
         self.registry = registry or Registry()
         check_algorithms(settings, self.registry, str(config_path or "configuration"))
@@ -132,7 +133,7 @@ class Node:
         self._stop.set()
         self.executor.shutdown(wait=True)
         self._application(APPLICATION_STOP)
-        self.index.engine.dispose()
+        self.data.close()
 
     def reload(self) -> bool:
         """Load, validate and swap in the configuration file again (routes, peers, destinations,
@@ -178,6 +179,7 @@ class Node:
             if reload_requested.is_set():
                 reload_requested.clear()
                 self.reload()
+            self.data.refresh_keys()  # a key rotation reaches this process within one loop
             if self.pool is not None:
                 self.pool.supervise()
         logger.info("shutting down")

@@ -10,7 +10,7 @@
     ainode route test PATH... --config FILE dry run: which route takes each series, and why
     ainode algorithms list                  registered analysis algorithms
     ainode keys generate --out FILE         create a master key file (mode 0600)
-    ainode keys rotate|status --config FILE rotate the master key (re-wrap, retire); show key use
+    ainode keys rotate|retire|status --config FILE  new master key (re-wrap, retire); show key use
     ainode deidentify PATH... --out DIR     de-identify files (PS3.15 Annex E) with a profile
     ainode store verify --config FILE       decrypt every stored object, quarantine tampered ones
     ainode purge STUDY_KEY --config FILE    delete a study's originals, map and results now
@@ -31,11 +31,10 @@ from typing import TYPE_CHECKING
 from node.errors import AinodeError
 
 if TYPE_CHECKING:
-    from node.audit import AuditLog
+    from node.datadir import DataDir
     from node.settings.models import Settings
     from node.storage.index import Index
     from node.storage.secrets import NodeSecrets
-    from node.storage.store import ObjectStore
 
 
 def _files(paths: Sequence[str]) -> list[Path]:
@@ -197,72 +196,59 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _store(settings: Settings) -> ObjectStore:
-    from node.storage.keys import load_key_provider
-    from node.storage.store import ObjectStore
-
-    return ObjectStore(settings.node.data_dir / "store", load_key_provider(settings.keys))
-
-
-def _open(config: str) -> tuple[Settings, ObjectStore, AuditLog]:
-    """The configuration, the encrypted store and the audit log an admin command works on."""
-    from node.audit import AuditLog
+def _open(config: str) -> DataDir:
+    """The data directory an admin command works on, opened as every process of the node opens it
+    (store with the disk watermark, index, secrets, audit log with its ATNA mirror)."""
+    from node.datadir import open_data_dir
     from node.settings import load_settings
 
-    settings = load_settings(config)
-    store = _store(settings)
-    return settings, store, AuditLog.for_data_dir(settings.node.data_dir, store, settings.node.ae_title)
+    return open_data_dir(load_settings(config), role="cli")
 
 
 def _secrets(settings: Settings) -> NodeSecrets:
-    from node.storage.secrets import NodeSecrets
+    from node.datadir import open_data_dir
 
-    return NodeSecrets(_store(settings))
+    return open_data_dir(settings, role="cli").secrets
+
+
+def _rotate(args: argparse.Namespace, add_key: bool) -> int:
+    from node.audit import SECURITY_CONFIGURATION, security_alert
+    from node.datadir import rotate_keys
+    from node.settings.models import FileKeySource
+
+    data = _open(args.config)
+    if add_key and not isinstance(data.settings.keys, FileKeySource):
+        print(f"keys come from ${data.settings.keys.variable}: put the new key first there and restart; re-wrapping")
+    done = rotate_keys(data, add_key=add_key, wait_s=args.wait)
+    for reason in done.tampered:
+        print(f"tampered, quarantined: {reason}", file=sys.stderr)
+    for key_id, why in done.kept.items():
+        print(f"key {key_id} kept: {why}")
+    print(
+        f"current key {done.current}: {done.rewrapped} object(s) re-wrapped, {len(done.tampered)} quarantined;", end=" "
+    )
+    print(f"retired {len(done.retired)} key(s)")
+    what = "rotated to" if add_key else "re-wrapped to"
+    data.audit.record(
+        security_alert(SECURITY_CONFIGURATION, f"master key {what} {done.current}; {len(done.retired)} retired")
+    )
+    if data.mirror is not None:
+        data.mirror.flush()
+    return 1 if done.tampered else 0
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    import secrets as random
+    return _rotate(args, add_key=True)
 
-    from node.audit import SECURITY_CONFIGURATION, security_alert
-    from node.errors import TamperedObjectError
-    from node.settings import load_settings
-    from node.settings.models import FileKeySource
-    from node.storage.keys import load_key_provider, write_keyring
 
-    settings = load_settings(args.config)
-    if isinstance(settings.keys, FileKeySource):
-        ring = load_key_provider(settings.keys)
-        write_keyring(settings.keys.path, [random.token_bytes(32), *[k.secret for k in ring.keys]])
-        print("new current key added to", settings.keys.path)
-    else:
-        print(f"keys come from ${settings.keys.variable}: put the new key first there; re-wrapping to it")
-    _settings, store, audit = _open(args.config)  # opened after the keyring changed
-    current = store.keys.current().key_id
-    rewrapped = tampered = 0
-    for object_id in store.object_ids():
-        try:
-            rewrapped += store.rewrap(object_id)
-        except TamperedObjectError as exc:
-            tampered += 1
-            print(f"tampered, quarantined: {exc}", file=sys.stderr)
-    audit.rewrap()
-    in_use = {store.key_id_of(o) for o in store.object_ids()} | audit.key_ids()
-    retired = [k for k in store.keys.key_ids() if k != current and k not in in_use]
-    if isinstance(settings.keys, FileKeySource) and retired:
-        ring = load_key_provider(settings.keys)
-        write_keyring(settings.keys.path, [k.secret for k in ring.keys if k.key_id not in retired])
-    print(f"current key {current}: {rewrapped} object(s) re-wrapped, {tampered} quarantined;", end=" ")
-    print(f"retired {len(retired)} key(s)")
-    audit.record(security_alert(SECURITY_CONFIGURATION, f"master key rotated to {current}; {len(retired)} retired"))
-    return 1 if tampered else 0
+def cmd_keys_retire(args: argparse.Namespace) -> int:
+    return _rotate(args, add_key=False)
 
 
 def cmd_keys_status(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from node.settings import load_settings
-
-    store = _store(load_settings(args.config))
+    store = _open(args.config).store
     counts = Counter(store.key_id_of(o) for o in store.object_ids())
     current = store.keys.current().key_id
     for key_id in store.keys.key_ids():
@@ -278,7 +264,8 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
     from node.audit import OBJECT_SECURITY_ATTRIBUTES_CHANGED, security_alert
     from node.errors import StorageError, TamperedObjectError
 
-    _settings, store, audit = _open(args.config)
+    data = _open(args.config)
+    store, audit = data.store, data.audit
     ok = tampered = 0
     for object_id in store.object_ids():
         try:
@@ -298,8 +285,8 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace) -> int:
     from node.jobs.retention import purge_study
 
-    _settings, store, audit = _open(args.config)
-    n = purge_study(_index(args.config), store, args.study_key, audit, "purged by an administrator")
+    data = _open(args.config)
+    n = purge_study(data.index, data.store, args.study_key, data.audit, "purged by an administrator")
     if n == 0:
         raise AinodeError(f"no study {args.study_key} (see 'ainode studies list')")
     print(f"purged study {args.study_key}: {n} object(s) deleted")
@@ -307,8 +294,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_show(args: argparse.Namespace) -> int:
-    *_, log = _open(args.config)
-    for record in log.read():
+    for record in _open(args.config).audit.read():
         print(record)
     return 0
 
@@ -321,10 +307,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def _index(config: str) -> Index:
-    from node.settings import load_settings
-    from node.storage.index import Index
-
-    return Index.for_data_dir(load_settings(config).node.data_dir)
+    return _open(config).index
 
 
 def cmd_studies_list(args: argparse.Namespace) -> int:
@@ -413,7 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys_generate)
     p = keys.add_parser("rotate", help="add a new current key, re-wrap every object, retire unused keys")
     p.add_argument("--config", required=True)
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for running processes to take the key")
     p.set_defaults(func=cmd_keys_rotate)
+    p = keys.add_parser("retire", help="re-wrap every object to the current key, retire the keys nothing uses")
+    p.add_argument("--config", required=True)
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for running processes to take the key")
+    p.set_defaults(func=cmd_keys_retire)
     p = keys.add_parser("status", help="keys in the keyring and the objects each one wraps")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_keys_status)

@@ -7,7 +7,8 @@
     ├── KeyProviderError       a key-encryption key cannot be loaded
     ├── StorageError           the encrypted store cannot read or write an object
     │   ├── TamperedObjectError    authentication of a stored object failed (tampered or truncated)
-    │   └── OutOfResourcesError    the disk watermark is reached; maps to DIMSE 0xA700
+    │   ├── OutOfResourcesError    the disk watermark is reached; maps to DIMSE 0xA700   (transient)
+    │   └── IndexUnavailableError  the index database is locked or unreachable            (transient)
     ├── InvalidInstanceError   a received data set is unusable; maps to DIMSE 0xA900 / 0xC000
     ├── DeidentificationError  a data set cannot be de-identified or re-identified safely
     │   └── QuarantinedError       pixels may hold burned-in PHI and no rule cleans them
@@ -15,9 +16,13 @@
     ├── PluginError            an algorithm plugin failed to load or raised
     │   └── SeriesRefused          the algorithm declines the series with a reason (not a failure)
     ├── ResultBuildError       a SEG or SR cannot be built
-    └── DeliveryError          a destination refused or could not be reached
+    └── DeliveryError          a destination refused or could not be reached           (transient)
 
 Errors are converted to DIMSE statuses only at the network edge (``node.network``).
+
+*Transient* errors (``transient = True``) are conditions that pass by themselves: planning and jobs
+that meet one are retried with backoff. Every other error is permanent: the job or study fails with
+the error's message as its reason.
 """
 
 from __future__ import annotations
@@ -25,6 +30,14 @@ from __future__ import annotations
 
 class AinodeError(Exception):
     """Root of every error ainode raises on purpose."""
+
+    transient: bool = False
+    """Whether the condition passes by itself (retry later) rather than needing a person."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is worth retrying (see the module docstring)."""
+    return isinstance(exc, AinodeError) and exc.transient
 
 
 class ConfigError(AinodeError):
@@ -45,6 +58,14 @@ class TamperedObjectError(StorageError):
 
 class OutOfResourcesError(StorageError):
     """Free disk space is below the configured watermark (DIMSE 0xA700, PS3.4 B.2.3)."""
+
+    transient = True
+
+
+class IndexUnavailableError(StorageError):
+    """The index database is locked by another process or cannot be reached right now."""
+
+    transient = True
 
 
 class InvalidInstanceError(AinodeError):
@@ -84,3 +105,5 @@ class ResultBuildError(AinodeError):
 
 class DeliveryError(AinodeError):
     """A destination refused the results or could not be reached."""
+
+    transient = True

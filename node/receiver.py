@@ -21,7 +21,6 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from node.audit import (
     security_alert,
     study_event,
 )
+from node.datadir import open_data_dir
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError, OutOfResourcesError
 from node.network.scp import PeerRule, ReceivedInstance, StorageSCP
@@ -44,7 +44,6 @@ from node.network.tls import server_context
 from node.settings import load_settings
 from node.settings.models import Settings
 from node.storage.index import Index, InstanceRow, JobState
-from node.storage.keys import load_key_provider
 from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore
 
@@ -114,33 +113,6 @@ class Ingest:
             return self._received.pop(association_id, Counter())
 
 
-@dataclass(frozen=True)
-class DataDir:
-    """The parts of a node's data directory that every process of the node opens for itself."""
-
-    store: ObjectStore
-    index: Index
-    secrets: NodeSecrets
-    audit: AuditLog
-
-
-def open_data_dir(settings: Settings, audit_id_prefix: str = "audit-") -> DataDir:
-    """Open (creating if needed, mode 0700) the encrypted store, the index, the node's secrets and
-    the audit log under ``node.data_dir``; ``audit_id_prefix`` keeps each process's record ids apart.
-
-    Raises
-    ------
-    KeyProviderError
-        The master key cannot be loaded.
-    """
-    data_dir = settings.node.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = ObjectStore(data_dir / "store", load_key_provider(settings.keys), settings.node.min_free_disk_mb * 2**20)
-    syslog = (settings.audit.syslog_host, settings.audit.syslog_port) if settings.audit.syslog_host else None
-    audit = AuditLog.for_data_dir(data_dir, store, settings.node.ae_title, syslog, id_prefix=audit_id_prefix)
-    return DataDir(store, Index.for_data_dir(data_dir), NodeSecrets(store), audit)
-
-
 def peer_rules(settings: Settings) -> list[PeerRule]:
     """The access rules of the configured peers."""
     return [PeerRule(p.ae_title, tuple(p.source_addresses), p.certificate_subject) for p in settings.peers]
@@ -177,6 +149,7 @@ class Receiver:
             on_release=self._association_ended,
             ssl_context=server_context(n.tls) if n.tls is not None else None,
             max_associations=n.max_associations,
+            max_per_address=n.max_connections_per_address,
             max_pdu_bytes=n.max_pdu_bytes,
             network_timeout_s=n.network_timeout_s,
             dimse_timeout_s=n.dimse_timeout_s,
@@ -236,7 +209,7 @@ def _receiver_main(config_path: str, number: int, parent_pid: int, log_level: st
     configure_pydicom()
     path = Path(config_path)
     settings = load_settings(path)
-    data = open_data_dir(settings, audit_id_prefix=f"audit-r{number}-")
+    data = open_data_dir(settings, role=f"receiver-{number}")
     receiver = Receiver(settings, data.store, data.index, data.secrets, data.audit, reuse_port=True)
     data.store.on_tamper = receiver.tamper_detected
     done, reload_requested = threading.Event(), threading.Event()
@@ -246,6 +219,7 @@ def _receiver_main(config_path: str, number: int, parent_pid: int, log_level: st
     receiver.start()
     logger.info("receiver %d listening", number, extra={"port": settings.node.port})
     while not done.wait(0.2):
+        data.refresh_keys()  # a key rotation reaches this process within one loop
         if reload_requested.is_set():
             reload_requested.clear()
             try:
@@ -254,7 +228,7 @@ def _receiver_main(config_path: str, number: int, parent_pid: int, log_level: st
             except AinodeError as exc:  # the main process validated it; keep the old peers
                 logger.error("receiver %d kept its configuration: %s", number, exc)
     receiver.stop()
-    data.index.engine.dispose()
+    data.close()
 
 
 class ReceiverPool:

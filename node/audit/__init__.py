@@ -3,23 +3,29 @@
 Each record is an ``<AuditMessage>`` XML document (EventIdentification, ActiveParticipant,
 AuditSourceIdentification, ParticipantObjectIdentification). Records may name studies by their
 Study Instance UID where the schema requires it, so the local log is sealed record by record with
-the store's envelope encryption (one line per record: ``audit-<n> <base64>``) and fsync'd;
-``ainode audit show`` decrypts it for an administrator. Optionally each record is also sent in
-plaintext to a syslog collector (RFC 5424 over UDP, RFC 5426), which is the site's ATNA repository.
+the store's envelope encryption (one line per record: ``audit-<writer>-<n> <base64>``, the record
+id being the encryption's associated data, unique per writing process) and fsync'd;
+``ainode audit show`` decrypts it for an administrator. Every process of a node (main, receivers,
+workers, CLI) appends to the same file, under a shared ``flock``; re-wrapping takes it exclusively, so
+no record appended meanwhile is lost. Optionally each record is also sent to the site's ATNA
+repository (:mod:`node.audit.syslog`: RFC 5425 syslog over TLS).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import fcntl
 import logging
 import os
-import socket
 import threading
+import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from node.storage.store import ObjectStore
 
@@ -121,53 +127,55 @@ def to_xml(event: AuditEvent, source_id: str, when: dt.datetime) -> str:
     return ET.tostring(message, encoding="unicode")
 
 
+class AuditMirror(Protocol):
+    """Where a copy of every record goes (:class:`node.audit.syslog.SyslogSender`)."""
+
+    def send(self, xml: str, outcome: int) -> None:
+        """Queue one record."""
+        ...
+
+
 class AuditLog:
-    """Append-only, encrypted local audit log, optionally mirrored to syslog.
+    """Append-only, encrypted local audit log, optionally mirrored to the ATNA repository.
 
     Parameters
     ----------
     path
-        The log file (created with mode 0600).
+        The log file (created with mode 0600); ``PATH.lock`` beside it is the writers' lock.
     store
         The object store whose envelope encryption seals each record.
     source_id
         AuditSourceID: the node's AE title.
-    syslog
-        ``(host, port)`` of an RFC 5424 collector, or ``None``.
-    id_prefix
-        Prefix of the record ids (the associated data of each sealed record); each process that
-        writes to the log has its own, so ids stay unique.
+    mirror
+        Sends a copy of each record (syslog over TLS), or ``None``.
     """
 
-    def __init__(
-        self,
-        path: Path,
-        store: ObjectStore,
-        source_id: str,
-        syslog: tuple[str, int] | None = None,
-        id_prefix: str = "audit-",
-    ) -> None:
+    def __init__(self, path: Path, store: ObjectStore, source_id: str, mirror: AuditMirror | None = None) -> None:
         self.path = path
-        self.id_prefix = id_prefix
         self.store = store
         self.source_id = source_id
-        self.syslog = syslog
+        self.mirror = mirror
+        self.writer_id = uuid.uuid4().hex[:12]  # this process's records: audit-<writer>-<n>
+        self._next = 0
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._next = sum(1 for _ in self._lines())
 
     @classmethod
     def for_data_dir(
-        cls,
-        data_dir: Path,
-        store: ObjectStore,
-        source_id: str,
-        syslog: tuple[str, int] | None = None,
-        id_prefix: str = "audit-",
+        cls, data_dir: Path, store: ObjectStore, source_id: str, mirror: AuditMirror | None = None
     ) -> AuditLog:
-        """The node's audit log, ``DATA_DIR/audit/audit.log`` (``id_prefix`` keeps the record ids
-        of several writing processes apart)."""
-        return cls(data_dir / "audit" / "audit.log", store, source_id, syslog, id_prefix)
+        """The node's audit log, ``DATA_DIR/audit/audit.log``."""
+        return cls(data_dir / "audit" / "audit.log", store, source_id, mirror)
+
+    @contextmanager
+    def _file_lock(self, exclusive: bool) -> Iterator[None]:
+        """The lock every writing process honours: shared to append, exclusive to rewrite."""
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _lines(self) -> Iterator[str]:
         if self.path.exists():
@@ -175,31 +183,20 @@ class AuditLog:
                 yield from (line.rstrip("\n") for line in fh if line.strip())
 
     def record(self, event: AuditEvent) -> None:
-        """Seal and append ``event`` (fsync'd), then mirror it to syslog if configured."""
+        """Seal and append ``event`` (fsync'd), then hand it to the mirror if configured."""
         xml = to_xml(event, self.source_id, dt.datetime.now(dt.UTC))
-        with self._lock:
-            record_id = f"{self.id_prefix}{self._next}"
+        with self._lock, self._file_lock(exclusive=False), self.store.keys.sealing():
+            record_id = f"audit-{self.writer_id}-{self._next}"
             line = f"{record_id} {base64.b64encode(self.store.seal(record_id, xml.encode())).decode()}\n"
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                os.write(fd, line.encode("ascii"))
+                os.write(fd, line.encode("ascii"))  # one write of a whole line: appends never interleave
                 os.fsync(fd)
             finally:
                 os.close(fd)
             self._next += 1
-        if self.syslog is not None:
-            self._send_syslog(xml, event.outcome)
-
-    def _send_syslog(self, xml: str, outcome: int) -> None:
-        severity = 5 if outcome == 0 else 4  # notice / warning; facility 10 (security/authorization)
-        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        message = f"<{10 * 8 + severity}>1 {stamp} {socket.gethostname()} ainode - IHE+RFC-3881 - \ufeff{xml}"
-        assert self.syslog is not None
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            try:
-                sock.sendto(message.encode("utf-8"), self.syslog)
-            except OSError as exc:  # the local log has it; a collector being down is not fatal
-                logger.warning("audit record not sent to syslog: %s", exc.strerror)
+        if self.mirror is not None:
+            self.mirror.send(xml, event.outcome)
 
     def read(self) -> list[str]:
         """Every record, decrypted (for ``ainode audit show``)."""
@@ -209,9 +206,14 @@ class AuditLog:
             out.append(self.store.unseal(record_id, base64.b64decode(payload)).decode())
         return out
 
+    def record_ids(self) -> list[str]:
+        """The id of every record, in file order."""
+        return [line.partition(" ")[0] for line in self._lines()]
+
     def rewrap(self) -> int:
-        """Re-wrap every record's data key under the current master key; returns how many changed."""
-        with self._lock:
+        """Re-wrap every record's data key under the current master key; returns how many changed.
+        Appends by other processes wait meanwhile (exclusive file lock), so none is lost."""
+        with self._lock, self._file_lock(exclusive=True), self.store.keys.sealing():
             lines, changed = [], 0
             for line in self._lines():
                 record_id, _, payload = line.partition(" ")

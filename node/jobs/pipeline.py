@@ -22,6 +22,7 @@ from pydicom import Dataset
 
 from algorithms.base import Device
 from algorithms.registry import Registry, check_accepts
+from node import faults
 from node.audit import (
     DESTINATION_ROLE,
     INSTANCES_ACCESSED,
@@ -35,7 +36,15 @@ from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
-from node.errors import AinodeError, DeliveryError, PluginError, QuarantinedError, SeriesRefused
+from node.errors import (
+    AinodeError,
+    ConfigError,
+    OutOfResourcesError,
+    PluginError,
+    QuarantinedError,
+    SeriesRefused,
+    is_transient,
+)
 from node.jobs.delivery import deliver, withdraw
 from node.jobs.isolation import SharedVolume, run_isolated
 from node.jobs.volume import load_volume
@@ -43,7 +52,7 @@ from node.results import build_measurement_report, build_rejection_note, build_s
 from node.routing.router import RoutePlan, plan_routes
 from node.routing.rules import header_of, keywords_of, matches, prepare
 from node.settings.models import Deidentification, Settings
-from node.storage.index import Index, InstanceRow, JobState, StudyState
+from node.storage.index import Index, InstanceRow, JobState, PlannedJob, StudyState
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore
 
@@ -86,8 +95,16 @@ class Pipeline:
     def plan(self, study_key: str) -> list[int]:
         """Route a quiet study and create its jobs; returns their ids ([] if it is not yet due).
 
-        The study becomes ``processing`` (jobs created), ``no_match`` (no route matched) or stays
-        ``receiving`` when a matched route's quiet period has not yet passed.
+        The study becomes ``processing`` (jobs created), ``done`` (routes matched, nothing to run),
+        ``no_match`` (no route matched) in one transaction, or stays ``receiving`` when a matched
+        route's quiet period has not yet passed. A crash at any point leaves it either unplanned
+        (planned again after restart) or fully planned.
+
+        Raises
+        ------
+        AinodeError
+            The study's headers or the index cannot be read; transient ones
+            (:func:`node.errors.is_transient`) are worth retrying.
         """
         study = self.s.index.study(study_key)
         if study is None or study.state != StudyState.RECEIVING:
@@ -97,24 +114,22 @@ class Pipeline:
         plans = plan_routes(self.s.settings, headers, study.calling_ae_title, self.s.settings.node.ae_title)
         if plans and not self._complete(plans, headers, study.first_received_at, study.last_received_at):
             return []
-        if not self.s.index.set_study_state(study_key, StudyState.COMPLETE, expect=StudyState.RECEIVING):
-            return []  # a late instance re-opened it meanwhile
-        jobs = [
-            self.s.index.add_job(study_key, study.generation, plan.route.name, algorithm, series_key)
+        planned = [
+            PlannedJob(plan.route.name, algorithm.name, series_key)
             for plan in plans
             for series_key in plan.series_keys
-            for algorithm in (a.name for a in plan.route.algorithms)
+            for algorithm in plan.route.algorithms
         ]
-        if not jobs:
-            if plans:
-                names = ", ".join(p.route.name for p in plans)
-                self.s.index.set_study_state(study_key, StudyState.DONE, reason=f"matched {names}: nothing to run")
-            else:
-                self.s.index.set_study_state(study_key, StudyState.NO_MATCH, reason="no route matched")
+        faults.point("plan:routed", index=self.s.index)
+        done_reason = f"matched {', '.join(p.route.name for p in plans)}: nothing to run" if plans else None
+        jobs = self.s.index.plan_study(study_key, study.generation, planned, done_reason)
+        if jobs is None:
+            return []  # a late instance re-opened it meanwhile
+        faults.point("plan:committed", index=self.s.index)
+        if jobs:
+            logger.info("study complete: %d job(s)", len(jobs), extra={"study_key": study_key})
+        else:
             logger.info("study needs no analysis", extra={"study_key": study_key, "routes": len(plans)})
-            return []
-        self.s.index.set_study_state(study_key, StudyState.PROCESSING)
-        logger.info("study complete: %d job(s)", len(jobs), extra={"study_key": study_key})
         return jobs
 
     def _complete(
@@ -165,6 +180,7 @@ class Pipeline:
         if self._supersede_if_stale(job_id):
             return JobState.SUPERSEDED
         self.s.index.update_job(job_id, state=JobState.RUNNING, attempts=job.attempts + 1)
+        faults.point("job:running", index=self.s.index)
         extra = {"study_key": job.study_key, "job_id": job_id, "algorithm": job.algorithm}
         timings: dict[str, float] = {}
         try:
@@ -177,10 +193,13 @@ class Pipeline:
             state = JobState.REFUSED
             self.s.index.update_job(job_id, state=state, reason=exc.reason, timings=timings)
             logger.info("series refused: %s", exc.reason, extra=extra)
-        except DeliveryError as exc:
-            state = self._retry_or_dead_letter(job_id, job.attempts + 1, str(exc), timings)
-            logger.warning("delivery failed (%s): %s", state, exc, extra=extra)
         except AinodeError as exc:
+            if is_transient(exc):
+                counted = not isinstance(exc, OutOfResourcesError)  # a full disk waits, never dead-letters
+                state = self._retry_or_dead_letter(job_id, job.attempts + 1, str(exc), timings, counted)
+                logger.warning("job interrupted (%s): %s", state, exc, extra=extra)
+                self._finish_study(job.study_key)
+                return state
             state = JobState.FAILED
             self.s.index.update_job(job_id, state=state, reason=str(exc), timings=timings)
             logger.error("job failed: %s", exc, extra=extra)
@@ -203,10 +222,16 @@ class Pipeline:
         logger.info("job superseded before delivery", extra={"job_id": job_id, "study_key": job.study_key})
         return True
 
-    def _retry_or_dead_letter(self, job_id: int, attempts: int, reason: str, timings: dict[str, float]) -> str:
-        """Schedule another attempt with exponential backoff and full jitter, or dead-letter the job."""
+    def _retry_or_dead_letter(
+        self, job_id: int, attempts: int, reason: str, timings: dict[str, float], counted: bool = True
+    ) -> str:
+        """Schedule another attempt with exponential backoff and full jitter, or dead-letter the job
+        (after ``delivery.max_attempts``; an attempt that is not ``counted`` never dead-letters)."""
         policy = self.s.settings.delivery
-        if attempts >= policy.max_attempts:
+        if not counted:
+            attempts -= 1
+            self.s.index.update_job(job_id, attempts=attempts)
+        if counted and attempts >= policy.max_attempts:
             self.s.index.update_job(
                 job_id,
                 state=JobState.FAILED,
@@ -214,7 +239,7 @@ class Pipeline:
                 timings=timings,
             )
             return JobState.FAILED
-        delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** (attempts - 1))
+        delay = min(policy.max_backoff_s, policy.backoff_s * 2 ** max(0, attempts - 1))
         delay = delay / 2 + random.uniform(0, delay / 2)
         self.s.index.update_job(
             job_id, state=JobState.PENDING, next_attempt_at=self.s.clock() + delay, timings=timings,
@@ -227,8 +252,8 @@ class Pipeline:
     ) -> str:
         settings = self.s.settings  # one configuration for the whole job, even across a reload
         route = next((r for r in settings.routes if r.name == route_name), None)
-        if route is None:
-            raise DeliveryError(f"route {route_name!r} is no longer configured")
+        if route is None:  # permanent: a reload removed it; retrying cannot bring it back
+            raise ConfigError(f"route {route_name!r} is no longer configured")
         job = self.s.index.job(job_id)
         if job is not None and job.result_ids:  # built before a crash or a failed delivery: send only
             t.update({k: v for k, v in json.loads(job.timings).items() if k not in t})

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from node.errors import AinodeError, is_transient
 from node.jobs.pipeline import Pipeline
 from node.settings.models import Settings
 from node.storage.index import Index, JobState, StudyState
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 DEFER_S = 1.0
+RERUN_LIMIT = 10
+MAX_PLANNING_BACKOFF_S = 60.0
 PRIORITY_RANK = {"stat": 0, "routine": 1, "background": 2}
 
 
@@ -47,6 +50,7 @@ class InProcessExecutor:
         self._queue: queue.PriorityQueue[tuple[int, int, int]] = queue.PriorityQueue()
         self._seq = itertools.count()
         self._stopping = threading.Event()
+        self._raised: dict[int, int] = {}
         self._threads = [
             threading.Thread(target=self._work, name=f"ainode-job-{i}", daemon=True) for i in range(workers)
         ]
@@ -55,13 +59,32 @@ class InProcessExecutor:
 
     def _work(self) -> None:
         while True:
-            _rank, _seq, job_id = self._queue.get()
+            rank, _seq, job_id = self._queue.get()
             if job_id < 0 or self._stopping.is_set():
                 return
             try:
                 self._run(job_id)
-            except Exception:  # executor boundary: the pipeline records job failures itself
-                logger.exception("job runner raised", extra={"job_id": job_id})
+                self._raised.pop(job_id, None)
+            except Exception as exc:  # executor boundary: the pipeline could not even record the outcome
+                self._run_again_later(job_id, rank, exc)
+
+    def _run_again_later(self, job_id: int, rank: int, exc: Exception) -> None:
+        """A job whose run raised (e.g. the index was locked while its outcome was recorded) is
+        run again after a backoff; it stays ``running`` in the index meanwhile, so a restart
+        resumes it too."""
+        tries = self._raised[job_id] = self._raised.get(job_id, 0) + 1
+        if tries > RERUN_LIMIT:
+            logger.error("job runner raised %d times; left for the next start", tries, extra={"job_id": job_id})
+            self._raised.pop(job_id, None)
+            return
+        delay = min(60.0, 2.0**tries)
+        if is_transient(exc):
+            logger.warning("job interrupted: %s; running it again in %.0f s", exc, delay, extra={"job_id": job_id})
+        else:
+            logger.exception("job runner raised; running it again in %.0f s", delay, extra={"job_id": job_id})
+        timer = threading.Timer(delay, lambda: self._queue.put((rank, next(self._seq), job_id)))
+        timer.daemon = True
+        timer.start()
 
     def submit(self, job_id: int, priority: str = "routine") -> None:
         """Queue ``job_id`` at ``priority``."""
@@ -87,6 +110,7 @@ class Scheduler:
         self.settings = settings
         self.executor = executor
         self._deferred: dict[str, tuple[float, float]] = {}
+        self._planning_failures: dict[str, int] = {}
 
     @property
     def min_quiet_period_s(self) -> float:
@@ -94,19 +118,38 @@ class Scheduler:
         periods = [r.completion.quiet_period_s for r in self.settings.routes]
         return min(periods) if periods else 60.0
 
-    def _defer(self, study_key: str) -> None:
+    def _defer(self, study_key: str, delay_s: float = DEFER_S) -> None:
         """A study planned too early (quiet period, expected series): look again in a few seconds,
         or at once when another instance arrives."""
         study = self.index.study(study_key)
         if study is not None and study.state == StudyState.RECEIVING:
-            self._deferred[study_key] = (study.last_received_at, time.monotonic() + DEFER_S)
+            self._deferred[study_key] = (study.last_received_at, time.monotonic() + delay_s)
+
+    def _planning_failed(self, study_key: str, exc: Exception) -> None:
+        """A transient failure is retried with exponential backoff (the study stays ``receiving``);
+        a permanent one fails the study with the reason."""
+        if is_transient(exc):
+            failures = self._planning_failures[study_key] = self._planning_failures.get(study_key, 0) + 1
+            delay = min(MAX_PLANNING_BACKOFF_S, DEFER_S * 2**failures)
+            logger.warning("planning interrupted: %s; retrying in %.0f s", exc, delay, extra={"study_key": study_key})
+            self._deferred[study_key] = (-1.0, time.monotonic() + delay)
+            return
+        self._planning_failures.pop(study_key, None)
+        if isinstance(exc, AinodeError):
+            logger.error("planning failed: %s", exc, extra={"study_key": study_key})
+            reason = f"planning failed: {exc}"
+        else:
+            logger.exception("planning failed with an internal error", extra={"study_key": study_key})
+            reason = f"planning failed: internal error {type(exc).__name__}"
+        self.index.set_study_state(study_key, StudyState.FAILED, reason=reason)
 
     def _still_deferred(self, study_key: str) -> bool:
         deferred = self._deferred.get(study_key)
         if deferred is None:
             return False
         study = self.index.study(study_key)
-        if time.monotonic() >= deferred[1] or study is None or study.last_received_at != deferred[0]:
+        arrived = deferred[0] >= 0 and (study is None or study.last_received_at != deferred[0])
+        if time.monotonic() >= deferred[1] or study is None or arrived:
             del self._deferred[study_key]
             return False
         return True
@@ -122,9 +165,9 @@ class Scheduler:
         for job in sorted(jobs, key=lambda j: j.id):
             self.executor.submit(job.id, self._priority(job.route))
         for study in self.index.studies(StudyState.COMPLETE):
-            # planned but no job recorded before a crash: plan again
-            if not self.index.jobs(study.study_key):
-                self.index.set_study_state(study.study_key, StudyState.RECEIVING)
+            # left by a release that planned in several transactions: finish its partial plan
+            planned = [j for j in self.index.jobs(study.study_key) if j.generation == study.generation]
+            self.index.set_study_state(study.study_key, StudyState.PROCESSING if planned else StudyState.RECEIVING)
         if jobs:
             logger.info("resumed %d unfinished job(s)", len(jobs))
         return len(jobs)
@@ -145,10 +188,10 @@ class Scheduler:
                 continue
             try:
                 job_ids = self.pipeline.plan(study_key)
-            except Exception:  # one unreadable study must not stop the others
-                logger.exception("planning failed", extra={"study_key": study_key})
-                self.index.set_study_state(study_key, StudyState.FAILED, reason="planning failed")
+            except Exception as exc:  # one unreadable study must not stop the others
+                self._planning_failed(study_key, exc)
                 continue
+            self._planning_failures.pop(study_key, None)
             if not job_ids:
                 self._defer(study_key)
             for job_id in job_ids:

@@ -47,6 +47,13 @@ class NodeSettings(_Model):
         description="receiving processes sharing the port (SO_REUSEPORT); more than one lets concurrent "
         "associations use several cores. max_associations applies to each",
     )
+    max_connections_per_address: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="connections admitted at once from one source address; keep it below max_associations so "
+        "that one misbehaving host cannot take every association slot",
+    )
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
@@ -208,17 +215,50 @@ class DeliverySettings(_Model):
     max_backoff_s: Annotated[float, Field(gt=0)] = 3600.0
 
 
+class SyslogSettings(_Model):
+    """The site's ATNA audit repository: syslog over TLS (RFC 5425), the collector's certificate
+    checked against ``ca_certificates``; the node presents ``certificate`` when given."""
+
+    host: str
+    port: Port = 6514
+    transport: Literal["tls", "udp"] = "tls"
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    allow_plaintext_udp: bool = Field(
+        False,
+        description="audit messages name studies by their UID: plain UDP sends them in clear; only with this set",
+    )
+
+    @model_validator(mode="after")
+    def _transport(self) -> SyslogSettings:
+        if self.transport == "tls" and self.ca_certificates is None:
+            raise ValueError("ca_certificates: needed to check the collector's certificate (transport tls)")
+        if self.transport == "udp" and not self.allow_plaintext_udp:
+            raise ValueError(
+                "transport: 'udp' sends the audit trail (with Study Instance UIDs) in clear; use 'tls', "
+                "or set allow_plaintext_udp: true to accept that"
+            )
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key: give both or neither")
+        return self
+
+
 class AuditSettings(_Model):
     """Where audit records go besides the node's encrypted local log."""
 
-    syslog_host: str | None = None
-    syslog_port: Port = 514
+    syslog: SyslogSettings | None = None
 
 
 class StorageSettings(_Model):
-    """Retention: originals, maps and results are deleted this long after delivery."""
+    """Retention (originals, maps and results are deleted this long after delivery) and the index."""
 
     retention_days: Annotated[float, Field(gt=0)] = 7.0
+    database_busy_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="how long an index statement waits for another process's lock before it is retried later",
+    )
 
 
 class Settings(_Model):

@@ -23,16 +23,17 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import Float, ForeignKey, Integer, String, Table, Text, case, create_engine, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from node.errors import StorageError
+from node.errors import IndexUnavailableError, StorageError
 
 
 class StudyState(enum.StrEnum):
@@ -118,12 +119,24 @@ class JobRow(Base):
         return ids
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
+def _sqlite_pragmas(busy_timeout_s: float) -> Any:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cursor.close()
+
+    return on_connect
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job to create when a study is planned: (route, algorithm, series)."""
+
+    route: str
+    algorithm: str
+    series_key: str
 
 
 class Index:
@@ -133,25 +146,37 @@ class Index:
     ----------
     url
         SQLAlchemy URL; ``sqlite:///DATA_DIR/index.sqlite`` by default (see :meth:`for_data_dir`).
+    busy_timeout_s
+        How long a statement waits for another process's lock before
+        :class:`~node.errors.IndexUnavailableError` (transient) is raised.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout_s: float = 30.0) -> None:
         self.engine: Engine = create_engine(url)
         if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_pragmas(busy_timeout_s))
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path) -> Index:
+    def for_data_dir(cls, data_dir: Path, busy_timeout_s: float = 30.0) -> Index:
         """The embedded SQLite index inside ``data_dir``."""
-        return cls(f"sqlite:///{data_dir / 'index.sqlite'}")
+        return cls(f"sqlite:///{data_dir / 'index.sqlite'}", busy_timeout_s)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A transaction: committed on success, rolled back on error."""
-        with self._sessions.begin() as session:
-            yield session
+        """A transaction: committed on success, rolled back on error.
+
+        Raises
+        ------
+        IndexUnavailableError
+            The database is locked by another process (past the busy timeout) or unreachable.
+        """
+        try:
+            with self._sessions.begin() as session:
+                yield session
+        except OperationalError as exc:
+            raise IndexUnavailableError(f"index unavailable: {_first_line(exc)}") from None
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -172,6 +197,8 @@ class Index:
                 return self._add_instance(row, calling_ae_title)
             except IntegrityError:
                 continue  # a concurrent association inserted the same study or instance first
+            except OperationalError as exc:
+                raise IndexUnavailableError(f"index unavailable: {_first_line(exc)}") from None
         raise StorageError("index: could not record the instance after concurrent updates")
 
     def _insert_ignoring_conflicts(self, table: Any) -> Any:
@@ -304,23 +331,59 @@ class Index:
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def add_job(self, study_key: str, generation: int, route: str, algorithm: str, series_key: str) -> int:
-        """Create a pending job and return its id."""
+    def plan_study(
+        self, study_key: str, generation: int, planned: list[PlannedJob], done_reason: str | None
+    ) -> list[int] | None:
+        """Plan a study in one transaction: it leaves ``receiving`` for ``processing`` with its jobs
+        (or for ``done``/``no_match`` when there is nothing to run), or nothing changes at all.
+
+        Parameters
+        ----------
+        generation
+            The generation the plan was made for; a late instance that bumped it meanwhile makes
+            the plan void.
+        done_reason
+            With no ``planned`` jobs: the reason of a ``done`` study (routes matched, nothing to
+            run), or ``None`` for ``no_match``.
+
+        Returns
+        -------
+        list of int or None
+            The new job ids ([] when nothing is to run), or ``None`` when the study was no longer
+            ``receiving`` at that generation.
+        """
+        from node import faults
+
         now = time.time()
         with self.session() as s:
-            job = JobRow(
-                study_key=study_key,
-                generation=generation,
-                route=route,
-                algorithm=algorithm,
-                series_key=series_key,
-                state=JobState.PENDING,
-                created_at=now,
-                updated_at=now,
+            if planned:
+                state, reason = StudyState.PROCESSING, None
+            elif done_reason is not None:
+                state, reason = StudyState.DONE, done_reason
+            else:
+                state, reason = StudyState.NO_MATCH, "no route matched"
+            moved = s.execute(
+                update(StudyRow)
+                .where(
+                    StudyRow.study_key == study_key,
+                    StudyRow.state == StudyState.RECEIVING,
+                    StudyRow.generation == generation,
+                )
+                .values(state=state, reason=reason, updated_at=now)
             )
-            s.add(job)
+            if not getattr(moved, "rowcount", 0):
+                return None
+            jobs = [
+                JobRow(
+                    study_key=study_key, generation=generation, route=p.route, algorithm=p.algorithm,
+                    series_key=p.series_key, state=JobState.PENDING, created_at=now, updated_at=now,
+                )
+                for p in planned
+            ]  # fmt: skip
+            s.add_all(jobs)
             s.flush()
-            return job.id
+            faults.point("plan:jobs-inserted", index=self)
+            return [job.id for job in jobs]
 
     def claim_due_jobs(self, now: float) -> list[JobRow]:
         """Pending jobs whose retry time has come; their retry time is cleared (claimed)."""
@@ -361,3 +424,9 @@ class Index:
         values["updated_at"] = time.time()
         with self.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The driver's message without SQLAlchemy's statement and parameters (which hold keys)."""
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).splitlines()[0]

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 import secrets
 import stat
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -62,6 +66,48 @@ class KeyProvider(Protocol):
         """Ids of every key the provider holds, current first."""
         ...
 
+    def sealing(self) -> contextlib.AbstractContextManager[None]:
+        """Held while an object is sealed and written, so a key change waits for it."""
+        ...
+
+
+class _SealingGate:
+    """Many sealers at once, or one key change, which waits for the sealers in flight (so that no
+    object sealed under a key is still being written once the process has moved to another)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._changing = False
+
+    @contextmanager
+    def sealing(self) -> Iterator[None]:
+        with self._cond:
+            while self._changing:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        with self._cond:
+            while self._changing:
+                self._cond.wait()
+            self._changing = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changing = False
+                self._cond.notify_all()
+
 
 class KeyringProvider:
     """Master keys from a keyring: the first key is current, the others still open old objects.
@@ -70,17 +116,39 @@ class KeyringProvider:
     ----------
     secrets_
         32-byte master keys, current first.
+    source
+        Where they came from; a key file is read again by :meth:`reload` when it changes (how
+        ``ainode keys rotate`` reaches running processes).
     """
 
-    def __init__(self, secrets_: list[bytes]) -> None:
-        if not secrets_:
-            raise KeyProviderError("the keyring holds no key")
-        keys = []
-        for secret in secrets_:
-            if len(secret) != KEY_BYTES:
-                raise KeyProviderError(f"a master key must be {KEY_BYTES} bytes, got {len(secret)}")
-            keys.append(MasterKey(key_id_of(secret), secret))
-        self.keys = keys
+    def __init__(self, secrets_: list[bytes], source: FileKeySource | EnvKeySource | None = None) -> None:
+        self.keys = _master_keys(secrets_)
+        self.source = source
+        self._gate = _SealingGate()
+        self._stamp = _file_stamp(source)
+
+    def sealing(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while sealing and writing an object with :meth:`current`."""
+        return self._gate.sealing()
+
+    def reload(self) -> bool:
+        """Read the key file again if it changed since it was read; returns whether the keys changed.
+        Waits for the objects being sealed meanwhile, so none is sealed with a retired key after this
+        returns.
+
+        Raises
+        ------
+        KeyProviderError
+            The changed file cannot be read (the keys in memory stay).
+        """
+        stamp = _file_stamp(self.source)
+        if stamp == self._stamp or not isinstance(self.source, FileKeySource):
+            return False
+        fresh = load_key_provider(self.source)
+        with self._gate.changing():
+            changed = [k.key_id for k in fresh.keys] != self.key_ids()
+            self.keys, self._stamp = fresh.keys, stamp
+        return changed
 
     def current(self) -> MasterKey:
         """The first key of the keyring."""
@@ -96,6 +164,27 @@ class KeyringProvider:
     def key_ids(self) -> list[str]:
         """Ids of every key, current first."""
         return [k.key_id for k in self.keys]
+
+
+def _master_keys(secrets_: list[bytes]) -> list[MasterKey]:
+    if not secrets_:
+        raise KeyProviderError("the keyring holds no key")
+    keys = []
+    for secret in secrets_:
+        if len(secret) != KEY_BYTES:
+            raise KeyProviderError(f"a master key must be {KEY_BYTES} bytes, got {len(secret)}")
+        keys.append(MasterKey(key_id_of(secret), secret))
+    return keys
+
+
+def _file_stamp(source: FileKeySource | EnvKeySource | None) -> tuple[int, int, int] | None:
+    if not isinstance(source, FileKeySource):
+        return None
+    try:
+        st = source.path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _decode(text: str, where: str) -> list[bytes]:
@@ -127,7 +216,7 @@ def load_key_provider(source: FileKeySource | EnvKeySource) -> KeyringProvider:
         value = os.environ.get(source.variable)
         if not value:
             raise KeyProviderError(f"environment variable {source.variable} is not set")
-        return KeyringProvider(_decode(value, f"environment variable {source.variable}"))
+        return KeyringProvider(_decode(value, f"environment variable {source.variable}"), source)
     path = source.path
     try:
         mode = path.stat().st_mode
@@ -136,7 +225,7 @@ def load_key_provider(source: FileKeySource | EnvKeySource) -> KeyringProvider:
         raise KeyProviderError(f"key file {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise KeyProviderError(f"key file {path}: readable by others (mode {oct(mode & 0o777)}); chmod 600")
-    return KeyringProvider(_decode(text, f"key file {path}"))
+    return KeyringProvider(_decode(text, f"key file {path}"), source)
 
 
 def write_keyring(path: Path, secrets_: list[bytes]) -> None:

@@ -124,7 +124,8 @@ class ObjectStore:
         """
         object_id = object_id or uuid.uuid4().hex
         self.check_space(len(plaintext))
-        self._write(object_id, self.seal(object_id, plaintext))
+        with self.keys.sealing():  # a key change waits until this object is durable
+            self._write(object_id, self.seal(object_id, plaintext))
         return object_id
 
     def _read(self, object_id: str) -> bytes:
@@ -216,13 +217,14 @@ class ObjectStore:
         """Re-wrap a stored object's data key under the current master key (atomic rewrite; the
         payload is not re-encrypted). Returns ``False`` when it already was. Tampered objects are
         quarantined and :class:`TamperedObjectError` is raised."""
-        try:
-            blob, changed = self.rewrap_blob(object_id, self._read(object_id))
-        except TamperedObjectError as exc:
-            self._quarantine_tampered(object_id, exc)
-            raise
-        if changed:
-            self._write(object_id, blob)
+        with self.keys.sealing():
+            try:
+                blob, changed = self.rewrap_blob(object_id, self._read(object_id))
+            except TamperedObjectError as exc:
+                self._quarantine_tampered(object_id, exc)
+                raise
+            if changed:
+                self._write(object_id, blob)
         return changed
 
     def exists(self, object_id: str) -> bool:
