@@ -67,17 +67,20 @@ def cmd_send(args: argparse.Namespace) -> int:
     host, _, port = args.to.rpartition(":")
     if not host or not port.isdigit():
         raise AinodeError(f"--to {args.to!r}: expected HOST:PORT")
-    datasets, skipped = [], 0
+    datasets, skipped, paths = [], 0, {}
     for path in _files(args.paths):
         try:
-            datasets.append(dcmread(path))
-        except (InvalidDicomError, OSError, EOFError, ValueError):
+            datasets.append(ds := dcmread(path))
+            paths[str(ds.get("SOPInstanceUID", ""))] = path
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             skipped += 1
-            print(f"skipped (not DICOM): {path}", file=sys.stderr)
+            print(f"{path}: skipped, not readable as DICOM: {exc}", file=sys.stderr)
     if not datasets:
         raise AinodeError("nothing to send")
     outcome = send_datasets(datasets, host, int(port), calling_ae_title=args.calling_aet, called_ae_title=args.aet)
     failed = outcome.failed
+    for uid in failed:
+        print(f"{paths.get(uid, uid)}: not sent: {outcome.reasons.get(uid, 'failed')}", file=sys.stderr)
     print(f"sent {len(datasets) - len(failed)} of {len(datasets)} instance(s); {len(failed)} failed; {skipped} skipped")
     return 1 if failed else 0
 
@@ -172,8 +175,9 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     for path in _files(args.paths):
         try:
             ds = dcmread(path)
-        except InvalidDicomError:
+        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             skipped += 1
+            print(f"{path}: skipped, not readable as DICOM: {exc}", file=sys.stderr)
             continue
         try:
             deid(ds)
@@ -189,9 +193,12 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
         except QuarantinedError as exc:
             quarantined += 1
             print(f"{path}: {exc}", file=sys.stderr)
-        except (OSError, EOFError, ValueError, AttributeError, AinodeError) as exc:
+        except AinodeError as exc:
             failed += 1
-            print(f"{path}: not de-identified: {type(exc).__name__}", file=sys.stderr)
+            print(f"{path}: not de-identified: {exc}", file=sys.stderr)
+        except (OSError, EOFError, ValueError, AttributeError) as exc:  # pydicom's own word on the file
+            failed += 1
+            print(f"{path}: not de-identified: {type(exc).__name__}: {exc}", file=sys.stderr)
     print(f"de-identified {written}, quarantined {quarantined}, failed {failed}, skipped {skipped} (not DICOM)")
     return 1 if failed else 0
 

@@ -122,11 +122,15 @@ def test_algorithm_parameters_are_validated_against_the_plugin(tmp_path):
     )
 
 
-def test_misbehaving_plugins_fail_their_job_not_the_node():
+def test_misbehaving_plugins_fail_their_job_not_the_node(caplog):
     volume, _ = load_volume([pydicom.dcmread(p) for p in series_files(CT_SERIES)])
     none = NoParams()
     with pytest.raises(PluginError, match="algorithm raised ValueError: the model file is corrupt"):
         run_isolated("tests.plugins:Raises", volume, "cpu", none, 60)
+    # the plugin author gets the traceback in the node's log (issue 11, defect 10)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "Traceback (most recent call last)" in logged
+    assert 'tests/plugins.py", line' in logged and 'raise ValueError("the model file is corrupt")' in logged
     with pytest.raises(PluginError, match=r"algorithm process died \(exit code 137"):
         run_isolated("tests.plugins:Crashes", volume, "cpu", none, 60)
     with pytest.raises(PluginError, match="ran past its timeout of 2 s"):

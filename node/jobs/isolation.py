@@ -13,6 +13,7 @@ import importlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import traceback
 from multiprocessing import forkserver
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -77,7 +78,7 @@ def _child(
     except SeriesRefused as exc:
         conn.send(("refused", exc.reason))
     except BaseException as exc:  # the child's boundary: report, the parent decides
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", (f"{type(exc).__name__}: {exc}", traceback.format_exc())))
     finally:
         shm.close()
         conn.close()
@@ -188,7 +189,10 @@ def _run_on_shared(
     if kind == "refused":
         raise SeriesRefused(payload)
     if kind == "error":
-        raise PluginError(f"algorithm raised {payload}")
+        message, trace = payload
+        # the plugin only ever saw de-identified voxels: its traceback holds no PHI
+        logger.error("algorithm %s raised %s\n%s", entry_point, message, trace)
+        raise PluginError(f"algorithm raised {message}")
     packed, measurements, parameters = payload
     shapes = {tuple(item[2]) for item in packed}
     if len(shapes) == 1:  # the usual case: one segment-major block, each mask a view of it

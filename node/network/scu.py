@@ -1,10 +1,12 @@
 """A Storage SCU: sends SOP instances to a peer by C-STORE (PS3.4 Annex B, PS3.7 9.1.1).
 
-Presentation contexts are proposed for exactly the SOP classes being sent, each with the
-instance's own transfer syntax plus Explicit and Implicit VR Little Endian. Sockets use
-TCP_NODELAY. A response that never arrives (pynetdicom#875: the SCU may miss a response and wait
-out the DIMSE timeout) counts as a failure, and the instances still unanswered are resent once on
-a new association.
+Presentation contexts are proposed for exactly what is sent: one context per (SOP class, transfer
+syntax) of a compressed instance (the SCP accepts one transfer syntax per context, PS3.8 9.3.2.2,
+and nothing here transcodes compressed pixels), and one per SOP class offering Explicit and Implicit
+VR Little Endian for uncompressed instances. An instance for which the peer accepted no context is
+reported with the reason and the others still go. Sockets use TCP_NODELAY. A response that never
+arrives (pynetdicom#875: the SCU may miss a response and wait out the DIMSE timeout) counts as a
+failure, and the instances still unanswered are resent once on a new association.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
@@ -27,11 +29,16 @@ logger = logging.getLogger(__name__)
 MAX_CONTEXTS = 128  # PS3.8 limits an association to 128 presentation contexts
 
 
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
 @dataclass(frozen=True)
 class StoreOutcome:
-    """The C-STORE status per SOP Instance UID (``None``: no response was received)."""
+    """The C-STORE status per SOP Instance UID (``None``: no response was received, or the instance
+    could not be sent; ``reasons`` then says why)."""
 
     statuses: dict[str, int | None]
+    reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def failed(self) -> list[str]:
@@ -39,16 +46,27 @@ class StoreOutcome:
         return [uid for uid, s in self.statuses.items() if s is None or not (s == 0 or 0xB000 <= s <= 0xBFFF)]
 
 
+def _transfer_syntax(ds: Dataset) -> str | None:
+    meta = getattr(ds, "file_meta", None)
+    return str(meta.TransferSyntaxUID) if meta is not None and "TransferSyntaxUID" in meta else None
+
+
 def _contexts(datasets: Sequence[Dataset]) -> list:
-    wanted: dict[str, set[str]] = {}
+    """One context per (SOP class, compressed transfer syntax); one per SOP class with both
+    uncompressed little-endian syntaxes for the uncompressed instances (pynetdicom converts those)."""
+    wanted: dict[tuple[str, tuple[str, ...]], None] = {}
     for ds in datasets:
-        ts = str(ds.file_meta.TransferSyntaxUID) if "TransferSyntaxUID" in getattr(ds, "file_meta", {}) else None
-        syntaxes = wanted.setdefault(str(ds.SOPClassUID), {ExplicitVRLittleEndian, ImplicitVRLittleEndian})
-        if ts:
-            syntaxes.add(ts)
+        ts = _transfer_syntax(ds)
+        if ts is None or ts in (*UNCOMPRESSED, ExplicitVRBigEndian) or not UID(ts).is_compressed:
+            syntaxes: tuple[str, ...] = tuple(sorted({*UNCOMPRESSED, *([ts] if ts else [])}))
+        else:
+            syntaxes = (ts,)
+        wanted[(str(ds.SOPClassUID), syntaxes)] = None
     if len(wanted) > MAX_CONTEXTS:
-        raise DeliveryError(f"{len(wanted)} SOP classes in one send; at most {MAX_CONTEXTS} per association")
-    return [build_context(sop, sorted(ts)) for sop, ts in wanted.items()]
+        raise DeliveryError(
+            f"{len(wanted)} (SOP class, transfer syntax) pairs in one send; at most {MAX_CONTEXTS} per association"
+        )
+    return [build_context(sop, list(ts)) for sop, ts in wanted]
 
 
 def _send_once(
@@ -59,6 +77,7 @@ def _send_once(
     called: str,
     timeout_s: float,
     tls: ssl.SSLContext | None,
+    reasons: dict[str, str],
 ) -> dict[str, int | None]:
     ae = AE(ae_title=calling)
     ae.requested_contexts = _contexts(datasets)
@@ -81,7 +100,12 @@ def _send_once(
             if not assoc.is_established:
                 statuses[uid] = None
                 continue
-            response = assoc.send_c_store(ds)
+            try:
+                response = assoc.send_c_store(ds)
+            except ValueError as exc:  # no accepted presentation context for this SOP class and syntax
+                statuses[uid] = None
+                reasons[uid] = str(exc).splitlines()[0]
+                continue
             statuses[uid] = int(response.Status) if response is not None and "Status" in response else None
     finally:
         if assoc.is_established:
@@ -107,9 +131,15 @@ def send_datasets(
     DeliveryError
         The association could not be established.
     """
-    statuses = _send_once(datasets, host, port, calling_ae_title, called_ae_title, timeout_s, tls)
-    missing = [ds for ds in datasets if statuses.get(str(ds.SOPInstanceUID)) is None]
+    reasons: dict[str, str] = {}
+    statuses = _send_once(datasets, host, port, calling_ae_title, called_ae_title, timeout_s, tls, reasons)
+    missing = [ds for ds in datasets if statuses.get(uid := str(ds.SOPInstanceUID)) is None and uid not in reasons]
     if missing:
         logger.warning("resending %d instance(s) that got no C-STORE response", len(missing))
-        statuses.update(_send_once(missing, host, port, calling_ae_title, called_ae_title, timeout_s, tls))
-    return StoreOutcome(statuses)
+        statuses.update(_send_once(missing, host, port, calling_ae_title, called_ae_title, timeout_s, tls, reasons))
+    for uid, status in statuses.items():
+        if status is None:
+            reasons.setdefault(uid, "no C-STORE response")
+        elif not (status == 0 or 0xB000 <= status <= 0xBFFF):
+            reasons.setdefault(uid, f"refused with status 0x{status:04X}")
+    return StoreOutcome(statuses, reasons)
