@@ -1,7 +1,8 @@
 """Dry run of the routing rules on files, folders or a DICOMDIR (``ainode route test``).
 
-For each series it prints every route in order, whether it matched, every test of its condition
-with PASS/FAIL, and what would run and where results would go. Nothing is sent, and no attribute
+Series are grouped into studies and decided by the router itself (:func:`route_study`); for each
+series it prints every route in order with the router's verdict, every test of its condition with
+PASS/FAIL, and what would run and where results would go. Nothing is sent, and no attribute
 value is printed unless asked for (``show_values``): tag names and verdicts are not PHI.
 """
 
@@ -9,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.fileset import FileSet
 
-from node.routing.rules import evaluate, explain_tree, header_of, keywords_of
-from node.settings.models import DicomDestination, Settings
+from node.routing.router import Verdict, route_study
+from node.routing.rules import evaluate, explain_tree
+from node.settings.models import DicomDestination, Route, Settings
 
 
 def _paths(paths: Sequence[Path]) -> Iterable[Path]:
@@ -42,39 +45,55 @@ def series_headers(paths: Sequence[Path]) -> list[tuple[Dataset, int]]:
     return list(series.values())
 
 
+def _by_study(found: list[tuple[Dataset, int]]) -> dict[str, dict[str, tuple[Dataset, int]]]:
+    """Series grouped by Study Instance UID (the unit the router decides on), keyed by series UID."""
+    studies: dict[str, dict[str, tuple[Dataset, int]]] = {}
+    for n, (ds, count) in enumerate(found):
+        study = studies.setdefault(str(ds.get("StudyInstanceUID", "")), {})
+        study[str(ds.get("SeriesInstanceUID", n))] = (ds, count)
+    return studies
+
+
 def dry_run(settings: Settings, paths: Sequence[Path], calling_ae_title: str, show_values: bool = False) -> str:
-    """The explanation text for every series found under ``paths``."""
-    keywords = set().union(*(keywords_of(r.match) for r in settings.routes)) if settings.routes else set()
+    """The explanation text for every series found under ``paths``: the router's own decision
+    (:func:`node.routing.router.route_study`, per study), with each condition's tests explained."""
     found = series_headers(paths)
-    lines = [f"{len(found)} series; routing mode {settings.routing.mode}; calling AE title {calling_ae_title}"]
-    for n, (ds, count) in enumerate(found, start=1):
-        header = header_of(ds, keywords, calling_ae_title, settings.node.ae_title)
-        lines.append(f"\nseries {n} of {len(found)}: {count} instance(s)")
-        if show_values:
-            lines += [f"  {k} = {v!r}" for k, v in sorted(header.items())]
-        taken = False
-        for route in settings.routes:
-            if taken:
-                lines.append(f"  route {route.name}: not offered (first_match: an earlier route took the series)")
-                continue
-            decision = evaluate(route.match, header)
-            if not decision.matched:
-                lines.append(f"  route {route.name}: NO MATCH (decided by {decision.decided_by})")
-                lines += [f"    {line}" for line in explain_tree(route.match, header)]
-                continue
-            lines.append(f"  route {route.name}: MATCH ({route.level} level, priority {route.priority})")
-            lines += [f"    {line}" for line in explain_tree(route.match, header)]
-            runs = ", ".join(a.name for a in route.algorithms) or "no algorithm"
-            where = []
-            for name in route.destinations:
-                dest = settings.destinations[name]
-                where.append(
-                    f"{name} (C-STORE to {dest.peer})" if isinstance(dest, DicomDestination) else f"{name} (folder)"
-                )
-            lines.append(f"    -> runs {runs}; results to {', '.join(where) or 'nowhere'}")
-            quiet = route.completion.quiet_period_s
-            lines.append(f"    -> de-identification profile {route.deidentification!r}, quiet period {quiet:g} s")
-            taken = settings.routing.mode == "first_match"
-        if not any(evaluate(r.match, header).matched for r in settings.routes):
-            lines.append("  => no route matched: the series is stored and nothing runs")
+    studies = _by_study(found)
+    lines = [
+        f"{len(found)} series in {len(studies)} study(ies); routing mode {settings.routing.mode}; "
+        f"calling AE title {calling_ae_title}"
+    ]
+    n = 0
+    for series in studies.values():
+        decision = route_study(settings, {k: ds for k, (ds, _c) in series.items()}, calling_ae_title,
+                               settings.node.ae_title)  # fmt: skip
+        for key, (_ds, count) in series.items():
+            n += 1
+            header = decision.headers[key]
+            lines.append(f"\nseries {n} of {len(found)}: {count} instance(s)")
+            if show_values:
+                lines += [f"  {k} = {v!r}" for k, v in sorted(header.items())]
+            for route, verdict in decision.verdicts[key]:
+                lines += _explain(settings, route, verdict, header)
+            if all(v in (Verdict.NO_MATCH, Verdict.NOT_OFFERED) for _r, v in decision.verdicts[key]):
+                lines.append("  => no route matched: the series is stored and nothing runs")
     return "\n".join(lines)
+
+
+def _explain(settings: Settings, route: Route, verdict: Verdict, header: dict[str, Any]) -> list[str]:
+    if verdict == Verdict.NOT_OFFERED:
+        return [f"  route {route.name}: not offered (first_match: an earlier route took the series)"]
+    tests = [f"    {line}" for line in explain_tree(route.match, header)]
+    if verdict == Verdict.NO_MATCH:
+        return [f"  route {route.name}: NO MATCH (decided by {evaluate(route.match, header).decided_by})", *tests]
+    how = "" if verdict == Verdict.MATCH else "; another series of the study matched, the route takes them all"
+    lines = [f"  route {route.name}: MATCH ({route.level} level, priority {route.priority}{how})", *tests]
+    runs = ", ".join(a.name for a in route.algorithms) or "no algorithm"
+    where = []
+    for name in route.destinations:
+        dest = settings.destinations[name]
+        where.append(f"{name} (C-STORE to {dest.peer})" if isinstance(dest, DicomDestination) else f"{name} (folder)")
+    lines.append(f"    -> runs {runs}; results to {', '.join(where) or 'nowhere'}")
+    quiet = route.completion.quiet_period_s
+    lines.append(f"    -> de-identification profile {route.deidentification!r}, quiet period {quiet:g} s")
+    return lines

@@ -1,14 +1,20 @@
-"""Apply the configured routes to the series of a study.
+"""Apply the configured routes to the series of a study: the one routing implementation.
 
 Series-level routes are evaluated on each series' header; a study-level route matches a study when
-any of its series matches, and then applies to every series of the study. In ``first_match`` mode
-a series taken by one route is not offered to the routes after it.
+any of its series matches, and then applies to every series of the study still on offer. In
+``first_match`` mode a series taken by one route is not offered to the routes after it.
+
+:func:`route_study` records, for every series and route, the verdict that led to the plan;
+:func:`plan_routes` (the scheduler) and the dry run (``ainode route test``, which adds the
+per-test explanation on top) both use it, so they cannot disagree.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import Dataset
 
@@ -24,28 +30,65 @@ class RoutePlan:
     series_keys: tuple[str, ...]
 
 
-def plan_routes(
+class Verdict(enum.StrEnum):
+    """What one route decided for one series."""
+
+    MATCH = "match"  # the series' own header matches the route's condition
+    STUDY_LEVEL = "study-level"  # a study-level route matched another series of the study
+    NO_MATCH = "no match"
+    NOT_OFFERED = "not offered"  # first_match: an earlier route took the series
+
+
+@dataclass(frozen=True)
+class RoutingDecision:
+    """The plans of a study and, per series key, each route's verdict in configuration order;
+    ``headers`` are the flattened headers the conditions were evaluated on (values may be PHI)."""
+
+    plans: list[RoutePlan]
+    verdicts: dict[str, list[tuple[Route, Verdict]]]
+    headers: dict[str, dict[str, Any]]
+
+
+def route_study(
     settings: Settings, headers: Mapping[str, Dataset], calling_ae_title: str, called_ae_title: str
-) -> list[RoutePlan]:
-    """Which routes apply to which series of a study.
+) -> RoutingDecision:
+    """Which routes apply to which series of a study, and why.
 
     Parameters
     ----------
     headers
-        One representative header per series, keyed by series key.
+        One representative header per series of the study, keyed by series key.
     """
     keywords = set().union(*(keywords_of(r.match) for r in settings.routes)) if settings.routes else set()
-    flat = {key: prepare(header_of(ds, keywords, calling_ae_title, called_ae_title)) for key, ds in headers.items()}
+    raw = {key: header_of(ds, keywords, calling_ae_title, called_ae_title) for key, ds in headers.items()}
+    flat = {key: prepare(header) for key, header in raw.items()}
     taken: set[str] = set()
     plans: list[RoutePlan] = []
+    verdicts: dict[str, list[tuple[Route, Verdict]]] = {key: [] for key in flat}
     for route in settings.routes:
         free = [k for k in flat if k not in taken]
-        matched = [k for k in free if matches(route.match, flat[k])]
-        if route.level == "study" and matched:
-            matched = free
+        own = {k for k in free if matches(route.match, flat[k])}
+        matched = free if route.level == "study" and own else [k for k in free if k in own]
+        for key in flat:
+            if key in taken:
+                verdict = Verdict.NOT_OFFERED
+            elif key in own:
+                verdict = Verdict.MATCH
+            elif key in matched:
+                verdict = Verdict.STUDY_LEVEL
+            else:
+                verdict = Verdict.NO_MATCH
+            verdicts[key].append((route, verdict))
         if not matched:
             continue
         plans.append(RoutePlan(route, tuple(matched)))
         if settings.routing.mode == "first_match":
             taken.update(matched)
-    return plans
+    return RoutingDecision(plans, verdicts, raw)
+
+
+def plan_routes(
+    settings: Settings, headers: Mapping[str, Dataset], calling_ae_title: str, called_ae_title: str
+) -> list[RoutePlan]:
+    """The plans of :func:`route_study`."""
+    return route_study(settings, headers, calling_ae_title, called_ae_title).plans
