@@ -33,7 +33,7 @@ from node.jobs.isolation import probe_device, warm_up
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
-from node.receiver import Receiver, ReceiverPool
+from node.receiver import Receiver, ReceiverPool, reconcile
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
 
@@ -108,6 +108,7 @@ class Node:
         """Resume unfinished work, start the scheduler thread and listen for associations (here
         and in the child receivers, when ``node.receivers`` > 1)."""
         self._application(APPLICATION_START)
+        reconcile(self.data, self.receiver.ingest)  # after a crash: store and index agree again
         threading.Thread(target=self._warm_up, name="ainode-warm-up", daemon=True).start()
         if self.config_path is not None:
             digest = config_digest(self.config_path)

@@ -21,25 +21,28 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from node import logs
 from node.audit import (
+    APPLICATION_ACTIVITY,
     DESTINATION_ROLE,
     INSTANCES_TRANSFERRED,
     NODE_AUTHENTICATION,
     OBJECT_SECURITY_ATTRIBUTES_CHANGED,
     SOURCE_ROLE,
+    AuditEvent,
     AuditLog,
     Participant,
     security_alert,
     study_event,
 )
-from node.datadir import open_data_dir
-from node.dicomio import configure_pydicom
+from node.datadir import DataDir, open_data_dir
+from node.dicomio import configure_pydicom, decode
 from node.errors import AinodeError, OutOfResourcesError
-from node.network.scp import PeerRule, ReceivedInstance, StorageSCP
+from node.network.scp import STORAGE_SOP_CLASSES, PeerRule, ReceivedInstance, StorageSCP
 from node.network.tls import server_context
 from node.settings import load_settings
 from node.settings.models import Settings
@@ -91,6 +94,19 @@ class Ingest:
         """
         self._check_backlog()
         object_id = self.store.put(instance.encoded)
+        self.index_stored(object_id, instance)
+        with self._lock:
+            self._received[instance.association_id][instance.study_instance_uid] += 1
+
+    def index_stored(self, object_id: str, instance: ReceivedInstance) -> bool:
+        """Index an instance already stored as ``object_id``; a duplicate SOP instance is deleted
+        from the store (the first copy stays). Returns whether it was indexed.
+
+        Raises
+        ------
+        StorageError
+            The index could not record the instance.
+        """
         key = self.secrets.index_key
         row = InstanceRow(
             object_id=object_id,
@@ -104,13 +120,83 @@ class Ingest:
         )
         if not self.index.add_instance(row, instance.calling_ae_title):
             self.store.delete(object_id)  # a duplicate: the first copy stays
-        with self._lock:
-            self._received[instance.association_id][instance.study_instance_uid] += 1
+            return False
+        return True
 
     def take_received(self, association_id: int) -> Counter[str]:
         """Instances received per Study Instance UID on an association (forgotten afterwards)."""
         with self._lock:
             return self._received.pop(association_id, Counter())
+
+
+@dataclass(frozen=True)
+class Reconciliation:
+    """What :func:`reconcile` found after an unclean stop."""
+
+    temp_removed: int = 0
+    indexed: int = 0
+    deleted: int = 0
+
+
+def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Reconciliation:
+    """Make the store and the index agree again after a crash (run at start, before receiving).
+
+    - Temporary files of writes that never finished (``store/tmp``, older than ``stale_after_s``)
+      are removed: they hold sealed, partly written objects nobody can use.
+    - A stored object no index row names is either a received instance whose index insert did not
+      happen (killed between the two; it is indexed now, as if the C-STORE had completed), or a map
+      or result of a job that crashed before recording it (deleted: the job rebuilds it).
+
+    Every change is audited; nothing identifying is logged.
+    """
+    tmp = data.store.root / "tmp"
+    now = time.time()
+    temp_removed = 0
+    for path in tmp.iterdir():
+        if path.is_file() and now - path.stat().st_mtime > stale_after_s:
+            path.unlink(missing_ok=True)
+            temp_removed += 1
+    referenced = data.index.referenced_object_ids()
+    indexed = deleted = 0
+    for object_id in data.store.object_ids():
+        if object_id in referenced or object_id.startswith("secret-"):
+            continue
+        instance = _as_received_instance(data.store.get(object_id))
+        if instance is not None and ingest.index_stored(object_id, instance):
+            indexed += 1
+        else:
+            data.store.delete(object_id)
+            deleted += 1
+    done = Reconciliation(temp_removed, indexed, deleted)
+    if temp_removed or indexed or deleted:
+        text = (
+            f"start-up reconciliation: {temp_removed} unfinished temporary file(s) removed, {indexed} stored "
+            f"instance(s) indexed, {deleted} unreferenced object(s) deleted"
+        )
+        logger.warning(text)
+        data.audit.record(AuditEvent(APPLICATION_ACTIVITY, "D", description=text))
+    return done
+
+
+def _as_received_instance(plaintext: bytes) -> ReceivedInstance | None:
+    """The received instance an orphan object holds, or ``None`` when it is not one (a map, a
+    result, anything the Storage SCP would not have accepted)."""
+    try:
+        ds = decode(plaintext, stop_before_pixels=True)
+        sop_class = str(ds.SOPClassUID)
+        if sop_class not in STORAGE_SOP_CLASSES.values():
+            return None  # a SEG, SR or KOS built by a job
+        return ReceivedInstance(
+            study_instance_uid=str(ds.StudyInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+            calling_ae_title="",
+            encoded=plaintext,
+        )
+    except (AttributeError, KeyError, ValueError, TypeError, EOFError, AinodeError):
+        return None  # not a DICOM data set: a pseudonym map
 
 
 def peer_rules(settings: Settings) -> list[PeerRule]:

@@ -39,10 +39,12 @@ from node.dicomio import decode, encode
 from node.errors import (
     AinodeError,
     ConfigError,
+    DeidentificationError,
     OutOfResourcesError,
     PluginError,
     QuarantinedError,
     SeriesRefused,
+    StorageError,
     is_transient,
 )
 from node.jobs.delivery import deliver, withdraw
@@ -156,9 +158,8 @@ class Pipeline:
     def _pseudonymizer(self) -> Pseudonymizer:
         return Pseudonymizer(self.s.secrets.get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
 
-    def _deidentify_series(
-        self, study_key: str, series_key: str, profile: Deidentification
-    ) -> tuple[list[Dataset], PseudonymMap]:
+    def _deidentify_series(self, study_key: str, series_key: str, profile: Deidentification) -> list[Dataset]:
+        """De-identify one series and merge its pseudonyms into the study's stored map."""
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
         pseudonyms = self._pseudonymizer()
         deid = InstanceDeidentifier(pseudonyms, profile)
@@ -166,11 +167,39 @@ class Pipeline:
         mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
         for ds in datasets:
             mapping.add(deid(ds).uid_map)
-        map_id = self.s.store.put(mapping.to_bytes())
-        replaced = self.s.index.set_map_object(study_key, map_id)
-        if replaced is not None:
-            self.s.store.delete(replaced)
-        return datasets, mapping
+        self._merge_map(study_key, mapping)
+        return datasets
+
+    def _merge_map(self, study_key: str, mapping: PseudonymMap) -> None:
+        """Store the study's pseudonym map with ``mapping`` merged in: one map per study covering
+        every series and generation analysed (pseudonyms are deterministic, so they agree). A
+        concurrent job's merge is not lost: the map is replaced only if unchanged meanwhile."""
+        for _attempt in range(10):
+            study = self.s.index.study(study_key)
+            previous = study.map_object_id if study is not None else None
+            merged = PseudonymMap.from_bytes(self.s.store.get(previous)) if previous else mapping
+            if previous:
+                merged.add(mapping.uids)
+            map_id = self.s.store.put(merged.to_bytes())
+            if self.s.index.set_map_object(study_key, map_id, expect=previous):
+                if previous:
+                    self.s.store.delete(previous)
+                return
+            self.s.store.delete(map_id)  # another job merged first: merge into its map
+        raise StorageError("pseudonym map: could not record the merged map after concurrent updates")
+
+    def _stored_map(self, study_key: str) -> PseudonymMap:
+        """The study's stored pseudonym map: what re-identification uses.
+
+        Raises
+        ------
+        DeidentificationError
+            The study has no stored map (nothing of it was de-identified).
+        """
+        study = self.s.index.study(study_key)
+        if study is None or not study.map_object_id:
+            raise DeidentificationError("the study has no stored pseudonym map")
+        return PseudonymMap.from_bytes(self.s.store.get(study.map_object_id))
 
     def run_job(self, job_id: int) -> str:
         """Run one job to a terminal state and return it (``delivered``, ``refused``, ``failed``)."""
@@ -263,9 +292,10 @@ class Pipeline:
 
         start = time.perf_counter()
         profile = settings.deidentification[route.deidentification]
-        datasets, mapping = self._deidentify_series(study_key, series_key, profile)
+        datasets = self._deidentify_series(study_key, series_key, profile)
         t["deidentify_s"] = time.perf_counter() - start
 
+        mapping = self._stored_map(study_key)  # re-identification uses the stored map, nothing else
         study_uid = mapping.original_study_instance_uid
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"series de-identified for {spec.name}")
 

@@ -294,15 +294,18 @@ class Index:
             query = select(InstanceRow).where(InstanceRow.study_key == study_key).order_by(InstanceRow.received_at)
             return list(s.scalars(query))
 
-    def set_map_object(self, study_key: str, object_id: str) -> str | None:
-        """Record the encrypted pseudonym map of a study; returns the id of the map it replaces
-        (the caller deletes that object, so re-analyses leave no orphan maps in the store)."""
+    def set_map_object(self, study_key: str, object_id: str, expect: str | None) -> bool:
+        """Record the encrypted pseudonym map of a study if the recorded one is still ``expect``
+        (compare and swap); returns whether it was recorded. The caller deletes the replaced map
+        (or, when this returns ``False``, its own), so no orphan map stays in the store."""
         with self.session() as s:
-            study = s.get(StudyRow, study_key)
-            if study is None:
-                return None
-            previous, study.map_object_id = study.map_object_id, object_id
-            return previous if previous != object_id else None
+            result = s.execute(
+                update(StudyRow)
+                .where(StudyRow.study_key == study_key, StudyRow.map_object_id.is_(None) if expect is None
+                       else StudyRow.map_object_id == expect)
+                .values(map_object_id=object_id)
+            )  # fmt: skip
+            return bool(getattr(result, "rowcount", 0))
 
     def delete_study(self, study_key: str) -> list[str]:
         """Remove a study, its instances and jobs from the index; return every object id they named
@@ -320,6 +323,15 @@ class Index:
             for row in s.scalars(select(InstanceRow).where(InstanceRow.study_key == study_key)):
                 s.delete(row)
             s.delete(study)
+            return ids
+
+    def referenced_object_ids(self) -> set[str]:
+        """Every object id the index names: instances, pseudonym maps and job results."""
+        with self.session() as s:
+            ids = set(s.scalars(select(InstanceRow.object_id)))
+            ids |= {m for m in s.scalars(select(StudyRow.map_object_id)) if m}
+            for results in s.scalars(select(JobRow.result_object_ids)):
+                ids.update(json.loads(results))
             return ids
 
     def expired_studies(self, before: float) -> list[str]:
