@@ -160,7 +160,7 @@ class NoParams(BaseModel):
 
 @runtime_checkable
 class Algorithm(Protocol):
-    """An analysis plugin. Raise :class:`node.errors.SeriesRefused` for series it cannot measure.
+    """An analysis plugin. Raise :class:`algorithms.errors.SeriesRefused` for series it cannot measure.
 
     ``Params`` is a pydantic model (``extra="forbid"``) of the parameters a route may set; the node
     validates a route's parameters against it when the configuration is loaded.

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from importlib.metadata import EntryPoint, entry_points
 
 from algorithms.base import Algorithm, AlgorithmSpec, Device, Volume
-from node.errors import PluginError, SeriesRefused
+from algorithms.errors import PluginLoadError, SeriesRefused
 
 logger = logging.getLogger(__name__)
 
@@ -67,22 +67,22 @@ class Registry:
 
         Raises
         ------
-        PluginError
+        PluginLoadError
             No such algorithm, or its plugin failed to load or does not declare a spec.
         """
         if name in self._loaded:
             return self._loaded[name]
         ep = self._entry_points.get(name)
         if ep is None:
-            raise PluginError(f"no algorithm named {name!r} (registered: {', '.join(self.names()) or 'none'})")
+            raise PluginLoadError(f"no algorithm named {name!r} (registered: {', '.join(self.names()) or 'none'})")
         try:
             factory = ep.load()
             algorithm = factory()
         except Exception as exc:  # plugin boundary: report, never crash the node
             logger.exception("algorithm plugin %s failed to load", name)
-            raise PluginError(f"algorithm {name!r} failed to load: {exc}") from exc
+            raise PluginLoadError(f"algorithm {name!r} failed to load: {exc}") from exc
         if not isinstance(algorithm, Algorithm):
-            raise PluginError(f"algorithm {name!r} does not provide spec and run()")
+            raise PluginLoadError(f"algorithm {name!r} does not provide spec and run()")
         self._loaded[name] = algorithm
         return algorithm
 
@@ -90,7 +90,7 @@ class Registry:
         """``module:attribute`` of the algorithm ``name`` (to load it in another process)."""
         ep = self._entry_points.get(name)
         if ep is None:
-            raise PluginError(f"no algorithm named {name!r}")
+            raise PluginLoadError(f"no algorithm named {name!r}")
         return str(ep.value)
 
     def specs(self) -> list[AlgorithmSpec]:
@@ -99,6 +99,6 @@ class Registry:
         for name in self.names():
             try:
                 out.append(self.get(name).spec)
-            except PluginError:
+            except PluginLoadError:
                 continue
         return out

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from algorithms.errors import AlgorithmError
 from algorithms.registry import Registry
 from node.audit import (
     APPLICATION_ACTIVITY,
@@ -28,7 +29,7 @@ from node.audit import (
 )
 from node.datadir import open_data_dir
 from node.dicomio import configure_pydicom
-from node.errors import AinodeError, ConfigError, PluginError
+from node.errors import AinodeError, ConfigError
 from node.jobs.isolation import probe_device, warm_up
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
@@ -53,7 +54,7 @@ def check_algorithms(settings: Settings, registry: Registry, where: str) -> None
             key = f"{where}: routes[{i}].algorithms[{j}]"
             try:
                 algorithm = registry.get(ref.name)
-            except PluginError as exc:
+            except AlgorithmError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
             try:
                 algorithm.Params.model_validate(ref.parameters)

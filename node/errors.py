@@ -14,11 +14,13 @@
     │   └── QuarantinedError       pixels may hold burned-in PHI and no rule cleans them
     ├── RoutingError           a rule cannot be evaluated
     ├── PluginError            an algorithm plugin failed to load or raised
-    │   └── SeriesRefused          the algorithm declines the series with a reason (not a failure)
+    │   └── SeriesRefused          the series is declined with a reason (not a failure)
     ├── ResultBuildError       a SEG or SR cannot be built
     └── DeliveryError          a destination refused or could not be reached           (transient)
 
-Errors are converted to DIMSE statuses only at the network edge (``node.network``).
+Errors are converted to DIMSE statuses only at the network edge (``node.network``). The plugin SDK
+has its own small tree (:mod:`algorithms.errors`); :class:`PluginError` and :class:`SeriesRefused`
+are also SDK errors, so ``except algorithms.errors.SeriesRefused`` catches a refusal from either side.
 
 *Transient* errors (``transient = True``) are conditions that pass by themselves: planning and jobs
 that meet one are retried with backoff. Every other error is permanent: the job or study fails with
@@ -26,6 +28,8 @@ the error's message as its reason.
 """
 
 from __future__ import annotations
+
+from algorithms import errors as sdk
 
 
 class AinodeError(Exception):
@@ -84,19 +88,15 @@ class RoutingError(AinodeError):
     """A routing rule cannot be evaluated."""
 
 
-class PluginError(AinodeError):
+class PluginError(AinodeError, sdk.AlgorithmError):
     """An algorithm plugin failed to load or raised while running."""
 
 
-class SeriesRefused(PluginError):
-    """An algorithm declines a series it cannot measure; ``reason`` says why.
+class SeriesRefused(PluginError, sdk.SeriesRefused):
+    """The node declines a series (e.g. its geometry cannot form a volume); ``reason`` says why.
 
     This is an expected outcome (no results are produced), not a failure of the node.
     """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class ResultBuildError(AinodeError):

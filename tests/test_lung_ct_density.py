@@ -10,9 +10,9 @@ import pydicom
 import pytest
 
 from algorithms.base import Algorithm, Volume
+from algorithms.errors import PluginLoadError, SeriesRefused
 from algorithms.lung_ct_density import LungCtDensity
 from algorithms.registry import Registry
-from node.errors import PluginError, SeriesRefused
 from node.jobs.volume import load_volume
 
 from .peers import CT_SERIES, MR_SERIES, TRANSCODED, series_files
@@ -165,7 +165,7 @@ def test_registry_finds_plugin_by_entry_point():
     algorithm = registry.get("lung-ct-density")
     assert isinstance(algorithm, Algorithm)
     assert algorithm.spec.outputs == ("SEG", "SR")
-    with pytest.raises(PluginError, match="no algorithm named"):
+    with pytest.raises(PluginLoadError, match="no algorithm named"):
         registry.get("nope")
 
 

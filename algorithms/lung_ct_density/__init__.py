@@ -133,7 +133,7 @@ class LungCtDensity:
 
         Raises
         ------
-        node.errors.SeriesRefused
+        algorithms.errors.SeriesRefused
             Not CT, slices thicker than 5 mm or spaced wider than 5 mm, fewer than 20 slices, or no
             lungs found.
         """

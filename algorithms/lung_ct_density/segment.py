@@ -26,7 +26,7 @@ import numpy.typing as npt
 from scipy import ndimage as ndi
 
 from algorithms.base import Volume
-from node.errors import SeriesRefused
+from algorithms.errors import SeriesRefused
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -221,7 +221,7 @@ def segment_lungs(
 
     Raises
     ------
-    node.errors.SeriesRefused
+    algorithms.errors.SeriesRefused
         When no lung of at least ``min_lung_ml`` is found.
     """
     hu = volume.voxels

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from algorithms import errors as sdk
 from algorithms.base import AlgorithmResult, Device, Segment, Volume
 from node.errors import PluginError, SeriesRefused
 
@@ -75,7 +76,7 @@ def _child(
         packed = [(s.label, np.packbits(s.mask), s.mask.shape, s.category, s.property_type) for s in result.segments]
         conn.send(("ok", (packed, list(result.measurements), dict(result.parameters))))
         del voxels
-    except SeriesRefused as exc:
+    except sdk.SeriesRefused as exc:
         conn.send(("refused", exc.reason))
     except BaseException as exc:  # the child's boundary: report, the parent decides
         conn.send(("error", (f"{type(exc).__name__}: {exc}", traceback.format_exc())))

@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 from pydicom import Dataset
 
+from algorithms import errors as sdk
 from algorithms.base import Device
 from algorithms.registry import Registry, check_accepts
 from node import faults
@@ -43,7 +44,6 @@ from node.errors import (
     OutOfResourcesError,
     PluginError,
     QuarantinedError,
-    SeriesRefused,
     StorageError,
     is_transient,
 )
@@ -218,7 +218,7 @@ class Pipeline:
             state = JobState.QUARANTINED
             self.s.index.update_job(job_id, state=state, reason=str(exc), timings=timings)
             logger.warning("series quarantined: %s", exc, extra=extra)
-        except SeriesRefused as exc:
+        except sdk.SeriesRefused as exc:  # the node's or the algorithm's own refusal
             state = JobState.REFUSED
             self.s.index.update_job(job_id, state=state, reason=exc.reason, timings=timings)
             logger.info("series refused: %s", exc.reason, extra=extra)
@@ -229,6 +229,10 @@ class Pipeline:
                 logger.warning("job interrupted (%s): %s", state, exc, extra=extra)
                 self._finish_study(job.study_key)
                 return state
+            state = JobState.FAILED
+            self.s.index.update_job(job_id, state=state, reason=str(exc), timings=timings)
+            logger.error("job failed: %s", exc, extra=extra)
+        except sdk.AlgorithmError as exc:  # a plugin that cannot load, a model that does not fit
             state = JobState.FAILED
             self.s.index.update_job(job_id, state=state, reason=str(exc), timings=timings)
             logger.error("job failed: %s", exc, extra=extra)
