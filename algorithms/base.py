@@ -22,6 +22,9 @@ from pydantic import BaseModel, ConfigDict
 Code = tuple[str, str, str]
 """A coded concept as ``(CodeValue, CodingSchemeDesignator, CodeMeaning)`` (PS3.3 8.8)."""
 
+RGB = tuple[int, int, int]
+"""A display colour as sRGB ``(red, green, blue)``, 0-255 each."""
+
 Device = Literal["cpu", "cuda"]
 
 
@@ -81,12 +84,21 @@ class Segment:
         Segmented Property Category code (CID 7150), e.g. SCT 123037004 "Anatomical Structure".
     property_type
         Segmented Property Type code (CID 7151 / 7166), e.g. SCT 44029006 "Left lung".
+    type_modifier
+        Segmented Property Type Modifier (e.g. SCT 7771000 "Left" for "Kidney"), or ``None``.
+    anatomic_region
+        Anatomic Region of a finding that is not itself anatomy (e.g. the lung of a nodule), or ``None``.
+    colour
+        Recommended display colour (sRGB), or ``None`` for the node's palette.
     """
 
     label: str
     mask: npt.NDArray[np.bool_]
     category: Code
     property_type: Code
+    type_modifier: Code | None = None
+    anatomic_region: Code | None = None
+    colour: RGB | None = None
 
 
 @dataclass(frozen=True)
@@ -115,12 +127,61 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class Location:
+    """Where a finding lies, in patient coordinates (LPS, mm).
+
+    Attributes
+    ----------
+    kind
+        ``"point"``: one point; ``"box"``: an axis-aligned box given by two opposite corners.
+    points_lps
+        ``((x, y, z),)`` for a point, ``((x0, y0, z0), (x1, y1, z1))`` for a box.
+    """
+
+    kind: Literal["point", "box"]
+    points_lps: tuple[tuple[float, float, float], ...]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A qualitative finding (e.g. "Nodule": "Present", probability 0.87), optionally located.
+
+    Attributes
+    ----------
+    label
+        Tracking label shown in viewers, e.g. ``"Nodule 1"``.
+    concept
+        What was evaluated (the finding type), e.g. SCT 27925004 "Nodule".
+    value
+        The coded answer, e.g. SCT 52101004 "Present".
+    probability
+        The algorithm's probability of ``value``, 0-1, or ``None``.
+    location
+        A point or box in patient LPS mm (written as a planar ROI on the image it lies on), or ``None``.
+    finding_site
+        Anatomic location, or ``None``.
+    """
+
+    label: str
+    concept: Code
+    value: Code
+    probability: float | None = None
+    location: Location | None = None
+    finding_site: Code | None = None
+
+
+@dataclass(frozen=True)
 class AlgorithmResult:
-    """What an algorithm returns: segments and the measurements made on them."""
+    """What an algorithm returns: segments, the measurements made on them, and qualitative findings.
+
+    ``group_sites`` gives the finding type/site of measurement groups whose label is no segment's
+    (measurements of several segments together, such as "Both lungs")."""
 
     segments: Sequence[Segment]
     measurements: Sequence[Measurement]
     parameters: dict[str, str] = field(default_factory=dict)
+    findings: Sequence[Finding] = ()
+    group_sites: dict[str, Code] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -142,7 +203,11 @@ class Resources:
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    """The declaration every plugin makes (name, version, accepted series, outputs, resources)."""
+    """The declaration every plugin makes (name, version, accepted series, outputs, resources).
+
+    ``procedure`` is the Procedure Reported of its SR (e.g. LN 24627-2 "CT Chest"); ``None`` takes it
+    from the series' modality. ``weights_sha256`` identifies trained weights in the results'
+    algorithm identification and their UIDs."""
 
     name: str
     version: str
@@ -150,6 +215,8 @@ class AlgorithmSpec:
     accepts: SeriesRequirements
     outputs: tuple[Literal["SEG", "SR"], ...]
     resources: Resources
+    procedure: Code | None = None
+    weights_sha256: str | None = None
 
 
 class NoParams(BaseModel):

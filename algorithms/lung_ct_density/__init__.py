@@ -47,6 +47,7 @@ MORPHOLOGICALLY_ABNORMAL: Code = ("49755003", "SCT", "Morphologically Altered St
 LEFT_LUNG: Code = ("44029006", "SCT", "Left lung")
 RIGHT_LUNG: Code = ("3341006", "SCT", "Right lung")
 LUNGS: Code = ("39607008", "SCT", "Lung")
+CT_CHEST: Code = ("24627-2", "LN", "CT Chest")
 
 
 def low_attenuation_area(threshold_hu: float) -> Code:
@@ -109,6 +110,7 @@ class LungCtDensity:
         ),
         outputs=("SEG", "SR"),
         resources=Resources(memory_gib=1.5, gpu="optional"),
+        procedure=CT_CHEST,
     )
 
     def run(self, volume: Volume, device: Device, params: Any = None) -> AlgorithmResult:
@@ -167,5 +169,6 @@ class LungCtDensity:
         return AlgorithmResult(
             segments=segments,
             measurements=measurements,
+            group_sites={"Both lungs": LUNGS},
             parameters={"laa_threshold_hu": f"{p.laa_threshold_hu:g}", "air_threshold_hu": f"{p.air_threshold_hu:g}"},
         )

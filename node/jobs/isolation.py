@@ -9,6 +9,7 @@ job; the receiver and the other studies go on.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import multiprocessing
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from algorithms import errors as sdk
-from algorithms.base import AlgorithmResult, Device, Segment, Volume
+from algorithms.base import AlgorithmResult, Device, Volume
 from node.errors import PluginError, SeriesRefused
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,7 @@ def _child(
         params = algorithm.Params.model_validate_json(geometry.pop("params_json"))
         device = geometry.pop("device")
         result = algorithm.run(Volume(voxels=voxels, **geometry), device, params)
-        packed = [(s.label, np.packbits(s.mask), s.mask.shape, s.category, s.property_type) for s in result.segments]
-        conn.send(("ok", (packed, list(result.measurements), dict(result.parameters))))
+        conn.send(("ok", pack_result(result)))
         del voxels
     except sdk.SeriesRefused as exc:
         conn.send(("refused", exc.reason))
@@ -194,20 +194,28 @@ def _run_on_shared(
         # the plugin only ever saw de-identified voxels: its traceback holds no PHI
         logger.error("algorithm %s raised %s\n%s", entry_point, message, trace)
         raise PluginError(f"algorithm raised {message}")
-    packed, measurements, parameters = payload
-    shapes = {tuple(item[2]) for item in packed}
+    return unpack_result(payload)
+
+
+def pack_result(result: AlgorithmResult) -> tuple[Any, ...]:
+    """A result as sent between processes: masks bit-packed, everything else as it is."""
+    bare = [dataclasses.replace(s, mask=np.empty(0, dtype=bool)) for s in result.segments]
+    bits = [(np.packbits(s.mask), s.mask.shape) for s in result.segments]
+    return bare, bits, dataclasses.replace(result, segments=[])
+
+
+def unpack_result(payload: tuple[Any, ...]) -> AlgorithmResult:
+    """What :func:`pack_result` packed; masks of one shape come back as views of one segment-major
+    block (what the SEG build uses without another copy)."""
+    bare, bits, rest = payload
+    shapes = {tuple(shape) for _b, shape in bits}
     if len(shapes) == 1:  # the usual case: one segment-major block, each mask a view of it
         (shape,) = shapes
-        block = np.empty((len(packed), *shape), dtype=bool)
-        for i, (_label, bits, _shape, _category, _kind) in enumerate(packed):
-            block[i] = np.unpackbits(bits, count=block[i].size).view(bool).reshape(shape)
+        block = np.empty((len(bits), *shape), dtype=bool)
+        for i, (packed, _shape) in enumerate(bits):
+            block[i] = np.unpackbits(packed, count=block[i].size).view(bool).reshape(shape)
         masks = list(block)
     else:
-        masks = [
-            np.unpackbits(bits, count=int(np.prod(shape))).view(bool).reshape(shape) for _, bits, shape, *_ in packed
-        ]
-    segments = [
-        Segment(label, mask, category, kind_)
-        for (label, _bits, _shape, category, kind_), mask in zip(packed, masks, strict=True)
-    ]
-    return AlgorithmResult(segments=segments, measurements=measurements, parameters=parameters)
+        masks = [np.unpackbits(p, count=int(np.prod(shape))).view(bool).reshape(shape) for p, shape in bits]
+    segments = [dataclasses.replace(s, mask=m) for s, m in zip(bare, masks, strict=True)]
+    return dataclasses.replace(rest, segments=segments)

@@ -50,7 +50,7 @@ from node.errors import (
 from node.jobs.delivery import deliver, withdraw
 from node.jobs.isolation import SharedVolume, run_isolated
 from node.jobs.volume import load_volume
-from node.results import build_measurement_report, build_rejection_note, build_segmentation
+from node.results import build_rejection_note, build_results
 from node.routing.router import RoutePlan, plan_routes
 from node.routing.rules import header_of, keywords_of, matches, prepare
 from node.settings.models import Deidentification, Settings
@@ -61,8 +61,6 @@ from node.storage.store import ObjectStore
 logger = logging.getLogger(__name__)
 
 FINISHED_JOB_STATES = (JobState.DELIVERED, JobState.REFUSED, JobState.QUARANTINED, JobState.SUPERSEDED)
-SEG_SERIES_NUMBER = 9901
-SR_SERIES_NUMBER = 9902
 
 
 @dataclass
@@ -331,22 +329,14 @@ class Pipeline:
         original_series = mapping.uids.get(str(slices[0].SeriesInstanceUID), "")
 
         def uid(kind: str) -> str:
-            return derive_uid(original_study, original_series, spec.name, spec.version, generation, kind)
+            weights = (spec.weights_sha256,) if spec.weights_sha256 else ()
+            return derive_uid(original_study, original_series, spec.name, spec.version, *weights, generation, kind)
 
         node_title = settings.node.ae_title
-        seg = build_segmentation(
-            slices, result, spec,
-            series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"),
-            series_number=SEG_SERIES_NUMBER, device_serial_number=node_title,
-        )  # fmt: skip
-        sr = build_measurement_report(
-            seg, slices, result, spec,
-            series_instance_uid=uid("sr-series"), sop_instance_uid=uid("sr"),
-            series_number=SR_SERIES_NUMBER, device_uid=derive_uid("ainode-device", node_title),
-        )  # fmt: skip
+        built_objects = build_results(slices, result, spec, uid, node_title)
         pseudo_study = {str(slices[0].StudyInstanceUID)}
         result_ids = []
-        for built in (seg, sr):
+        for built in built_objects:
             obj = copy.deepcopy(built)  # highdicom shares data elements between SEG and SR
             reidentify(obj, mapping, pseudo_study)
             result_ids.append(self.s.store.put(encode(obj)))
@@ -365,7 +355,8 @@ class Pipeline:
         deliver(settings, destinations, objects)
         t["send_s"] = time.perf_counter() - start
         receivers = [Participant(name, DESTINATION_ROLE) for name in destinations]
-        self._audit(INSTANCES_TRANSFERRED, "R", str(objects[0].StudyInstanceUID), "results sent (SEG, SR)", receivers)
+        kinds = ", ".join(str(o.Modality) for o in objects)
+        self._audit(INSTANCES_TRANSFERRED, "R", str(objects[0].StudyInstanceUID), f"results sent ({kinds})", receivers)
         self._withdraw_superseded(job_id, objects[0], destinations, settings)
         t["delivered_at"] = time.time()
         self.s.index.update_job(job_id, state=JobState.DELIVERED, reason=None, timings=t)

@@ -1,24 +1,37 @@
-"""DICOM Segmentation (PS3.3 A.51) from an algorithm's binary segments, built with highdicom."""
+"""DICOM Segmentation (PS3.3 A.51) from an algorithm's segments, built with highdicom.
+
+Everything comes from what the algorithm returns and declares: labels, property category/type (and
+type modifier), anatomic region, colour, the algorithm identification (name, version, weights).
+Up to :data:`MAX_BINARY_SEGMENTS` segments give a BINARY SEG (segments may overlap); more
+non-overlapping segments (a whole-body model's 104 labels) give a LABELMAP SEG, one byte per voxel.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
-from algorithms.base import AlgorithmResult, AlgorithmSpec, Code
+from algorithms.base import AlgorithmResult, AlgorithmSpec, Code, Segment
 from node.errors import ResultBuildError
 
-# CIELab display colours (PS3.3 C.10.7.1.1): left lung blue, right lung green, LAA yellow.
+# CIELab display colours (PS3.3 C.10.7.1.1) for segments that bring none: blue, green, yellow, red.
 _COLOURS = ((50.0, 20.0, -60.0), (70.0, -60.0, 50.0), (90.0, -5.0, 80.0), (55.0, 70.0, 40.0))
+MAX_BINARY_SEGMENTS = 16
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:
     """A highdicom coded concept from a plain ``(value, scheme, meaning)`` tuple."""
     value, scheme, meaning = code
     return hd.sr.CodedConcept(value=value, scheme_designator=scheme, meaning=meaning)
+
+
+def algorithm_parameters(spec: AlgorithmSpec, parameters: dict[str, str]) -> dict[str, str]:
+    """The algorithm's parameters, with the checksum of its trained weights when it has them."""
+    return {**parameters, **({"weights_sha256": spec.weights_sha256} if spec.weights_sha256 else {})}
 
 
 def algorithm_identification(spec: AlgorithmSpec, parameters: dict[str, str]) -> hd.AlgorithmIdentificationSequence:
@@ -28,8 +41,57 @@ def algorithm_identification(spec: AlgorithmSpec, parameters: dict[str, str]) ->
         family=coded(("123109", "DCM", "Artificial Intelligence")),
         version=spec.version,
         source="ainode",
-        parameters=parameters or None,
+        parameters=algorithm_parameters(spec, parameters) or None,
     )
+
+
+def content_label(spec: AlgorithmSpec) -> str:
+    """Content Label (CS, at most 16 characters of upper case, digits, space, underscore) from the
+    algorithm's name."""
+    label = re.sub(r"[^A-Z0-9_ ]", "_", spec.name.upper())[:16].strip("_ ")
+    return label or "SEGMENTATION"
+
+
+def _colour(segment: Segment, number: int) -> hd.color.CIELabColor:
+    if segment.colour is not None:
+        return hd.color.CIELabColor.from_rgb(*(c / 255.0 for c in segment.colour))
+    return hd.color.CIELabColor(*_COLOURS[(number - 1) % len(_COLOURS)])
+
+
+def _description(
+    number: int, segment: Segment, algorithm: hd.AlgorithmIdentificationSequence
+) -> hd.seg.SegmentDescription:
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=segment.label,
+        segmented_property_category=coded(segment.category),
+        segmented_property_type=coded(segment.property_type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        anatomic_regions=[coded(segment.anatomic_region)] if segment.anatomic_region else None,
+        display_color=_colour(segment, number),
+    )
+    if segment.type_modifier is not None:  # e.g. "Kidney" + "Left" (PS3.3 C.8.20.4)
+        item = description.SegmentedPropertyTypeCodeSequence[0]
+        item.SegmentedPropertyTypeModifierCodeSequence = [coded(segment.type_modifier)]
+    return description
+
+
+def _labelmap(masks: list[np.ndarray]) -> np.ndarray:
+    """(frames, rows, columns) segment numbers (1..n, 0 = none) of non-overlapping masks.
+
+    Raises
+    ------
+    ResultBuildError
+        Two segments overlap (a label map cannot hold that).
+    """
+    dtype = np.uint8 if len(masks) < 256 else np.uint16
+    labels = np.zeros(masks[0].shape, dtype=dtype)
+    for number, mask in enumerate(masks, start=1):
+        if np.any(labels[mask]):
+            raise ResultBuildError(f"{len(masks)} segments overlap: more than {MAX_BINARY_SEGMENTS} need a label map")
+        labels[mask] = number
+    return labels
 
 
 def _segment_major(masks: list[np.ndarray]) -> np.ndarray:
@@ -78,27 +140,21 @@ def build_segmentation(
     for s in segments:
         if s.mask.shape != shape:
             raise ResultBuildError(f"mask {s.label!r} has shape {s.mask.shape}, sources give {shape}")
-    # (frames, rows, columns, segments) as highdicom wants it, but segment-major in memory: its
-    # overlap check sums over the segment axis, which is several times faster over whole planes
-    pixels = _segment_major([s.mask for s in segments]).transpose(1, 2, 3, 0)
+    if len(segments) > MAX_BINARY_SEGMENTS:
+        pixels = _labelmap([s.mask for s in segments])
+        kind = hd.seg.SegmentationTypeValues.LABELMAP
+    else:
+        # (frames, rows, columns, segments) as highdicom wants it, but segment-major in memory: its
+        # overlap check sums over the segment axis, which is several times faster over whole planes
+        pixels = _segment_major([s.mask for s in segments]).transpose(1, 2, 3, 0)
+        kind = hd.seg.SegmentationTypeValues.BINARY
     algorithm = algorithm_identification(spec, dict(result.parameters))
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=i,
-            segment_label=s.label,
-            segmented_property_category=coded(s.category),
-            segmented_property_type=coded(s.property_type),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            display_color=hd.color.CIELabColor(*_COLOURS[(i - 1) % len(_COLOURS)]),
-        )
-        for i, s in enumerate(segments, start=1)
-    ]
+    descriptions = [_description(i, s, algorithm) for i, s in enumerate(segments, start=1)]
     try:
         seg = hd.seg.Segmentation(
             source_images=list(sources),
             pixel_array=pixels,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segmentation_type=kind,
             segment_descriptions=descriptions,
             series_instance_uid=series_instance_uid,
             series_number=series_number,
@@ -109,7 +165,7 @@ def build_segmentation(
             software_versions=spec.version,
             device_serial_number=device_serial_number,
             series_description=f"{spec.name} segmentation",
-            content_label="LUNGS" if "lung" in spec.name else "SEGMENTATION",
+            content_label=content_label(spec),
             content_description=spec.description[:64],
         )
     except (ValueError, TypeError) as exc:
