@@ -175,13 +175,19 @@ class AlgorithmResult:
     """What an algorithm returns: segments, the measurements made on them, and qualitative findings.
 
     ``group_sites`` gives the finding type/site of measurement groups whose label is no segment's
-    (measurements of several segments together, such as "Both lungs")."""
+    (measurements of several segments together, such as "Both lungs").
+
+    ``label_map``, when given, holds the segments instead of their masks: a ``uint16`` array of the
+    volume's shape ``(slices, rows, columns)`` where value ``i`` is ``segments[i - 1]`` (0: none),
+    for models with many non-overlapping labels; their ``mask`` is then empty (memory: one label
+    map instead of one mask per segment)."""
 
     segments: Sequence[Segment]
     measurements: Sequence[Measurement]
     parameters: dict[str, str] = field(default_factory=dict)
     findings: Sequence[Finding] = ()
     group_sites: dict[str, Code] = field(default_factory=dict)
+    label_map: npt.NDArray[np.uint16] | None = None
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,16 @@ broken plugin never stops the node.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
 
 from algorithms.base import Algorithm, AlgorithmSpec, Device, Volume
 from algorithms.errors import PluginLoadError, SeriesRefused
+
+if TYPE_CHECKING:
+    from algorithms.models.model import DeclaredModel
+    from algorithms.models.spec import ModelDeclaration
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +56,39 @@ class Registry:
         Entry points to load; by default those of the group ``ainode.algorithms``.
     """
 
-    def __init__(self, entry_points_: Iterable[EntryPoint] | None = None) -> None:
+    def __init__(
+        self, entry_points_: Iterable[EntryPoint] | None = None, models: Mapping[str, ModelDeclaration] | None = None
+    ) -> None:
         self._entry_points = {
             ep.name: ep
             for ep in (entry_points_ if entry_points_ is not None else entry_points(group=ENTRY_POINT_GROUP))
         }
         self._loaded: dict[str, Algorithm] = {}
+        self._models: dict[str, ModelDeclaration] = {}
+        self._declared: dict[str, DeclaredModel] = {}
+        self.set_models(models or {})
+
+    def set_models(self, models: Mapping[str, ModelDeclaration]) -> None:
+        """Replace the declared models (configuration load or reload).
+
+        Raises
+        ------
+        PluginLoadError
+            A model has the name of a Python plugin.
+        """
+        taken = sorted(set(models) & set(self._entry_points))
+        if taken:
+            raise PluginLoadError(f"models.{taken[0]}: the name is taken by a Python plugin")
+        self._models = dict(models)
+        self._declared = {n: m for n, m in self._declared.items() if self._models.get(n) == m.declaration}
+
+    def declaration(self, name: str) -> ModelDeclaration | None:
+        """The declaration of the model ``name``, or ``None`` when ``name`` is a Python plugin."""
+        return self._models.get(name)
 
     def names(self) -> list[str]:
-        """Names of every registered algorithm (loaded or not)."""
-        return sorted(self._entry_points)
+        """Names of every registered algorithm (loaded or not) and declared model."""
+        return sorted({*self._entry_points, *self._models})
 
     def get(self, name: str) -> Algorithm:
         """Load (once) and return the algorithm ``name``.
@@ -70,6 +98,15 @@ class Registry:
         PluginLoadError
             No such algorithm, or its plugin failed to load or does not declare a spec.
         """
+        if name in self._models:
+            if name not in self._declared:
+                from algorithms.models.model import DeclaredModel
+
+                try:
+                    self._declared[name] = DeclaredModel(name, self._models[name])
+                except ValueError as exc:
+                    raise PluginLoadError(f"model {name!r}: {exc}") from None
+            return self._declared[name]
         if name in self._loaded:
             return self._loaded[name]
         ep = self._entry_points.get(name)

@@ -30,7 +30,9 @@ from node.audit import (
 from node.datadir import open_data_dir
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError, ConfigError
-from node.jobs.isolation import probe_device, warm_up
+from node.jobs.devices import DevicePool
+from node.jobs.isolation import probe_devices, warm_up
+from node.jobs.models import ModelWorkers
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired
 from node.jobs.scheduler import InProcessExecutor, Scheduler
@@ -42,13 +44,18 @@ logger = logging.getLogger(__name__)
 
 
 def check_algorithms(settings: Settings, registry: Registry, where: str) -> None:
-    """Every algorithm a route names exists and accepts the route's parameters.
+    """The declared models join the registry; every algorithm a route names exists and accepts the
+    route's parameters.
 
     Raises
     ------
     ConfigError
         ``FILE: routes[i].algorithms[j]: problem``.
     """
+    try:
+        registry.set_models(settings.models)
+    except AlgorithmError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     for i, route in enumerate(settings.routes):
         for j, ref in enumerate(route.algorithms):
             key = f"{where}: routes[{i}].algorithms[{j}]"
@@ -81,10 +88,13 @@ class Node:
         self.store, self.index, self.secrets, self.audit = data.store, data.index, data.secrets, data.audit
         self.registry = registry or Registry()
         check_algorithms(settings, self.registry, str(config_path or "configuration"))
-        device = probe_device()  # in a child: the node itself never imports torch
-        self.pipeline = Pipeline(
-            Services(settings, self.store, self.index, self.secrets, self.registry, device, audit=self.audit)
-        )
+        device, gpus = probe_devices()  # in a child: the node itself never imports torch
+        self.models = ModelWorkers(settings.node.data_dir / "run")
+        services = Services(
+            settings, self.store, self.index, self.secrets, self.registry, device, audit=self.audit,
+            devices=DevicePool(gpus), models=self.models,
+        )  # fmt: skip
+        self.pipeline = Pipeline(services)
         self.executor = InProcessExecutor(self.pipeline.run_job, workers=1)
         self.scheduler = Scheduler(self.pipeline, self.index, settings, self.executor)
         self.secrets.get("index")  # created now, before any other receiving process needs it
@@ -134,6 +144,7 @@ class Node:
             self.pool.stop()
         self._stop.set()
         self.executor.shutdown(wait=True)
+        self.models.stop()
         self._application(APPLICATION_STOP)
         self.data.close()
 
@@ -148,10 +159,10 @@ class Node:
             return False
         try:
             new = load_settings(self.config_path)
-            check_algorithms(new, self.registry, str(self.config_path))
             for section in ("node", "keys"):
                 if getattr(new, section) != getattr(self.settings, section):
                     raise ConfigError(f"{self.config_path}: {section}: changed; this needs a restart")
+            check_algorithms(new, self.registry, str(self.config_path))
         except AinodeError as exc:
             logger.error("configuration reload refused: %s", exc)
             self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration reload refused: {exc}"))

@@ -24,38 +24,48 @@ import numpy as np
 from algorithms import errors as sdk
 from algorithms.base import AlgorithmResult, Device, Volume
 from node.errors import PluginError, SeriesRefused
+from node.jobs.devices import DeviceInfo
 
 logger = logging.getLogger(__name__)
 
 _PRELOAD = ["numpy", "scipy.ndimage", "torch", "algorithms.registry", "algorithms.lung_ct_density"]
-_context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(_PRELOAD)
+PROCESS_CONTEXT = multiprocessing.get_context("forkserver")
+"""Where algorithm and model processes come from (a forkserver with the heavy imports done)."""
+PROCESS_CONTEXT.set_forkserver_preload(_PRELOAD)
 
 
 def _device_child(conn: multiprocessing.connection.Connection) -> None:
+    import torch
+
     from algorithms.registry import select_device
 
-    conn.send(select_device())
+    gpus = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            gpus.append(DeviceInfo(f"cuda:{index}", int(total), int(free)))
+    conn.send((select_device(), gpus))
     conn.close()
 
 
-def probe_device(timeout_s: float = 300.0) -> Device:
-    """``"cuda"`` when torch sees a GPU, else ``"cpu"``, asked in a child of the forkserver (where
-    torch is imported already), so that the node's own process never loads torch."""
-    receiver, sender = _context.Pipe(duplex=False)
-    process = _context.Process(target=_device_child, args=(sender,), daemon=True)
+def probe_devices(timeout_s: float = 300.0) -> tuple[Device, list[DeviceInfo]]:
+    """``"cuda"`` when torch sees a GPU, else ``"cpu"``, and each GPU's total and free memory
+    (``torch.cuda.mem_get_info``), asked in a child of the forkserver (where torch is imported
+    already), so that the node's own process never loads torch."""
+    receiver, sender = PROCESS_CONTEXT.Pipe(duplex=False)
+    process = PROCESS_CONTEXT.Process(target=_device_child, args=(sender,), daemon=True)
     process.start()
     sender.close()
     try:
         if receiver.poll(timeout_s):
-            device: Device = receiver.recv()
-            return device
+            device, gpus = receiver.recv()
+            return device, gpus
     except EOFError:
         logger.warning("device probe died; running algorithms on cpu")
     finally:
         receiver.close()
         process.join(5)
-    return "cpu"
+    return "cpu", []
 
 
 def warm_up() -> None:
@@ -174,14 +184,15 @@ def _run_on_shared(
     if shared.shm is None:
         raise PluginError("no shared volume to run on")
     voxels = volume.voxels
-    receiver, sender = _context.Pipe(duplex=False)
+    receiver, sender = PROCESS_CONTEXT.Pipe(duplex=False)
     try:
         geometry = {
             "shape": voxels.shape, "spacing_mm": volume.spacing_mm, "affine": volume.affine,
             "modality": volume.modality, "slice_thickness_mm": volume.slice_thickness_mm,
             "device": device, "params_json": params.model_dump_json(),
         }  # fmt: skip
-        process = _context.Process(target=_child, args=(sender, entry_point, shared.shm.name, geometry), daemon=True)
+        args = (sender, entry_point, shared.shm.name, geometry)
+        process = PROCESS_CONTEXT.Process(target=_child, args=args, daemon=True)
         process.start()
         sender.close()
         kind, payload = _receive(process, receiver, timeout_s)

@@ -9,19 +9,21 @@ can run them, and a job can be re-run after a crash.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 from pydicom import Dataset
 
 from algorithms import errors as sdk
-from algorithms.base import Device
+from algorithms.base import AlgorithmResult, Device, Volume
+from algorithms.models.spec import ModelDeclaration
 from algorithms.registry import Registry, check_accepts
 from node import faults
 from node.audit import (
@@ -48,7 +50,9 @@ from node.errors import (
     is_transient,
 )
 from node.jobs.delivery import deliver, withdraw
+from node.jobs.devices import DevicePool
 from node.jobs.isolation import SharedVolume, run_isolated
+from node.jobs.models import ModelWorkers
 from node.jobs.volume import load_volume
 from node.results import build_rejection_note, build_results
 from node.routing.router import RoutePlan, plan_routes
@@ -75,6 +79,8 @@ class Services:
     device: Device
     clock: Callable[[], float] = time.time
     audit: AuditLog | None = None
+    devices: DevicePool = field(default_factory=lambda: DevicePool([]))
+    models: ModelWorkers | None = None
 
 
 class Pipeline:
@@ -317,7 +323,13 @@ class Pipeline:
             check_accepts(spec, volume)
             start = time.perf_counter()
             timeout = settings.node.algorithm_timeout_s
-            result = run_isolated(self.s.registry.entry_point(name), volume, self.s.device, params, timeout, shared)
+            declared = self.s.registry.declaration(name)
+            if declared is not None:
+                result = self._run_model(name, declared, volume, shared, route.priority, timeout, t)
+                spec = dataclasses.replace(spec, weights_sha256=result.parameters.get("weights_sha256"))
+            else:
+                entry_point = self.s.registry.entry_point(name)
+                result = run_isolated(entry_point, volume, self.s.device, params, timeout, shared)
             del volume
         t["algorithm_s"] = time.perf_counter() - start
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
@@ -344,6 +356,23 @@ class Pipeline:
         self.s.index.update_job(job_id, result_object_ids=result_ids, timings=t)
 
         return self._deliver(job_id, result_ids, route.destinations, settings, t)
+
+    def _run_model(
+        self, name: str, declared: ModelDeclaration, volume: Volume, shared: SharedVolume, priority: str,
+        timeout_s: float, t: dict[str, float],
+    ) -> AlgorithmResult:  # fmt: skip
+        """Run a declared model in its device's model worker, on a device with room for it."""
+        if self.s.models is None:
+            self.s.models = ModelWorkers(self.s.settings.node.data_dir / "run")
+        res = declared.resources
+        with self.s.devices.place(name, res.gpu, res.gpu_memory_gib, res.cpu_fallback, priority) as device:
+            result, timings, loads = self.s.models.on(device).run(
+                name, declared.model_dump_json(), volume, shared, timeout_s
+            )
+        t.update({f"model_{k}": v for k, v in timings.items()})
+        t["model_loads"] = float(loads.get(name, 0))
+        logger.info("model ran", extra={"algorithm": name, "device": device, **_rounded(timings)})
+        return result
 
     def _deliver(
         self, job_id: int, result_ids: list[str], destinations: list[str], settings: Settings, t: dict[str, float]

@@ -2,8 +2,9 @@
 
 Everything comes from what the algorithm returns and declares: labels, property category/type (and
 type modifier), anatomic region, colour, the algorithm identification (name, version, weights).
-Up to :data:`MAX_BINARY_SEGMENTS` segments give a BINARY SEG (segments may overlap); more
-non-overlapping segments (a whole-body model's 104 labels) give a LABELMAP SEG, one byte per voxel.
+The SEG is BINARY (what every viewer and dciodvfy know; highdicom's LABELMAP SOP class is too new
+for both). A model's many non-overlapping labels (a whole-body model's 104) reach highdicom as one
+label map of one byte per voxel, never as one mask per segment, so the build's memory stays bounded.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from node.errors import ResultBuildError
 
 # CIELab display colours (PS3.3 C.10.7.1.1) for segments that bring none: blue, green, yellow, red.
 _COLOURS = ((50.0, 20.0, -60.0), (70.0, -60.0, 50.0), (90.0, -5.0, 80.0), (55.0, 70.0, 40.0))
-MAX_BINARY_SEGMENTS = 16
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:
@@ -77,23 +77,6 @@ def _description(
     return description
 
 
-def _labelmap(masks: list[np.ndarray]) -> np.ndarray:
-    """(frames, rows, columns) segment numbers (1..n, 0 = none) of non-overlapping masks.
-
-    Raises
-    ------
-    ResultBuildError
-        Two segments overlap (a label map cannot hold that).
-    """
-    dtype = np.uint8 if len(masks) < 256 else np.uint16
-    labels = np.zeros(masks[0].shape, dtype=dtype)
-    for number, mask in enumerate(masks, start=1):
-        if np.any(labels[mask]):
-            raise ResultBuildError(f"{len(masks)} segments overlap: more than {MAX_BINARY_SEGMENTS} need a label map")
-        labels[mask] = number
-    return labels
-
-
 def _segment_major(masks: list[np.ndarray]) -> np.ndarray:
     """The masks as one bool array (segments, frames, rows, columns): the block they are views of
     when they already form one in order (as the isolated runner returns them), else a stacked copy."""
@@ -106,6 +89,23 @@ def _segment_major(masks: list[np.ndarray]) -> np.ndarray:
     ):
         return base
     return np.stack([m.astype(bool, copy=False) for m in masks], axis=0)
+
+
+def _pixels(result: AlgorithmResult, shape: tuple[int, int, int]) -> np.ndarray:
+    """The pixel array highdicom takes for a BINARY SEG: the algorithm's label map as it is
+    (frames, rows, columns of segment numbers; one byte or two per voxel, however many segments), or
+    its masks as (frames, rows, columns, segments), segment-major in memory (highdicom's overlap check
+    sums over the segment axis, several times faster over whole planes)."""
+    segments = list(result.segments)
+    label_map = result.label_map
+    if label_map is not None:
+        if label_map.shape != shape:
+            raise ResultBuildError(f"label map has shape {label_map.shape}, sources give {shape}")
+        return label_map.astype(np.uint8 if len(segments) < 256 else np.uint16, copy=False)
+    for s in segments:
+        if s.mask.shape != shape:
+            raise ResultBuildError(f"mask {s.label!r} has shape {s.mask.shape}, sources give {shape}")
+    return _segment_major([s.mask for s in segments]).transpose(1, 2, 3, 0)
 
 
 def build_segmentation(
@@ -137,24 +137,14 @@ def build_segmentation(
     if not segments:
         raise ResultBuildError("the algorithm returned no segments")
     shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
-    for s in segments:
-        if s.mask.shape != shape:
-            raise ResultBuildError(f"mask {s.label!r} has shape {s.mask.shape}, sources give {shape}")
-    if len(segments) > MAX_BINARY_SEGMENTS:
-        pixels = _labelmap([s.mask for s in segments])
-        kind = hd.seg.SegmentationTypeValues.LABELMAP
-    else:
-        # (frames, rows, columns, segments) as highdicom wants it, but segment-major in memory: its
-        # overlap check sums over the segment axis, which is several times faster over whole planes
-        pixels = _segment_major([s.mask for s in segments]).transpose(1, 2, 3, 0)
-        kind = hd.seg.SegmentationTypeValues.BINARY
+    pixels = _pixels(result, shape)
     algorithm = algorithm_identification(spec, dict(result.parameters))
     descriptions = [_description(i, s, algorithm) for i, s in enumerate(segments, start=1)]
     try:
         seg = hd.seg.Segmentation(
             source_images=list(sources),
             pixel_array=pixels,
-            segmentation_type=kind,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=series_instance_uid,
             series_number=series_number,

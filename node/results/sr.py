@@ -133,6 +133,18 @@ def _finding_group(
     )  # fmt: skip
 
 
+def _referenced_segment(segmentation: Dataset, number: int) -> hd.sr.ReferencedSegment:
+    """The reference to one segment; a LABELMAP SEG has no per-frame segment identification, so it is
+    referenced by segment and source series (TID 1411 allows either)."""
+    if str(segmentation.get("SegmentationType", "")) != "LABELMAP":
+        return hd.sr.ReferencedSegment.from_segmentation(segmentation, segment_number=number)
+    series = str(segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID)
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=str(segmentation.SOPClassUID), sop_instance_uid=str(segmentation.SOPInstanceUID),
+        segment_number=number, source_series=hd.sr.SourceSeriesForSegmentation(series),
+    )  # fmt: skip
+
+
 def build_measurement_report(
     segmentation: Dataset | None,
     sources: Sequence[Dataset],
@@ -191,9 +203,7 @@ def build_measurement_report(
                 groups.append(
                     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                         tracking_identifier=tracking(label),
-                        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(
-                            segmentation, segment_number=segment_numbers[label]
-                        ),
+                        referenced_segment=_referenced_segment(segmentation, segment_numbers[label]),
                         finding_type=coded(segment.property_type),
                         finding_sites=[site],
                         algorithm_id=algorithm,

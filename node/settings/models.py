@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, WithJsonSchema, model_validator
 
+from algorithms.models.spec import ModelDeclaration
 from node.routing.rules import CONDITION_JSON_SCHEMA, All, AnyOf, Condition, Not, Test, parse_condition
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
@@ -270,6 +271,9 @@ class Settings(_Model):
     destinations: dict[str, Destination] = {}
     routing: Routing = Routing()
     routes: list[Route] = []
+    models: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], ModelDeclaration] = Field(
+        default={}, description="the site's own trained models (MONAI bundles, TorchScript, ONNX), routed to by name"
+    )
     deidentification: dict[str, Deidentification] = {"default": Deidentification()}
     audit: AuditSettings = AuditSettings()
     delivery: DeliverySettings = DeliverySettings()

@@ -1,0 +1,147 @@
+"""TorchScript and ONNX models with a declared pre-processing, run with MONAI's transforms.
+
+Pre-processing (orientation, resampling to a spacing, intensity window or normalisation), MONAI's
+``sliding_window_inference``, activation, ``Invertd`` back onto the original grid, argmax or
+threshold, and optionally the largest connected component of each label — in the same order as a
+MONAI bundle's own post-processing, so an export of a bundle's network declared with the bundle's
+pre-processing gives the bundle's masks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from algorithms.base import Device, Volume
+from algorithms.errors import ModelError
+from algorithms.models.geometry import from_monai, to_metatensor
+from algorithms.models.spec import ModelDeclaration
+
+
+def _transforms(declaration: ModelDeclaration) -> tuple[Any, Any]:
+    from monai import transforms as mt
+
+    pre = declaration.preprocessing
+    assert pre is not None
+    steps: list[Any] = [mt.EnsureChannelFirstd(keys="image"), mt.Orientationd(keys="image", axcodes=pre.orientation)]
+    if pre.spacing_mm is not None:
+        steps.append(mt.Spacingd(keys="image", pixdim=list(pre.spacing_mm), mode="bilinear"))
+    if pre.window_min is not None and pre.window_max is not None:
+        steps.append(
+            mt.ScaleIntensityRanged(
+                keys="image", a_min=pre.window_min, a_max=pre.window_max, b_min=0.0, b_max=1.0, clip=pre.clip
+            )
+        )
+    if pre.normalize != "none":
+        steps.append(mt.NormalizeIntensityd(keys="image", nonzero=pre.normalize == "nonzero"))
+    steps.append(mt.EnsureTyped(keys="image"))
+    preprocessing = mt.Compose(steps)
+    post = declaration.postprocessing
+    after: list[Any] = []
+    if post.activation != "none":
+        after.append(
+            mt.Activationsd(keys="pred", softmax=post.activation == "softmax", sigmoid=post.activation == "sigmoid")
+        )
+    after.append(
+        mt.Invertd(keys="pred", transform=preprocessing, orig_keys="image", nearest_interp=False, to_tensor=True)
+    )
+    if post.discretize == "argmax":
+        after.append(mt.AsDiscreted(keys="pred", argmax=True))
+    else:
+        after.append(mt.AsDiscreted(keys="pred", threshold=post.threshold))
+    if post.largest_component:
+        labels = sorted(declaration.labels) or None
+        after.append(mt.KeepLargestConnectedComponentd(keys="pred", applied_labels=labels, independent=True))
+    return preprocessing, mt.Compose(after)
+
+
+class _ExportedRuntime:
+    """Shared by TorchScript and ONNX: declared transforms around a predictor."""
+
+    def __init__(self, declaration: ModelDeclaration, device: Device) -> None:
+        self.declaration = declaration
+        self.device = device
+        self.preprocessing, self.postprocessing = _transforms(declaration)
+        self.memory_bytes = declaration.weights_path().stat().st_size
+
+    def predict(self, batch: Any) -> Any:
+        raise NotImplementedError
+
+    def infer(self, volume: Volume) -> tuple[npt.NDArray[np.int32], dict[str, float]]:
+        """Labels ``(slices, rows, columns)`` on the volume's own grid, and seconds per stage."""
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        pre = self.declaration.preprocessing
+        assert pre is not None
+        t: dict[str, float] = {}
+        start = time.perf_counter()
+        data = self.preprocessing({"image": to_metatensor(volume)})
+        t["preprocess_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            pred = sliding_window_inference(
+                data["image"][None], roi_size=list(pre.roi_size), sw_batch_size=pre.sw_batch_size,
+                predictor=self.predict, overlap=pre.overlap, mode=pre.mode,
+            )  # fmt: skip
+        data["pred"] = pred[0]
+        t["inference_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        labels = self.postprocessing(data)["pred"]
+        array = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
+        t["postprocess_s"] = time.perf_counter() - start
+        return from_monai(np.rint(array[0]).astype(np.int32)), t
+
+
+class TorchScriptRuntime(_ExportedRuntime):
+    """A TorchScript export, loaded once with ``torch.jit.load(path).eval()``."""
+
+    def __init__(self, declaration: ModelDeclaration, device: Device) -> None:
+        import torch
+
+        super().__init__(declaration, device)
+        try:
+            self.module = torch.jit.load(str(declaration.weights_path()), map_location=_torch_device(device)).eval()
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"TorchScript {declaration.path.name}: {exc}") from exc
+
+    def predict(self, batch: Any) -> Any:
+        """The module's output for a batch ``(n, channels, x, y, z)``."""
+        import torch
+
+        batch = batch.to(_torch_device(self.device))
+        if self.declaration.half_precision and self.device == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                return self.module(batch).float()
+        return self.module(batch)
+
+
+class OnnxRuntime(_ExportedRuntime):
+    """An ONNX model in onnxruntime (its CUDA provider on a GPU when installed)."""
+
+    def __init__(self, declaration: ModelDeclaration, device: Device) -> None:
+        import onnxruntime as ort
+
+        super().__init__(declaration, device)
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(declaration.weights_path()), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors for a bad model
+            raise ModelError(f"ONNX {declaration.path.name}: {exc}") from exc
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, batch: Any) -> Any:
+        """The model's output for a batch ``(n, channels, x, y, z)``."""
+        import torch
+
+        out = self.session.run(None, {self.input_name: batch.detach().cpu().numpy().astype(np.float32)})[0]
+        return torch.from_numpy(out)
+
+
+def _torch_device(device: Device) -> str:
+    return "cuda:0" if device == "cuda" else device
