@@ -8,7 +8,8 @@
     ainode config reload --config FILE      validate, then make the running node reload it
     ainode config schema                    JSON Schema of the configuration, for editors
     ainode route test PATH... --config FILE dry run: which route takes each series, and why
-    ainode algorithms list                  registered analysis algorithms
+    ainode algorithms list [--config F]     registered plugins, declared models, what is loaded
+    ainode algorithms check NAME DIR --out D  run one algorithm on a series; validate; SEG/SR; dciodvfy
     ainode keys generate --out FILE         create a master key file (mode 0600)
     ainode keys rotate|retire|status --config FILE  new master key (re-wrap, retire); show key use
     ainode deidentify PATH... --out DIR     de-identify files (PS3.15 Annex E) with a profile
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING
 from node.errors import AinodeError
 
 if TYPE_CHECKING:
+    from algorithms.registry import Registry
     from node.datadir import DataDir
     from node.settings.models import Settings
     from node.storage.index import Index
@@ -131,19 +133,55 @@ def cmd_route_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_algorithms_list(_args: argparse.Namespace) -> int:
-    from algorithms.registry import Registry, select_device
+def _registry(config: str | None) -> tuple[Registry, Settings | None]:
+    from algorithms.registry import Registry
+    from node.settings import load_settings
 
-    for spec in Registry().specs():
+    settings = load_settings(config) if config else None
+    return Registry(models=settings.models if settings else {}), settings
+
+
+def cmd_algorithms_list(args: argparse.Namespace) -> int:
+    import json as json_
+
+    from algorithms.registry import select_device
+
+    registry, settings = _registry(args.config)
+    for spec in registry.specs():
         accepts = spec.accepts
+        declared = registry.declaration(spec.name)
+        kind = f"model ({declared.type}, {declared.path})" if declared else "plugin"
         print(
-            f"{spec.name} {spec.version}: {spec.description}\n"
+            f"{spec.name} {spec.version} [{kind}]: {spec.description}\n"
             f"    accepts {'/'.join(accepts.modalities)}, >= {accepts.min_slices} slices"
             + (f", <= {accepts.max_slice_thickness_mm:g} mm" if accepts.max_slice_thickness_mm else "")
             + f"; outputs {', '.join(spec.outputs)}; ~{spec.resources.memory_gib:g} GiB, GPU {spec.resources.gpu}"
         )
+    if settings is not None:
+        for status in sorted((settings.node.data_dir / "run").glob("models-*.json")):
+            held = json_.loads(status.read_text())
+            for name, model in held["models"].items():
+                print(
+                    f"loaded: {name} on {held['device']} (worker pid {held['pid']}): "
+                    f"{model['memory_bytes'] / 2**20:.1f} MiB of weights, loaded {model['loads']} time(s)"
+                )
     print(f"device: {select_device()}")
     return 0
+
+
+def cmd_algorithms_check(args: argparse.Namespace) -> int:
+    from node.jobs.check import check_algorithm
+
+    registry, _settings = _registry(args.config)
+    report = check_algorithm(registry, args.name, Path(args.series), Path(args.out))
+    for note in report.notes:
+        print(note)
+    for path in report.written:
+        print(f"wrote {path}")
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"{args.name}: {'PASS' if report.passed else 'FAIL'}")
+    return 0 if report.passed else 1
 
 
 def cmd_deidentify(args: argparse.Namespace) -> int:
@@ -395,7 +433,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_route_test)
 
     algorithms = sub.add_parser("algorithms", help="analysis plugins").add_subparsers(dest="action", required=True)
-    algorithms.add_parser("list", help="list registered algorithms").set_defaults(func=cmd_algorithms_list)
+    p = algorithms.add_parser("list", help="registered plugins and declared models (and which are loaded)")
+    p.add_argument("--config", help="also the models this configuration declares, and what its node holds")
+    p.set_defaults(func=cmd_algorithms_list)
+    p = algorithms.add_parser("check", help="run one algorithm on a series, validate it, write SEG/SR, dciodvfy")
+    p.add_argument("name")
+    p.add_argument("series", help="folder of the series' DICOM files")
+    p.add_argument("--out", required=True, help="folder for the SEG and SR")
+    p.add_argument("--config", help="the configuration declaring the model")
+    p.set_defaults(func=cmd_algorithms_check)
 
     keys = sub.add_parser("keys", help="master keys").add_subparsers(dest="action", required=True)
     p = keys.add_parser("generate", help="write a new master key file")

@@ -6,7 +6,18 @@ import os
 import time
 from typing import Any
 
-from algorithms.base import AlgorithmResult, AlgorithmSpec, NoParams, Resources, SeriesRequirements, Volume
+import numpy as np
+
+from algorithms.base import (
+    AlgorithmResult,
+    AlgorithmSpec,
+    Finding,
+    Location,
+    NoParams,
+    Resources,
+    SeriesRequirements,
+    Volume,
+)
 
 _SPEC = dict(description="test plugin", accepts=SeriesRequirements(("CT",)), outputs=("SEG",), resources=Resources(0.1))
 
@@ -34,3 +45,26 @@ class Hangs:
     def run(self, volume: Volume, device: str, params: Any = None) -> AlgorithmResult:
         time.sleep(3600)
         raise AssertionError("unreachable")
+
+
+class Finds:
+    """An SR-only plugin: a located nodule (point), a box around it, and an unlocated finding."""
+
+    spec = AlgorithmSpec(name="finds", version="0", description="test plugin", accepts=SeriesRequirements(("CT",)),
+                         outputs=("SR",), resources=Resources(0.1))  # fmt: skip
+    Params = NoParams
+
+    def run(self, volume: Volume, device: str, params: Any = None) -> AlgorithmResult:
+        slices, rows, columns = volume.voxels.shape
+        centre = volume.index_to_lps(np.array([[slices // 2, rows // 3, columns // 4]]))[0]
+        corner = volume.index_to_lps(np.array([[slices // 2, rows // 3 + 20, columns // 4 + 30]]))[0]
+        nodule, present = ("27925004", "SCT", "Nodule"), ("52101004", "SCT", "Present")
+        return AlgorithmResult(
+            segments=[], measurements=[],
+            findings=[
+                Finding("Nodule 1", nodule, present, probability=0.87, location=Location("point", (tuple(centre),))),
+                Finding("Nodule 1 extent", nodule, present, location=Location("box", (tuple(centre), tuple(corner)))),
+                Finding("Emphysema", ("87433001", "SCT", "Pulmonary emphysema"), ("2667000", "SCT", "Absent"),
+                        probability=0.1),
+            ],
+        )  # fmt: skip

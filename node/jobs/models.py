@@ -42,6 +42,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, device: str, statu
         torch.cuda.set_device(int(device.split(":")[1]))
     run_on = "cuda" if device.startswith("cuda") else "cpu"
     models: dict[tuple[str, str], DeclaredModel] = {}
+    _write_status(Path(status_path), device, {})
     while True:
         try:
             message = conn.recv()

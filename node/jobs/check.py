@@ -1,0 +1,152 @@
+"""``ainode algorithms check``: a plugin author's or model deployer's check of one algorithm.
+
+Runs one algorithm (Python plugin or declared model) on a series the way the node does — the series
+de-identified with a throwaway key, the volume loaded, the algorithm run in its own process — then
+validates what it returned (mask and label-map shapes, codes, UCUM units, measurement groups),
+writes the SEG and SR it declares and runs dciodvfy on them when it is installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+
+from algorithms import errors as sdk
+from algorithms.base import AlgorithmResult, Code, Volume
+from algorithms.registry import Registry, check_accepts
+from node.deid import InstanceDeidentifier
+from node.deid.pseudonyms import Pseudonymizer, derive_uid
+from node.jobs.isolation import SharedVolume, run_isolated
+from node.jobs.models import ModelWorkers
+from node.jobs.volume import load_volume
+from node.results import build_results
+from node.settings.models import Deidentification
+
+
+@dataclass
+class CheckReport:
+    """The verdict of one check: problems found (none: it passes) and the files written."""
+
+    problems: list[str] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """Whether nothing was wrong."""
+        return not self.problems
+
+
+def _code_problem(code: object, what: str) -> str | None:
+    if not (isinstance(code, tuple) and len(code) == 3 and all(isinstance(c, str) and c for c in code)):
+        return f"{what}: not a (value, scheme, meaning) code: {code!r}"
+    return None
+
+
+def validate_result(result: AlgorithmResult, volume: Volume) -> list[str]:
+    """What is wrong with an algorithm's result for ``volume`` (empty when nothing is)."""
+    problems: list[str] = []
+    shape = volume.voxels.shape
+    if result.label_map is not None and result.label_map.shape != shape:
+        problems.append(f"label map has shape {result.label_map.shape}, the volume {shape}")
+    labels = [s.label for s in result.segments]
+    if len(set(labels)) != len(labels):
+        problems.append("two segments share a label")
+    for s in result.segments:
+        if result.label_map is None and s.mask.shape != shape:
+            problems.append(f"segment {s.label!r}: mask shape {s.mask.shape}, the volume {shape}")
+        for what, code in (("category", s.category), ("property type", s.property_type)):
+            problem = _code_problem(code, f"segment {s.label!r} {what}")
+            if problem:
+                problems.append(problem)
+    groups = set(labels) | set(result.group_sites)
+    for m in result.measurements:
+        if m.segment_label not in groups:
+            problems.append(f"measurement of {m.segment_label!r}: no such segment and no declared group site")
+        if m.unit[1] != "UCUM":
+            problems.append(f"measurement {m.concept[2]!r} of {m.segment_label!r}: unit {m.unit!r} is not UCUM")
+        if not math.isfinite(m.value):
+            problems.append(f"measurement {m.concept[2]!r} of {m.segment_label!r}: value {m.value!r} is not finite")
+        problem = _code_problem(m.concept, f"measurement of {m.segment_label!r}")
+        if problem:
+            problems.append(problem)
+    for f in result.findings:
+        codes: tuple[tuple[str, Code], ...] = (("concept", f.concept), ("value", f.value))
+        problems += [p for what, c in codes if (p := _code_problem(c, f"finding {f.label!r} {what}"))]
+        if f.probability is not None and not 0 <= f.probability <= 1:
+            problems.append(f"finding {f.label!r}: probability {f.probability} is not within 0-1")
+    return problems
+
+
+def _series(folder: Path) -> list[Dataset]:
+    datasets: list[Dataset] = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            datasets.append(dcmread(path))
+        except (InvalidDicomError, OSError, EOFError, ValueError):
+            continue
+    return datasets
+
+
+def check_algorithm(registry: Registry, name: str, series: Path, out: Path, timeout_s: float = 3600) -> CheckReport:
+    """Run ``name`` on the series in ``series`` and write its results into ``out`` (see the module
+    docstring)."""
+    report = CheckReport()
+    algorithm = registry.get(name)
+    spec = algorithm.spec
+    datasets = _series(series)
+    if not datasets:
+        report.problems.append(f"{series}: no DICOM files")
+        return report
+    key = secrets.token_bytes(32)
+    deid = InstanceDeidentifier(Pseudonymizer(key, "check"), Deidentification())
+    for ds in datasets:
+        deid(ds)
+    declared = registry.declaration(name)
+    with SharedVolume() as shared, tempfile.TemporaryDirectory() as run_dir:
+        volume, slices = load_volume(datasets, allocate=shared.allocate)
+        try:
+            check_accepts(spec, volume)
+            if declared is not None:
+                workers = ModelWorkers(Path(run_dir))
+                try:
+                    result, timings, _loads = workers.on("cpu").run(
+                        name, declared.model_dump_json(), volume, shared, timeout_s
+                    )
+                finally:
+                    workers.stop()
+                report.notes.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+                spec = dataclasses.replace(spec, weights_sha256=result.parameters.get("weights_sha256"))
+            else:
+                result = run_isolated(registry.entry_point(name), volume, "cpu", algorithm.Params(), timeout_s, shared)
+        except sdk.SeriesRefused as exc:
+            report.notes.append(f"refused the series: {exc.reason}")
+            return report
+        report.problems += validate_result(result, volume)
+        del volume
+    if report.problems:
+        return report
+    study, series_uid = str(slices[0].StudyInstanceUID), str(slices[0].SeriesInstanceUID)
+    built = build_results(slices, result, spec, lambda kind: derive_uid(study, series_uid, spec.name, kind), "AINODE")
+    out.mkdir(parents=True, exist_ok=True)
+    for obj in built:
+        path = out / f"{obj.Modality}_{obj.SOPInstanceUID}.dcm"
+        obj.save_as(path, enforce_file_format=True)
+        report.written.append(path)
+        if shutil.which("dciodvfy"):
+            checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+            errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]
+            report.problems += [f"{path.name}: dciodvfy {line}" for line in errors]
+            report.notes.append(f"{path.name}: dciodvfy {len(errors)} error(s)")
+        else:
+            report.notes.append("dciodvfy not installed: objects not validated")
+    return report
