@@ -134,9 +134,11 @@ def _finding_group(
 
 
 def _referenced_segment(segmentation: Dataset, number: int) -> hd.sr.ReferencedSegment:
-    """The reference to one segment; a LABELMAP SEG has no per-frame segment identification, so it is
-    referenced by segment and source series (TID 1411 allows either)."""
-    if str(segmentation.get("SegmentationType", "")) != "LABELMAP":
+    """The reference to one segment. When the SEG identifies segments per frame, with its frames and
+    source images; otherwise (one segment, identified once in the shared functional groups) by
+    segment and source series — TID 1411 allows either."""
+    per_frame = segmentation.get("PerFrameFunctionalGroupsSequence") or []
+    if per_frame and "SegmentIdentificationSequence" in per_frame[0]:
         return hd.sr.ReferencedSegment.from_segmentation(segmentation, segment_number=number)
     series = str(segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID)
     return hd.sr.ReferencedSegment(

@@ -1,0 +1,161 @@
+"""Declared models on the shared 64-slice chest CT: ainode's runtime against MONAI's own runner.
+
+Per model (the spleen bundle; the wholeBody bundle's low-resolution path; seeded weights) and per
+runner, a fresh Python process:
+
+- ``ainode``: the model as the node's worker runs it (:class:`algorithms.models.model.DeclaredModel`):
+  seconds in pre-processing, inference, post-processing (``Invertd``, argmax), measurement, and
+  the SEG + SR build; peak RSS of that process (VmHWM).
+- ``monai``: ``monai.bundle.run`` of the same bundle on the same volume (as NIfTI), its inferer
+  timed by a subclass of the bundle's own inferer class; total seconds and peak RSS.
+
+The inference stage should be within 1.1x of MONAI's own. Runs on ``cuda`` too when torch sees one.
+Prints a table and writes ``bench/results/models.json``.
+
+Usage: ``python bench/models.py [--runs 1] [--models spleen wholebody]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import status_mb, write_report  # noqa: E402
+
+INFERER_SECONDS: list[float] = []
+
+
+def timed_inferer(base: str) -> Any:
+    """A subclass of MONAI's inferer class ``base`` that records the seconds of each call."""
+    import monai.inferers
+
+    parent = getattr(monai.inferers, base)
+
+    class Timed(parent):  # type: ignore[misc,valid-type]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            out = super().__call__(*args, **kwargs)
+            INFERER_SECONDS.append(time.perf_counter() - start)
+            return out
+
+    return Timed
+
+
+class TimedSlidingWindowInferer:
+    """Instantiated by the bundle config in place of ``SlidingWindowInferer`` (same arguments)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        return timed_inferer("SlidingWindowInferer")(*args, **kwargs)
+
+
+def _setup(model: str, work: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    from tests.models import LOWRES, SNOMED_MAPPING, SPLEEN, WHOLE_BODY, seeded_bundle, spleen_declaration
+
+    if model == "spleen":
+        bundle = work / SPLEEN.name
+        if not bundle.exists():
+            seeded_bundle(SPLEEN, work)
+        return bundle, spleen_declaration(bundle), {}
+    bundle = work / WHOLE_BODY.name
+    if not bundle.exists():
+        seeded_bundle(WHOLE_BODY, work, overrides=LOWRES, favour=(2, 3, 5, 6, 13, 14, 15, 16, 17, 22, 60, 61))
+    declaration = {"type": "monai_bundle", "path": str(bundle), "overrides": LOWRES,
+                   "label_mapping": str(SNOMED_MAPPING), "measurements": ["volume", "mean"]}  # fmt: skip
+    return bundle, declaration, LOWRES
+
+
+def one(model: str, runner: str, device: str, work: Path) -> dict[str, Any]:
+    """One run in this process (the child side)."""
+    import pydicom
+
+    from node.jobs.volume import load_volume
+    from tests.peers import CT_SERIES, series_files
+
+    bundle, declaration, overrides = _setup(model, work)
+    datasets = [pydicom.dcmread(p) for p in series_files(CT_SERIES)]
+    for ds in datasets:
+        ds.pop("ReferencedStudySequence", None)  # as the node's de-identification does
+    volume, slices = load_volume(datasets)
+    if runner == "monai":
+        from tests.models import monai_reference
+
+        start = time.perf_counter()
+        inferer = {"inferer#_target_": "bench.models.TimedSlidingWindowInferer"}
+        monai_reference(bundle, volume, work / f"monai-{model}-{device}", {**overrides, **inferer,
+                        "device": f"$torch.device('{'cuda:0' if device == 'cuda' else 'cpu'}')"})  # fmt: skip
+        return {"total_s": time.perf_counter() - start, "inference_s": sum(INFERER_SECONDS)}
+    from algorithms.models.model import DeclaredModel
+    from algorithms.models.spec import ModelDeclaration
+    from node.results import build_results
+
+    algorithm = DeclaredModel(model, ModelDeclaration.model_validate(declaration))
+    start = time.perf_counter()
+    result = algorithm.run(volume, device)  # type: ignore[arg-type]
+    total = time.perf_counter() - start
+    start = time.perf_counter()
+    build_results(slices, result, algorithm.spec, lambda kind: pydicom.uid.generate_uid(), "AINODE")
+    return {**algorithm.last_timings, "build_s": time.perf_counter() - start, "total_s": total,
+            "segments": len(result.segments)}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["spleen", "wholebody"])
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--child", nargs=4, metavar=("MODEL", "RUNNER", "DEVICE", "WORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        model, runner, device, work = args.child
+        figures = one(model, runner, device, Path(work))
+        figures["peak_rss_mb"] = status_mb("self", "VmHWM")
+        print(json.dumps(figures))
+        return 0
+    import torch
+
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            for device in devices:
+                for runner in ("ainode", "monai"):
+                    for run in range(args.runs):
+                        done = subprocess.run(
+                            [sys.executable, __file__, "--child", model, runner, device, tmp],
+                            capture_output=True, text=True, check=True, cwd=ROOT,
+                        )  # fmt: skip
+                        figures = json.loads(done.stdout.strip().splitlines()[-1])
+                        rows.append({"model": model, "device": device, "runner": runner, "run": run, **figures})
+    print(f"{'model':<10} {'device':<6} {'runner':<7} {'pre s':>7} {'infer s':>8} {'post s':>7} {'build s':>8} "
+          f"{'total s':>8} {'peak MB':>8}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['model']:<10} {r['device']:<6} {r['runner']:<7} {r.get('preprocess_s', 0):>7.2f} "
+            f"{r['inference_s']:>8.2f} {r.get('postprocess_s', 0):>7.2f} {r.get('build_s', 0):>8.2f} "
+            f"{r['total_s']:>8.2f} {r['peak_rss_mb'] or 0:>8.0f}"
+        )
+    ratios = {}
+    for model in args.models:
+        for device in devices:
+            ours = min(
+                r["inference_s"] for r in rows if (r["model"], r["device"], r["runner"]) == (model, device, "ainode")
+            )
+            theirs = min(
+                r["inference_s"] for r in rows if (r["model"], r["device"], r["runner"]) == (model, device, "monai")
+            )
+            ratios[f"{model}/{device}"] = round(ours / theirs, 3)
+            print(f"{model} on {device}: ainode inference / MONAI's own = {ours / theirs:.3f}")
+    write_report(ROOT / "bench" / "results" / "models.json", "models", rows=rows, inference_ratio=ratios)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
