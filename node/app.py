@@ -95,7 +95,8 @@ class Node:
             devices=DevicePool(gpus), models=self.models,
         )  # fmt: skip
         self.pipeline = Pipeline(services)
-        self.executor = InProcessExecutor(self.pipeline.run_job, workers=1)
+        # one job thread per GPU (each GPU has its model worker), one on a CPU-only node
+        self.executor = InProcessExecutor(self.pipeline.run_job, workers=max(1, len(gpus)))
         self.scheduler = Scheduler(self.pipeline, self.index, settings, self.executor)
         self.secrets.get("index")  # created now, before any other receiving process needs it
         receivers = settings.node.receivers if config_path is not None else 1

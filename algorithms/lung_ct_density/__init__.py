@@ -30,6 +30,7 @@ from algorithms.base import (
     SeriesRequirements,
     Volume,
 )
+from algorithms.codes import ANATOMICAL_STRUCTURE, ATTENUATION, HU, MEAN, ML, PERCENT, VOLUME
 from algorithms.lung_ct_density.segment import segment_lungs
 from algorithms.registry import check_accepts
 
@@ -42,7 +43,6 @@ LAA_THRESHOLD_HU = -950.0
 MAX_SLICE_THICKNESS_MM = 5.0
 MIN_SLICES = 20
 
-ANATOMICAL_STRUCTURE: Code = ("123037004", "SCT", "Anatomical Structure")
 MORPHOLOGICALLY_ABNORMAL: Code = ("49755003", "SCT", "Morphologically Altered Structure")
 LEFT_LUNG: Code = ("44029006", "SCT", "Left lung")
 RIGHT_LUNG: Code = ("3341006", "SCT", "Right lung")
@@ -60,14 +60,7 @@ def laa_percent(threshold_hu: float) -> Code:
     return (f"LAA{-threshold_hu:g}PCT", "99AINODE", f"Percent lung volume at or below {threshold_hu:g} HU")
 
 
-VOLUME: Code = ("118565006", "SCT", "Volume")
-ATTENUATION: Code = ("112031", "DCM", "Attenuation Coefficient")
-MEAN: Code = ("373098007", "SCT", "Mean")
 PERC15: Code = ("PERC15", "99AINODE", "15th percentile of lung density")
-
-ML: Code = ("ml", "UCUM", "milliliter")
-HU: Code = ("[hnsf'U]", "UCUM", "Hounsfield unit")
-PERCENT: Code = ("%", "UCUM", "percent")
 
 
 def _density_measures(

@@ -22,7 +22,6 @@ from pydantic import BaseModel
 from algorithms.base import (
     AlgorithmResult,
     AlgorithmSpec,
-    Code,
     Device,
     Measurement,
     NoParams,
@@ -31,21 +30,22 @@ from algorithms.base import (
     SeriesRequirements,
     Volume,
 )
+from algorithms.codes import (
+    ATTENUATION,
+    HU,
+    MAXIMUM,
+    MEAN,
+    MEDIAN,
+    MINIMUM,
+    ML,
+    NO_UNITS,
+    VOLUME,
+)
+from algorithms.codes import SIGNAL_INTENSITY as INTENSITY
+from algorithms.codes import STANDARD_DEVIATION as STD
 from algorithms.errors import ModelError
 from algorithms.models.spec import ModelDeclaration, file_sha256
 from algorithms.registry import check_accepts
-
-VOLUME: Code = ("118565006", "SCT", "Volume")
-MEAN: Code = ("373098007", "SCT", "Mean")
-MEDIAN: Code = ("373099004", "SCT", "Median")
-STD: Code = ("386136009", "SCT", "Standard Deviation")
-MINIMUM: Code = ("255605001", "SCT", "Minimum")
-MAXIMUM: Code = ("56851009", "SCT", "Maximum")
-ML: Code = ("ml", "UCUM", "milliliter")
-HU: Code = ("[hnsf'U]", "UCUM", "Hounsfield unit")
-ATTENUATION: Code = ("112031", "DCM", "Attenuation Coefficient")
-INTENSITY: Code = ("130053", "DCM", "Signal Intensity")  # MR and other non-HU images
-NO_UNITS: Code = ("1", "UCUM", "no units")
 
 
 class Runtime(Protocol):

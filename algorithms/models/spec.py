@@ -20,8 +20,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from algorithms.base import Code
+from algorithms.codes import ANATOMICAL_STRUCTURE
 
-ANATOMICAL_STRUCTURE: Code = ("123037004", "SCT", "Anatomical Structure")
 KNOWN_SCHEMES = ("SCT", "DCM", "LN", "UCUM", "FMA", "RADLEX", "NCIt", "UMLS", "MDC")
 """Coding scheme designators a label code may use besides private ones (``99...``, PS3.16 8.2)."""
 

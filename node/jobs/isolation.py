@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import traceback
+from collections.abc import Callable
 from multiprocessing import forkserver
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -77,22 +78,31 @@ def _child(
     conn: multiprocessing.connection.Connection, entry_point: str, shm_name: str, geometry: dict[str, Any]
 ) -> None:
     shm = SharedMemory(name=shm_name)
-    try:
+
+    def run() -> Any:
         voxels = np.ndarray(geometry.pop("shape"), dtype=np.float32, buffer=shm.buf)
         module, _, attribute = entry_point.partition(":")
         algorithm = getattr(importlib.import_module(module), attribute)()
         params = algorithm.Params.model_validate_json(geometry.pop("params_json"))
         device = geometry.pop("device")
-        result = algorithm.run(Volume(voxels=voxels, **geometry), device, params)
-        conn.send(("ok", pack_result(result)))
-        del voxels
+        return pack_result(algorithm.run(Volume(voxels=voxels, **geometry), device, params))
+
+    try:
+        send_outcome(conn, run)
+    finally:
+        shm.close()
+        conn.close()
+
+
+def send_outcome(conn: multiprocessing.connection.Connection, run: Callable[[], Any]) -> None:
+    """Run ``run`` in a child process and send its outcome: ``("ok", value)``, ``("refused",
+    reason)`` for a refused series, or ``("error", (message, traceback))`` for anything it raised."""
+    try:
+        conn.send(("ok", run()))
     except sdk.SeriesRefused as exc:
         conn.send(("refused", exc.reason))
     except BaseException as exc:  # the child's boundary: report, the parent decides
         conn.send(("error", (f"{type(exc).__name__}: {exc}", traceback.format_exc())))
-    finally:
-        shm.close()
-        conn.close()
 
 
 def _receive(process: Any, receiver: multiprocessing.connection.Connection, timeout_s: float) -> tuple[str, Any]:

@@ -16,32 +16,30 @@ import logging
 import multiprocessing.connection
 import os
 import threading
-import traceback
+from functools import partial
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from algorithms import errors as sdk
 from algorithms.base import AlgorithmResult, Volume
 from node.errors import PluginError, SeriesRefused
-from node.jobs.isolation import PROCESS_CONTEXT, SharedVolume, pack_result, unpack_result
+from node.jobs.isolation import PROCESS_CONTEXT, SharedVolume, pack_result, send_outcome, unpack_result
 
 logger = logging.getLogger(__name__)
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, device: str, status_path: str) -> None:
     """The worker's loop: ``("run", name, declaration_json, shm_name, geometry)`` -> result."""
-    from algorithms.models.model import CACHE, DeclaredModel
-    from algorithms.models.spec import ModelDeclaration
+    from algorithms.models.model import CACHE
 
     if device.startswith("cuda:"):
         import torch
 
         torch.cuda.set_device(int(device.split(":")[1]))
     run_on = "cuda" if device.startswith("cuda") else "cpu"
-    models: dict[tuple[str, str], DeclaredModel] = {}
+    models: dict[tuple[str, str], Any] = {}
     _write_status(Path(status_path), device, {})
     while True:
         try:
@@ -54,22 +52,29 @@ def _worker_main(conn: multiprocessing.connection.Connection, device: str, statu
         _kind, name, declaration_json, shm_name, geometry = message
         shm = SharedMemory(name=shm_name)
         try:
-            voxels = np.ndarray(geometry.pop("shape"), dtype=np.float32, buffer=shm.buf)
-            key = (name, declaration_json)
-            if key not in models:
-                models = {k: m for k, m in models.items() if k[0] != name}
-                models[key] = DeclaredModel(name, ModelDeclaration.model_validate_json(declaration_json))
-            model = models[key]
-            result = model.run(Volume(voxels=voxels, **geometry), run_on)  # type: ignore[arg-type]
-            conn.send(("ok", (pack_result(result), model.last_timings, dict(CACHE.loads))))
-            del voxels, result
-        except sdk.SeriesRefused as exc:
-            conn.send(("refused", exc.reason))
-        except BaseException as exc:  # the worker's boundary: report, the node decides
-            conn.send(("error", (f"{type(exc).__name__}: {exc}", traceback.format_exc())))
+            send_outcome(conn, partial(_run_one, models, name, declaration_json, shm, geometry, run_on))
         finally:
             shm.close()
         _write_status(Path(status_path), device, CACHE.status())
+
+
+def _run_one(
+    models: dict[tuple[str, str], Any], name: str, declaration_json: str, shm: SharedMemory, geometry: dict[str, Any],
+    run_on: str,
+) -> Any:  # fmt: skip
+    """One run in the worker: the declared model (made once per declaration) on the shared voxels."""
+    from algorithms.models.model import CACHE, DeclaredModel
+    from algorithms.models.spec import ModelDeclaration
+
+    voxels = np.ndarray(geometry.pop("shape"), dtype=np.float32, buffer=shm.buf)
+    key = (name, declaration_json)
+    if key not in models:
+        for other in [k for k in models if k[0] == name]:
+            del models[other]
+        models[key] = DeclaredModel(name, ModelDeclaration.model_validate_json(declaration_json))
+    model = models[key]
+    result = model.run(Volume(voxels=voxels, **geometry), run_on)
+    return pack_result(result), model.last_timings, dict(CACHE.loads)
 
 
 def _write_status(path: Path, device: str, models: dict[str, Any]) -> None:
