@@ -92,7 +92,9 @@ def one(model: str, runner: str, device: str, work: Path) -> dict[str, Any]:
         inferer = {"inferer#_target_": "bench.models.TimedSlidingWindowInferer"}
         monai_reference(bundle, volume, work / f"monai-{model}-{device}", {**overrides, **inferer,
                         "device": f"$torch.device('{'cuda:0' if device == 'cuda' else 'cpu'}')"})  # fmt: skip
-        return {"total_s": time.perf_counter() - start, "inference_s": sum(INFERER_SECONDS)}
+        import bench.models as loaded_by_monai  # the module MONAI's config imported (this one runs as __main__)
+
+        return {"total_s": time.perf_counter() - start, "inference_s": sum(loaded_by_monai.INFERER_SECONDS)}
     from algorithms.models.model import DeclaredModel
     from algorithms.models.spec import ModelDeclaration
     from node.results import build_results

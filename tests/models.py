@@ -120,10 +120,11 @@ def monai_reference(bundle: Path, volume: Any, workdir: Path, overrides: dict[st
     image = workdir / "volume.nii.gz"
     nib.save(nib.Nifti1Image(np.ascontiguousarray(volume.voxels.transpose(2, 1, 0)), ras_affine(volume)), image)
     out = workdir / "out"
+    settings = {"device": "$torch.device('cpu')", "dataloader#num_workers": 0, **(overrides or {})}
     run(
         run_id="run", init_id="initialize", config_file=str(bundle / "configs" / "inference.json"),
         meta_file=str(bundle / "configs" / "metadata.json"), bundle_root=str(bundle), datalist=[str(image)],
-        output_dir=str(out), device="$torch.device('cpu')", **{"dataloader#num_workers": 0}, **(overrides or {}),
+        output_dir=str(out), **settings,
     )  # fmt: skip
     (written,) = out.rglob("*.nii.gz")
     return from_monai(np.rint(np.asarray(nib.load(written).dataobj)).astype(np.int32))
