@@ -155,7 +155,7 @@ class _AccessControlledAE(AE):
         ae_title: str,
         rules: Sequence[PeerRule],
         reuse_port: bool = False,
-        max_per_address: int = 8,
+        max_per_address: int = 12,
         on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__(ae_title=ae_title)
@@ -259,7 +259,7 @@ class StorageSCP:
         ssl_context: ssl.SSLContext | None = None,
         max_associations: int = 16,
         reuse_port: bool = False,
-        max_per_address: int = 8,
+        max_per_address: int = 12,
         max_pdu_bytes: int = 262144,
         network_timeout_s: float = 60.0,
         dimse_timeout_s: float = 60.0,

@@ -141,7 +141,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self,
         *args: Any,
         network_timeout_s: float = 60.0,
-        max_per_address: int = 8,
+        max_per_address: int = 12,
         reuse_port: bool = False,
         on_tls_failure: TLSFailureCallback | None = None,
         on_refused: RefusalCallback | None = None,

@@ -49,11 +49,12 @@ class NodeSettings(_Model):
         "associations use several cores. max_associations applies to each",
     )
     max_connections_per_address: int = Field(
-        default=8,
+        default=12,
         ge=1,
         le=256,
-        description="connections admitted at once from one source address; keep it below max_associations so "
-        "that one misbehaving host cannot take every association slot",
+        description="connections admitted at once from one source address (a PACS forwarding on many "
+        "associations needs several); keep it below max_associations so that one misbehaving host cannot take "
+        "every association slot",
     )
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
@@ -281,6 +282,10 @@ class Settings(_Model):
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
+        if self.node.max_connections_per_address > self.node.max_associations:
+            raise ValueError(
+                "node.max_connections_per_address: above node.max_associations; one host could take every slot"
+            )
         titles = [p.ae_title for p in self.peers]
         duplicates = {t for t in titles if titles.count(t) > 1}
         if duplicates:
