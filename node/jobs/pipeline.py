@@ -265,9 +265,7 @@ class Pipeline:
         """Schedule another attempt with exponential backoff and full jitter, or dead-letter the job
         (after ``delivery.max_attempts``; an attempt that is not ``counted`` never dead-letters)."""
         policy = self.s.settings.delivery
-        if not counted:
-            attempts -= 1
-            self.s.index.update_job(job_id, attempts=attempts)
+        attempts -= 0 if counted else 1  # an uncounted attempt gives its number back
         if counted and attempts >= policy.max_attempts:
             self.s.index.update_job(
                 job_id,
@@ -280,7 +278,7 @@ class Pipeline:
         delay = delay / 2 + random.uniform(0, delay / 2)
         self.s.index.update_job(
             job_id, state=JobState.PENDING, next_attempt_at=self.s.clock() + delay, timings=timings,
-            reason=f"attempt {attempts} failed, retrying in {delay:.0f} s: {reason}",
+            attempts=attempts, reason=f"attempt {attempts} failed, retrying in {delay:.0f} s: {reason}",
         )  # fmt: skip
         return JobState.PENDING
 

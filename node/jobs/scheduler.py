@@ -132,7 +132,7 @@ class Scheduler:
             failures = self._planning_failures[study_key] = self._planning_failures.get(study_key, 0) + 1
             delay = min(MAX_PLANNING_BACKOFF_S, DEFER_S * 2**failures)
             logger.warning("planning interrupted: %s; retrying in %.0f s", exc, delay, extra={"study_key": study_key})
-            self._deferred[study_key] = (-1.0, time.monotonic() + delay)
+            self._deferred[study_key] = (-1.0, time.monotonic() + delay)  # -1: a new instance does not end it
             return
         self._planning_failures.pop(study_key, None)
         if isinstance(exc, AinodeError):

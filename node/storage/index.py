@@ -33,6 +33,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from node import faults
 from node.errors import IndexUnavailableError, StorageError
 
 
@@ -364,8 +365,6 @@ class Index:
             The new job ids ([] when nothing is to run), or ``None`` when the study was no longer
             ``receiving`` at that generation.
         """
-        from node import faults
-
         now = time.time()
         with self.session() as s:
             if planned:
