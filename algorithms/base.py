@@ -175,7 +175,8 @@ class AlgorithmResult:
     """What an algorithm returns: segments, the measurements made on them, and qualitative findings.
 
     ``group_sites`` gives the finding type/site of measurement groups whose label is no segment's
-    (measurements of several segments together, such as "Both lungs").
+    (measurements of several segments together, such as "Both lungs"); ``group_members`` names the
+    segments such a group is made of (where viewers draw it; every segment when not given).
 
     ``label_map``, when given, holds the segments instead of their masks: a ``uint16`` array of the
     volume's shape ``(slices, rows, columns)`` where value ``i`` is ``segments[i - 1]`` (0: none),
@@ -187,6 +188,7 @@ class AlgorithmResult:
     parameters: dict[str, str] = field(default_factory=dict)
     findings: Sequence[Finding] = ()
     group_sites: dict[str, Code] = field(default_factory=dict)
+    group_members: dict[str, tuple[str, ...]] = field(default_factory=dict)
     label_map: npt.NDArray[np.uint16] | None = None
 
 
@@ -213,7 +215,8 @@ class AlgorithmSpec:
 
     ``procedure`` is the Procedure Reported of its SR (e.g. LN 24627-2 "CT Chest"); ``None`` takes it
     from the series' modality. ``weights_sha256`` identifies trained weights in the results'
-    algorithm identification and their UIDs."""
+    algorithm identification and their UIDs. ``manufacturer`` is who made the algorithm (the IHE AIR
+    Contributing Equipment of every result object)."""
 
     name: str
     version: str
@@ -223,6 +226,7 @@ class AlgorithmSpec:
     resources: Resources
     procedure: Code | None = None
     weights_sha256: str | None = None
+    manufacturer: str = "ainode"
 
 
 class NoParams(BaseModel):

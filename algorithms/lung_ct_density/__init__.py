@@ -163,5 +163,6 @@ class LungCtDensity:
             segments=segments,
             measurements=measurements,
             group_sites={"Both lungs": LUNGS},
+            group_members={"Both lungs": ("Left lung", "Right lung")},
             parameters={"laa_threshold_hu": f"{p.laa_threshold_hu:g}", "air_threshold_hu": f"{p.air_threshold_hu:g}"},
         )

@@ -158,6 +158,7 @@ class DeclaredModel:
             outputs=tuple(declaration.outputs),
             resources=Resources(memory_gib=declaration.resources.memory_gib, gpu=declaration.resources.gpu),
             weights_sha256=declaration.sha256,
+            manufacturer=(declaration.manufacturer or str(metadata.get("authors") or "") or "ainode")[:64],
         )  # fmt: skip
         self.labels = declaration.label_table()
         self.last_timings: dict[str, float] = {}

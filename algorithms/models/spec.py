@@ -131,6 +131,9 @@ class ModelDeclaration(_Model):
     path: Path
     version: str | None = Field(default=None, description="default: the bundle's metadata.json version")
     description: str = ""
+    manufacturer: str = Field(
+        default="", description="who made the model (IHE AIR Contributing Equipment); default: the bundle's authors"
+    )
     weights: str | None = Field(
         default=None, description="monai_bundle: file under models/ (default model.pt); others: the path itself"
     )

@@ -13,6 +13,7 @@ from node.dicomio import encode
 from node.errors import DeliveryError
 from node.network.scu import send_datasets
 from node.network.tls import client_context
+from node.results import result_kind
 from node.settings.models import DicomDestination, FolderDestination, Settings
 
 logger = logging.getLogger(__name__)
@@ -68,13 +69,14 @@ def withdraw(
                 _folder_path(dest.path, ds).unlink(missing_ok=True)
             done.append(name)
         elif isinstance(dest, DicomDestination) and dest.reject_superseded:
-            deliver(settings, [name], [note])
+            _send(settings, dest, [note])
             done.append(name)
     return done
 
 
 def deliver(settings: Settings, destination_names: Sequence[str], objects: Sequence[Dataset]) -> None:
-    """Send ``objects`` to every named destination.
+    """Send every named destination the ``objects`` of the kinds it receives (its ``objects`` and
+    ``sr`` settings); a destination that receives none of them is skipped with a log line.
 
     Raises
     ------
@@ -84,29 +86,33 @@ def deliver(settings: Settings, destination_names: Sequence[str], objects: Seque
     errors = []
     for name in destination_names:
         dest = settings.destinations[name]
+        kinds = dest.result_kinds()
+        chosen = [ds for ds in objects if result_kind(ds) in kinds]
+        if not chosen:
+            logger.info("destination %s receives none of the result objects built (%s)", name, sorted(kinds))
+            continue
         try:
-            if isinstance(dest, FolderDestination):
-                write_folder(dest.path, objects)
-            elif isinstance(dest, DicomDestination):
-                peer = settings.peer(dest.peer)
-                tls = None
-                if peer.tls:
-                    if settings.node.tls is None:
-                        raise DeliveryError(f"peer {peer.ae_title} needs TLS but node.tls is not configured")
-                    tls = client_context(settings.node.tls)
-                outcome = send_datasets(
-                    objects,
-                    peer.host,
-                    peer.port,
-                    calling_ae_title=settings.node.ae_title,
-                    called_ae_title=peer.ae_title,
-                    tls=tls,
-                )
-                if outcome.failed:
-                    statuses = sorted({f"0x{s:04X}" if s is not None else "none" for s in outcome.statuses.values()})
-                    raise DeliveryError(f"{len(outcome.failed)} object(s) not accepted (status {', '.join(statuses)})")
+            _send(settings, dest, chosen)
         except (DeliveryError, OSError) as exc:
             errors.append(f"{name}: {exc}")
             logger.warning("delivery to %s failed: %s", name, exc)
     if errors:
         raise DeliveryError("; ".join(errors))
+
+
+def _send(settings: Settings, dest: DicomDestination | FolderDestination, objects: Sequence[Dataset]) -> None:
+    if isinstance(dest, FolderDestination):
+        write_folder(dest.path, objects)
+        return
+    peer = settings.peer(dest.peer)
+    tls = None
+    if peer.tls:
+        if settings.node.tls is None:
+            raise DeliveryError(f"peer {peer.ae_title} needs TLS but node.tls is not configured")
+        tls = client_context(settings.node.tls)
+    outcome = send_datasets(
+        objects, peer.host, peer.port, calling_ae_title=settings.node.ae_title, called_ae_title=peer.ae_title, tls=tls
+    )
+    if outcome.failed:
+        statuses = sorted({f"0x{s:04X}" if s is not None else "none" for s in outcome.statuses.values()})
+        raise DeliveryError(f"{len(outcome.failed)} object(s) not accepted (status {', '.join(statuses)})")

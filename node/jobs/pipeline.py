@@ -57,7 +57,7 @@ from node.jobs.volume import load_volume
 from node.results import build_rejection_note, build_results
 from node.routing.router import RoutePlan, plan_routes
 from node.routing.rules import header_of, keywords_of, matches, prepare
-from node.settings.models import Deidentification, Settings
+from node.settings.models import Deidentification, ResultKind, Settings
 from node.storage.index import Index, InstanceRow, JobState, PlannedJob, StudyState
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore
@@ -310,10 +310,11 @@ class Pipeline:
             params = algorithm.Params.model_validate(ref.parameters if ref is not None else {})
         except ValidationError as exc:
             raise PluginError(f"parameters of {name} in route {route.name}: {exc.errors()[0]['msg']}") from None
+        kinds: set[ResultKind] = set().union(*(settings.destinations[d].result_kinds() for d in route.destinations))
         with SharedVolume() as shared:  # the voxels go to the algorithm's process without a copy
             start = time.perf_counter()
             volume, slices = load_volume(datasets, allocate=shared.allocate)
-            for ds in datasets:  # from here on only the headers are needed (SEG/SR references)
+            for ds in datasets:  # from here on only the headers are needed (result references)
                 if "PixelData" in ds:
                     del ds.PixelData
             del datasets
@@ -328,22 +329,24 @@ class Pipeline:
             else:
                 entry_point = self.s.registry.entry_point(name)
                 result = run_isolated(entry_point, volume, self.s.device, params, timeout, shared)
+            t["algorithm_s"] = time.perf_counter() - start
+            self._audit(
+                INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}"
+            )
+
+            start = time.perf_counter()
+            study = self.s.index.study(study_key)
+            generation = str(study.generation if study else 1)
+            original_study = mapping.original_study_instance_uid
+            original_series = mapping.uids.get(str(slices[0].SeriesInstanceUID), "")
+
+            def uid(kind: str) -> str:
+                weights = (spec.weights_sha256,) if spec.weights_sha256 else ()
+                return derive_uid(original_study, original_series, spec.name, spec.version, *weights, generation, kind)
+
+            node_title = settings.node.ae_title  # key images need the voxels: built while they are mapped
+            built_objects = build_results(slices, result, spec, uid, node_title, kinds or {"SEG", "SR"}, volume)
             del volume
-        t["algorithm_s"] = time.perf_counter() - start
-        self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
-
-        start = time.perf_counter()
-        study = self.s.index.study(study_key)
-        generation = str(study.generation if study else 1)
-        original_study = mapping.original_study_instance_uid
-        original_series = mapping.uids.get(str(slices[0].SeriesInstanceUID), "")
-
-        def uid(kind: str) -> str:
-            weights = (spec.weights_sha256,) if spec.weights_sha256 else ()
-            return derive_uid(original_study, original_series, spec.name, spec.version, *weights, generation, kind)
-
-        node_title = settings.node.ae_title
-        built_objects = build_results(slices, result, spec, uid, node_title)
         pseudo_study = {str(slices[0].StudyInstanceUID)}
         result_ids = []
         for built in built_objects:

@@ -16,11 +16,12 @@ import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 
-from algorithms.base import AlgorithmResult, AlgorithmSpec, Code, Segment
+from algorithms.base import RGB, AlgorithmResult, AlgorithmSpec, Code, Segment
 from node.errors import ResultBuildError
+from node.results.air import contributing_equipment
 
-# CIELab display colours (PS3.3 C.10.7.1.1) for segments that bring none: blue, green, yellow, red.
-_COLOURS = ((50.0, 20.0, -60.0), (70.0, -60.0, 50.0), (90.0, -5.0, 80.0), (55.0, 70.0, 40.0))
+# Display colours (sRGB) for segments that bring none: blue, green, yellow, red, magenta, cyan.
+_COLOURS: tuple[RGB, ...] = ((40, 110, 255), (40, 200, 80), (250, 215, 0), (230, 50, 50), (220, 60, 220), (0, 210, 210))
 
 
 def coded(code: Code) -> hd.sr.CodedConcept:
@@ -52,10 +53,15 @@ def content_label(spec: AlgorithmSpec) -> str:
     return label or "SEGMENTATION"
 
 
-def _colour(segment: Segment, number: int) -> hd.color.CIELabColor:
-    if segment.colour is not None:
-        return hd.color.CIELabColor.from_rgb(*(c / 255.0 for c in segment.colour))
-    return hd.color.CIELabColor(*_COLOURS[(number - 1) % len(_COLOURS)])
+def segment_colour(segment: Segment, number: int) -> RGB:
+    """The display colour (sRGB) of segment ``number`` (from 1): its own, else the node's palette.
+    The SEG, the presentation state and the key images show a segment in this one colour."""
+    return segment.colour if segment.colour is not None else _COLOURS[(number - 1) % len(_COLOURS)]
+
+
+def cielab(rgb: RGB) -> hd.color.CIELabColor:
+    """An sRGB colour as the CIELab value DICOM stores (PS3.3 C.10.7.1.1)."""
+    return hd.color.CIELabColor.from_rgb(*rgb)
 
 
 def _description(
@@ -69,7 +75,7 @@ def _description(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         anatomic_regions=[coded(segment.anatomic_region)] if segment.anatomic_region else None,
-        display_color=_colour(segment, number),
+        display_color=cielab(segment_colour(segment, number)),
     )
     if segment.type_modifier is not None:  # e.g. "Kidney" + "Left" (PS3.3 C.8.20.4)
         item = description.SegmentedPropertyTypeCodeSequence[0]
@@ -157,6 +163,7 @@ def build_segmentation(
             series_description=f"{spec.name} segmentation",
             content_label=content_label(spec),
             content_description=spec.description[:64],
+            contributing_equipment=contributing_equipment(spec),
         )
     except (ValueError, TypeError) as exc:
         raise ResultBuildError(f"SEG: {exc}") from exc

@@ -1,33 +1,49 @@
-"""Comprehensive 3D SR with the TID 1500 Measurement Report, built with highdicom.
+"""Comprehensive 3D SR with the TID 1500 Measurement Report, built with highdicom, in two designs.
 
-Everything comes from what the algorithm returns and declares (no anatomy is assumed here):
+Everything comes from what the algorithm returns and declares (no anatomy is assumed here). Each
+measured label (a segment, or a group such as "Both lungs" made of ``group_members``) gets one
+TID 1411 volumetric group: Tracking Identifier (the label) and Tracking Unique Identifier, finding
+type (the segment's property type, or the group's declared site), finding site (anatomic region,
+else type, with the type modifier as laterality), the algorithm identification (TID 4019) and the
+measurements with UCUM units. The designs differ in how a group gives its region of interest:
 
-- one TID 1411 group per measured segment, referencing the segment of the SEG and its source series
-  (finding type: the segment's property type; finding site: its anatomic region, else its type,
-  with its type modifier as laterality);
-- one TID 1501 group (no region) per label that is no segment's, e.g. measurements of several
-  segments together, typed by the algorithm's ``group_sites``;
-- one group per qualitative finding: TID 1410 with a planar ROI (SCOORD POINT, or a closed POLYLINE
-  for a box) on the source image it lies on when the finding has a location, TID 1501 otherwise;
-  the probability, when given, is a NUM in percent.
+``planar`` (the default; what OHIF and other 2D viewers display)
+    The region's outlines on its representative slice (the slice where it covers the largest
+    area): one closed SCOORD POLYLINE per connected part, each SELECTED FROM that source image.
+    OHIF 3.13 needs exactly this in every group: a group without image coordinates (a SEG
+    reference, SCOORD3D) stops the whole document from displaying. The volume itself is in the SEG.
+``segment``
+    A reference to the segment in the SEG and its source series (as dcmqi and 3D Slicer's
+    QuantitativeReporting write and read). OHIF 3.13 cannot display such groups.
 
-Without a SEG (an SR-only algorithm) segment groups are left out and the evidence is the source
-images alone. Procedure Reported is the algorithm's, or one for the series' modality. Every
-measurement carries UCUM units and the algorithm identification (TID 4019).
+Qualitative findings get a TID 1410 group with a planar ROI (SCOORD POINT, or a closed POLYLINE for
+a box) on the image they lie on; an unlocated finding is a TID 1501 group in the ``segment`` design
+and an item of the report's Qualitative Evaluations container (TID 1500 row 12, which 2D viewers
+skip safely) in the ``planar`` one. Procedure Reported is the algorithm's, or one for the series'
+modality. The evidence is the source images (and the SEG in the ``segment`` design).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 
-from algorithms.base import AlgorithmResult, AlgorithmSpec, Code, Finding, Location
+from algorithms.base import AlgorithmResult, AlgorithmSpec, Code, Finding, Location, Segment
 from node.deid.pseudonyms import derive_uid
 from node.errors import ResultBuildError
+from node.results.air import contributing_equipment
+from node.results.outline import Region, outlines, regions, representative_slice
 from node.results.seg import algorithm_parameters, coded
+
+SrDesign = Literal["planar", "segment"]
+QUALITATIVE_EVALUATIONS: Code = ("C0034375", "UMLS", "Qualitative Evaluations")
+MAX_OUTLINES = 8
+"""At most this many outlines (the largest connected parts) per group in the planar design."""
 
 PROCEDURE_BY_MODALITY: dict[str, Code] = {
     "CT": ("77477000", "SCT", "Computerized axial tomography"),
@@ -147,23 +163,70 @@ def _referenced_segment(segmentation: Dataset, number: int) -> hd.sr.ReferencedS
     )  # fmt: skip
 
 
+def tracking_uid(study_uid: str, spec: AlgorithmSpec, label: str) -> str:
+    """The Tracking Unique Identifier of a measured label or finding: the same in the SR, the GSPS
+    and a later analysis of the same study by the same algorithm version."""
+    return derive_uid(study_uid, spec.name, spec.version, "tracking", label)
+
+
+def _site(segment: Segment) -> hd.sr.FindingSite:
+    return hd.sr.FindingSite(
+        coded(segment.anatomic_region or segment.property_type),
+        laterality=coded(segment.type_modifier) if segment.type_modifier else None,
+    )
+
+
+def _outline_regions(region: Region, sources: Sequence[Dataset]) -> list[hd.sr.ImageRegion]:
+    """The region's outlines on its representative slice, as SCOORD POLYLINEs on that image."""
+    index = representative_slice(region.mask)
+    parts = outlines(region.mask[index], max_parts=MAX_OUTLINES) or outlines(region.mask[index], min_pixels=1)
+    source = hd.sr.SourceImageForRegion.from_source_image(sources[index])
+    return [hd.sr.ImageRegion(graphic_type="POLYLINE", graphic_data=p, source_image=source) for p in parts]
+
+
+def _unlocated_container(findings: Sequence[Finding]) -> hd.sr.ContainerContentItem:
+    """TID 1500's Qualitative Evaluations: one CODE item per finding (its probability, when given,
+    a NUM in percent under it)."""
+    items = []
+    for f in findings:
+        item = hd.sr.CodeContentItem(name=coded(f.concept), value=coded(f.value), relationship_type="CONTAINS")
+        if f.probability is not None:
+            item.ContentSequence = DicomSequence([
+                hd.sr.NumContentItem(name=coded(PROBABILITY), value=round(100.0 * f.probability, 2),
+                                     unit=coded(PERCENT), relationship_type="HAS PROPERTIES")
+            ])  # fmt: skip
+        items.append(item)
+    container = hd.sr.ContainerContentItem(name=coded(QUALITATIVE_EVALUATIONS), relationship_type="CONTAINS")
+    container.ContentSequence = DicomSequence(items)
+    return container
+
+
 def build_measurement_report(
     segmentation: Dataset | None,
     sources: Sequence[Dataset],
     result: AlgorithmResult,
     spec: AlgorithmSpec,
     *,
+    design: SrDesign,
     series_instance_uid: str,
     sop_instance_uid: str,
     series_number: int,
     device_uid: str,
 ) -> Dataset:
-    """Build the TID 1500 SR for ``result``, referencing ``segmentation`` when there is one.
+    """Build the TID 1500 SR for ``result`` in the ``planar`` or the ``segment`` design.
+
+    Parameters
+    ----------
+    segmentation
+        The SEG the ``segment`` design references (``None``: SR-only algorithm, no segment groups).
+    sources
+        The source images in the slice order of the result's masks ``(slices, rows, columns)``.
 
     Raises
     ------
     ResultBuildError
-        A measurement group has neither a segment nor a declared site, or highdicom refuses the content.
+        A measurement group has neither a segment nor a declared site, nothing is left to report,
+        or highdicom refuses the content.
     """
     algorithm = hd.sr.AlgorithmIdentification(
         name=spec.name,
@@ -187,46 +250,43 @@ def build_measurement_report(
                 algorithm_id=algorithm,
             )
         )
-    study_uid = str((segmentation or sources[0]).StudyInstanceUID)
+    study_uid = str(sources[0].StudyInstanceUID)
+    planar_regions = regions(result) if design == "planar" else {}
 
     def tracking(label: str) -> hd.sr.TrackingIdentifier:
-        uid = derive_uid(study_uid, spec.name, spec.version, "tracking", label)
-        return hd.sr.TrackingIdentifier(uid=uid, identifier=label)
+        return hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, spec, label), identifier=label)
 
     groups: list[_Group] = []
     try:
         for label, measurements in by_label.items():
-            if label in segment_numbers and segmentation is not None:
-                segment = segments[label]
-                site = hd.sr.FindingSite(
-                    coded(segment.anatomic_region or segment.property_type),
-                    laterality=coded(segment.type_modifier) if segment.type_modifier else None,
-                )
-                groups.append(
-                    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                        tracking_identifier=tracking(label),
-                        referenced_segment=_referenced_segment(segmentation, segment_numbers[label]),
-                        finding_type=coded(segment.property_type),
-                        finding_sites=[site],
-                        algorithm_id=algorithm,
-                        measurements=measurements,
-                    )
-                )
-                continue
             declared = result.group_sites.get(label) or (segments[label].property_type if label in segments else None)
             if declared is None:
                 raise ResultBuildError(f"measurements of {label!r}: no segment and no declared site")
-            groups.append(
-                hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking(label),
-                    finding_type=coded(declared),
-                    finding_sites=[hd.sr.FindingSite(coded(declared))],
-                    algorithm_id=algorithm,
-                    measurements=measurements,
+            site = _site(segments[label]) if label in segments else hd.sr.FindingSite(coded(declared))
+            common: dict[str, Any] = dict(
+                tracking_identifier=tracking(label), finding_type=coded(declared), finding_sites=[site],
+                algorithm_id=algorithm, measurements=measurements,
+            )  # fmt: skip
+            if design == "planar":
+                if label not in planar_regions:  # an empty segment: nothing a viewer could draw
+                    continue
+                groups.append(
+                    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                        referenced_regions=_outline_regions(planar_regions[label], sources), **common
+                    )
                 )
-            )
-        groups += [_finding_group(f, sources, tracking(f.label), algorithm) for f in result.findings]
-        if not groups:
+            elif label in segment_numbers and segmentation is not None:
+                groups.append(
+                    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                        referenced_segment=_referenced_segment(segmentation, segment_numbers[label]), **common
+                    )
+                )
+            else:
+                groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(**common))
+        located = [f for f in result.findings if f.location is not None or design == "segment"]
+        unlocated = [f for f in result.findings if f.location is None and design == "planar"]
+        groups += [_finding_group(f, sources, tracking(f.label), algorithm) for f in located]
+        if not groups and not unlocated:
             raise ResultBuildError("nothing to report: no measurement and no finding")
         observer = hd.sr.ObserverContext(
             observer_type=hd.sr.CodedConcept("121007", "DCM", "Device"),
@@ -237,9 +297,12 @@ def build_measurement_report(
         report = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=coded(procedure_reported(spec, sources)),
-            imaging_measurements=groups,
+            imaging_measurements=groups or None,
         )
-        evidence = [segmentation, *sources] if segmentation is not None else list(sources)
+        if unlocated:
+            report[0].ContentSequence.append(_unlocated_container(unlocated))
+        evidence = [segmentation, *sources] if segmentation is not None and design == "segment" else list(sources)
+        title = "measurements" if design == "planar" else "measurements (segment references)"
         return hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
@@ -249,7 +312,8 @@ def build_measurement_report(
             instance_number=1,
             manufacturer="ainode",
             is_complete=True,
-            series_description=f"{spec.name} measurements",
+            series_description=f"{spec.name} {title}",
+            contributing_equipment=contributing_equipment(spec),
         )
     except (ValueError, TypeError, KeyError) as exc:
         raise ResultBuildError(f"SR: {exc}") from exc

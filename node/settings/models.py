@@ -93,7 +93,44 @@ class Peer(_Model):
     certificate_subject: str | None = None
 
 
-class DicomDestination(_Model):
+ResultObject = Literal["SEG", "SR", "GSPS", "SC"]
+ResultKind = Literal["SEG", "SR", "SR-segment", "GSPS", "SC"]
+"""A kind of result object: SEG, planar SR, segment-referencing SR, presentation state, key images."""
+
+
+class _ResultObjects(_Model):
+    """Which result objects a destination receives, to match what its viewers show."""
+
+    objects: list[ResultObject] = Field(
+        default=["SEG", "SR"],
+        min_length=1,
+        description="SEG: segmentation (OHIF, Slicer, SEG-capable PACS); SR: TID 1500 measurement report; "
+        "GSPS: presentation state outlining the results on the original images (classic PACS viewers); "
+        "SC: key images with the outlines and values burned in (any viewer)",
+    )
+    sr: Literal["planar", "segment", "both"] = Field(
+        default="planar",
+        description="planar: each group outlined on its representative slice (OHIF displays it); segment: groups "
+        "referencing the SEG's segments (3D Slicer QuantitativeReporting, dcmqi; OHIF 3.13 cannot open it); both",
+    )
+
+    @model_validator(mode="after")
+    def _check_objects(self) -> _ResultObjects:
+        if len(set(self.objects)) != len(self.objects):
+            raise ValueError(f"objects: {self.objects} names an object twice")
+        if self.sr != "planar" and "SR" in self.objects and "SEG" not in self.objects:
+            raise ValueError(f"sr: {self.sr} references the SEG's segments, so objects must include SEG")
+        return self
+
+    def result_kinds(self) -> set[ResultKind]:
+        """The kinds of result object this destination receives."""
+        kinds: set[ResultKind] = {o for o in self.objects if o != "SR"}
+        if "SR" in self.objects:
+            kinds |= {"SR"} if self.sr == "planar" else {"SR-segment"} if self.sr == "segment" else {"SR", "SR-segment"}
+        return kinds
+
+
+class DicomDestination(_ResultObjects):
     """Send results by C-STORE to a configured peer."""
 
     type: Literal["dicom"]
@@ -105,7 +142,7 @@ class DicomDestination(_Model):
     )
 
 
-class FolderDestination(_Model):
+class FolderDestination(_ResultObjects):
     """Write results as DICOM files (PS3.10) into a folder, one subfolder per study."""
 
     type: Literal["folder"]
