@@ -221,8 +221,10 @@ def start_orthanc(
     dicom_port: int | None = None,
     http_port: int | None = None,
     lua_scripts: list[Path] | None = None,
+    plugins: list[Path] | None = None,
 ) -> Orthanc:
-    """Start Orthanc in ``root`` knowing ainode as modality ``ainode`` at ``node_port``."""
+    """Start Orthanc in ``root`` knowing ainode as modality ``ainode`` at ``node_port`` (with
+    ``plugins``, e.g. DICOMweb, served at ``/dicom-web/``)."""
     root.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = dicom_port or free_port(), http_port or free_port()
     config = {
@@ -237,7 +239,8 @@ def start_orthanc(
         "DicomAlwaysAllowStore": True,
         "DicomCheckCalledAet": False,
         "DicomModalities": {"ainode": {"AET": node_ae_title, "Host": "127.0.0.1", "Port": node_port}},
-        "Plugins": [],
+        "Plugins": [str(p) for p in plugins or []],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "LuaScripts": [str(p) for p in lua_scripts or []],
     }
     (root / "orthanc.json").write_text(json.dumps(config))

@@ -96,8 +96,9 @@ def representative_slice(mask: npt.NDArray[np.bool_]) -> int:
 
 
 def outlines(
-    plane: npt.NDArray[np.bool_], min_pixels: int = MIN_PART_PIXELS, max_parts: int | None = None
-) -> list[npt.NDArray[np.float64]]:
+    plane: npt.NDArray[np.bool_], min_pixels: int = MIN_PART_PIXELS, max_parts: int | None = None,
+    min_fraction: float = 0.0,
+) -> list[npt.NDArray[np.float64]]:  # fmt: skip
     """The outer outline of each connected part of a 2D mask, largest part first.
 
     Parameters
@@ -108,6 +109,8 @@ def outlines(
         Parts with fewer pixels are skipped.
     max_parts
         At most this many outlines (the largest parts), or all.
+    min_fraction
+        Parts smaller than this fraction of the largest part are skipped too.
 
     Returns
     -------
@@ -119,7 +122,8 @@ def outlines(
     if count == 0:
         return []
     sizes = np.bincount(labels.ravel())[1:]
-    order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= min_pixels]
+    smallest = max(min_pixels, min_fraction * float(sizes.max()))
+    order = [int(i) + 1 for i in np.argsort(-sizes, kind="stable") if sizes[i] >= smallest]
     if max_parts is not None:
         order = order[:max_parts]
     objects = ndimage.find_objects(labels)

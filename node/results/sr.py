@@ -44,6 +44,8 @@ SrDesign = Literal["planar", "segment"]
 QUALITATIVE_EVALUATIONS: Code = ("C0034375", "UMLS", "Qualitative Evaluations")
 MAX_OUTLINES = 8
 """At most this many outlines (the largest connected parts) per group in the planar design."""
+MIN_PART_FRACTION = 0.05
+"""Parts smaller than this fraction of the largest one on the slice get no outline in the planar design."""
 
 PROCEDURE_BY_MODALITY: dict[str, Code] = {
     "CT": ("77477000", "SCT", "Computerized axial tomography"),
@@ -177,9 +179,11 @@ def _site(segment: Segment) -> hd.sr.FindingSite:
 
 
 def _outline_regions(region: Region, sources: Sequence[Dataset]) -> list[hd.sr.ImageRegion]:
-    """The region's outlines on its representative slice, as SCOORD POLYLINEs on that image."""
+    """The region's outlines on its representative slice, as SCOORD POLYLINEs on that image: one per
+    connected part of at least :data:`MIN_PART_FRACTION` of the largest."""
     index = representative_slice(region.mask)
-    parts = outlines(region.mask[index], max_parts=MAX_OUTLINES) or outlines(region.mask[index], min_pixels=1)
+    plane = region.mask[index]
+    parts = outlines(plane, max_parts=MAX_OUTLINES, min_fraction=MIN_PART_FRACTION) or outlines(plane, min_pixels=1)
     source = hd.sr.SourceImageForRegion.from_source_image(sources[index])
     return [hd.sr.ImageRegion(graphic_type="POLYLINE", graphic_data=p, source_image=source) for p in parts]
 

@@ -1,0 +1,201 @@
+"""Issue 13: every result object (planar SR, segment SR, GSPS, key-image SC, SEG) on the shared chest
+CT is valid (dciodvfy), read back by highdicom, geometrically right and names its algorithm (IHE AIR)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from algorithms.base import AlgorithmResult, Segment
+from algorithms.lung_ct_density import LungCtDensity
+from node.jobs.volume import load_volume
+from node.results import RESULT_KINDS, build_results, result_kind
+from node.results.air import has_air_equipment
+from node.results.outline import regions, representative_slice
+from node.results.sc import BANNER_PX, PANEL_PX, choose_slices, coronal_plane, render_key_images
+from node.results.seg import segment_colour
+
+from .peers import CT_SERIES, dciodvfy, series_files
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lung() -> dict[str, Any]:
+    """The lung-ct-density result on the shared CT and every result object built from it."""
+    datasets = [pydicom.dcmread(f) for f in series_files(CT_SERIES)]
+    for ds in datasets:
+        ds.pop("ReferencedStudySequence", None)  # the node's de-identification removes it
+    volume, slices = load_volume(datasets)
+    result = LungCtDensity().run(volume, "cpu")
+    objects = build_results(
+        slices, result, LungCtDensity.spec, lambda kind: pydicom.uid.generate_uid(entropy_srcs=[kind]), "AINODE",
+        kinds=RESULT_KINDS, volume=volume,
+    )  # fmt: skip
+    return {"volume": volume, "slices": slices, "result": result, "objects": objects}
+
+
+def _by_kind(objects: list[pydicom.Dataset]) -> dict[str, list[pydicom.Dataset]]:
+    out: dict[str, list[pydicom.Dataset]] = {}
+    for ds in objects:
+        out.setdefault(result_kind(ds), []).append(ds)
+    return out
+
+
+def _border_distance(points: np.ndarray, plane: np.ndarray) -> np.ndarray:
+    """Distance in pixels from image-coordinate points (column, row) to the border of ``plane``:
+    the nearest place between an inside and an outside pixel centre."""
+    inside = np.pad(plane, 1)
+    edge = inside & ~ndimage.binary_erosion(inside)
+    rows, cols = np.nonzero(edge)
+    centres = np.column_stack([cols - 1 + 0.5, rows - 1 + 0.5])
+    return np.array([np.min(np.hypot(*(centres - p).T)) for p in points]) - 0.5
+
+
+def test_every_object_is_valid_read_back_and_names_its_algorithm(lung, tmp_path):
+    by_kind = _by_kind(lung["objects"])
+    assert {k: len(v) for k, v in by_kind.items()} == {"SEG": 1, "SR": 1, "SR-segment": 1, "GSPS": 1, "SC": 4}
+    for ds in lung["objects"]:
+        path = tmp_path / f"{result_kind(ds)}-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        errors, _warnings = dciodvfy(path)
+        assert errors == [], (result_kind(ds), errors)
+        assert has_air_equipment(pydicom.dcmread(path), LungCtDensity.spec), result_kind(ds)
+    read = {kind: pydicom.dcmread(next(tmp_path.glob(f"{kind}-*.dcm"))) for kind in ("SEG", "SR", "SR-segment", "GSPS")}
+    hd.seg.Segmentation.from_dataset(read["SEG"])
+    assert read["GSPS"].GraphicAnnotationSequence  # highdicom 0.28 has no GSPS reader; pydicom reads it
+    for sc in tmp_path.glob("SC-*.dcm"):
+        image = hd.Image.from_dataset(pydicom.dcmread(sc))
+        assert image.get_frame(1).shape[-1] == 3
+    expected = {(m.segment_label, m.concept[2]): m.value for m in lung["result"].measurements}
+    for kind in ("SR", "SR-segment"):
+        report = hd.sr.Comprehensive3DSR.from_dataset(read[kind])
+        got = {
+            (str(g.tracking_identifier), m.name.meaning): float(m.value)
+            for g in report.content.get_volumetric_roi_measurement_groups() + report.content.get_image_measurement_groups()
+            for m in g.get_measurements()
+        }  # fmt: skip
+        assert got == pytest.approx(expected), kind
+
+
+def test_planar_sr_outlines_each_part_on_the_representative_slice(lung):
+    (sr,) = _by_kind(lung["objects"])["SR"]
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    assert [str(g.tracking_identifier) for g in groups] == ["Left lung", "Right lung", "Both lungs"]
+    slices, shapes = lung["slices"], regions(lung["result"])
+    for group in groups:
+        label = str(group.tracking_identifier)
+        index = representative_slice(shapes[label].mask)
+        outlines = [item for item in group[0].ContentSequence if item.ValueType == "SCOORD"]
+        assert len(outlines) == (2 if label == "Both lungs" else 1)  # one per connected part
+        for scoord in outlines:
+            assert scoord.GraphicType == "POLYLINE"
+            assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == (
+                slices[index].SOPInstanceUID
+            )
+            points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+            assert points[0].tolist() == points[-1].tolist()  # closed
+            assert _border_distance(points, shapes[label].mask[index]).max() <= 1.0
+        assert group.finding_sites and group.finding_type is not None
+
+
+def test_gsps_outlines_lie_on_the_segment_borders_of_the_images_they_reference(lung):
+    (gsps,) = _by_kind(lung["objects"])["GSPS"]
+    result, slices = lung["result"], lung["slices"]
+    by_uid = {str(s.SOPInstanceUID): i for i, s in enumerate(slices)}
+    layers = {str(item.GraphicLayer): item for item in gsps.GraphicLayerSequence}
+    segment_layers = {f"SEGMENT {n}": s for n, s in enumerate(result.segments, start=1)}
+    assert set(segment_layers) | {"MEASUREMENTS"} <= set(layers)
+    for name, segment in segment_layers.items():
+        colour = hd.color.CIELabColor.from_rgb(*segment_colour(segment, int(name.split()[1])))
+        assert list(layers[name].GraphicLayerRecommendedDisplayCIELabValue) == list(colour.value)
+    checked = 0
+    for annotation in gsps.GraphicAnnotationSequence:
+        (image,) = annotation.ReferencedImageSequence
+        index = by_uid[str(image.ReferencedSOPInstanceUID)]  # references an image of the CT series
+        segment = segment_layers.get(str(annotation.GraphicLayer))
+        if segment is None:
+            continue
+        for graphic in annotation.GraphicObjectSequence:
+            points = np.asarray(graphic.GraphicData, dtype=float).reshape(-1, 2)
+            assert _border_distance(points, segment.mask[index]).max() <= 1.0
+            checked += 1
+    assert checked > 100
+    referenced = {str(i.ReferencedSOPInstanceUID) for i in gsps.ReferencedSeriesSequence[0].ReferencedImageSequence}
+    assert referenced == set(by_uid)
+    texts = [t.UnformattedTextValue for a in gsps.GraphicAnnotationSequence for t in a.get("TextObjectSequence", [])]
+    left = next(m for m in result.measurements if m.segment_label == "Left lung")
+    assert any("Left lung" in t and f"{left.value:g}" in t for t in texts)
+
+
+def test_key_images_burn_outlines_on_the_borders_with_banner_and_values(lung):
+    result, volume, slices = lung["result"], lung["volume"], lung["slices"]
+    scs = _by_kind(lung["objects"])["SC"]
+    images = render_key_images(volume, slices, result, LungCtDensity.spec)
+    union = np.logical_or.reduce([s.mask for s in result.segments])
+    assert [img.sources for img in images[:3]] == [(i,) for i in choose_slices(union)]
+    for sc, image in zip(scs, images, strict=True):
+        assert sc.BurnedInAnnotation == "YES" and sc.PhotometricInterpretation == "RGB"
+        assert list(sc.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+        assert int(sc.SeriesNumber) > 2 and sc.StudyInstanceUID == slices[0].StudyInstanceUID
+        sources = {str(i.ReferencedSOPInstanceUID) for i in sc.SourceImageSequence}
+        assert sources == {str(slices[i].SOPInstanceUID) for i in image.sources}
+        pixels = sc.pixel_array
+        assert np.array_equal(pixels, image.pixels)
+        columns = image.image_columns
+        banner = pixels[:BANNER_PX, columns : columns + PANEL_PX]
+        assert (banner.max(axis=2) > 150).sum() > 200  # banner text drawn
+        for number, segment in enumerate(result.segments[:2], start=1):  # the lungs
+            colour = np.array(segment_colour(segment, number))
+            drawn = np.all(pixels[:, :columns] == colour, axis=2)
+            rows, cols = np.nonzero(drawn)
+            assert len(rows) > 50
+            plane = image.masks[number][: pixels.shape[0], :columns]
+            distance = _border_distance(np.column_stack([cols + 0.5, rows + 0.5]), plane)
+            assert np.quantile(distance, 0.99) <= 1.0  # drawn pixels lie on the border
+    assert images[3].plane == "coronal" and scs[3].PatientOrientation == ["L", "F"]
+    row = int(np.argmax(union.sum(axis=(0, 2))))
+    assert images[3].masks[1].shape[0] >= coronal_plane(union, row, volume.spacing_mm).shape[0]
+
+
+def test_another_structure_gets_its_own_labels_colours_and_outlines(lung, tmp_path):
+    """Nothing lung-specific: a result with one segment of another structure and its own colour."""
+    volume, slices = lung["volume"], lung["slices"]
+    body = ndimage.binary_fill_holes(volume.voxels > -300)
+    kidney = np.zeros_like(body)
+    kidney[20:40, 200:260, 300:350] = True
+    result = AlgorithmResult(
+        segments=[Segment("Left kidney", kidney, ("123037004", "SCT", "Anatomical Structure"),
+                          ("64033007", "SCT", "Kidney"), type_modifier=("7771000", "SCT", "Left"), colour=(200, 90, 40))],
+        measurements=[],
+    )  # fmt: skip
+    from algorithms.base import Measurement
+
+    result = AlgorithmResult(
+        segments=result.segments,
+        measurements=[Measurement("Left kidney", ("118565006", "SCT", "Volume"), 42.0, ("ml", "UCUM", "milliliter"))],
+    )
+    objects = build_results(slices, result, LungCtDensity.spec, lambda k: pydicom.uid.generate_uid(), "AINODE",
+                            kinds=RESULT_KINDS, volume=volume)  # fmt: skip
+    by_kind = _by_kind(objects)
+    (sr,) = by_kind["SR"]
+    (group,) = hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_volumetric_roi_measurement_groups()
+    assert str(group.tracking_identifier) == "Left kidney"
+    (scoord,) = [i for i in group[0].ContentSequence if i.ValueType == "SCOORD"]
+    points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+    assert points[:, 0].min() == pytest.approx(300) and points[:, 0].max() == pytest.approx(350)  # on its border
+    (gsps,) = by_kind["GSPS"]
+    assert [str(layer.GraphicLayerDescription) for layer in gsps.GraphicLayerSequence][0] == "Left kidney"
+    first = by_kind["SC"][0].pixel_array
+    assert np.all(first == np.array([200, 90, 40]), axis=2).sum() > 50
+    for ds in objects:
+        path = Path(tmp_path) / f"{result_kind(ds)}-{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy(path)[0] == [], result_kind(ds)
