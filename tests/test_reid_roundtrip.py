@@ -95,8 +95,8 @@ def test_round_trip_restores_every_reference_and_leaves_no_pseudonym(originals):
         series_number=9901, device_serial_number="T",
     )  # fmt: skip
     sr = build_measurement_report(
-        seg, slices, result, spec, design="segment", series_instance_uid=derive_uid("s2"), sop_instance_uid=derive_uid("i2"),
-        series_number=9902, device_uid=derive_uid("dev"),
+        seg, slices, result, spec, design="segment", series_instance_uid=derive_uid("s2"),
+        sop_instance_uid=derive_uid("i2"), series_number=9902, device_uid=derive_uid("dev"),
     )  # fmt: skip
     original = originals[0]
     original_uids = {

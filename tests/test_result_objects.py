@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from algorithms.base import AlgorithmResult, Segment
+from algorithms.base import AlgorithmResult, Measurement, Segment
 from algorithms.lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 from node.results import RESULT_KINDS, build_results, result_kind
@@ -76,11 +76,8 @@ def test_every_object_is_valid_read_back_and_names_its_algorithm(lung, tmp_path)
     expected = {(m.segment_label, m.concept[2]): m.value for m in lung["result"].measurements}
     for kind in ("SR", "SR-segment"):
         report = hd.sr.Comprehensive3DSR.from_dataset(read[kind])
-        got = {
-            (str(g.tracking_identifier), m.name.meaning): float(m.value)
-            for g in report.content.get_volumetric_roi_measurement_groups() + report.content.get_image_measurement_groups()
-            for m in g.get_measurements()
-        }  # fmt: skip
+        groups = report.content.get_volumetric_roi_measurement_groups() + report.content.get_image_measurement_groups()
+        got = {(str(g.tracking_identifier), m.name.meaning): m.value for g in groups for m in g.get_measurements()}
         assert got == pytest.approx(expected), kind
 
 
@@ -168,20 +165,14 @@ def test_key_images_burn_outlines_on_the_borders_with_banner_and_values(lung):
 def test_another_structure_gets_its_own_labels_colours_and_outlines(lung, tmp_path):
     """Nothing lung-specific: a result with one segment of another structure and its own colour."""
     volume, slices = lung["volume"], lung["slices"]
-    body = ndimage.binary_fill_holes(volume.voxels > -300)
-    kidney = np.zeros_like(body)
+    kidney = np.zeros(volume.voxels.shape, dtype=bool)
     kidney[20:40, 200:260, 300:350] = True
-    result = AlgorithmResult(
-        segments=[Segment("Left kidney", kidney, ("123037004", "SCT", "Anatomical Structure"),
-                          ("64033007", "SCT", "Kidney"), type_modifier=("7771000", "SCT", "Left"), colour=(200, 90, 40))],
-        measurements=[],
+    segment = Segment(
+        "Left kidney", kidney, ("123037004", "SCT", "Anatomical Structure"), ("64033007", "SCT", "Kidney"),
+        type_modifier=("7771000", "SCT", "Left"), colour=(200, 90, 40),
     )  # fmt: skip
-    from algorithms.base import Measurement
-
-    result = AlgorithmResult(
-        segments=result.segments,
-        measurements=[Measurement("Left kidney", ("118565006", "SCT", "Volume"), 42.0, ("ml", "UCUM", "milliliter"))],
-    )
+    volume_ml = Measurement("Left kidney", ("118565006", "SCT", "Volume"), 42.0, ("ml", "UCUM", "milliliter"))
+    result = AlgorithmResult(segments=[segment], measurements=[volume_ml])
     objects = build_results(slices, result, LungCtDensity.spec, lambda k: pydicom.uid.generate_uid(), "AINODE",
                             kinds=RESULT_KINDS, volume=volume)  # fmt: skip
     by_kind = _by_kind(objects)
@@ -192,7 +183,7 @@ def test_another_structure_gets_its_own_labels_colours_and_outlines(lung, tmp_pa
     points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
     assert points[:, 0].min() == pytest.approx(300) and points[:, 0].max() == pytest.approx(350)  # on its border
     (gsps,) = by_kind["GSPS"]
-    assert [str(layer.GraphicLayerDescription) for layer in gsps.GraphicLayerSequence][0] == "Left kidney"
+    assert str(gsps.GraphicLayerSequence[0].GraphicLayerDescription) == "Left kidney"
     first = by_kind["SC"][0].pixel_array
     assert np.all(first == np.array([200, 90, 40]), axis=2).sum() > 50
     for ds in objects:

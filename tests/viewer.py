@@ -83,7 +83,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     orthanc = ""
     dist = Path()
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: object) -> None:
         return
 
     def _proxy(self) -> None:
