@@ -1,0 +1,194 @@
+"""Issue 13, in a radiologist's viewer: real OHIF 3.13.2 in headless Chromium over Orthanc's DICOMweb
+shows the SEG and the planar SR of what ainode computed (lung-ct-density, and a declared MONAI model
+of another structure), with every measurement value and the outline on its slice.
+
+Screenshots are kept in ``test-artefacts/viewer/`` (``$AINODE_TEST_ARTEFACTS``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from PIL import Image
+
+from algorithms.lung_ct_density import LungCtDensity
+from node.jobs.volume import load_volume
+
+from .models import SPLEEN, seeded_bundle, spleen_declaration
+from .peers import CT_SERIES, LUNG_ROUTE, ROOT, free_port, node_config, series_files, start_orthanc, wait_until
+from .viewer import CHROMIUM, DICOMWEB_PLUGIN, serve_ohif, viewer_available
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ARTEFACTS = Path(os.environ.get("AINODE_TEST_ARTEFACTS", ROOT / "test-artefacts")) / "viewer"
+THUMBNAIL = '[data-cy="study-browser-thumbnail-no-image"]'
+ALL_OBJECTS = ["SEG", "SR", "GSPS", "SC"]
+Group = tuple[str, list[str], str]
+"""A planar SR group as OHIF shows it: label, values ("Volume: 2328.90 ml"), Instance Number of its slice."""
+
+
+@pytest.fixture
+def viewer_ready() -> None:
+    """The viewer's parts are installed (CI installs them: .ci/run); missing ones fail the test."""
+    missing = viewer_available()
+    if missing:
+        pytest.fail(f"the OHIF viewer test cannot run: {missing}")
+
+
+def _analysed_in_orthanc(tmp_path: Path, start_node: Any, routes: list[dict[str, Any]], models: dict[str, Any]
+                         ) -> tuple[Any, str, list[dict[str, Any]]]:  # fmt: skip
+    """Orthanc (with DICOMweb) holds the shared CT, forwards it to ainode, and gets the results back;
+    returns Orthanc, the Study Instance UID and the study's series."""
+    node_port = free_port()
+    pacs = start_orthanc(tmp_path / "orthanc", "AINODE", node_port, plugins=[DICOMWEB_PLUGIN])
+    config_path, config = node_config(
+        tmp_path, port=node_port, peers=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
+        destinations={"pacs": {"type": "dicom", "peer": "PACS", "objects": ALL_OBJECTS}},
+        routes=[{**r, "destinations": ["pacs"]} for r in routes],
+    )  # fmt: skip
+    if models:
+        config["models"] = models
+        config_path.write_text(yaml.safe_dump(config))
+    start_node(config_path, config)
+    for path in series_files(CT_SERIES):
+        pacs.rest("POST", "/instances", raw=path.read_bytes())
+    (study_id,) = pacs.rest("GET", "/studies")
+    pacs.rest("POST", "/modalities/ainode/store", {"Resources": [study_id], "Synchronous": True})
+
+    def results() -> list[dict[str, Any]] | None:
+        series = pacs.rest("GET", f"/studies/{study_id}/series")
+        return series if len(series) == 5 else None  # CT + SEG, SR, GSPS, SC
+
+    series = wait_until(results, 600, 1.0)
+    study_uid = pacs.rest("GET", f"/studies/{study_id}")["MainDicomTags"]["StudyInstanceUID"]
+    return pacs, study_uid, series
+
+
+def _fetch(pacs: Any, series: list[dict[str, Any]], number: str, out: Path) -> pydicom.Dataset:
+    (chosen,) = [s for s in series if s["MainDicomTags"].get("SeriesNumber") == number]
+    out.write_bytes(pacs.rest("GET", f"/instances/{chosen['Instances'][0]}/file"))
+    return pydicom.dcmread(out)
+
+
+def _groups(sr: pydicom.Dataset, slices: dict[str, pydicom.Dataset]) -> list[Group]:
+    """Per measurement group of the planar SR: its label, each value as OHIF prints it ("Volume:
+    2328.90 ml", ``Number.toFixed(2)`` and the UCUM code) and the Instance Number of its slice."""
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    out = []
+    for group in report.content.get_volumetric_roi_measurement_groups():
+        values = [f"{m.name.meaning}: {float(m.value):.2f} {m.unit.value}" for m in group.get_measurements()]
+        scoord = next(item for item in group[0].ContentSequence if item.ValueType == "SCOORD")
+        image = str(scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        out.append((str(group.tracking_identifier), values, str(slices[image].InstanceNumber)))
+    return out
+
+
+def _outline_pixels(path: Path) -> int:
+    """Pixels of OHIF's SR annotation colours (green; yellow when selected) in a screenshot: the CT
+    is grey and the viewer's own controls are blue and white."""
+    rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return int((((g > 180) & (r < 120) & (b < 120)) | ((r > 180) & (g > 180) & (b < 100))).sum())
+
+
+def _check_in_ohif(orthanc_http_port: int, study_uid: str, segments: list[str], groups: list[Group], name: str) -> None:
+    """Open the study in OHIF: the SEG's segment labels in the segmentation panel; the planar SR
+    without an error, each group's values on screen, on its slice, with its outline drawn."""
+    from playwright.sync_api import sync_playwright
+
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with serve_ohif(orthanc_http_port) as base, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{base}/viewer?StudyInstanceUIDs={study_uid}")
+            page.wait_for_selector(THUMBNAIL, timeout=120_000)
+            time.sleep(2)
+            if page.get_by_text("Skip all").count():  # the first-visit tour
+                page.get_by_text("Skip all").first.click()
+            # the SEG
+            page.locator(THUMBNAIL).filter(has_text="S:9901").dblclick()
+            page.get_by_role("button", name="Yes").first.click(timeout=60_000)
+            page.locator('[data-cy="panelSegmentation-btn"]').click()
+            for label in segments:
+                page.get_by_text(label, exact=True).first.wait_for(timeout=60_000)
+            page.screenshot(path=ARTEFACTS / f"{name}-seg.png")
+            # the planar SR: each group in turn (OHIF's arrows step through the measurements)
+            page.locator(THUMBNAIL).filter(has_text="S:9902").dblclick()
+            seen: dict[str, tuple[str, int]] = {}
+            for step in range(len(groups)):
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    text = page.inner_text("body")
+                    shown = [g for g in groups if all(v in text for v in g[1])]
+                    if shown and shown[0][0] not in seen:
+                        break
+                    time.sleep(0.5)
+                assert "Something went wrong" not in text, text[-2000:]
+                assert shown, f"no group's values on screen:\n{text[-2000:]}"
+                label, _values, instance = shown[0]
+                shot = ARTEFACTS / f"{name}-sr-{step + 1}.png"
+                page.screenshot(path=shot)
+                match = re.search(r"I:(\d+) \(\d+/\d+\)", text)
+                seen[label] = (match.group(1) if match else "?", _outline_pixels(shot))
+                page.locator('[data-cy="viewport-action-arrows-right"] svg').click()
+                time.sleep(1)
+        finally:
+            browser.close()
+    assert errors == []
+    assert set(seen) == {g[0] for g in groups}, seen  # every group's values appeared
+    for label, _values, instance in groups:
+        shown_instance, outline = seen[label]
+        assert shown_instance == instance, (label, shown_instance, instance)  # jumped to its slice
+        assert outline > 100, (label, outline)  # and drew the outline there
+
+
+def test_ohif_shows_lung_seg_and_every_planar_sr_value(viewer_ready, tmp_path, start_node):
+    pacs, study_uid, series = _analysed_in_orthanc(tmp_path, start_node, [LUNG_ROUTE], {})
+    try:
+        numbers = [s["MainDicomTags"]["SeriesNumber"] for s in series]
+        assert sorted(numbers, key=int) == ["2", "9901", "9902", "9905", "9906"]
+        assert numbers.index("9906") > numbers.index("2")  # the key images sort after the CT
+        slices = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, series_files(CT_SERIES))}
+        sr = _fetch(pacs, series, "9902", tmp_path / "sr.dcm")
+        groups = _groups(sr, slices)
+        volume, _ = load_volume(list(slices.values()))
+        computed = LungCtDensity().run(volume, "cpu").measurements
+        for label, values, _instance in groups:  # the SR holds what the algorithm computed
+            mine = [f"{m.concept[2]}: {m.value:.2f} {m.unit[0]}" for m in computed if m.segment_label == label]
+            assert values == mine
+        assert [g[0] for g in groups] == ["Left lung", "Right lung", "Both lungs"]
+        _check_in_ohif(pacs.http_port, study_uid, ["Left lung", "Right lung", "Low attenuation area"], groups, "lung")
+    finally:
+        pacs.stop()
+
+
+def test_ohif_shows_a_declared_models_other_structure(viewer_ready, tmp_path, start_node):
+    bundle = seeded_bundle(SPLEEN, tmp_path / "bundles")
+    route = {
+        "name": "spleen",
+        "match": {"Modality": "CT"},
+        "algorithms": ["spleen"],
+        "completion": {"quiet_period_s": 1.0},
+    }
+    pacs, study_uid, series = _analysed_in_orthanc(
+        tmp_path, start_node, [route], {"spleen": spleen_declaration(bundle)}
+    )
+    try:
+        slices = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, series_files(CT_SERIES))}
+        groups = _groups(_fetch(pacs, series, "9902", tmp_path / "sr.dcm"), slices)
+        assert [g[0] for g in groups] == ["Spleen"] and len(groups[0][1]) == 3  # volume, mean, median
+        _check_in_ohif(pacs.http_port, study_uid, ["Spleen"], groups, "spleen")
+    finally:
+        pacs.stop()
