@@ -421,8 +421,8 @@ def test_algorithms_check_on_the_spleen_bundle_and_lung_ct_density(tmp_path, spl
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"{name}: PASS" in done.stdout
         written = sorted(p.name.split("_")[0] for p in out.glob("*.dcm"))
-        assert written == ["SEG", "SR"]
-        assert done.stdout.count("dciodvfy 0 error(s)") == 2
+        assert written == ["GSPS", "SC", "SC", "SC", "SC", "SEG", "SR", "SR-segment"]  # every kind of object
+        assert done.stdout.count("dciodvfy 0 error(s)") == 8
 
 
 def test_node_results_hold_no_anatomy_of_one_algorithm():

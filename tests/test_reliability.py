@@ -240,7 +240,9 @@ def test_a_late_burst_supersedes_the_first_analysis(tmp_path, start_node):
     """Two bursts separated by more than the quiet period: the first is analysed and delivered; the
     late burst re-opens the study, the whole series is analysed again, and the first results are
     withdrawn with an IOCM Rejection Note, which Orthanc acts on through deploy/orthanc's script.
-    The PACS ends with one study holding only the superseding SEG and SR (and the note)."""
+    The PACS asks for every kind of result object (SEG, SR, GSPS, SC), the folder for the SR only:
+    each gets what it asks for, and the PACS ends with one study holding only the superseding
+    objects (and the note)."""
     node_port = free_port()
     pacs = start_orthanc(
         tmp_path / "orthanc", "AINODE", node_port, lua_scripts=[ROOT / "deploy" / "orthanc" / "iocm-rejection.lua"]
@@ -251,8 +253,8 @@ def test_a_late_burst_supersedes_the_first_analysis(tmp_path, start_node):
             port=node_port,
             peers=[{"ae_title": "STORESCU"}, {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
             destinations={
-                "pacs": {"type": "dicom", "peer": "PACS"},
-                "folder": {"type": "folder", "path": str(tmp_path / "results")},
+                "pacs": {"type": "dicom", "peer": "PACS", "objects": ["SEG", "SR", "GSPS", "SC"]},
+                "folder": {"type": "folder", "path": str(tmp_path / "results"), "objects": ["SR"]},
             },
             routes=[{**LUNG_ROUTE, "destinations": ["pacs", "folder"], "completion": {"quiet_period_s": 2.0}}],
         )
@@ -264,18 +266,23 @@ def test_a_late_burst_supersedes_the_first_analysis(tmp_path, start_node):
         assert storescu(node.port, files[:40]).returncode == 0  # first burst: the upper 40 slices
         wait_until(lambda: '"state": "delivered"' in node.cli("jobs", "show", "1").stdout, 180)
         first = {i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.rest("GET", "/instances?expand")}
-        assert len(first) == 2
+        assert len(first) == 7  # SEG, SR, GSPS and four key images
+        (study,) = pacs.rest("GET", "/studies")
+        modalities = sorted(s["MainDicomTags"]["Modality"] for s in pacs.rest("GET", f"/studies/{study}/series"))
+        assert modalities == ["OT", "PR", "SEG", "SR"]  # four series
+        (only,) = (tmp_path / "results").rglob("*.dcm")
+        assert only.name.startswith("SR_")  # the folder asked for the SR only
 
         assert storescu(node.port, files[40:]).returncode == 0  # late burst
         wait_until(lambda: '"state": "delivered"' in node.cli("jobs", "show", "2").stdout, 180)
         superseded = json.loads(node.cli("jobs", "show", "1").stdout)
         assert superseded["state"] == "superseded" and "withdrawn from pacs, folder" in superseded["reason"]
         in_folder = {p.name.split("_", 1)[1].removesuffix(".dcm") for p in (tmp_path / "results").rglob("*.dcm")}
-        assert len(in_folder) == 2 and not in_folder & first  # the folder holds only the new results
+        assert len(in_folder) == 1 and not in_folder & first  # the folder holds only the new SR
 
-        (study,) = pacs.rest("GET", "/studies")
         series = pacs.rest("GET", f"/studies/{study}/series")
-        assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["KO", "SEG", "SR"]
+        assert sorted(s["MainDicomTags"]["Modality"] for s in series) == ["KO", "OT", "PR", "SEG", "SR"]
+        assert sum(len(s["Instances"]) for s in series) == 8  # the superseding seven and the note
         for uid in first:  # the first analysis is gone from the PACS
             assert pacs.rest("POST", "/tools/lookup", raw=uid.encode()) == []
         seg_series = next(s for s in series if s["MainDicomTags"]["Modality"] == "SEG")

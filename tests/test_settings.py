@@ -70,6 +70,18 @@ BROKEN = [
     ("    port: 4242", "    port: 4242\n    colour: blue", 9, "peers[0].colour: unknown key 'colour'"),
     ("  - name: lung", "  - name: lung ct", 12, "routes[0].name: String should match pattern"),
     ("node:", "node:\n  data_dir: [1, 2]", 2, "node.data_dir: Input is not a valid path"),
+    (
+        "  pacs: {type: dicom, peer: PACS}",
+        "  pacs: {type: dicom, peer: PACS, objects: [SR], sr: segment}",
+        10,
+        "destinations.pacs: sr: segment references the SEG's segments, so objects must include SEG",
+    ),
+    (
+        "  pacs: {type: dicom, peer: PACS}",
+        "  pacs: {type: dicom, peer: PACS, objects: [SEG, PDF]}",
+        10,
+        "destinations.pacs.objects[1]: Input should be 'SEG', 'SR', 'GSPS' or 'SC'",
+    ),
 ]
 
 

@@ -1,8 +1,8 @@
 -- IHE IOCM (Imaging Object Change Management) rejection for Orthanc, which has no IOCM of its own.
 --
--- When ainode re-analyses a study (a late instance re-opened it), it sends the new SEG and SR and
--- then an IOCM Rejection Note: a Key Object Selection document whose title is a rejection reason
--- (CID 7011) and whose evidence lists the SEG and SR it replaced. This script makes Orthanc act on
+-- When ainode re-analyses a study (a late instance re-opened it), it sends the new result objects
+-- (SEG, SR, GSPS, key images) and then an IOCM Rejection Note: a Key Object Selection document
+-- whose title is a rejection reason (CID 7011) and whose evidence lists the objects it replaced. This script makes Orthanc act on
 -- such a note the way an IOCM Image Manager does: the referenced instances are deleted, so viewers
 -- show only the current results. The note itself is kept as the record of the change.
 --

@@ -3,7 +3,8 @@
 Runs one algorithm (Python plugin or declared model) on a series the way the node does — the series
 de-identified with a throwaway key, the volume loaded, the algorithm run in its own process — then
 validates what it returned (mask and label-map shapes, codes, UCUM units, measurement groups),
-writes the SEG and SR it declares and runs dciodvfy on them when it is installed.
+writes every result object it gives (SEG, planar and segment SR, GSPS, key images) and runs
+dciodvfy on them when it is installed.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.jobs.isolation import SharedVolume, run_isolated
 from node.jobs.models import ModelWorkers
 from node.jobs.volume import load_volume
-from node.results import build_results
+from node.results import RESULT_KINDS, build_results, result_kind
 from node.settings.models import Deidentification
 
 
@@ -132,14 +133,17 @@ def check_algorithm(registry: Registry, name: str, series: Path, out: Path, time
             report.notes.append(f"refused the series: {exc.reason}")
             return report
         report.problems += validate_result(result, volume)
+        if report.problems:
+            return report
+        study, series_uid = str(slices[0].StudyInstanceUID), str(slices[0].SeriesInstanceUID)
+        built = build_results(  # every kind of object, so that the administrator sees what each viewer gets
+            slices, result, spec, lambda kind: derive_uid(study, series_uid, spec.name, kind), "AINODE",
+            kinds=RESULT_KINDS, volume=volume,
+        )  # fmt: skip
         del volume
-    if report.problems:
-        return report
-    study, series_uid = str(slices[0].StudyInstanceUID), str(slices[0].SeriesInstanceUID)
-    built = build_results(slices, result, spec, lambda kind: derive_uid(study, series_uid, spec.name, kind), "AINODE")
     out.mkdir(parents=True, exist_ok=True)
     for obj in built:
-        path = out / f"{obj.Modality}_{obj.SOPInstanceUID}.dcm"
+        path = out / f"{result_kind(obj)}_{obj.SOPInstanceUID}.dcm"
         obj.save_as(path, enforce_file_format=True)
         report.written.append(path)
         if shutil.which("dciodvfy"):

@@ -28,7 +28,7 @@ MIN_PART_PIXELS = 10
 
 @dataclass(frozen=True)
 class Region:
-    """A measured region of a result: a segment, or a group of segments (e.g. "Both lungs").
+    """A measured region of a result: a segment, or a group of segments (e.g. "Both kidneys").
 
     Attributes
     ----------

@@ -1,7 +1,7 @@
 """Comprehensive 3D SR with the TID 1500 Measurement Report, built with highdicom, in two designs.
 
 Everything comes from what the algorithm returns and declares (no anatomy is assumed here). Each
-measured label (a segment, or a group such as "Both lungs" made of ``group_members``) gets one
+measured label (a segment, or a group such as "Both kidneys" made of ``group_members``) gets one
 TID 1411 volumetric group: Tracking Identifier (the label) and Tracking Unique Identifier, finding
 type (the segment's property type, or the group's declared site), finding site (anatomic region,
 else type, with the type modifier as laterality), the algorithm identification (TID 4019) and the
