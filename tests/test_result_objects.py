@@ -3,6 +3,7 @@ CT is valid (dciodvfy), read back by highdicom, geometrically right and names it
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from algorithms.lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 from node.results import RESULT_KINDS, build_results, result_kind
 from node.results.air import has_air_equipment
-from node.results.outline import regions, representative_slice
+from node.results.outline import measured_regions
 from node.results.sc import BANNER_PX, PANEL_PX, choose_slices, coronal_plane, render_key_images
 from node.results.seg import segment_colour
 
@@ -86,10 +87,11 @@ def test_planar_sr_outlines_each_part_on_the_representative_slice(lung):
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
     groups = report.content.get_volumetric_roi_measurement_groups()
     assert [str(g.tracking_identifier) for g in groups] == ["Left lung", "Right lung", "Both lungs"]
-    slices, shapes = lung["slices"], regions(lung["result"])
+    slices, shapes = lung["slices"], {r.label: r for r in measured_regions(lung["result"])}
     for group in groups:
         label = str(group.tracking_identifier)
-        index = representative_slice(shapes[label].mask)
+        index = shapes[label].representative_slice()
+        plane = shapes[label].axial(index, lung["volume"].voxels.shape[1:])
         outlines = [item for item in group[0].ContentSequence if item.ValueType == "SCOORD"]
         assert len(outlines) == (2 if label == "Both lungs" else 1)  # one per connected part
         for scoord in outlines:
@@ -99,7 +101,7 @@ def test_planar_sr_outlines_each_part_on_the_representative_slice(lung):
             )
             points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
             assert points[0].tolist() == points[-1].tolist()  # closed
-            assert _border_distance(points, shapes[label].mask[index]).max() <= 1.0
+            assert _border_distance(points, plane).max() <= 1.0
         assert group.finding_sites and group.finding_type is not None
 
 
@@ -190,3 +192,35 @@ def test_another_structure_gets_its_own_labels_colours_and_outlines(lung, tmp_pa
         path = Path(tmp_path) / f"{result_kind(ds)}-{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         assert dciodvfy(path)[0] == [], result_kind(ds)
+
+
+def test_a_label_map_result_gives_the_same_objects_as_its_masks(lung):
+    """A model's label map (one byte per voxel, empty masks) is outlined exactly as masks would be."""
+    volume, slices = lung["volume"], lung["slices"]
+    masks = [s.mask for s in lung["result"].segments[:2]]  # the lungs: no overlap
+    label_map = np.zeros(volume.voxels.shape, dtype=np.uint16)
+    for number, mask in enumerate(masks, start=1):
+        label_map[mask] = number
+    as_masks = lung["result"]
+    as_map = AlgorithmResult(
+        segments=[dataclasses.replace(s, mask=np.empty(0, dtype=bool)) for s in as_masks.segments[:2]],
+        measurements=as_masks.measurements, group_sites=as_masks.group_sites,
+        group_members=as_masks.group_members, label_map=label_map,
+    )  # fmt: skip
+    two = dataclasses.replace(as_masks, segments=as_masks.segments[:2])
+
+    def objects(result: AlgorithmResult) -> dict[str, list[pydicom.Dataset]]:
+        uid = lambda kind: pydicom.uid.generate_uid(entropy_srcs=[kind])  # noqa: E731
+        built = build_results(slices, result, LungCtDensity.spec, uid, "AINODE",
+                              kinds=("SR", "GSPS", "SC"), volume=volume)  # fmt: skip
+        return _by_kind(built)
+
+    mine, theirs = objects(as_map), objects(two)
+    for kind in ("SR", "GSPS"):
+        graphics = [
+            [list(e.value) for e in ds.iterall() if e.keyword == "GraphicData"]
+            for ds in (mine[kind][0], theirs[kind][0])
+        ]
+        assert graphics[0] == graphics[1] and graphics[0], kind
+    for a, b in zip(mine["SC"], theirs["SC"], strict=True):
+        assert np.array_equal(a.pixel_array, b.pixel_array)

@@ -17,7 +17,7 @@ from node.deid.pseudonyms import derive_uid
 from node.errors import ResultBuildError
 from node.results.gsps import build_presentation_state
 from node.results.kos import build_rejection_note
-from node.results.outline import segment_mask
+from node.results.outline import has_voxels
 from node.results.sc import build_key_images
 from node.results.seg import build_segmentation
 from node.results.sr import build_measurement_report
@@ -116,7 +116,7 @@ def build_results(
                     series_number=number, device_uid=device_uid,
                 )
             )  # fmt: skip
-    voxels = any(segment_mask(result, n).any() for n in range(1, len(result.segments) + 1))
+    voxels = has_voxels(result)
     if "GSPS" in wanted and (voxels or any(f.location is not None for f in result.findings)):
         built.append(
             build_presentation_state(

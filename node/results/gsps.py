@@ -14,14 +14,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
-import numpy as np
 from pydicom import Dataset
 
 from algorithms.base import AlgorithmResult, AlgorithmSpec
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
 from node.results.legend import measurement_lines
-from node.results.outline import outlines, regions, representative_slice, segment_mask
+from node.results.outline import measured_regions, segment_regions
 from node.results.seg import cielab, content_label, segment_colour
 from node.results.sr import locate_on_image, tracking_uid
 
@@ -61,26 +60,25 @@ def build_presentation_state(
     layers: list[hd.pr.GraphicLayer] = []
     annotations: list[hd.pr.GraphicAnnotation] = []
     try:
-        for number, segment in enumerate(result.segments, start=1):
-            mask = segment_mask(result, number)
-            if not mask.any():
-                continue
+        for region in segment_regions(result):  # one segment at a time
+            number = region.segment_numbers[0]
+            segment = result.segments[number - 1]
             layer = hd.pr.GraphicLayer(
                 layer_name=_layer_name("SEGMENT", number), order=len(layers) + 1,
                 description=segment.label[:64], display_color=cielab(segment_colour(segment, number)),
             )  # fmt: skip
             layers.append(layer)
             uid = tracking_uid(study_uid, spec, segment.label)
-            for index in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
+            for index in range(region.box[0].start, region.box[0].stop):
                 objects = [
                     hd.pr.GraphicObject(graphic_type="POLYLINE", graphic_data=points, units="PIXEL",
                                         tracking_id=segment.label[:64], tracking_uid=uid)
-                    for points in outlines(mask[index], max_parts=MAX_PARTS_PER_SLICE)
+                    for points in region.outlines(index, max_parts=MAX_PARTS_PER_SLICE)
                 ]  # fmt: skip
                 if objects:
                     annotations.append(
                         hd.pr.GraphicAnnotation(
-                            referenced_images=[sources[int(index)]], graphic_layer=layer, graphic_objects=objects
+                            referenced_images=[sources[index]], graphic_layer=layer, graphic_objects=objects
                         )
                     )
         annotations += _measurement_texts(sources, result, layers)
@@ -116,8 +114,8 @@ def _measurement_texts(
     """The measurements of each measured label, top left on its representative slice."""
     lines = measurement_lines(result)
     by_slice: dict[int, list[str]] = {}
-    for label, region in regions(result).items():
-        by_slice.setdefault(representative_slice(region.mask), []).append(label)
+    for region in measured_regions(result):
+        by_slice.setdefault(region.representative_slice(), []).append(region.label)
     if not by_slice:
         return []
     layer = hd.pr.GraphicLayer(layer_name="MEASUREMENTS", order=len(layers) + 1,

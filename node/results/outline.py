@@ -13,7 +13,9 @@ inside and the outside pixel it separates. It is simplified (Douglas-Peucker) to
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,57 +30,108 @@ MIN_PART_PIXELS = 10
 
 @dataclass(frozen=True)
 class Region:
-    """A measured region of a result: a segment, or a group of segments (e.g. "Both kidneys").
+    """Where a segment, or a group of segments (e.g. "Both kidneys"), lies: its bounding box and
+    its mask inside that box, so that a result of many segments never needs a full-volume mask per
+    segment.
 
     Attributes
     ----------
     label
-        The measurement group's label (a segment label or a group label).
+        The segment's or the measurement group's label.
+    box
+        The bounding box as index ranges ``(slices, rows, columns)`` of the volume.
     mask
-        ``bool`` array ``(slices, rows, columns)``.
+        ``bool`` array of the box's shape: the region inside the box.
     segment_numbers
         The SEG segment numbers (from 1) the region is made of.
     """
 
     label: str
+    box: tuple[slice, slice, slice]
     mask: npt.NDArray[np.bool_]
     segment_numbers: tuple[int, ...]
 
+    def representative_slice(self) -> int:
+        """Volume index of the slice where the region covers the largest area."""
+        return self.box[0].start + representative_slice(self.mask)
 
-def segment_mask(result: AlgorithmResult, number: int) -> npt.NDArray[np.bool_]:
-    """The mask of segment ``number`` (from 1), from its own mask or the result's label map."""
+    def axial(self, index: int, shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
+        """The region on slice ``index`` as a ``(rows, columns)`` plane of ``shape``."""
+        plane = np.zeros(shape, dtype=bool)
+        if self.box[0].start <= index < self.box[0].stop:
+            plane[self.box[1], self.box[2]] = self.mask[index - self.box[0].start]
+        return plane
+
+    def coronal(self, row: int, shape: tuple[int, int]) -> npt.NDArray[np.bool_]:
+        """The region in row ``row`` of every slice as a ``(slices, columns)`` plane of ``shape``."""
+        plane = np.zeros(shape, dtype=bool)
+        if self.box[1].start <= row < self.box[1].stop:
+            plane[self.box[0], self.box[2]] = self.mask[:, row - self.box[1].start, :]
+        return plane
+
+    def outlines(self, index: int, **kwargs: Any) -> list[npt.NDArray[np.float64]]:
+        """:func:`outlines` of the region on slice ``index``, in that image's coordinates."""
+        if not self.box[0].start <= index < self.box[0].stop:
+            return []
+        origin = (self.box[1].start, self.box[2].start)
+        return outlines(self.mask[index - self.box[0].start], origin=origin, **kwargs)
+
+
+def has_voxels(result: AlgorithmResult) -> bool:
+    """Whether any segment of ``result`` has a voxel."""
     if result.label_map is not None:
-        return np.asarray(result.label_map == number)
-    return np.asarray(result.segments[number - 1].mask, dtype=bool)
+        return bool(result.label_map.any())
+    return any(np.asarray(s.mask).any() for s in result.segments)
 
 
-def regions(result: AlgorithmResult) -> dict[str, Region]:
-    """The region of every measured label: a segment's own mask; for a group label (one in
-    ``group_sites``), the union of its ``group_members``, or of every segment when it names none.
+def _boxes(result: AlgorithmResult) -> list[tuple[slice, slice, slice] | None]:
+    """Each segment's bounding box (``None``: no voxel); a label map's in one pass over it."""
+    if result.label_map is not None:
+        return list(ndimage.find_objects(result.label_map, max_label=len(result.segments)))
+    return [
+        (ndimage.find_objects(np.asarray(s.mask, dtype=np.uint8)) or [None])[0] for s in result.segments
+    ]  # fmt: skip
 
-    Returns
-    -------
-    dict
-        Label to :class:`Region`, in the order the labels are first measured; labels without a
-        voxel are left out (there is nothing to outline).
-    """
+
+def _crop(result: AlgorithmResult, number: int, box: tuple[slice, slice, slice]) -> npt.NDArray[np.bool_]:
+    if result.label_map is not None:
+        return np.asarray(result.label_map[box] == number)
+    return np.asarray(result.segments[number - 1].mask[box], dtype=bool)
+
+
+def segment_regions(result: AlgorithmResult) -> Iterator[Region]:
+    """The region of each segment that has a voxel, in segment order, one at a time."""
+    for number, (segment, box) in enumerate(zip(result.segments, _boxes(result), strict=True), start=1):
+        if box is not None:
+            yield Region(segment.label, box, _crop(result, number, box), (number,))
+
+
+def measured_regions(result: AlgorithmResult) -> Iterator[Region]:
+    """The region of every measured label, in the order the labels are first measured, one at a
+    time: a segment's own; for a group label (one in ``group_sites``), the union of its
+    ``group_members``, or of every segment when it names none. Labels without a voxel are left out
+    (nothing to outline)."""
     numbers = {s.label: i for i, s in enumerate(result.segments, start=1)}
-    labels = list(dict.fromkeys([m.segment_label for m in result.measurements]))
-    out: dict[str, Region] = {}
-    for label in labels:
+    boxes = _boxes(result)
+    for label in dict.fromkeys([m.segment_label for m in result.measurements]):
         if label in numbers:
             members: tuple[int, ...] = (numbers[label],)
         else:
             named = result.group_members.get(label)
             members = tuple(numbers[n] for n in named if n in numbers) if named else tuple(numbers.values())
-        if not members:
+        present = [(n, box) for n in members if (box := boxes[n - 1]) is not None]
+        if not present:
             continue
-        mask = segment_mask(result, members[0])
-        for n in members[1:]:
-            mask = mask | segment_mask(result, n)
-        if mask.any():
-            out[label] = Region(label, mask, members)
-    return out
+        box = (
+            slice(min(b[0].start for _, b in present), max(b[0].stop for _, b in present)),
+            slice(min(b[1].start for _, b in present), max(b[1].stop for _, b in present)),
+            slice(min(b[2].start for _, b in present), max(b[2].stop for _, b in present)),
+        )
+        mask = np.zeros(tuple(b.stop - b.start for b in box), dtype=bool)
+        for n, part in present:
+            inner = tuple(slice(part[a].start - box[a].start, part[a].stop - box[a].start) for a in range(3))
+            mask[inner] |= _crop(result, n, part)
+        yield Region(label, box, mask, members)
 
 
 def representative_slice(mask: npt.NDArray[np.bool_]) -> int:
@@ -97,7 +150,7 @@ def representative_slice(mask: npt.NDArray[np.bool_]) -> int:
 
 def outlines(
     plane: npt.NDArray[np.bool_], min_pixels: int = MIN_PART_PIXELS, max_parts: int | None = None,
-    min_fraction: float = 0.0,
+    min_fraction: float = 0.0, origin: tuple[int, int] = (0, 0),
 ) -> list[npt.NDArray[np.float64]]:  # fmt: skip
     """The outer outline of each connected part of a 2D mask, largest part first.
 
@@ -111,6 +164,8 @@ def outlines(
         At most this many outlines (the largest parts), or all.
     min_fraction
         Parts smaller than this fraction of the largest part are skipped too.
+    origin
+        ``(row, column)`` of the plane's first pixel in the image (a crop's offset).
 
     Returns
     -------
@@ -134,7 +189,9 @@ def outlines(
         contours = measure.find_contours(crop.astype(np.float32), 0.5)
         outer = max(contours, key=_enclosed_area)  # holes give inner contours, the border encloses most
         outer = measure.approximate_polygon(outer, tolerance=0.5)
-        points = np.column_stack([outer[:, 1] - 1 + cols.start + 0.5, outer[:, 0] - 1 + rows.start + 0.5])
+        points = np.column_stack(
+            [outer[:, 1] - 1 + cols.start + origin[1] + 0.5, outer[:, 0] - 1 + rows.start + origin[0] + 0.5]
+        )
         if not np.array_equal(points[0], points[-1]):
             points = np.vstack([points, points[:1]])
         out.append(points)

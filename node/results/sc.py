@@ -29,7 +29,7 @@ from algorithms.base import RGB, AlgorithmResult, AlgorithmSpec, Volume
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
 from node.results.legend import measurement_lines
-from node.results.outline import outlines, representative_slice, segment_mask
+from node.results.outline import has_voxels, outlines, representative_slice, segment_regions
 from node.results.seg import segment_colour
 
 PANEL_PX = 380
@@ -106,10 +106,14 @@ def choose_slices(union: npt.NDArray[np.bool_]) -> list[int]:
 
 
 def coronal_plane(values: npt.NDArray[np.generic], row: int, spacing_mm: tuple[float, float, float]) -> np.ndarray:
-    """The coronal plane at ``row`` of a ``(slices, rows, columns)`` array, superior at the top,
-    resampled along the slice axis to square pixels of the column spacing (nearest neighbour for
-    masks, linear for images)."""
-    plane = values[::-1, row, :]
+    """The coronal plane at ``row`` of a ``(slices, rows, columns)`` array: see :func:`reformat`."""
+    return reformat(values[:, row, :], spacing_mm)
+
+
+def reformat(plane: npt.NDArray[np.generic], spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """A ``(slices, columns)`` plane as displayed: superior at the top, resampled along the slice
+    axis to square pixels of the column spacing (nearest neighbour for masks, linear for images)."""
+    plane = plane[::-1, :]
     factor = spacing_mm[0] / spacing_mm[2]
     order = 0 if plane.dtype == np.bool_ else 1
     return ndimage.zoom(plane, (factor, 1.0), order=order, grid_mode=True, mode="nearest")
@@ -124,24 +128,36 @@ def render_key_images(volume: Volume, sources: Sequence[Dataset], result: Algori
     ResultBuildError
         No segment has a voxel.
     """
-    masks = {n: segment_mask(result, n) for n in range(1, len(result.segments) + 1)}
-    masks = {n: m for n, m in masks.items() if m.any()}
-    if not masks:
+    if not has_voxels(result):
         raise ResultBuildError("key images: no segment has a voxel")
-    union = np.logical_or.reduce(list(masks.values()))
+    if result.label_map is not None:
+        union = result.label_map > 0
+    else:
+        union = np.logical_or.reduce([np.asarray(s.mask, dtype=bool) for s in result.segments])
+    chosen = choose_slices(union)
+    row = int(np.argmax(union.sum(axis=(0, 2))))
+    del union
+    shape = volume.voxels.shape
+    axial: list[dict[int, npt.NDArray[np.bool_]]] = [{} for _ in chosen]
+    coronal: dict[int, npt.NDArray[np.bool_]] = {}
+    for region in segment_regions(result):  # one segment at a time: only its planes are kept
+        number = region.segment_numbers[0]
+        for planes, index in zip(axial, chosen, strict=True):
+            if region.box[0].start <= index < region.box[0].stop:
+                planes[number] = region.axial(index, (shape[1], shape[2]))
+        if region.box[1].start <= row < region.box[1].stop:
+            coronal[number] = reformat(region.coronal(row, (shape[0], shape[2])), volume.spacing_mm)
     window = _window(sources[0], volume.voxels)
     orientation = np.asarray(sources[0].ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = orientation[:3], orientation[3:]
     spacing = volume.spacing_mm
     images = []
-    for index in choose_slices(union):
-        planes = {n: m[index] for n, m in masks.items()}
+    for index, planes in zip(chosen, axial, strict=True):
         images.append(
             _compose(volume.voxels[index], planes, window, result, spec, (spacing[1], spacing[2]),
                      (_direction_letter(row_dir), _direction_letter(col_dir)), (index,), "axial")
         )  # fmt: skip
-    row = int(np.argmax(union.sum(axis=(0, 2))))
-    planes = {n: coronal_plane(m, row, spacing) for n, m in masks.items()}
+    planes = coronal
     normal = np.cross(row_dir, col_dir)
     images.append(
         _compose(coronal_plane(volume.voxels, row, spacing), planes, window, result, spec, (spacing[2], spacing[2]),

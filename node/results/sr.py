@@ -37,7 +37,7 @@ from algorithms.base import AlgorithmResult, AlgorithmSpec, Code, Finding, Locat
 from node.deid.pseudonyms import derive_uid
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
-from node.results.outline import Region, outlines, regions, representative_slice
+from node.results.outline import Region, measured_regions
 from node.results.seg import algorithm_parameters, coded
 
 SrDesign = Literal["planar", "segment"]
@@ -181,9 +181,9 @@ def _site(segment: Segment) -> hd.sr.FindingSite:
 def _outline_regions(region: Region, sources: Sequence[Dataset]) -> list[hd.sr.ImageRegion]:
     """The region's outlines on its representative slice, as SCOORD POLYLINEs on that image: one per
     connected part of at least :data:`MIN_PART_FRACTION` of the largest."""
-    index = representative_slice(region.mask)
-    plane = region.mask[index]
-    parts = outlines(plane, max_parts=MAX_OUTLINES, min_fraction=MIN_PART_FRACTION) or outlines(plane, min_pixels=1)
+    index = region.representative_slice()
+    parts = region.outlines(index, max_parts=MAX_OUTLINES, min_fraction=MIN_PART_FRACTION)
+    parts = parts or region.outlines(index, min_pixels=1)
     source = hd.sr.SourceImageForRegion.from_source_image(sources[index])
     return [hd.sr.ImageRegion(graphic_type="POLYLINE", graphic_data=p, source_image=source) for p in parts]
 
@@ -255,7 +255,7 @@ def build_measurement_report(
             )
         )
     study_uid = str(sources[0].StudyInstanceUID)
-    planar_regions = regions(result) if design == "planar" else {}
+    planar = {r.label: _outline_regions(r, sources) for r in measured_regions(result)} if design == "planar" else {}
 
     def tracking(label: str) -> hd.sr.TrackingIdentifier:
         return hd.sr.TrackingIdentifier(uid=tracking_uid(study_uid, spec, label), identifier=label)
@@ -272,12 +272,10 @@ def build_measurement_report(
                 algorithm_id=algorithm, measurements=measurements,
             )  # fmt: skip
             if design == "planar":
-                if label not in planar_regions:  # an empty segment: nothing a viewer could draw
+                if label not in planar:  # an empty segment: nothing a viewer could draw
                     continue
                 groups.append(
-                    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                        referenced_regions=_outline_regions(planar_regions[label], sources), **common
-                    )
+                    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_regions=planar[label], **common)
                 )
             elif label in segment_numbers and segmentation is not None:
                 groups.append(
