@@ -8,7 +8,7 @@ image coordinates (PS3.3 C.18.6.1.1: column, row; the top left corner of the top
 
 An outline is the iso-line at 0.5 between pixels inside and outside the region (marching squares,
 scikit-image), so every point lies on the region's border: half a pixel from the centres of the
-inside and the outside pixel it separates. It is simplified (Douglas-Peucker) to within half a pixel.
+inside and the outside pixel it separates. Points on straight runs are dropped (losslessly).
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def outlines(
         crop = np.pad(labels[rows, cols] == part, 1)  # padded: an outline at the image edge closes
         contours = measure.find_contours(crop.astype(np.float32), 0.5)
         outer = max(contours, key=_enclosed_area)  # holes give inner contours, the border encloses most
-        outer = measure.approximate_polygon(outer, tolerance=0.5)
+        outer = _drop_collinear(outer)
         points = np.column_stack(
             [outer[:, 1] - 1 + cols.start + origin[1] + 0.5, outer[:, 0] - 1 + rows.start + origin[0] + 0.5]
         )
@@ -196,6 +196,18 @@ def outlines(
             points = np.vstack([points, points[:1]])
         out.append(points)
     return out
+
+
+def _drop_collinear(contour: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """The closed contour without the points that lie on a straight run between their neighbours
+    (lossless: every point kept is one of the contour's, the shape is unchanged)."""
+    ring = contour[:-1] if np.array_equal(contour[0], contour[-1]) else contour
+    if len(ring) < 4:
+        return contour
+    before, after = ring - np.roll(ring, 1, axis=0), np.roll(ring, -1, axis=0) - ring
+    turns = np.abs(before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]) > 1e-9
+    kept = ring[turns]
+    return np.vstack([kept, kept[:1]]) if len(kept) >= 3 else contour
 
 
 def _enclosed_area(contour: npt.NDArray[np.float64]) -> float:

@@ -8,8 +8,9 @@ first VOI window, with every segment's outlines drawn in its colour (the SEG's),
 panel with a banner (the algorithm, its version, that the image is derived, not for primary
 diagnosis) and a legend (each measured label with its values and units). RGB, 8 bits; the image
 part keeps the source's pixel spacing (the coronal one is resampled to square pixels of the
-column spacing), Patient Orientation from the image directions, Burned In Annotation YES, Image
-Type DERIVED\\SECONDARY and Source Image Sequence naming the slices it was made from.
+column spacing, or larger to stay within :data:`MAX_REFORMAT_PX`), Patient Orientation from the
+image directions, Burned In Annotation YES, Image Type DERIVED\\SECONDARY and Source Image Sequence
+naming the slices it was made from.
 """
 
 from __future__ import annotations
@@ -105,18 +106,32 @@ def choose_slices(union: npt.NDArray[np.bool_]) -> list[int]:
     return sorted(picks)
 
 
+MAX_REFORMAT_PX = 768
+"""The coronal key image is at most this many pixels high and wide (a long series is scaled down)."""
+
+
+def reformat_pixel_mm(shape: tuple[int, int, int], spacing_mm: tuple[float, float, float]) -> float:
+    """The (square) pixel size in mm of the coronal reformat of a ``(slices, rows, columns)``
+    volume: the column spacing, or larger where the reformat would exceed :data:`MAX_REFORMAT_PX`."""
+    height_mm, width_mm = shape[0] * spacing_mm[0], shape[2] * spacing_mm[2]
+    return max(spacing_mm[2], height_mm / MAX_REFORMAT_PX, width_mm / MAX_REFORMAT_PX)
+
+
 def coronal_plane(values: npt.NDArray[np.generic], row: int, spacing_mm: tuple[float, float, float]) -> np.ndarray:
     """The coronal plane at ``row`` of a ``(slices, rows, columns)`` array: see :func:`reformat`."""
-    return reformat(values[:, row, :], spacing_mm)
+    return reformat(values[:, row, :], values.shape, spacing_mm)
 
 
-def reformat(plane: npt.NDArray[np.generic], spacing_mm: tuple[float, float, float]) -> np.ndarray:
-    """A ``(slices, columns)`` plane as displayed: superior at the top, resampled along the slice
-    axis to square pixels of the column spacing (nearest neighbour for masks, linear for images)."""
+def reformat(plane: npt.NDArray[np.generic], shape: tuple[int, int, int], spacing_mm: tuple[float, float, float]
+             ) -> np.ndarray:  # fmt: skip
+    """A ``(slices, columns)`` plane of a volume of ``shape`` as displayed: superior at the top,
+    resampled to square pixels of :func:`reformat_pixel_mm` (nearest neighbour for masks, linear
+    for images)."""
     plane = plane[::-1, :]
-    factor = spacing_mm[0] / spacing_mm[2]
+    pixel = reformat_pixel_mm(shape, spacing_mm)
     order = 0 if plane.dtype == np.bool_ else 1
-    return ndimage.zoom(plane, (factor, 1.0), order=order, grid_mode=True, mode="nearest")
+    return ndimage.zoom(plane, (spacing_mm[0] / pixel, spacing_mm[2] / pixel), order=order, grid_mode=True,
+                        mode="nearest")  # fmt: skip
 
 
 def render_key_images(volume: Volume, sources: Sequence[Dataset], result: AlgorithmResult, spec: AlgorithmSpec
@@ -146,7 +161,7 @@ def render_key_images(volume: Volume, sources: Sequence[Dataset], result: Algori
             if region.box[0].start <= index < region.box[0].stop:
                 planes[number] = region.axial(index, (shape[1], shape[2]))
         if region.box[1].start <= row < region.box[1].stop:
-            coronal[number] = reformat(region.coronal(row, (shape[0], shape[2])), volume.spacing_mm)
+            coronal[number] = reformat(region.coronal(row, (shape[0], shape[2])), shape, volume.spacing_mm)
     window = _window(sources[0], volume.voxels)
     orientation = np.asarray(sources[0].ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = orientation[:3], orientation[3:]
@@ -158,9 +173,10 @@ def render_key_images(volume: Volume, sources: Sequence[Dataset], result: Algori
                      (_direction_letter(row_dir), _direction_letter(col_dir)), (index,), "axial")
         )  # fmt: skip
     planes = coronal
+    pixel = reformat_pixel_mm(shape, spacing)
     normal = np.cross(row_dir, col_dir)
     images.append(
-        _compose(coronal_plane(volume.voxels, row, spacing), planes, window, result, spec, (spacing[2], spacing[2]),
+        _compose(coronal_plane(volume.voxels, row, spacing), planes, window, result, spec, (pixel, pixel),
                  (_direction_letter(row_dir), _direction_letter(-normal)), tuple(range(len(sources))), "coronal")
     )  # fmt: skip
     return images
