@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/resources.py
 	$(BIN)/python bench/models.py
+	$(BIN)/python bench/objects.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -22,9 +22,20 @@ from PIL import Image
 
 from algorithms.lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
+from node.results.air import has_air_equipment
 
 from .models import SPLEEN, seeded_bundle, spleen_declaration
-from .peers import CT_SERIES, LUNG_ROUTE, ROOT, free_port, node_config, series_files, start_orthanc, wait_until
+from .peers import (
+    CT_SERIES,
+    LUNG_ROUTE,
+    ROOT,
+    dciodvfy,
+    free_port,
+    node_config,
+    series_files,
+    start_orthanc,
+    wait_until,
+)
 from .viewer import CHROMIUM, DICOMWEB_PLUGIN, serve_ohif, viewer_available
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -161,6 +172,13 @@ def test_ohif_shows_lung_seg_and_every_planar_sr_value(viewer_ready, tmp_path, s
         assert sorted(numbers, key=int) == ["2", "9901", "9902", "9905", "9906"]
         assert numbers.index("9906") > numbers.index("2")  # the key images sort after the CT
         slices = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, series_files(CT_SERIES))}
+        original = next(iter(slices.values()))
+        for number in ("9901", "9902", "9905", "9906"):  # as the PACS holds them: valid, re-identified, AIR
+            path = tmp_path / f"{number}.dcm"
+            delivered = _fetch(pacs, series, number, path)
+            assert dciodvfy(path)[0] == [], number
+            assert (delivered.PatientID, delivered.StudyInstanceUID) == (original.PatientID, original.StudyInstanceUID)
+            assert has_air_equipment(delivered, LungCtDensity.spec), number
         sr = _fetch(pacs, series, "9902", tmp_path / "sr.dcm")
         groups = _groups(sr, slices)
         volume, _ = load_volume(list(slices.values()))
