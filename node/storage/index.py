@@ -115,7 +115,7 @@ class JobRow(Base):
 
     @property
     def result_ids(self) -> list[str]:
-        """Object ids of the encrypted result objects (SEG, SR) built for this job."""
+        """Object ids of the encrypted result objects (SEG, SR, GSPS, SC) built for this job."""
         ids: list[str] = json.loads(self.result_object_ids)
         return ids
 
