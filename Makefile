@@ -19,6 +19,7 @@ var/ainode.key: | $(VENV)/.installed
 
 serve: setup var/ainode.key
 	$(BIN)/ainode config check $(CONFIG)
+	$(BIN)/ainode db upgrade --config $(CONFIG)
 	$(BIN)/ainode serve --config $(CONFIG)
 
 lint: setup

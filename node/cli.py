@@ -27,7 +27,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from node.errors import AinodeError
 
@@ -250,6 +250,38 @@ def _open(config: str) -> DataDir:
     return open_data_dir(load_settings(config), role="cli")
 
 
+def _index_engine(config: str) -> Any:
+    """The engine of the configured index, without opening (and checking) it as an Index."""
+    from sqlalchemy import create_engine
+
+    from node.settings import load_settings
+    from node.storage.index import default_url
+
+    settings = load_settings(config)
+    settings.node.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return create_engine(settings.storage.database_url or default_url(settings.node.data_dir))
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from node.storage import schema
+
+    engine = _index_engine(args.config)
+    before = schema.upgrade(engine)
+    after = schema.state(engine).current
+    shown = {None: "empty", "legacy": "from before migrations"}.get(before.current, f"at {before.current}")
+    print(f"index {engine.url.render_as_string(hide_password=True)}: was {shown}, now at {after}")
+    return 0
+
+
+def cmd_db_status(args: argparse.Namespace) -> int:
+    from node.storage import schema
+
+    engine = _index_engine(args.config)
+    now = schema.state(engine)
+    print(f"index {engine.url.render_as_string(hide_password=True)}: revision {now.current}, this release {now.head}")
+    return 0 if now.current == now.head else 1
+
+
 def _secrets(settings: Settings) -> NodeSecrets:
     from node.datadir import open_data_dir
 
@@ -442,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the SEG and SR")
     p.add_argument("--config", help="the configuration declaring the model")
     p.set_defaults(func=cmd_algorithms_check)
+
+    db = sub.add_parser("db", help="the index database").add_subparsers(dest="action", required=True)
+    p = db.add_parser("upgrade", help="migrate the index schema to this release (Alembic), in place")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_db_upgrade)
+    p = db.add_parser("status", help="the index's schema revision and this release's (exit 1 if they differ)")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_db_status)
 
     keys = sub.add_parser("keys", help="master keys").add_subparsers(dest="action", required=True)
     p = keys.add_parser("generate", help="write a new master key file")

@@ -134,7 +134,7 @@ def open_data_dir(settings: Settings, role: str = "cli") -> DataDir:
     store = ObjectStore(data_dir / "store", keys, settings.node.min_free_disk_mb * 2**20)
     mirror = SyslogSender(settings.audit.syslog) if settings.audit.syslog is not None else None
     audit = AuditLog.for_data_dir(data_dir, store, settings.node.ae_title, mirror)
-    index = Index.for_data_dir(data_dir, settings.storage.database_busy_timeout_s)
+    index = Index.for_data_dir(data_dir, settings.storage.database_busy_timeout_s, settings.storage.database_url)
     return DataDir(settings, store, index, NodeSecrets(store), audit, key_use, mirror)
 
 

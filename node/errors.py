@@ -8,7 +8,8 @@
     ├── StorageError           the encrypted store cannot read or write an object
     │   ├── TamperedObjectError    authentication of a stored object failed (tampered or truncated)
     │   ├── OutOfResourcesError    the disk watermark is reached; maps to DIMSE 0xA700   (transient)
-    │   └── IndexUnavailableError  the index database is locked or unreachable            (transient)
+    │   ├── IndexUnavailableError  the index database is locked or unreachable            (transient)
+    │   └── IndexSchemaError       the index schema is older or newer than this release knows
     ├── InvalidInstanceError   a received data set is unusable; maps to DIMSE 0xA900 / 0xC000
     ├── DeidentificationError  a data set cannot be de-identified or re-identified safely
     │   └── QuarantinedError       pixels may hold burned-in PHI and no rule cleans them
@@ -70,6 +71,11 @@ class IndexUnavailableError(StorageError):
     """The index database is locked by another process or cannot be reached right now."""
 
     transient = True
+
+
+class IndexSchemaError(StorageError):
+    """The index database's schema revision is not this release's (``ainode db upgrade`` or a newer
+    release is needed)."""
 
 
 class InvalidInstanceError(AinodeError):

@@ -290,7 +290,8 @@ class AuditSettings(_Model):
 
 
 class StorageSettings(_Model):
-    """Retention (originals, maps and results are deleted this long after delivery) and the index."""
+    """Retention (originals, maps and results are deleted this long after delivery) and the index
+    database."""
 
     retention_days: Annotated[float, Field(gt=0)] = 7.0
     database_busy_timeout_s: float = Field(
@@ -298,6 +299,19 @@ class StorageSettings(_Model):
         gt=0,
         description="how long an index statement waits for another process's lock before it is retried later",
     )
+    database_url: str | None = Field(
+        default=None,
+        pattern=r"^(sqlite|postgresql(\+psycopg)?)://",
+        description="SQLAlchemy URL of the index (default: SQLite in the data directory); a shared index: "
+        "postgresql+psycopg://USER@HOST/DB (the password from PGPASSWORD or ~/.pgpass, never here)",
+    )
+
+    @model_validator(mode="after")
+    def _no_password(self) -> StorageSettings:
+        url = self.database_url or ""
+        if "@" in url and ":" in url.split("://", 1)[1].split("@", 1)[0]:
+            raise ValueError("storage.database_url: holds a password; give it in PGPASSWORD or ~/.pgpass")
+        return self
 
 
 class Settings(_Model):

@@ -35,6 +35,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from node import faults
 from node.errors import IndexUnavailableError, StorageError
+from node.storage import schema
 
 
 class StudyState(enum.StrEnum):
@@ -120,6 +121,11 @@ class JobRow(Base):
         return ids
 
 
+def default_url(data_dir: Path) -> str:
+    """The embedded index: SQLite in the data directory."""
+    return f"sqlite:///{data_dir / 'index.sqlite'}"
+
+
 def _sqlite_pragmas(busy_timeout_s: float) -> Any:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
@@ -150,19 +156,24 @@ class Index:
     busy_timeout_s
         How long a statement waits for another process's lock before
         :class:`~node.errors.IndexUnavailableError` (transient) is raised.
+
+    Raises
+    ------
+    IndexSchemaError
+        The database's schema revision is not this release's (see :mod:`node.storage.schema`).
     """
 
     def __init__(self, url: str, busy_timeout_s: float = 30.0) -> None:
         self.engine: Engine = create_engine(url)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas(busy_timeout_s))
-        Base.metadata.create_all(self.engine)
+        schema.check(self.engine)  # an empty index is created; another revision is refused
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
-    def for_data_dir(cls, data_dir: Path, busy_timeout_s: float = 30.0) -> Index:
-        """The embedded SQLite index inside ``data_dir``."""
-        return cls(f"sqlite:///{data_dir / 'index.sqlite'}", busy_timeout_s)
+    def for_data_dir(cls, data_dir: Path, busy_timeout_s: float = 30.0, url: str | None = None) -> Index:
+        """The index at ``url``, by default the embedded SQLite index inside ``data_dir``."""
+        return cls(url or default_url(data_dir), busy_timeout_s)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -219,11 +230,14 @@ class Index:
                     first_received_at=now, last_received_at=now, instance_count=0, generation=1, updated_at=now,
                 )
             )  # fmt: skip
-            added = conn.execute(
-                self._insert_ignoring_conflicts(instances).values(
-                    {c.name: getattr(row, c.name) for c in instances.columns}
-                )
-            ).rowcount
+            added = (  # RETURNING, not rowcount: psycopg reports no rowcount for a skipped conflict
+                conn.execute(
+                    self._insert_ignoring_conflicts(instances)
+                    .values({c.name: getattr(row, c.name) for c in instances.columns})
+                    .returning(instances.c.object_id)
+                ).first()
+                is not None
+            )
             later = case((studies.c.last_received_at < now, now), else_=studies.c.last_received_at)
             if not added:  # the SOP instance is already indexed: the first copy stays
                 conn.execute(update(studies).where(this_study).values(last_received_at=later))

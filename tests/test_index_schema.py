@@ -1,0 +1,146 @@
+"""Issue 14 (first part): the index by URL (SQLite or PostgreSQL), its schema under Alembic, and
+``ainode db upgrade`` for data directories made before migrations."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, text
+
+from node.errors import IndexSchemaError
+from node.storage import schema
+from node.storage.index import Base, Index, InstanceRow, JobState, PlannedJob, StudyState, default_url
+
+from .peers import AINODE
+
+POSTGRES = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+
+
+def _instance(sop: str, study: str = "study") -> InstanceRow:
+    return InstanceRow(
+        object_id=f"obj-{sop}", sop_key=sop, study_key=study, series_key="series",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2", transfer_syntax_uid="1.2.840.10008.1.2", size=1, received_at=1.0,
+    )  # fmt: skip
+
+
+def _config(tmp_path: Path, database_url: str | None = None) -> Path:
+    config = {"node": {"ae_title": "AINODE", "port": 11112, "data_dir": str(tmp_path / "data")},
+              "keys": {"provider": "env", "variable": "AINODE_TEST_KEY"}}  # fmt: skip
+    if database_url:
+        config["storage"] = {"database_url": database_url}
+    path = tmp_path / "ainode.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _ainode(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([AINODE, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the machine's server (dropped afterwards)."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(POSTGRES, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not answering on 127.0.0.1:5432: {exc}")
+    name = f"ainode_{secrets.token_hex(6)}"
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.close()
+
+
+def _assert_matches_models(url: str) -> None:
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+    engine.dispose()
+
+
+def test_a_new_index_is_created_at_the_newest_revision_matching_the_models(tmp_path):
+    Index.for_data_dir(tmp_path)
+    url = default_url(tmp_path)
+    assert schema.state(create_engine(url)).current == schema.head()
+    _assert_matches_models(url)
+
+
+def test_the_index_runs_on_postgresql(postgres_url, tmp_path):
+    index = Index(postgres_url)
+    _assert_matches_models(postgres_url)
+    assert index.add_instance(_instance("a"), "PACS") and not index.add_instance(_instance("a"), "PACS")
+    study = index.study("study")
+    assert study is not None and study.instance_count == 1
+    (job_id,) = index.plan_study("study", 1, [PlannedJob("route", "lung-ct-density", "series")], None) or []
+    assert index.study("study").state == StudyState.PROCESSING  # type: ignore[union-attr]
+    assert index.plan_study("study", 1, [], None) is None  # planned once
+    job = index.job(job_id)
+    assert job is not None and job.state == JobState.PENDING
+    config = _config(tmp_path, postgres_url)
+    status = _ainode("db", "status", "--config", str(config))
+    assert status.returncode == 0 and f"revision {schema.head()}" in status.stdout, status.stdout + status.stderr
+
+
+def test_db_upgrade_migrates_a_data_directory_of_the_previous_release(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    engine = create_engine(default_url(data))
+    Base.metadata.create_all(engine)  # how the releases before migrations made the index
+    with engine.begin() as connection:
+        connection.execute(text(
+            "INSERT INTO studies VALUES ('s1', 'done', 'PACS', 1.0, 2.0, 1, 1, NULL, NULL, 3.0)"
+        ))  # fmt: skip
+        connection.execute(text(
+            "INSERT INTO instances VALUES ('o1', 'k1', 's1', 'series', '1.2.840.10008.5.1.4.1.1.2', "
+            "'1.2.840.10008.1.2', 10, 1.0)"
+        ))  # fmt: skip
+        connection.execute(text(
+            "INSERT INTO jobs (study_key, generation, route, algorithm, series_key, state, attempts, "
+            "result_object_ids, timings, created_at, updated_at) "
+            "VALUES ('s1', 1, 'r', 'lung-ct-density', 'series', 'delivered', 1, '[\"x\"]', '{}', 1.0, 2.0)"
+        ))  # fmt: skip
+    engine.dispose()
+    with pytest.raises(IndexSchemaError, match=r"from before migrations.*ainode db upgrade"):
+        Index.for_data_dir(data)  # refused until migrated
+    config = _config(tmp_path)
+    upgraded = _ainode("db", "upgrade", "--config", str(config))
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert f"was from before migrations, now at {schema.head()}" in upgraded.stdout
+    index = Index.for_data_dir(data)
+    study = index.study("s1")
+    assert study is not None and (study.state, study.instance_count) == (StudyState.DONE, 1)
+    (job,) = index.jobs("s1")
+    assert job.state == JobState.DELIVERED and job.result_ids == ["x"]
+    assert [i.object_id for i in index.instances("s1")] == ["o1"]
+    _assert_matches_models(default_url(data))
+    again = _ainode("db", "upgrade", "--config", str(config))  # idempotent
+    assert again.returncode == 0 and f"was at {schema.head()}" in again.stdout
+
+
+def test_a_newer_schema_is_refused_at_start_with_a_clear_message(tmp_path, key_env):
+    (tmp_path / "data").mkdir()
+    Index.for_data_dir(tmp_path / "data")
+    engine = create_engine(default_url(tmp_path / "data"))
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    with pytest.raises(IndexSchemaError, match="'0099' is newer than this release knows"):
+        Index.for_data_dir(tmp_path / "data")
+    config = _config(tmp_path)
+    refused = _ainode("db", "upgrade", "--config", str(config))
+    assert refused.returncode == 2 and "'0099' is newer than this release knows" in refused.stderr
+    served = subprocess.run([AINODE, "serve", "--config", str(config)], capture_output=True, text=True,
+                            timeout=120, check=False, env={**os.environ, **key_env})  # fmt: skip
+    assert served.returncode != 0
+    assert "'0099' is newer than this release knows" in served.stdout + served.stderr
