@@ -77,6 +77,12 @@ BROKEN = [
         "destinations.pacs: sr: segment references the SEG's segments, so objects must include SEG",
     ),
     (
+        "    destinations: [pacs]",
+        "    destinations: [pacs]\nstorage:\n  database_url: postgresql+psycopg://ainode:secret@db/ainode",
+        17,
+        "storage: database_url: holds a password",
+    ),
+    (
         "  pacs: {type: dicom, peer: PACS}",
         "  pacs: {type: dicom, peer: PACS, objects: [SEG, PDF]}",
         10,

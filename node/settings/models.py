@@ -310,7 +310,7 @@ class StorageSettings(_Model):
     def _no_password(self) -> StorageSettings:
         url = self.database_url or ""
         if "@" in url and ":" in url.split("://", 1)[1].split("@", 1)[0]:
-            raise ValueError("storage.database_url: holds a password; give it in PGPASSWORD or ~/.pgpass")
+            raise ValueError("database_url: holds a password; give it in PGPASSWORD or ~/.pgpass")
         return self
 
 
