@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -144,3 +147,36 @@ def test_a_newer_schema_is_refused_at_start_with_a_clear_message(tmp_path, key_e
                             timeout=120, check=False, env={**os.environ, **key_env})  # fmt: skip
     assert served.returncode != 0
     assert "'0099' is newer than this release knows" in served.stdout + served.stderr
+
+
+def _claimer(url: str, out: str) -> None:
+    """One claiming process: claims due jobs in small batches until none is left."""
+    index = Index(url)
+    claimed: list[int] = []
+    idle = 0
+    while idle < 3:
+        batch = index.claim_due_jobs(time.time(), limit=3)
+        claimed += [job.id for job in batch]
+        idle = 0 if batch else idle + 1
+    Path(out).write_text(json.dumps(claimed))
+
+
+def test_concurrent_claims_on_postgresql_never_claim_a_job_twice(postgres_url, tmp_path):
+    index = Index(postgres_url)
+    index.add_instance(_instance("a"), "PACS")
+    planned = [PlannedJob("route", "lung-ct-density", f"series{n}") for n in range(240)]
+    ids = index.plan_study("study", 1, planned, None)
+    assert ids is not None
+    for job_id in ids:
+        index.update_job(job_id, next_attempt_at=0.0)  # every one due for a retry
+    context = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"claimed-{n}.json" for n in range(8)]
+    workers = [context.Process(target=_claimer, args=(postgres_url, str(out))) for out in outs]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    claimed = [job_id for out in outs for job_id in json.loads(out.read_text())]
+    assert sorted(claimed) == sorted(ids)  # every job claimed, none twice
+    assert sum(1 for out in outs if json.loads(out.read_text())) > 1  # the claimers did compete

@@ -410,12 +410,23 @@ class Index:
             faults.point("plan:jobs-inserted", index=self)
             return [job.id for job in jobs]
 
-    def claim_due_jobs(self, now: float) -> list[JobRow]:
-        """Pending jobs whose retry time has come; their retry time is cleared (claimed)."""
+    def claim_due_jobs(self, now: float, limit: int | None = None) -> list[JobRow]:
+        """Pending jobs whose retry time has come; their retry time is cleared (claimed).
+
+        Atomic across processes: on PostgreSQL the rows are locked ``FOR UPDATE SKIP LOCKED`` (a
+        concurrent claimer skips them); SQLite has one writer at a time. A job is claimed once.
+        """
         with self.session() as s:
-            query = select(JobRow).where(
-                JobRow.state == JobState.PENDING, JobRow.next_attempt_at.is_not(None), JobRow.next_attempt_at <= now
-            )
+            query = (
+                select(JobRow)
+                .where(
+                    JobRow.state == JobState.PENDING, JobRow.next_attempt_at.is_not(None),
+                    JobRow.next_attempt_at <= now,
+                )
+                .order_by(JobRow.next_attempt_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )  # fmt: skip
             jobs = list(s.scalars(query))
             for job in jobs:
                 job.next_attempt_at = None
