@@ -166,6 +166,27 @@ def node_config(
     return path, config
 
 
+def pacs_node_config(
+    tmp_path: Path,
+    pacs: Any,
+    node_port: int,
+    routes: list[dict[str, Any]],
+    destination: dict[str, Any] | None = None,
+    models: dict[str, Any] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """A node on ``node_port`` that Orthanc ``pacs`` forwards to and whose ``routes`` deliver to it
+    (destination ``pacs``, with ``destination``'s extra settings; ``models`` declared)."""
+    config_path, config = node_config(
+        tmp_path, port=node_port, peers=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
+        destinations={"pacs": {"type": "dicom", "peer": "PACS", **(destination or {})}},
+        routes=[{**r, "destinations": ["pacs"]} for r in routes],
+    )  # fmt: skip
+    if models:
+        config["models"] = models
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config_path, config
+
+
 LUNG_ROUTE = {
     "name": "chest-ct-lung-density",
     "match": {"Modality": "CT", "StudyDescription": {"regex": "chest|thorax", "ignore_case": True}},

@@ -28,6 +28,7 @@ from .peers import (
     folder_node_config,
     free_port,
     node_config,
+    pacs_node_config,
     series_files,
     storescu,
     wait_until,
@@ -141,13 +142,7 @@ def test_orthanc_forwards_study_and_gets_seg_and_sr_back(
 ):
     node_port = free_port()
     pacs = orthanc("AINODE", node_port)
-    config_path, config = node_config(
-        tmp_path,
-        port=node_port,
-        peers=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
-        destinations={"pacs": {"type": "dicom", "peer": "PACS"}},
-        routes=[{**LUNG_ROUTE, "destinations": ["pacs"]}],
-    )
+    config_path, config = pacs_node_config(tmp_path, pacs, node_port, [LUNG_ROUTE])
     node = start_node(config_path, config)
     for path in CT_FILES:
         pacs.rest("POST", "/instances", raw=path.read_bytes())

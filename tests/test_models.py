@@ -39,7 +39,18 @@ from .models import (
     seeded_bundle,
     spleen_declaration,
 )
-from .peers import AINODE, CT_SERIES, ROOT, dciodvfy, free_port, make_studies, node_config, series_files, wait_until
+from .peers import (
+    AINODE,
+    CT_SERIES,
+    ROOT,
+    dciodvfy,
+    free_port,
+    make_studies,
+    node_config,
+    pacs_node_config,
+    series_files,
+    wait_until,
+)
 
 WHOLE_BODY_FAVOURED = (2, 3, 5, 6, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69)
 """Channels the seeded whole-body network is biased to (kidneys, liver, stomach, lung lobes, lumbar
@@ -115,16 +126,14 @@ def test_invalid_declarations_are_refused_with_file_line_and_key(tmp_path, splee
 def test_spleen_bundle_routed_end_to_end_through_orthanc_equals_monai(orthanc, start_node, tmp_path, spleen, ct_volume):
     node_port = free_port()
     pacs = orthanc("AINODE", node_port)
-    config_path, config = node_config(
-        tmp_path,
-        port=node_port,
-        peers=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
-        destinations={"pacs": {"type": "dicom", "peer": "PACS"}},
-        routes=[{"name": "spleen", "match": {"Modality": "CT"}, "algorithms": ["spleen"], "destinations": ["pacs"],
-                 "completion": {"quiet_period_s": 1.0}}],
-    )  # fmt: skip
-    config["models"] = {"spleen": spleen_declaration(spleen)}
-    config_path.write_text(yaml.safe_dump(config))
+    route = {
+        "name": "spleen",
+        "match": {"Modality": "CT"},
+        "algorithms": ["spleen"],
+        "completion": {"quiet_period_s": 1},
+    }
+    models = {"spleen": spleen_declaration(spleen)}
+    config_path, config = pacs_node_config(tmp_path, pacs, node_port, [route], models=models)
     node = start_node(config_path, config)
     listed = node.cli("algorithms", "list")
     assert "spleen 0.5.9 [model (monai_bundle" in listed.stdout, listed.stdout + listed.stderr

@@ -17,7 +17,6 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import yaml
 from PIL import Image
 
 from algorithms.lung_ct_density import LungCtDensity
@@ -31,7 +30,7 @@ from .peers import (
     ROOT,
     dciodvfy,
     free_port,
-    node_config,
+    pacs_node_config,
     series_files,
     start_orthanc,
     wait_until,
@@ -61,14 +60,7 @@ def _analysed_in_orthanc(tmp_path: Path, start_node: Any, routes: list[dict[str,
     returns Orthanc, the Study Instance UID and the study's series."""
     node_port = free_port()
     pacs = start_orthanc(tmp_path / "orthanc", "AINODE", node_port, plugins=[DICOMWEB_PLUGIN])
-    config_path, config = node_config(
-        tmp_path, port=node_port, peers=[{"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}],
-        destinations={"pacs": {"type": "dicom", "peer": "PACS", "objects": ALL_OBJECTS}},
-        routes=[{**r, "destinations": ["pacs"]} for r in routes],
-    )  # fmt: skip
-    if models:
-        config["models"] = models
-        config_path.write_text(yaml.safe_dump(config))
+    config_path, config = pacs_node_config(tmp_path, pacs, node_port, routes, {"objects": ALL_OBJECTS}, models)
     start_node(config_path, config)
     for path in series_files(CT_SERIES):
         pacs.rest("POST", "/instances", raw=path.read_bytes())
