@@ -30,6 +30,7 @@ from node.jobs.isolation import SharedVolume, run_isolated
 from node.jobs.models import ModelWorkers
 from node.jobs.volume import load_volume
 from node.results import RESULT_KINDS, build_results, result_kind
+from node.results.air import has_air_equipment
 from node.settings.models import Deidentification
 
 
@@ -146,6 +147,8 @@ def check_algorithm(registry: Registry, name: str, series: Path, out: Path, time
         path = out / f"{result_kind(obj)}_{obj.SOPInstanceUID}.dcm"
         obj.save_as(path, enforce_file_format=True)
         report.written.append(path)
+        if not has_air_equipment(obj, spec):
+            report.problems.append(f"{path.name}: no IHE AIR Contributing Equipment item for {spec.name}")
         if shutil.which("dciodvfy"):
             checked = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
             errors = [line for line in (checked.stdout + checked.stderr).splitlines() if line.startswith("Error")]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from algorithms.base import AlgorithmResult, Code
 
-_UNIT_TEXT = {"[hnsf'U]": "HU", "%": "%", "mm3": "mm³", "cm3": "cm³"}
+_UNIT_TEXT = {"[hnsf'U]": "HU"}
 
 
 def unit_text(unit: Code) -> str:
-    """How a UCUM unit reads on an image (``[hnsf'U]`` as HU, others by their UCUM code)."""
+    """How a UCUM unit reads on an image (``[hnsf'U]`` as HU, others by their UCUM code: ASCII,
+    so the presentation state's text needs no Specific Character Set)."""
     return _UNIT_TEXT.get(unit[0], unit[0])
 
 

@@ -96,6 +96,7 @@ class Peer(_Model):
 ResultObject = Literal["SEG", "SR", "GSPS", "SC"]
 ResultKind = Literal["SEG", "SR", "SR-segment", "GSPS", "SC"]
 """A kind of result object: SEG, planar SR, segment-referencing SR, presentation state, key images."""
+_SR_KINDS: dict[str, set[ResultKind]] = {"planar": {"SR"}, "segment": {"SR-segment"}, "both": {"SR", "SR-segment"}}
 
 
 class _ResultObjects(_Model):
@@ -125,9 +126,7 @@ class _ResultObjects(_Model):
     def result_kinds(self) -> set[ResultKind]:
         """The kinds of result object this destination receives."""
         kinds: set[ResultKind] = {o for o in self.objects if o != "SR"}
-        if "SR" in self.objects:
-            kinds |= {"SR"} if self.sr == "planar" else {"SR-segment"} if self.sr == "segment" else {"SR", "SR-segment"}
-        return kinds
+        return kinds | _SR_KINDS[self.sr] if "SR" in self.objects else kinds
 
 
 class DicomDestination(_ResultObjects):
