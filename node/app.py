@@ -27,15 +27,16 @@ from node.audit import (
     Participant,
     security_alert,
 )
-from node.datadir import open_data_dir
+from node.datadir import DataDir, open_data_dir
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError, ConfigError
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import probe_devices, warm_up
+from node.jobs.leases import Heartbeat, worker_id
 from node.jobs.models import ModelWorkers
 from node.jobs.pipeline import Pipeline, Services
-from node.jobs.retention import purge_expired
-from node.jobs.scheduler import InProcessExecutor, Scheduler
+from node.jobs.retention import purge_expired, sweep_stage_outputs
+from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
 from node.receiver import Receiver, ReceiverPool, reconcile
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
@@ -71,6 +72,31 @@ def check_algorithms(settings: Settings, registry: Registry, where: str) -> None
                 raise ConfigError(f"{key}.parameters.{field}: {err['msg']}") from None
 
 
+def job_services(settings: Settings, data: DataDir, registry: Registry, where: str, role: str) -> tuple[Services, int]:
+    """What runs jobs in this process (a node's job threads or an ``ainode worker``): the data
+    directory's parts, the checked registry, the devices (probed in a child: the process itself
+    never imports torch), the model workers and this process's worker id in the ledger.
+
+    Returns
+    -------
+    Services, int
+        The services and the number of GPUs found.
+
+    Raises
+    ------
+    ConfigError
+        A route names an unknown algorithm or parameters it does not accept.
+    """
+    check_algorithms(settings, registry, where)
+    device, gpus = probe_devices()
+    services = Services(
+        settings, data.store, data.index, data.secrets, registry, device, audit=data.audit,
+        devices=DevicePool(gpus), models=ModelWorkers(settings.node.data_dir / "run"), worker=worker_id(role),
+    )  # fmt: skip
+    logger.info("jobs run here", extra={"device": device, "algorithms": registry.names(), "worker": services.worker})
+    return services, len(gpus)
+
+
 class Node:
     """A running ainode: Storage SCP, scheduler and job executor over one data directory."""
 
@@ -87,16 +113,18 @@ class Node:
         data = self.data = open_data_dir(settings, role="node")
         self.store, self.index, self.secrets, self.audit = data.store, data.index, data.secrets, data.audit
         self.registry = registry or Registry()
-        check_algorithms(settings, self.registry, str(config_path or "configuration"))
-        device, gpus = probe_devices()  # in a child: the node itself never imports torch
-        self.models = ModelWorkers(settings.node.data_dir / "run")
-        services = Services(
-            settings, self.store, self.index, self.secrets, self.registry, device, audit=self.audit,
-            devices=DevicePool(gpus), models=self.models,
-        )  # fmt: skip
+        services, gpus = job_services(settings, data, self.registry, str(config_path or "configuration"), "node")
+        assert services.models is not None
+        self.models = services.models
         self.pipeline = Pipeline(services)
-        # one job thread per GPU (each GPU has its model worker), one on a CPU-only node
-        self.executor = InProcessExecutor(self.pipeline.run_job, workers=max(1, len(gpus)))
+        self.executor: JobExecutor
+        if settings.node.executor == "celery":  # jobs run in `ainode worker` processes
+            from node.jobs.distributed import CeleryExecutor, make_app
+
+            self.executor = CeleryExecutor(make_app(settings), self.pipeline)
+        else:  # one job thread per GPU (each GPU has its model worker), one on a CPU-only node
+            self.executor = InProcessExecutor(self.pipeline.run_job, workers=max(1, gpus))
+        self.heartbeat = Heartbeat(self.index, services.worker, settings.node.lease_s, self.pipeline.running)
         self.scheduler = Scheduler(self.pipeline, self.index, settings, self.executor)
         self.secrets.get("index")  # created now, before any other receiving process needs it
         receivers = settings.node.receivers if config_path is not None else 1
@@ -105,7 +133,7 @@ class Node:
         self.pool = ReceiverPool(config_path, receivers, log_level) if config_path is not None else None
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
-        logger.info("node ready", extra={"device": device, "algorithms": self.registry.names()})
+        logger.info("node ready", extra={"executor": settings.node.executor})
 
     def _application(self, event_type: tuple[str, str]) -> None:
         me = [Participant(self.settings.node.ae_title, APPLICATION_ROLE)]
@@ -125,10 +153,12 @@ class Node:
         if self.config_path is not None:
             digest = config_digest(self.config_path)
             self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration in force: sha256 {digest}"))
+        self.heartbeat.start()
         self.scheduler.recover()
         retention = self.settings.storage.retention_days
 
         def housekeeping() -> int:
+            sweep_stage_outputs(self.index, self.store)
             return purge_expired(self.index, self.store, retention, self.audit)
 
         threading.Thread(
@@ -145,6 +175,7 @@ class Node:
             self.pool.stop()
         self._stop.set()
         self.executor.shutdown(wait=True)
+        self.heartbeat.stop()
         self.models.stop()
         self._application(APPLICATION_STOP)
         self.data.close()
@@ -199,3 +230,38 @@ class Node:
         logger.info("shutting down")
         self.stop()
         pid_file.unlink(missing_ok=True)
+
+
+class Worker:
+    """An ``ainode worker``: runs the stages of jobs that Celery brings from ``queues``, over the
+    same data directory (shared store path, PostgreSQL ledger) as the node that planned them."""
+
+    def __init__(self, settings: Settings, queues: list[str], concurrency: int = 1,
+                 config_path: Path | None = None) -> None:  # fmt: skip
+        self.settings, self.queues, self.concurrency = settings, queues, concurrency
+        configure_pydicom()
+        self.data = open_data_dir(settings, role="worker")
+        services, _gpus = job_services(settings, self.data, Registry(), str(config_path or "configuration"), "worker")
+        self.pipeline = Pipeline(services)
+        self.heartbeat = Heartbeat(self.data.index, services.worker, settings.node.lease_s, self.pipeline.running)
+        self._stop = threading.Event()
+
+    def _refresh_keys(self) -> None:
+        while not self._stop.wait(1.0):
+            self.data.refresh_keys()  # a key rotation reaches this process within a second
+
+    def serve_forever(self) -> None:
+        """Consume the queues until SIGTERM (running jobs finish first)."""
+        from node.jobs.distributed import run_worker
+
+        self.heartbeat.start()
+        threading.Thread(target=self._refresh_keys, name="ainode-keys", daemon=True).start()
+        name = f"ainode-worker-{self.pipeline.s.worker.rsplit('/', 1)[-1]}@{os.uname().nodename}"
+        try:
+            run_worker(self.pipeline, self.queues, self.concurrency, name)
+        finally:
+            self._stop.set()
+            self.heartbeat.stop()
+            if self.pipeline.s.models is not None:
+                self.pipeline.s.models.stop()
+            self.data.close()

@@ -3,6 +3,7 @@
 ::
 
     ainode serve --config FILE              run the node (Storage SCP, scheduler, jobs)
+    ainode worker --config FILE [--queues Q,...]  run job stages from Celery (node.executor: celery)
     ainode send PATH... --to HOST:PORT --aet AET   C-STORE files or folders to a peer
     ainode config check FILE                validate a configuration
     ainode config reload --config FILE      validate, then make the running node reload it
@@ -57,6 +58,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logs.configure(args.log_level)
     Node(load_settings(args.config), config_path=Path(args.config), log_level=args.log_level).serve_forever()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from node import logs
+    from node.app import Worker
+    from node.errors import ConfigError
+    from node.settings import load_settings
+
+    logs.configure(args.log_level)
+    settings = load_settings(args.config)
+    if settings.node.executor != "celery":
+        raise ConfigError(f"{args.config}: node.executor: is {settings.node.executor!r}; workers need 'celery'")
+    queues = [q for q in (args.queues or "").split(",") if q] or settings.celery.queues()
+    Worker(settings, queues, args.concurrency, Path(args.config)).serve_forever()
     return 0
 
 
@@ -404,8 +420,8 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     if job is None:
         raise AinodeError(f"no job {args.id}")
     fields = (
-        "id", "study_key", "route", "algorithm", "state", "attempts", "next_attempt_at", "reason", "created_at",
-        "updated_at",
+        "id", "study_key", "route", "algorithm", "state", "stage", "attempts", "next_attempt_at", "reason",
+        "worker", "lease_expires_at", "config_digest", "created_at", "updated_at",
     )  # fmt: skip
     info = {f: getattr(job, f) for f in fields} | {"timings": json.loads(job.timings), "results": job.result_ids}
     print(json.dumps(info, indent=2))
@@ -438,6 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="run job stages that Celery brings (node.executor: celery)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--queues", help="comma-separated queues to consume (default: every queue of the configuration)")
+    p.add_argument("--concurrency", type=int, default=1, help="jobs run at once (threads)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("send", help="C-STORE files or folders to a peer")
     p.add_argument("paths", nargs="+")

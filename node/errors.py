@@ -113,3 +113,14 @@ class DeliveryError(AinodeError):
     """A destination refused the results or could not be reached."""
 
     transient = True
+
+
+class LeaseLostError(AinodeError):
+    """This worker's lease on a job expired and another worker took the job over (the ledger
+    refused a fenced write); this worker stops working on it and writes nothing more."""
+
+
+class ExecutorError(AinodeError):
+    """The job executor cannot reach its broker (Celery over RabbitMQ or Redis)."""
+
+    transient = True

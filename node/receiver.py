@@ -46,7 +46,7 @@ from node.network.scp import STORAGE_SOP_CLASSES, PeerRule, ReceivedInstance, St
 from node.network.tls import server_context
 from node.settings import load_settings
 from node.settings.models import Settings
-from node.storage.index import Index, InstanceRow, JobState
+from node.storage.index import Index, InstanceRow, JobState, job_of_stage_object
 from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore
 
@@ -145,7 +145,8 @@ def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Rec
       are removed: they hold sealed, partly written objects nobody can use.
     - A stored object no index row names is either a received instance whose index insert did not
       happen (killed between the two; it is indexed now, as if the C-STORE had completed), or a map
-      or result of a job that crashed before recording it (deleted: the job rebuilds it).
+      or result of a job that crashed before recording it (deleted: the job rebuilds it). Stage
+      outputs are left to their job, which re-runs the stage and overwrites them.
 
     Every change is audited; nothing identifying is logged.
     """
@@ -159,8 +160,8 @@ def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Rec
     referenced = data.index.referenced_object_ids()
     indexed = deleted = 0
     for object_id in data.store.object_ids():
-        if object_id in referenced or object_id.startswith("secret-"):
-            continue
+        if object_id in referenced or object_id.startswith("secret-") or job_of_stage_object(object_id) is not None:
+            continue  # stage outputs belong to their job (swept by node.jobs.retention.sweep_stage_outputs)
         instance = _as_received_instance(data.store.get(object_id))
         if instance is not None and ingest.index_stored(object_id, instance):
             indexed += 1

@@ -169,10 +169,10 @@ def test_a_second_analysis_replaces_the_pseudonym_map_without_orphans(tmp_path):
 
     pipeline, index, key, _clock = _pipeline(tmp_path, {"quiet_period_s": 1})
     series_key = index.instances(key)[0].series_key
-    pipeline._deidentify_series(key, series_key, Deidentification())
+    pipeline.stages._deidentify_series(key, series_key, Deidentification())
     first_map = index.study(key).map_object_id
     objects = set(pipeline.s.store.object_ids())
-    pipeline._deidentify_series(key, series_key, Deidentification())  # a re-analysis (late instance, retry)
+    pipeline.stages._deidentify_series(key, series_key, Deidentification())  # a re-analysis (late instance, retry)
     second_map = index.study(key).map_object_id
     assert second_map != first_map and not pipeline.s.store.exists(first_map)
     assert set(pipeline.s.store.object_ids()) == objects - {first_map} | {second_map}

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
 from node.errors import IndexSchemaError
 from node.storage import schema
-from node.storage.index import Base, Index, InstanceRow, JobState, PlannedJob, StudyState, default_url
+from node.storage.index import Base, Index, InstanceRow, JobState, PlannedJob, Stage, StudyState, default_url
 
 from .peers import AINODE
 
@@ -99,7 +100,9 @@ def test_db_upgrade_migrates_a_data_directory_of_the_previous_release(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     engine = create_engine(default_url(data))
-    Base.metadata.create_all(engine)  # how the releases before migrations made the index
+    with engine.begin() as connection:  # the schema of the releases before migrations (revision 0001's)
+        command.upgrade(schema._config(connection), schema.BASELINE)
+        connection.execute(text("DROP TABLE alembic_version"))
     with engine.begin() as connection:
         connection.execute(text(
             "INSERT INTO studies VALUES ('s1', 'done', 'PACS', 1.0, 2.0, 1, 1, NULL, NULL, 3.0)"
@@ -111,7 +114,9 @@ def test_db_upgrade_migrates_a_data_directory_of_the_previous_release(tmp_path):
         connection.execute(text(
             "INSERT INTO jobs (study_key, generation, route, algorithm, series_key, state, attempts, "
             "result_object_ids, timings, created_at, updated_at) "
-            "VALUES ('s1', 1, 'r', 'lung-ct-density', 'series', 'delivered', 1, '[\"x\"]', '{}', 1.0, 2.0)"
+            "VALUES ('s1', 1, 'r', 'lung-ct-density', 'series', 'delivered', 1, '[\"x\"]', '{}', 1.0, 2.0), "
+            "('s1', 1, 'r', 'lung-ct-density', 'series', 'pending', 1, '[\"y\"]', '{}', 1.0, 2.0), "
+            "('s1', 1, 'r', 'lung-ct-density', 'series', 'running', 0, '[]', '{}', 1.0, 2.0)"
         ))  # fmt: skip
     engine.dispose()
     with pytest.raises(IndexSchemaError, match=r"from before migrations.*ainode db upgrade"):
@@ -123,8 +128,11 @@ def test_db_upgrade_migrates_a_data_directory_of_the_previous_release(tmp_path):
     index = Index.for_data_dir(data)
     study = index.study("s1")
     assert study is not None and (study.state, study.instance_count) == (StudyState.DONE, 1)
-    (job,) = index.jobs("s1")
-    assert job.state == JobState.DELIVERED and job.result_ids == ["x"]
+    delivered, built, started = index.jobs("s1")
+    assert (delivered.state, delivered.stage, delivered.result_ids) == (JobState.DELIVERED, Stage.DONE, ["x"])
+    assert (built.state, built.stage, built.result_ids) == (JobState.PENDING, Stage.DELIVER, ["y"])  # only sends
+    assert (started.state, started.stage, started.worker) == (JobState.RUNNING, Stage.DEIDENTIFY, None)
+    assert index.claim_job(started.id, "w", 30.0) is not None  # a lease-less running job is claimable
     assert [i.object_id for i in index.instances("s1")] == ["o1"]
     _assert_matches_models(default_url(data))
     again = _ainode("db", "upgrade", "--config", str(config))  # idempotent

@@ -12,7 +12,7 @@ import logging
 import time
 
 from node.audit import STUDY_DELETED, AuditEvent, AuditLog, ParticipantObject
-from node.storage.index import Index
+from node.storage.index import Index, job_of_stage_object
 from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -36,3 +36,28 @@ def purge_expired(index: Index, store: ObjectStore, retention_days: float, audit
     for study_key in expired:
         purge_study(index, store, study_key, audit, f"retention of {retention_days:g} day(s) passed")
     return len(expired)
+
+
+def sweep_stage_outputs(index: Index, store: ObjectStore) -> int:
+    """Delete stage outputs (:func:`node.jobs.stages.stage_object_id`) no job needs: those of
+    finished or removed jobs that a crash left behind (a worker killed after it recorded the
+    outcome, before it deleted them). Outputs of unfinished jobs stay: their stage may be re-run
+    and overwrites them. Returns how many were deleted."""
+    from node.jobs.pipeline import FINISHED_JOB_STATES
+
+    referenced = index.referenced_object_ids()
+    unfinished: dict[int, bool] = {}
+    deleted = 0
+    for object_id in store.object_ids():
+        job_id = job_of_stage_object(object_id)
+        if job_id is None or object_id in referenced:
+            continue
+        if job_id not in unfinished:
+            job = index.job(job_id)
+            unfinished[job_id] = job is not None and job.state not in (*FINISHED_JOB_STATES, "failed")
+        if not unfinished[job_id]:
+            store.delete(object_id)
+            deleted += 1
+    if deleted:
+        logger.info("left-over stage outputs deleted: %d", deleted)
+    return deleted

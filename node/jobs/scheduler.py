@@ -2,8 +2,10 @@
 
 The scheduler polls the index for studies that have been quiet long enough, asks the pipeline to
 plan them, and hands the job ids to an executor. :class:`InProcessExecutor` (threads in the node's
-process) is the embedded default; an executor that sends ids to Celery workers implements the
-same ``submit``/``shutdown`` pair, since jobs are plain ids in a shared index and store.
+process) is the embedded default; :class:`node.jobs.celery.CeleryExecutor` sends the ids to
+``ainode worker`` processes and implements the same ``submit``/``shutdown`` pair, since jobs are
+plain ids in a shared ledger and store. Each tick also offers again the jobs whose lease expired
+(a worker died), so no job is stranded.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from node.errors import AinodeError, is_transient
+from node.jobs.leases import dead_local_workers
 from node.jobs.pipeline import Pipeline
 from node.settings.models import Settings
 from node.storage.index import Index, JobState, StudyState
@@ -51,6 +54,8 @@ class InProcessExecutor:
         self._seq = itertools.count()
         self._stopping = threading.Event()
         self._raised: dict[int, int] = {}
+        self._queued: set[int] = set()
+        self._queued_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._work, name=f"ainode-job-{i}", daemon=True) for i in range(workers)
         ]
@@ -62,6 +67,8 @@ class InProcessExecutor:
             rank, _seq, job_id = self._queue.get()
             if job_id < 0 or self._stopping.is_set():
                 return
+            with self._queued_lock:
+                self._queued.discard(job_id)
             try:
                 self._run(job_id)
                 self._raised.pop(job_id, None)
@@ -87,7 +94,11 @@ class InProcessExecutor:
         timer.start()
 
     def submit(self, job_id: int, priority: str = "routine") -> None:
-        """Queue ``job_id`` at ``priority``."""
+        """Queue ``job_id`` at ``priority`` (once: a job already waiting in the queue is not queued again)."""
+        with self._queued_lock:
+            if job_id in self._queued:
+                return
+            self._queued.add(job_id)
         self._queue.put((PRIORITY_RANK.get(priority, 1), next(self._seq), job_id))
 
     def shutdown(self, wait: bool = True) -> None:
@@ -111,6 +122,7 @@ class Scheduler:
         self.executor = executor
         self._deferred: dict[str, tuple[float, float]] = {}
         self._planning_failures: dict[str, int] = {}
+        self._pending_swept = time.monotonic()
 
     @property
     def min_quiet_period_s(self) -> float:
@@ -159,8 +171,12 @@ class Scheduler:
         return route.priority if route is not None else "routine"
 
     def recover(self) -> int:
-        """Resubmit the jobs a previous run left pending or running; returns how many."""
-        jobs = self.index.jobs(state=JobState.PENDING) + self.index.jobs(state=JobState.RUNNING)
+        """Resubmit the jobs a previous run left pending, and those running under a lease of a
+        process of this host that is gone (a crash: its leases end now, not at expiry); jobs
+        leased by live workers elsewhere are theirs. Returns how many were submitted."""
+        self.index.expire_leases(dead_local_workers(self.index.lease_holders()))
+        self.index.reoffer_expired(self.settings.delivery.max_attempts)
+        jobs = self.index.jobs(state=JobState.PENDING)
         jobs = [j for j in jobs if j.next_attempt_at is None]  # waiting retries come back through tick()
         for job in sorted(jobs, key=lambda j: j.id):
             self.executor.submit(job.id, self._priority(job.route))
@@ -176,8 +192,17 @@ class Scheduler:
         """Plan every quiet study once and submit jobs whose retry time has come; returns the
         number of jobs submitted."""
         submitted = 0
-        for due in self.index.claim_due_jobs(time.time()):
-            self.executor.submit(due.id, self._priority(due.route))
+        offered = self.index.reoffer_expired(self.settings.delivery.max_attempts)
+        for row in offered:
+            logger.warning("lease expired: job offered again", extra={"job_id": row.id, "study_key": row.study_key})
+        due = [*offered, *self.index.claim_due_jobs(time.time())]
+        lease_s = self.settings.node.lease_s
+        if time.monotonic() - self._pending_swept > lease_s:  # a message lost on the way to a worker
+            self._pending_swept = time.monotonic()
+            known = {j.id for j in due}
+            due += [j for j in self.index.stale_pending(time.time() - 2 * lease_s) if j.id not in known]
+        for row in due:
+            self.executor.submit(row.id, self._priority(row.route))
             submitted += 1
         candidates = self.index.quiet_studies(self.min_quiet_period_s)
         waits = [r.completion.max_wait_s for r in self.settings.routes if r.completion.max_wait_s is not None]

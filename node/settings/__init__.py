@@ -93,7 +93,9 @@ def load_settings(path: str | Path) -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}:1: the file must be a mapping of sections (node, keys, peers, ...)")
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
+        settings.set_digest(hashlib.sha256(text.encode("utf-8")).hexdigest())
+        return settings
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = _clean_loc(tuple(err["loc"]))

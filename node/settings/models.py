@@ -6,10 +6,20 @@ named by :class:`FileKeySource` / :class:`EnvKeySource`.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, IPvAnyNetwork, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    PrivateAttr,
+    WithJsonSchema,
+    model_validator,
+)
 
 from algorithms.models.spec import ModelDeclaration
 from node.routing.rules import CONDITION_JSON_SCHEMA, All, AnyOf, Condition, Not, Test, parse_condition
@@ -63,6 +73,18 @@ class NodeSettings(_Model):
     algorithm_timeout_s: Annotated[float, Field(gt=0)] = 900.0
     max_queued_jobs: Annotated[int, Field(ge=1)] = 1000
     tls: TLSSettings | None = None
+    executor: Literal["inprocess", "celery"] = Field(
+        default="inprocess",
+        description="where jobs run: threads of this node (the embedded default) or `ainode worker` processes "
+        "fed by Celery (see the `celery` section); both use the same ledger and stages",
+    )
+    lease_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        description="a running job's lease; its worker renews it every third of this (heartbeat); a job whose lease "
+        "expired (its worker died) is offered again",
+    )
 
 
 class FileKeySource(_Model):
@@ -313,6 +335,45 @@ class StorageSettings(_Model):
         return self
 
 
+class CelerySettings(_Model):
+    """The broker that carries job ids to ``ainode worker`` processes (``node.executor: celery``).
+
+    The URLs may come from the environment instead (``AINODE_BROKER_URL``, ``AINODE_RESULT_BACKEND``),
+    which is where a broker password belongs."""
+
+    broker_url: str | None = Field(
+        default=None,
+        pattern=r"^(amqps?|redis|rediss)://",
+        description="amqp://USER@HOST:5672/VHOST (RabbitMQ) or redis://HOST:6379/0; default AINODE_BROKER_URL",
+    )
+    result_backend: str | None = Field(
+        default=None, description="Celery result backend (optional: the ledger holds every outcome)"
+    )
+    queue: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = Field(
+        default="ainode", description="queue of the de-identify, build and deliver stages"
+    )
+    analyse_queues: dict[str, Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]] = Field(
+        default={},
+        description="algorithm or model name -> queue of its analyse stage (a GPU class); others use `queue`",
+    )
+
+    @model_validator(mode="after")
+    def _no_password(self) -> CelerySettings:
+        for key in ("broker_url", "result_backend"):
+            url = getattr(self, key) or ""
+            if "@" in url and ":" in url.split("://", 1)[1].split("@", 1)[0]:
+                raise ValueError(f"{key}: holds a password; give the URL in the environment instead")
+        return self
+
+    def analyse_queue(self, algorithm: str) -> str:
+        """The queue of ``algorithm``'s analyse stage."""
+        return self.analyse_queues.get(algorithm, self.queue)
+
+    def queues(self) -> list[str]:
+        """Every queue a stage may be sent to."""
+        return sorted({self.queue, *self.analyse_queues.values()})
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
@@ -329,6 +390,18 @@ class Settings(_Model):
     audit: AuditSettings = AuditSettings()
     delivery: DeliverySettings = DeliverySettings()
     storage: StorageSettings = StorageSettings()
+    celery: CelerySettings = CelerySettings()
+    _digest: str = PrivateAttr(default="")
+
+    def set_digest(self, digest: str) -> None:
+        """Record the SHA-256 of the file these settings were loaded from (see :attr:`digest`)."""
+        self._digest = digest
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the configuration file (hex), recorded with every job planned under it; of the
+        settings' representation when they were built in code."""
+        return self._digest or hashlib.sha256(repr(self).encode()).hexdigest()
 
     @model_validator(mode="after")
     def _references(self) -> Settings:
@@ -356,6 +429,9 @@ class Settings(_Model):
             for dest_name in route.destinations:
                 if dest_name not in self.destinations:
                     raise ValueError(f"routes[{i}].destinations: {dest_name!r} is not a configured destination")
+        for algorithm in self.celery.analyse_queues:
+            if algorithm not in self.models and not any(a.name == algorithm for r in self.routes for a in r.algorithms):
+                raise ValueError(f"celery.analyse_queues: {algorithm!r} is no model or routed algorithm")
         return self
 
     def peer(self, ae_title: str) -> Peer:

@@ -1,0 +1,126 @@
+"""What a job was planned with: its route's snapshot, recorded in the ledger at planning.
+
+A configuration reload between planning and running must not change planned work, so each job
+stores the parts of the configuration it runs by — the algorithm and its parameters, the
+de-identification profile, the destinations and what they receive, the priority — as JSON, next
+to the SHA-256 of the configuration file (``jobs.config_digest``). Only the network addresses of
+peers (where a destination's AE listens) are taken from the configuration in force when the job
+delivers: they say where, not what.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from node.errors import ConfigError
+from node.settings.models import Deidentification, Destination, Route, Settings
+
+_DESTINATION: TypeAdapter[Any] = TypeAdapter(Destination)
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """The route of one job as planned.
+
+    Attributes
+    ----------
+    route, algorithm
+        Names of the route and of the algorithm (plugin or declared model) it runs.
+    parameters
+        The algorithm's parameters from the route.
+    priority
+        ``stat``, ``routine`` or ``background``.
+    deidentification
+        The de-identification profile (PS3.15 Annex E options) the series is de-identified with.
+    destinations
+        Destination name -> its definition (type, peer or folder, result objects).
+    """
+
+    route: str
+    algorithm: str
+    parameters: dict[str, Any]
+    priority: str
+    deidentification: Deidentification
+    destinations: dict[str, Any]
+
+    @classmethod
+    def of(cls, settings: Settings, route: Route, algorithm: str) -> JobPlan:
+        """The plan of ``algorithm`` of ``route`` under ``settings``."""
+        ref = next((a for a in route.algorithms if a.name == algorithm), None)
+        return cls(
+            route=route.name,
+            algorithm=algorithm,
+            parameters=dict(ref.parameters) if ref is not None else {},
+            priority=route.priority,
+            deidentification=settings.deidentification[route.deidentification],
+            destinations={name: settings.destinations[name] for name in route.destinations},
+        )
+
+    def to_json(self) -> str:
+        """The snapshot as stored in ``jobs.route_snapshot``."""
+        return json.dumps(
+            {
+                "route": self.route,
+                "algorithm": self.algorithm,
+                "parameters": self.parameters,
+                "priority": self.priority,
+                "deidentification": self.deidentification.model_dump(mode="json"),
+                "destinations": {n: _DESTINATION.dump_python(d, mode="json") for n, d in self.destinations.items()},
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> JobPlan:
+        """A stored snapshot.
+
+        Raises
+        ------
+        ConfigError
+            The snapshot does not parse (written by an incompatible release).
+        """
+        try:
+            data = json.loads(text)
+            return cls(
+                route=data["route"],
+                algorithm=data["algorithm"],
+                parameters=data["parameters"],
+                priority=data["priority"],
+                deidentification=Deidentification.model_validate(data["deidentification"]),
+                destinations={n: _DESTINATION.validate_python(d) for n, d in data["destinations"].items()},
+            )
+        except (ValueError, KeyError, ValidationError) as exc:
+            raise ConfigError(f"the job's route snapshot cannot be read: {exc}") from None
+
+    @classmethod
+    def current(cls, settings: Settings, route_name: str, algorithm: str) -> JobPlan:
+        """The plan of a job from a release that stored no snapshot: its route as configured now.
+
+        Raises
+        ------
+        ConfigError
+            The route is no longer configured (permanent: retrying cannot bring it back).
+        """
+        route = next((r for r in settings.routes if r.name == route_name), None)
+        if route is None:
+            raise ConfigError(f"route {route_name!r} is no longer configured")
+        return cls.of(settings, route, algorithm)
+
+    def settings_for_delivery(self, settings: Settings) -> Settings:
+        """``settings`` with this plan's destinations (peers, their addresses and TLS as now).
+
+        Raises
+        ------
+        ConfigError
+            A DICOM destination's peer is no longer configured.
+        """
+        titles = {p.ae_title for p in settings.peers}
+        for name, dest in self.destinations.items():
+            peer = getattr(dest, "peer", None)
+            if peer is not None and peer not in titles:
+                raise ConfigError(f"destination {name!r}: peer {peer!r} is no longer configured")
+        return settings.model_copy(update={"destinations": {**settings.destinations, **self.destinations}})

@@ -1,0 +1,330 @@
+"""The stages of a job: de-identify -> analyse -> build results -> deliver (-> withdraw superseded).
+
+Each stage reads the stored outputs of the one before and stores its own in the encrypted store
+under ids derived from the job (:func:`stage_object_id`), so a stage re-run after a crash
+overwrites what the crashed run wrote — the same objects, the same UIDs — and leaves no orphan.
+The stages see the job's :class:`~node.jobs.snapshot.JobPlan` (its route as planned), never the
+configuration as it is now, except for the network addresses of peers.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+from pydicom import Dataset
+
+from algorithms.base import AlgorithmResult, AlgorithmSpec, Volume
+from algorithms.models.spec import ModelDeclaration
+from algorithms.registry import Registry, check_accepts
+from node import faults
+from node.audit import (
+    DESTINATION_ROLE,
+    INSTANCES_ACCESSED,
+    INSTANCES_TRANSFERRED,
+    SOURCE_ROLE,
+    AuditLog,
+    Participant,
+    study_event,
+)
+from node.deid import InstanceDeidentifier
+from node.deid.pseudonyms import Pseudonymizer, derive_uid
+from node.deid.reid import PseudonymMap, reidentify
+from node.dicomio import decode, encode
+from node.errors import DeidentificationError, PluginError, StorageError
+from node.jobs.delivery import deliver, withdraw
+from node.jobs.devices import DevicePool
+from node.jobs.isolation import SharedVolume, pack_result, run_isolated, unpack_result
+from node.jobs.models import ModelWorkers
+from node.jobs.snapshot import JobPlan
+from node.jobs.volume import load_volume
+from node.results import build_rejection_note, build_results
+from node.settings.models import Deidentification, ResultKind, Settings
+from node.storage.index import Index, JobRow, JobState, stage_object_id
+from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
+from node.storage.store import ObjectStore
+
+if TYPE_CHECKING:
+    from algorithms.base import Device
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    """What the pipeline needs, passed in (no module globals).
+
+    ``worker`` is this process's worker id in the ledger (:func:`node.jobs.leases.worker_id`)."""
+
+    settings: Settings
+    store: ObjectStore
+    index: Index
+    secrets: NodeSecrets
+    registry: Registry
+    device: Device
+    clock: Any = time.time
+    audit: AuditLog | None = None
+    devices: DevicePool = field(default_factory=lambda: DevicePool([]))
+    models: ModelWorkers | None = None
+    worker: str = "node"
+
+
+class Stages:
+    """The four stages of a job over the shared store and index."""
+
+    def __init__(self, services: Services) -> None:
+        self.s = services
+
+    # -- de-identify -----------------------------------------------------------------------------
+
+    def deidentify(self, job: JobRow, plan: JobPlan) -> list[str]:
+        """De-identify the job's series (PS3.15 Annex E, the plan's profile), merge its pseudonyms
+        into the study's stored map and store each de-identified instance; returns their ids."""
+        datasets = self._deidentify_series(job.study_key, job.series_key, plan.deidentification)
+        ids = []
+        for number, ds in enumerate(datasets):
+            if number == len(datasets) // 2:
+                faults.point("stage:deidentify", index=self.s.index)  # half of the series stored
+            ids.append(self.s.store.put(encode(ds), object_id=stage_object_id(job, "deid", number)))
+        study_uid = self.stored_map(job.study_key).original_study_instance_uid
+        self._audit(INSTANCES_ACCESSED, "R", study_uid, f"series de-identified for {plan.algorithm}")
+        return ids
+
+    def _pseudonymizer(self) -> Pseudonymizer:
+        return Pseudonymizer(self.s.secrets.get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
+
+    def _deidentify_series(self, study_key: str, series_key: str, profile: Deidentification) -> list[Dataset]:
+        rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
+        pseudonyms = self._pseudonymizer()
+        deid = InstanceDeidentifier(pseudonyms, profile)
+        datasets = [decode(self.s.store.get(r.object_id)) for r in rows]
+        mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
+        for ds in datasets:
+            mapping.add(deid(ds).uid_map)
+        self._merge_map(study_key, mapping)
+        return datasets
+
+    def _merge_map(self, study_key: str, mapping: PseudonymMap) -> None:
+        """Store the study's pseudonym map with ``mapping`` merged in: one map per study covering
+        every series and generation analysed (pseudonyms are deterministic, so they agree). A
+        concurrent job's merge is not lost: the map is replaced only if unchanged meanwhile."""
+        for _attempt in range(10):
+            study = self.s.index.study(study_key)
+            previous = study.map_object_id if study is not None else None
+            merged = PseudonymMap.from_bytes(self.s.store.get(previous)) if previous else mapping
+            if previous:
+                merged.add(mapping.uids)
+            map_id = self.s.store.put(merged.to_bytes())
+            if self.s.index.set_map_object(study_key, map_id, expect=previous):
+                if previous:
+                    self.s.store.delete(previous)
+                return
+            self.s.store.delete(map_id)  # another job merged first: merge into its map
+        raise StorageError("pseudonym map: could not record the merged map after concurrent updates")
+
+    def stored_map(self, study_key: str) -> PseudonymMap:
+        """The study's stored pseudonym map: what re-identification uses.
+
+        Raises
+        ------
+        DeidentificationError
+            The study has no stored map (nothing of it was de-identified).
+        """
+        study = self.s.index.study(study_key)
+        if study is None or not study.map_object_id:
+            raise DeidentificationError("the study has no stored pseudonym map")
+        return PseudonymMap.from_bytes(self.s.store.get(study.map_object_id))
+
+    # -- analyse ---------------------------------------------------------------------------------
+
+    def analyse(self, job: JobRow, plan: JobPlan, deidentified: list[str], t: dict[str, float]) -> list[str]:
+        """Run the plan's algorithm on the de-identified series and store its result; returns the
+        result's object id.
+
+        Raises
+        ------
+        PluginError
+            The route's parameters do not fit the algorithm, or the algorithm failed.
+        SeriesRefused
+            The node or the algorithm declines the series.
+        """
+        algorithm = self.s.registry.get(plan.algorithm)
+        spec = algorithm.spec
+        try:
+            params = algorithm.Params.model_validate(plan.parameters)
+        except ValidationError as exc:
+            raise PluginError(
+                f"parameters of {plan.algorithm} in route {plan.route}: {exc.errors()[0]['msg']}"
+            ) from None
+        with SharedVolume() as shared:  # the voxels go to the algorithm's process without a copy
+            start = time.perf_counter()
+            volume, _slices = load_volume(
+                [decode(self.s.store.get(oid)) for oid in deidentified], allocate=shared.allocate
+            )
+            t["load_volume_s"] = time.perf_counter() - start
+            check_accepts(spec, volume)
+            start = time.perf_counter()
+            timeout = self.s.settings.node.algorithm_timeout_s
+            declared = self.s.registry.declaration(plan.algorithm)
+            if declared is not None:
+                result = self._run_model(plan.algorithm, declared, volume, shared, plan.priority, timeout, t)
+            else:
+                entry_point = self.s.registry.entry_point(plan.algorithm)
+                result = run_isolated(entry_point, volume, self.s.device, params, timeout, shared)
+            t["algorithm_s"] = time.perf_counter() - start
+            del volume
+        faults.point("stage:analyse", index=self.s.index)  # inferred, nothing stored yet
+        study_uid = self.stored_map(job.study_key).original_study_instance_uid
+        self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
+        # pickle of our own dataclasses, in an authenticated encrypted object only ainode writes
+        payload = pickle.dumps(pack_result(result), protocol=pickle.HIGHEST_PROTOCOL)
+        return [self.s.store.put(payload, object_id=stage_object_id(job, "analysis", 0))]
+
+    def _run_model(
+        self, name: str, declared: ModelDeclaration, volume: Volume, shared: SharedVolume, priority: str,
+        timeout_s: float, t: dict[str, float],
+    ) -> AlgorithmResult:  # fmt: skip
+        """Run a declared model in its device's model worker, on a device with room for it."""
+        if self.s.models is None:
+            self.s.models = ModelWorkers(self.s.settings.node.data_dir / "run")
+        res = declared.resources
+        with self.s.devices.place(name, res.gpu, res.gpu_memory_gib, res.cpu_fallback, priority) as device:
+            result, timings, loads = self.s.models.on(device).run(
+                name, declared.model_dump_json(), volume, shared, timeout_s
+            )
+        t.update({f"model_{k}": v for k, v in timings.items()})
+        t["model_loads"] = float(loads.get(name, 0))
+        logger.info("model ran", extra={"algorithm": name, "device": device, **rounded(timings)})
+        return result
+
+    # -- build results ---------------------------------------------------------------------------
+
+    def build(self, job: JobRow, plan: JobPlan, outputs: dict[str, list[str]], t: dict[str, float]) -> list[str]:
+        """Build the result objects the plan's destinations take (SEG, SR, GSPS, SC), re-identify
+        them into the original study and store them; returns their object ids.
+
+        Raises
+        ------
+        ResultBuildError
+            A result object cannot be built from the stored result.
+        """
+        start = time.perf_counter()
+        result: AlgorithmResult = unpack_result(pickle.loads(self.s.store.get(outputs["analyse"][0])))
+        spec: AlgorithmSpec = self.s.registry.get(plan.algorithm).spec
+        if self.s.registry.declaration(plan.algorithm) is not None:
+            spec = dataclasses.replace(spec, weights_sha256=result.parameters.get("weights_sha256"))
+        kinds: set[ResultKind] = set().union(*(d.result_kinds() for d in plan.destinations.values()))
+        mapping = self.stored_map(job.study_key)
+        with SharedVolume() as shared:
+            datasets = [decode(self.s.store.get(oid)) for oid in outputs["deidentify"]]
+            volume, slices = load_volume(datasets, allocate=shared.allocate)
+            for ds in datasets:  # from here on only the headers are needed (result references)
+                if "PixelData" in ds:
+                    del ds.PixelData
+            del datasets
+            original_study = mapping.original_study_instance_uid
+            original_series = mapping.uids.get(str(slices[0].SeriesInstanceUID), "")
+
+            def uid(kind: str) -> str:
+                weights = (spec.weights_sha256,) if spec.weights_sha256 else ()
+                generation = str(job.generation)
+                return derive_uid(original_study, original_series, spec.name, spec.version, *weights, generation, kind)
+
+            node_title = self.s.settings.node.ae_title  # key images need the voxels: built while they are mapped
+            built = build_results(slices, result, spec, uid, node_title, kinds or {"SEG", "SR"}, volume)
+            del volume
+        pseudo_study = {str(slices[0].StudyInstanceUID)}
+        ids = []
+        for number, obj in enumerate(built):
+            obj = copy.deepcopy(obj)  # highdicom shares data elements between SEG and SR
+            reidentify(obj, mapping, pseudo_study)
+            ids.append(self.s.store.put(encode(obj), object_id=stage_object_id(job, "result", number)))
+            if number == 0:
+                faults.point("stage:build", index=self.s.index)  # one result object stored
+        t["build_results_s"] = time.perf_counter() - start
+        return ids
+
+    # -- deliver ---------------------------------------------------------------------------------
+
+    def deliver(self, job: JobRow, plan: JobPlan, result_ids: list[str], t: dict[str, float]) -> list[Dataset]:
+        """Send the results to the plan's destinations (peers at their current addresses) and
+        withdraw what they supersede; returns the objects delivered.
+
+        Raises
+        ------
+        DeliveryError
+            A destination refused or could not be reached (transient: the stage is retried; the
+            results keep their SOP Instance UIDs, so a destination holds each once).
+        """
+        start = time.perf_counter()
+        settings = plan.settings_for_delivery(self.s.settings)
+        destinations = list(plan.destinations)
+        objects = [decode(self.s.store.get(oid)) for oid in result_ids]
+        deliver(settings, destinations, objects)
+        faults.point("stage:deliver", index=self.s.index)  # sent, not yet recorded
+        t["send_s"] = time.perf_counter() - start
+        receivers = [Participant(name, DESTINATION_ROLE) for name in destinations]
+        kinds = ", ".join(str(o.Modality) for o in objects)
+        self._audit(INSTANCES_TRANSFERRED, "R", str(objects[0].StudyInstanceUID), f"results sent ({kinds})", receivers)
+        return objects
+
+    def withdraw_superseded(self, job: JobRow, plan: JobPlan, new_result: Dataset) -> list[JobRow]:
+        """Withdraw the delivered results of earlier generations of this job (same study, route,
+        algorithm and series): an IOCM Rejection Note to DICOM destinations, file removal in
+        folders. Returns the earlier jobs (to mark ``superseded``).
+
+        Raises
+        ------
+        DeliveryError
+            A destination did not accept the rejection note (the stage is retried).
+        """
+        earlier = [
+            j for j in self.s.index.jobs(job.study_key, state=JobState.DELIVERED)
+            if j.generation < job.generation and j.result_ids
+            and (j.route, j.algorithm, j.series_key) == (job.route, job.algorithm, job.series_key)
+        ]  # fmt: skip
+        if not earlier:
+            return []
+        settings = plan.settings_for_delivery(self.s.settings)
+        withdrawn = [decode(self.s.store.get(oid), stop_before_pixels=True) for j in earlier for oid in j.result_ids]
+        anchor = str(new_result.SOPInstanceUID)  # deterministic: a re-sent note replaces itself
+        note = build_rejection_note(
+            withdrawn,
+            series_instance_uid=derive_uid(anchor, "rejection-series"),
+            sop_instance_uid=derive_uid(anchor, "rejection"),
+            device_name=settings.node.ae_title,
+            device_uid=derive_uid("ainode-device", settings.node.ae_title),
+            description=f"superseded by the re-analysis of generation {job.generation}",
+        )
+        done = withdraw(settings, list(plan.destinations), withdrawn, note)
+        receivers = [Participant(name, DESTINATION_ROLE) for name in done]
+        self._audit(INSTANCES_TRANSFERRED, "U", str(note.StudyInstanceUID), "superseded results withdrawn", receivers)
+        reason = f"superseded by job {job.id} (generation {job.generation}); withdrawn from {', '.join(done) or 'none'}"
+        for j in earlier:
+            self.s.index.update_job(j.id, state=JobState.SUPERSEDED, reason=reason)
+        logger.info("superseded results withdrawn", extra={"job_id": job.id, "superseded": [j.id for j in earlier]})
+        return earlier
+
+    def discard(self, outputs: dict[str, list[str]]) -> None:
+        """Delete the intermediate outputs (de-identified series, analysis) of a finished job."""
+        for ids in outputs.values():
+            for object_id in ids:
+                self.s.store.delete(object_id)
+
+    def _audit(
+        self, event_id: tuple[str, str], action: str, study_uid: str, text: str, who: list[Participant] | None = None
+    ) -> None:
+        if self.s.audit is not None:
+            me = Participant(self.s.settings.node.ae_title, SOURCE_ROLE)
+            self.s.audit.record(study_event(event_id, action, study_uid, text, [me, *(who or [])]))
+
+
+def rounded(t: dict[str, Any]) -> dict[str, Any]:
+    """Timings rounded to milliseconds, for log lines."""
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in t.items()}
