@@ -12,6 +12,9 @@ import pytest
 
 from .peers import NodeProcess, Orthanc, start_node_process, start_orthanc
 
+POSTGRES = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+"""The machine's PostgreSQL (trust authentication), for the scale-out tests."""
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``gpu`` tests without CUDA."""
@@ -62,3 +65,20 @@ def orthanc(tmp_path: Path) -> Iterator[Any]:
     yield start
     for pacs in started:
         pacs.stop()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database on the machine's server (dropped afterwards)."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(POSTGRES, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL is not answering on 127.0.0.1:5432: {exc}")
+    name = f"ainode_{secrets.token_hex(6)}"
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.close()

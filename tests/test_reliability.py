@@ -69,7 +69,7 @@ def test_delivery_retries_until_the_pacs_returns(tmp_path, start_node):
     pacs = start_orthanc(tmp_path / "orthanc", "AINODE", node.port, dicom_port, http_port)
     try:
         job = wait_until(lambda: (j := _job(node)).get("state") == "delivered" and j, 120)
-        assert job["attempts"] >= 2
+        assert job["attempts"] >= 1  # failed attempts before the one that delivered
         assert _results_in(pacs) == {"SEG", "SR"}
     finally:
         pacs.stop()

@@ -69,7 +69,8 @@ class JobPlan:
                 "parameters": self.parameters,
                 "priority": self.priority,
                 "deidentification": self.deidentification.model_dump(mode="json"),
-                "destinations": {n: _DESTINATION.dump_python(d, mode="json") for n, d in self.destinations.items()},
+                # a list: the route's order of destinations is the order of delivery
+                "destinations": [[n, _DESTINATION.dump_python(d, mode="json")] for n, d in self.destinations.items()],
             },
             sort_keys=True,
         )
@@ -91,7 +92,7 @@ class JobPlan:
                 parameters=data["parameters"],
                 priority=data["priority"],
                 deidentification=Deidentification.model_validate(data["deidentification"]),
-                destinations={n: _DESTINATION.validate_python(d) for n, d in data["destinations"].items()},
+                destinations={n: _DESTINATION.validate_python(d) for n, d in data["destinations"]},
             )
         except (ValueError, KeyError, ValidationError) as exc:
             raise ConfigError(f"the job's route snapshot cannot be read: {exc}") from None

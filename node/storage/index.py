@@ -533,6 +533,8 @@ class Index:
         due = or_(JobRow.next_attempt_at.is_(None), JobRow.next_attempt_at <= now)
         lapsed = or_(JobRow.lease_expires_at.is_(None), JobRow.lease_expires_at < now)
         mine_or_lapsed = or_(lapsed, JobRow.worker == worker)
+        # taking over a lapsed lease counts the dead holder's run as a failed attempt
+        takeover = case((and_(JobRow.state == JobState.RUNNING, JobRow.worker.is_distinct_from(worker)), 1), else_=0)
         claimable = or_(
             and_(JobRow.state == JobState.PENDING, due), and_(JobRow.state == JobState.RUNNING, mine_or_lapsed)
         )
@@ -541,7 +543,7 @@ class Index:
                 update(JobRow)
                 .where(JobRow.id == job_id, claimable)
                 .values(state=JobState.RUNNING, worker=worker, lease_expires_at=now + lease_s,
-                        next_attempt_at=None, updated_at=now)
+                        next_attempt_at=None, updated_at=now, attempts=JobRow.attempts + takeover)
                 .returning(JobRow.stage)
             ).first()  # fmt: skip
             if won is None:
@@ -549,7 +551,7 @@ class Index:
             s.execute(  # a claim of an expired lease ends the previous holder's claim
                 update(ClaimRow)
                 .where(ClaimRow.job_id == job_id, ClaimRow.released_at.is_(None))
-                .values(released_at=now, outcome="expired")
+                .values(released_at=now, outcome=case((ClaimRow.worker == worker, "reclaimed"), else_="expired"))
             )
             s.add(ClaimRow(job_id=job_id, worker=worker, stage=won[0], claimed_at=now, lease_expires_at=now + lease_s))
         return self.job(job_id)
