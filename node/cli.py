@@ -4,6 +4,7 @@
 
     ainode serve --config FILE              run the node (Storage SCP, scheduler, jobs)
     ainode worker --config FILE [--queues Q,...]  run job stages from Celery (node.executor: celery)
+    ainode health --config FILE [--role R]  index, broker and (node) DICOM port answer: for probes
     ainode send PATH... --to HOST:PORT --aet AET   C-STORE files or folders to a peer
     ainode config check FILE                validate a configuration
     ainode config reload --config FILE      validate, then make the running node reload it
@@ -74,6 +75,40 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = [q for q in (args.queues or "").split(",") if q] or settings.celery.queues()
     Worker(settings, queues, args.concurrency, Path(args.config)).serve_forever()
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import socket
+
+    from node.settings import load_settings
+    from node.storage.index import Index, JobState
+
+    settings = load_settings(args.config)
+    problems = []
+    try:
+        index = Index.for_data_dir(settings.node.data_dir, 5.0, settings.storage.database_url)
+        index.count_jobs(JobState.RUNNING)
+        index.engine.dispose()
+    except AinodeError as exc:
+        problems.append(f"index: {exc}")
+    if settings.node.executor == "celery":
+        from node.jobs.distributed import broker_reachable
+
+        try:
+            broker_reachable(settings)
+        except AinodeError as exc:
+            problems.append(str(exc))
+    if args.role == "node":
+        host = "127.0.0.1" if settings.node.host in ("0.0.0.0", "::") else settings.node.host
+        try:
+            socket.create_connection((host, settings.node.port), timeout=5).close()
+        except OSError as exc:
+            problems.append(f"DICOM port {settings.node.port}: {exc.strerror or exc}")
+    for problem in problems:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+    if not problems:
+        print(f"healthy ({args.role})")
+    return 1 if problems else 0
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -461,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=1, help="jobs run at once (threads)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("health", help="check the index, the broker and (node) the DICOM port; exit 1 if not")
+    p.add_argument("--config", required=True)
+    p.add_argument("--role", choices=["node", "worker"], default="node")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("send", help="C-STORE files or folders to a peer")
     p.add_argument("paths", nargs="+")

@@ -68,7 +68,13 @@ class Fleet:
         """``ainode worker`` (every queue of the configuration)."""
         return self._start(["worker"], name, fault)
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Another ``ainode`` command with the fleet's configuration and environment."""
+        command = [AINODE, *args, "--config", str(self.config_path)]
+        return subprocess.run(command, capture_output=True, text=True, env=self.env, timeout=60, check=False)
+
     def log(self, name: str) -> str:
+        """What process ``name`` (node, a worker) logged so far."""
         path = self.tmp_path / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 

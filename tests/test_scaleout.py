@@ -52,8 +52,13 @@ def fleet(tmp_path: Path, postgres_url: str, key_env: dict[str, str]) -> Iterato
 def test_two_workers_deliver_eight_concurrent_studies_each_once(fleet, tmp_path):
     """Done 1: 8 studies from 8 concurrent storescu senders, one node, two workers."""
     nodes, pacs = fleet()
+    down = nodes.cli("health", "--role", "node")
+    assert down.returncode == 1 and "unhealthy: DICOM port" in down.stderr  # no node yet
     nodes.node()
     workers = [nodes.worker("worker-a"), nodes.worker("worker-b")]
+    for role in ("node", "worker"):  # what the deployments' probes run
+        probe = nodes.cli("health", "--role", role)
+        assert probe.returncode == 0 and f"healthy ({role})" in probe.stdout, probe.stderr
     studies = make_studies(CT_SERIES, 8, tmp_path / "studies")
     senders = [start_storescu(int(nodes.config["node"]["port"]), files) for files in studies]
     for sender in senders:

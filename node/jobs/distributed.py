@@ -65,6 +65,23 @@ def make_app(settings: Settings) -> Any:
     return app
 
 
+def broker_reachable(settings: Settings, timeout_s: float = 5.0) -> None:
+    """Connect to the broker once (for health probes).
+
+    Raises
+    ------
+    ExecutorError
+        The broker does not answer within ``timeout_s``.
+    """
+    from kombu import Connection
+
+    try:
+        with Connection(broker_url(settings), connect_timeout=timeout_s) as connection:
+            connection.ensure_connection(max_retries=1, timeout=timeout_s)
+    except Exception as exc:  # kombu and py-amqp raise their own and OSError subclasses
+        raise ExecutorError(f"broker unreachable: {type(exc).__name__}") from None
+
+
 class CeleryExecutor:
     """Sends job ids to the queue of their current stage (the node side of ``node.executor: celery``)."""
 
