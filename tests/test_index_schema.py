@@ -18,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
-from node.errors import IndexSchemaError
+from node.errors import IndexSchemaError, StorageError
 from node.storage import schema
 from node.storage.index import Base, Index, InstanceRow, JobState, PlannedJob, Stage, StudyState, default_url
 
@@ -221,3 +221,54 @@ def test_hammered_leases_on_postgresql_never_hold_a_job_twice(postgres_url, tmp_
                 continue  # given back (the next claim found the job pending), or claimed again by its holder
             # taken over: only once the lease the ledger held for ``before`` had expired
             assert before.outcome == "expired" and after.claimed_at > before.lease_expires_at, (before.id, after.id)
+
+
+def _one_job(index: Index) -> int:
+    index.add_instance(_instance("a"), "PACS")
+    (job_id,) = index.plan_study("study", 1, [PlannedJob("route", "lung-ct-density", "series")], None) or []
+    return job_id
+
+
+def test_a_worker_that_lost_its_lease_writes_nothing(tmp_path):
+    index = Index.for_data_dir(tmp_path)
+    job_id = _one_job(index)
+    assert index.claim_job(job_id, "a", lease_s=0.05) is not None
+    assert index.claim_job(job_id, "b", lease_s=30) is None  # a's lease is live
+    time.sleep(0.1)
+    assert index.renew_leases("a", [], 30) == 0  # a's heartbeat renews only jobs it runs
+    taken = index.claim_job(job_id, "b", lease_s=30)
+    assert taken is not None and (taken.worker, taken.attempts) == ("b", 1)  # a's run counted as failed
+    assert not index.update_held_job(job_id, "a", "released", state=JobState.DELIVERED)  # fenced
+    assert index.renew_leases("a", [job_id], 30) == 0
+    job = index.job(job_id)
+    assert job is not None and (job.state, job.worker) == (JobState.RUNNING, "b")
+    assert [(c.worker, c.outcome) for c in index.claims(job_id)] == [("a", "expired"), ("b", None)]
+
+
+def test_expired_leases_are_offered_again_then_dead_lettered(tmp_path):
+    index = Index.for_data_dir(tmp_path)
+    job_id = _one_job(index)
+    for attempt in (1, 2):
+        assert index.claim_job(job_id, f"w{attempt}", lease_s=0.01) is not None
+        time.sleep(0.03)
+        offered = index.reoffer_expired(max_attempts=3)
+        assert [j.id for j in offered] == [job_id]
+        job = index.job(job_id)
+        assert job is not None and (job.state, job.attempts, job.worker) == (JobState.PENDING, attempt, None)
+        assert f"the lease of w{attempt} expired" in (job.reason or "")
+    assert index.claim_job(job_id, "w3", lease_s=0.01) is not None
+    time.sleep(0.03)
+    assert index.reoffer_expired(max_attempts=3) == []
+    job = index.job(job_id)
+    assert job is not None and job.state == JobState.FAILED and "dead letter" in (job.reason or "")
+
+
+def test_a_study_whose_job_is_running_is_not_purged(tmp_path):
+    index = Index.for_data_dir(tmp_path)
+    job_id = _one_job(index)
+    index.claim_job(job_id, "worker-1", lease_s=30)
+    with pytest.raises(StorageError, match=r"job \d+ is running on worker-1"):
+        index.delete_study("study")
+    assert index.study("study") is not None
+    index.update_held_job(job_id, "worker-1", "released", state=JobState.FAILED)
+    assert "obj-a" in index.delete_study("study")

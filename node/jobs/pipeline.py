@@ -150,6 +150,7 @@ class Pipeline:
         try:
             return self._claim_and_run(job_id, queues)
         finally:
+            self.stages.forget(job_id)
             with self._running_lock:
                 self._running.discard(job_id)
 
@@ -212,6 +213,7 @@ class Pipeline:
         job replayed later (``ainode jobs retry``) starts again at de-identification, or only
         delivers when its results were built."""
         outputs = job.stage_outputs
+        outputs["unrecorded"] = self.stages.forget(job.id)
         stage = Stage.DELIVER if job.result_ids else Stage.DEIDENTIFY
         try:
             self._hold(job, "released", state=state, reason=reason, timings=timings, stage=stage, stage_object_ids={})
@@ -243,6 +245,7 @@ class Pipeline:
                 values["result_object_ids"] = self.stages.build(job, plan, outputs, t)
             else:
                 return self._deliver(job, plan, job.result_ids, outputs, t)
+            self.stages.flush(job)  # the stage's outputs are durable before it is recorded as done
             self._hold(job, stage=NEXT_STAGE[stage], stage_object_ids=outputs, timings=t, **values)
 
     def _deliver(
@@ -267,6 +270,7 @@ class Pipeline:
             return False
         reason = f"superseded: the study was re-opened (generation {study.generation}) before delivery"
         outputs = job.stage_outputs
+        outputs["unrecorded"] = self.stages.forget(job.id)
         self._hold(job, "released", state=JobState.SUPERSEDED, reason=reason, stage_object_ids={})
         self.stages.discard(outputs)
         logger.info("job superseded before delivery", extra={"job_id": job.id, "study_key": job.study_key})

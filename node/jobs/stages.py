@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import pickle
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,21 +81,63 @@ class Stages:
 
     def __init__(self, services: Services) -> None:
         self.s = services
+        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ainode-stage-write")
+        self._writes: dict[int, tuple[str, Future[str]]] = {}
+        self._series: dict[int, list[Dataset]] = {}  # job id -> its de-identified series, while here
+
+    def flush(self, job: JobRow) -> None:
+        """Wait until the job's background stage writes are durable.
+
+        Raises
+        ------
+        StorageError
+            A write failed (the stage is not recorded as done and is run again).
+        """
+        pending = self._writes.pop(job.id, None)
+        if pending is not None:
+            pending[1].result()
+
+    def forget(self, job_id: int) -> list[str]:
+        """Drop what this process keeps of a job whose run ended here; returns the ids of stage
+        outputs it wrote that may not be recorded (to delete with the job's other outputs)."""
+        self._series.pop(job_id, None)
+        pending = self._writes.pop(job_id, None)
+        if pending is None:
+            return []
+        wait([pending[1]])
+        return [pending[0]]
 
     # -- de-identify -----------------------------------------------------------------------------
 
     def deidentify(self, job: JobRow, plan: JobPlan) -> list[str]:
         """De-identify the job's series (PS3.15 Annex E, the plan's profile), merge its pseudonyms
-        into the study's stored map and store each de-identified instance; returns their ids."""
+        into the study's stored map and store the de-identified instances; returns the object id."""
         datasets = self._deidentify_series(job.study_key, job.series_key, plan.deidentification)
-        ids = []
+        encoded = []
         for number, ds in enumerate(datasets):
             if number == len(datasets) // 2:
-                faults.point("stage:deidentify", index=self.s.index)  # half of the series stored
-            ids.append(self.s.store.put(encode(ds), object_id=stage_object_id(job, "deid", number)))
+                faults.point("stage:deidentify", index=self.s.index)  # half of the series encoded
+            encoded.append(encode(ds))
+        # one object for the series (one durable write, not one per instance): the encoded
+        # instances, pickled as a list of bytes inside the authenticated encryption; written in
+        # the background while the next stage runs here on the datasets in memory (the stage is
+        # recorded as done only once the write is durable: see flush)
+        object_id = stage_object_id(job, "deid", 0)
+        payload = pickle.dumps(encoded, protocol=pickle.HIGHEST_PROTOCOL)
+        self._writes[job.id] = (object_id, self._writer.submit(self.s.store.put, payload, object_id))
+        self._series[job.id] = datasets
+        ids = [object_id]
         study_uid = self.stored_map(job.study_key).original_study_instance_uid
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"series de-identified for {plan.algorithm}")
         return ids
+
+    def deidentified_series(self, job: JobRow, object_ids: list[str]) -> list[Dataset]:
+        """The de-identified instances of the job: as de-identified here, or as the de-identify
+        stage stored them (another process de-identified, or this one restarted)."""
+        if job.id in self._series:
+            return self._series[job.id]
+        encoded: list[bytes] = [b for oid in object_ids for b in pickle.loads(self.s.store.get(oid))]
+        return [decode(b) for b in encoded]
 
     def _pseudonymizer(self) -> Pseudonymizer:
         return Pseudonymizer(self.s.secrets.get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
@@ -164,9 +207,7 @@ class Stages:
             ) from None
         with SharedVolume() as shared:  # the voxels go to the algorithm's process without a copy
             start = time.perf_counter()
-            volume, _slices = load_volume(
-                [decode(self.s.store.get(oid)) for oid in deidentified], allocate=shared.allocate
-            )
+            volume, _slices = load_volume(self.deidentified_series(job, deidentified), allocate=shared.allocate)
             t["load_volume_s"] = time.perf_counter() - start
             check_accepts(spec, volume)
             start = time.perf_counter()
@@ -222,7 +263,7 @@ class Stages:
         kinds: set[ResultKind] = set().union(*(d.result_kinds() for d in plan.destinations.values()))
         mapping = self.stored_map(job.study_key)
         with SharedVolume() as shared:
-            datasets = [decode(self.s.store.get(oid)) for oid in outputs["deidentify"]]
+            datasets = self._series.pop(job.id, None) or self.deidentified_series(job, outputs["deidentify"])
             volume, slices = load_volume(datasets, allocate=shared.allocate)
             for ds in datasets:  # from here on only the headers are needed (result references)
                 if "PixelData" in ds:

@@ -402,11 +402,29 @@ class Index:
 
     def delete_study(self, study_key: str) -> list[str]:
         """Remove a study, its instances and jobs from the index; return every object id they named
-        (instances, pseudonym map, results) so the caller can delete them from the store."""
+        (instances, pseudonym map, results, stage outputs) so the caller can delete them from the store.
+
+        Raises
+        ------
+        StorageError
+            A job of the study is running under a live lease (a worker is on it): purge it once
+            the job has ended. The job rows are locked meanwhile, so no worker claims one.
+        """
         with self.session() as s:
             study = s.get(StudyRow, study_key)
             if study is None:
                 return []
+            now = time.time()
+            held = s.scalars(
+                select(JobRow)
+                .where(JobRow.study_key == study_key, JobRow.state == JobState.RUNNING, JobRow.lease_expires_at > now)
+                .with_for_update()
+            ).first()
+            if held is not None:
+                raise StorageError(
+                    f"study {study_key}: job {held.id} is running on {held.worker} (lease for another "
+                    f"{(held.lease_expires_at or now) - now:.0f} s); purge the study once it has ended"
+                )
             ids = [r.object_id for r in s.scalars(select(InstanceRow).where(InstanceRow.study_key == study_key))]
             for job in s.scalars(select(JobRow).where(JobRow.study_key == study_key)):
                 ids += job.result_ids
