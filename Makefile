@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python bench/resources.py
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/objects.py
+	$(BIN)/python bench/scaleout.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache *.egg-info
