@@ -26,8 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,24 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.report import write_report  # noqa: E402
 from node.storage.index import Index, InstanceRow, JobState, PlannedJob  # noqa: E402
-from tests.conftest import POSTGRES  # noqa: E402
-from tests.fleet import broker_available, delivered, scaled_out  # noqa: E402
+from tests.fleet import broker_available, delivered, fresh_database, scaled_out  # noqa: E402
 from tests.peers import CT_SERIES, make_studies, start_storescu, wait_until  # noqa: E402
-
-
-@contextmanager
-def database() -> Iterator[str]:
-    """A fresh PostgreSQL database (dropped afterwards)."""
-    import psycopg
-
-    admin = psycopg.connect(POSTGRES, autocommit=True)
-    name = f"ainode_bench_{secrets.token_hex(4)}"
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        admin.close()
 
 
 def throughput(workers: int, studies: int) -> dict[str, float]:
@@ -60,7 +42,7 @@ def throughput(workers: int, studies: int) -> dict[str, float]:
     key = {"AINODE_TEST_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
     route = {"name": "lung", "match": {"Modality": "CT"}, "algorithms": ["lung-ct-density"],
              "completion": {"quiet_period_s": 1.0}}  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="ainode-bench-scaleout-") as tmp, database() as url:
+    with tempfile.TemporaryDirectory(prefix="ainode-bench-scaleout-") as tmp, fresh_database("ainode_bench") as url:
         work = Path(tmp)
         fleet, pacs = scaled_out(work, url, key, lease_s=60.0, routes=[route])
         try:
@@ -107,7 +89,7 @@ def _claimer(url: str, ids: list[int], worker: str, out: str) -> None:
 
 def claims(jobs: int, claimers: int = 8) -> dict[str, float]:
     """Claim latency with ``claimers`` processes competing for ``jobs`` jobs (each claimed once)."""
-    with tempfile.TemporaryDirectory(prefix="ainode-bench-claims-") as tmp, database() as url:
+    with tempfile.TemporaryDirectory(prefix="ainode-bench-claims-") as tmp, fresh_database("ainode_bench") as url:
         index = Index(url)
         index.add_instance(InstanceRow(
             object_id="o", sop_key="k", study_key="study", series_key="s", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",

@@ -10,10 +10,8 @@ from typing import Any
 
 import pytest
 
+from .fleet import POSTGRES, fresh_database
 from .peers import NodeProcess, Orthanc, start_node_process, start_orthanc
-
-POSTGRES = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
-"""The machine's PostgreSQL (trust authentication), for the scale-out tests."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -72,13 +70,8 @@ def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database on the machine's server (dropped afterwards)."""
     psycopg = pytest.importorskip("psycopg")
     try:
-        admin = psycopg.connect(POSTGRES, autocommit=True)
+        psycopg.connect(POSTGRES, connect_timeout=3).close()
     except psycopg.OperationalError as exc:
         pytest.skip(f"PostgreSQL is not answering on 127.0.0.1:5432: {exc}")
-    name = f"ainode_{secrets.token_hex(6)}"
-    admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
-        admin.close()
+    with fresh_database() as url:
+        yield url

@@ -8,6 +8,8 @@ import secrets
 import signal
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,29 @@ from .peers import AINODE, LUNG_ROUTE, free_port, pacs_node_config, start_orthan
 
 BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 """The machine's RabbitMQ (guest/guest, loopback only)."""
+POSTGRES = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
+"""The machine's PostgreSQL (trust authentication)."""
+
+
+@contextmanager
+def fresh_database(prefix: str = "ainode") -> Iterator[str]:
+    """A new PostgreSQL database on the machine's server, dropped afterwards; yields its URL.
+
+    Raises
+    ------
+    psycopg.OperationalError
+        PostgreSQL is not answering.
+    """
+    import psycopg
+
+    admin = psycopg.connect(POSTGRES, autocommit=True)
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        admin.close()
 
 
 def broker_available() -> str | None:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from node.errors import ConfigError
-from node.settings.models import Deidentification, Destination, Route, Settings
+from node.settings.models import Deidentification, Destination, ResultKind, Route, Settings
 
 _DESTINATION: TypeAdapter[Any] = TypeAdapter(Destination)
 
@@ -110,6 +110,11 @@ class JobPlan:
         if route is None:
             raise ConfigError(f"route {route_name!r} is no longer configured")
         return cls.of(settings, route, algorithm)
+
+    def result_kinds(self) -> set[ResultKind]:
+        """The kinds of result object the plan's destinations receive (SEG and SR when none is named)."""
+        kinds: set[ResultKind] = set().union(*(d.result_kinds() for d in self.destinations.values()))
+        return kinds or {"SEG", "SR"}
 
     def settings_for_delivery(self, settings: Settings) -> Settings:
         """``settings`` with this plan's destinations (peers, their addresses and TLS as now).

@@ -44,9 +44,9 @@ from node.jobs.devices import DevicePool
 from node.jobs.isolation import SharedVolume, pack_result, run_isolated, unpack_result
 from node.jobs.models import ModelWorkers
 from node.jobs.snapshot import JobPlan
-from node.jobs.volume import load_volume
+from node.jobs.volume import load_volume, sort_slices
 from node.results import build_rejection_note, build_results
-from node.settings.models import Deidentification, ResultKind, Settings
+from node.settings.models import Deidentification, Settings
 from node.storage.index import Index, JobRow, JobState, stage_object_id
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore
@@ -207,7 +207,13 @@ class Stages:
             ) from None
         with SharedVolume() as shared:  # the voxels go to the algorithm's process without a copy
             start = time.perf_counter()
-            volume, _slices = load_volume(self.deidentified_series(job, deidentified), allocate=shared.allocate)
+            datasets = self.deidentified_series(job, deidentified)
+            volume, _slices = load_volume(datasets, allocate=shared.allocate)
+            if "SC" not in plan.result_kinds():  # the build needs only the headers (key images: the voxels)
+                for ds in datasets:
+                    if "PixelData" in ds:
+                        del ds.PixelData
+            del datasets
             t["load_volume_s"] = time.perf_counter() - start
             check_accepts(spec, volume)
             start = time.perf_counter()
@@ -260,26 +266,29 @@ class Stages:
         spec: AlgorithmSpec = self.s.registry.get(plan.algorithm).spec
         if self.s.registry.declaration(plan.algorithm) is not None:
             spec = dataclasses.replace(spec, weights_sha256=result.parameters.get("weights_sha256"))
-        kinds: set[ResultKind] = set().union(*(d.result_kinds() for d in plan.destinations.values()))
+        kinds = plan.result_kinds()
         mapping = self.stored_map(job.study_key)
-        with SharedVolume() as shared:
-            datasets = self._series.pop(job.id, None) or self.deidentified_series(job, outputs["deidentify"])
-            volume, slices = load_volume(datasets, allocate=shared.allocate)
-            for ds in datasets:  # from here on only the headers are needed (result references)
-                if "PixelData" in ds:
-                    del ds.PixelData
-            del datasets
-            original_study = mapping.original_study_instance_uid
-            original_series = mapping.uids.get(str(slices[0].SeriesInstanceUID), "")
+        datasets = self._series.pop(job.id, None) or self.deidentified_series(job, outputs["deidentify"])
+        volume: Volume | None = None
+        if "SC" in kinds:  # key images burn outlines into the voxels
+            volume, slices = load_volume(datasets)
+        else:
+            slices = sort_slices(datasets)
+        for ds in datasets:  # from here on only the headers are needed (result references)
+            if "PixelData" in ds:
+                del ds.PixelData
+        del datasets
+        original_study = mapping.original_study_instance_uid
+        original_series = mapping.uids.get(str(slices[0].SeriesInstanceUID), "")
 
-            def uid(kind: str) -> str:
-                weights = (spec.weights_sha256,) if spec.weights_sha256 else ()
-                generation = str(job.generation)
-                return derive_uid(original_study, original_series, spec.name, spec.version, *weights, generation, kind)
+        def uid(kind: str) -> str:
+            weights = (spec.weights_sha256,) if spec.weights_sha256 else ()
+            generation = str(job.generation)
+            return derive_uid(original_study, original_series, spec.name, spec.version, *weights, generation, kind)
 
-            node_title = self.s.settings.node.ae_title  # key images need the voxels: built while they are mapped
-            built = build_results(slices, result, spec, uid, node_title, kinds or {"SEG", "SR"}, volume)
-            del volume
+        node_title = self.s.settings.node.ae_title
+        built = build_results(slices, result, spec, uid, node_title, kinds, volume)
+        del volume
         pseudo_study = {str(slices[0].StudyInstanceUID)}
         ids = []
         for number, obj in enumerate(built):

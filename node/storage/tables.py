@@ -1,0 +1,174 @@
+"""The index's tables (SQLAlchemy declarative models) and the life cycles they record.
+
+Study states (PS3 has no such thing; this is ainode's own life cycle)::
+
+    receiving -> complete -> processing -> done
+                                      \\-> no_match | failed
+    (a late instance moves any state back to receiving and bumps ``generation``)
+
+Job states (the ledger, :mod:`node.storage.ledger`)::
+
+    pending -> running -> delivered | refused | quarantined | failed
+                  \\-> pending (retry after backoff; lease expired)   failed = dead letter
+
+The tables hold no PHI: UIDs appear only as keyed digests, everything identifying stays inside
+encrypted objects. Their schema is versioned by the Alembic migrations in ``migrations/``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+
+from sqlalchemy import Float, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class StudyState(enum.StrEnum):
+    """Life cycle of a study inside the node."""
+
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    PROCESSING = "processing"
+    DONE = "done"
+    NO_MATCH = "no_match"
+    FAILED = "failed"
+
+
+class JobState(enum.StrEnum):
+    """Life cycle of one (route, algorithm, series) job."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DELIVERED = "delivered"
+    REFUSED = "refused"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class Stage(enum.StrEnum):
+    """The stages of a job, in order; each one's outputs are stored before the next begins."""
+
+    DEIDENTIFY = "deidentify"
+    ANALYSE = "analyse"
+    BUILD = "build"
+    DELIVER = "deliver"
+    DONE = "done"
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the index tables."""
+
+
+class StudyRow(Base):
+    """One study, keyed by the keyed digest of its Study Instance UID."""
+
+    __tablename__ = "studies"
+    study_key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default=StudyState.RECEIVING)
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    first_received_at: Mapped[float] = mapped_column(Float)
+    last_received_at: Mapped[float] = mapped_column(Float, index=True)
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    map_object_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class InstanceRow(Base):
+    """One received SOP instance; its encoded bytes are the encrypted object ``object_id``."""
+
+    __tablename__ = "instances"
+    object_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    sop_key: Mapped[str] = mapped_column(String(32), unique=True)
+    study_key: Mapped[str] = mapped_column(ForeignKey("studies.study_key"), index=True)
+    series_key: Mapped[str] = mapped_column(String(32), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class JobRow(Base):
+    """One unit of analysis: an algorithm of a route on one series (or study) of a study."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_key: Mapped[str] = mapped_column(ForeignKey("studies.study_key"), index=True)
+    generation: Mapped[int] = mapped_column(Integer)
+    route: Mapped[str] = mapped_column(String(64))
+    algorithm: Mapped[str] = mapped_column(String(64))
+    series_key: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result_object_ids: Mapped[str] = mapped_column(Text, default="[]")
+    timings: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    route_snapshot: Mapped[str | None] = mapped_column(Text, nullable=True)
+    config_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    stage: Mapped[str] = mapped_column(String(16), default=Stage.DEIDENTIFY, server_default=Stage.DEIDENTIFY.value)
+    stage_object_ids: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+
+    @property
+    def result_ids(self) -> list[str]:
+        """Object ids of the encrypted result objects (SEG, SR, GSPS, SC) built for this job."""
+        ids: list[str] = json.loads(self.result_object_ids)
+        return ids
+
+    @property
+    def stage_outputs(self) -> dict[str, list[str]]:
+        """Object ids of the stored outputs of each finished stage, by stage name."""
+        outputs: dict[str, list[str]] = json.loads(self.stage_object_ids)
+        return outputs
+
+
+class ClaimRow(Base):
+    """One claim of a job by a worker: when, for which stage, until when, and how it ended
+    (``None`` while held; ``released``, ``expired``, ``lost``)."""
+
+    __tablename__ = "job_claims"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    worker: Mapped[str] = mapped_column(String(128))
+    stage: Mapped[str] = mapped_column(String(16))
+    claimed_at: Mapped[float] = mapped_column(Float)
+    lease_expires_at: Mapped[float] = mapped_column(Float)
+    released_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+STAGE_PREFIX = "s"
+"""Object ids of stage outputs start with this (random object ids are hex): a crash sweep can tell
+them from received instances."""
+
+
+def stage_object_id(job: JobRow, name: str, number: int) -> str:
+    """The object id of output ``number`` of stage ``name`` of ``job``: the same on every run of
+    the stage, unique per job row (its id and creation time), free of PHI."""
+    return f"{STAGE_PREFIX}{job.id}-{round(job.created_at * 1e6):x}-{name}{number}"
+
+
+def job_of_stage_object(object_id: str) -> int | None:
+    """The job id a stage output belongs to, or ``None`` when ``object_id`` is no stage output."""
+    head = object_id[len(STAGE_PREFIX) :].split("-", 1)[0] if object_id.startswith(STAGE_PREFIX) else ""
+    return int(head) if head.isdigit() else None
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """A job to create when a study is planned: (route, algorithm, series), with the snapshot of
+    what the route needs (JSON) and the digest of the configuration it was planned with."""
+
+    route: str
+    algorithm: str
+    series_key: str
+    route_snapshot: str | None = None
+    config_digest: str | None = None
