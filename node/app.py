@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -27,9 +28,11 @@ from node.audit import (
     Participant,
     security_alert,
 )
+from node.console.app import ConsoleServer, create_app
+from node.console.metrics import LedgerCollector
 from node.datadir import DataDir, open_data_dir
 from node.dicomio import configure_pydicom
-from node.errors import AinodeError, ConfigError
+from node.errors import AinodeError, ConfigError, OutOfResourcesError
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import probe_devices, warm_up
 from node.jobs.leases import Heartbeat, worker_id
@@ -40,6 +43,7 @@ from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
 from node.receiver import Receiver, ReceiverPool, reconcile
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
+from node.storage.index import JobState
 
 logger = logging.getLogger(__name__)
 
@@ -133,15 +137,53 @@ class Node:
         self.pool = ReceiverPool(config_path, receivers, log_level) if config_path is not None else None
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
+        self._algorithms_ready = threading.Event()
+        self.console = self._console() if settings.console.port is not None else None
         logger.info("node ready", extra={"executor": settings.node.executor})
+
+    def _console(self) -> ConsoleServer:
+        """The monitoring endpoints over this node's ledger and store (``console.port``)."""
+        collector = LedgerCollector(self.index, self.store, lambda: self.settings)
+        node = self.settings.node
+
+        def scp() -> str | None:
+            host = "127.0.0.1" if node.host in ("0.0.0.0", "::") else node.host
+            try:
+                socket.create_connection((host, node.port), timeout=2).close()
+            except OSError as exc:
+                return f"Storage SCP not listening on port {node.port}: {exc.strerror or exc}"
+            return None
+
+        def index() -> str | None:
+            self.index.count_jobs(JobState.RUNNING)
+            return None
+
+        def disk() -> str | None:
+            try:
+                self.store.check_space()
+            except OutOfResourcesError as exc:
+                return f"under the watermark: {exc}"
+            return None
+
+        def store() -> str | None:
+            probe = self.store.root / "tmp" / f"ready-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+            return None
+
+        def algorithms() -> str | None:
+            return None if self._algorithms_ready.is_set() else "algorithm process server starting"
+
+        checks = {"scp": scp, "index": index, "disk": disk, "store": store, "algorithms": algorithms}
+        return ConsoleServer(create_app(collector, checks), self.settings.console.host, self.settings.console.port or 0)
 
     def _application(self, event_type: tuple[str, str]) -> None:
         me = [Participant(self.settings.node.ae_title, APPLICATION_ROLE)]
         self.audit.record(AuditEvent(APPLICATION_ACTIVITY, "E", event_type=event_type, participants=me))
 
-    @staticmethod
-    def _warm_up() -> None:
+    def _warm_up(self) -> None:
         warm_up()
+        self._algorithms_ready.set()
         logger.info("algorithm process server ready")
 
     def start(self) -> None:
@@ -167,9 +209,13 @@ class Node:
         self.receiver.start()
         if self.pool is not None:
             self.pool.start()
+        if self.console is not None:
+            self.console.start()
 
     def stop(self) -> None:
         """Stop accepting associations, then let the running job finish (pending ones resume later)."""
+        if self.console is not None:
+            self.console.stop()
         self.receiver.stop()
         if self.pool is not None:
             self.pool.stop()
@@ -191,7 +237,7 @@ class Node:
             return False
         try:
             new = load_settings(self.config_path)
-            for section in ("node", "keys"):
+            for section in ("node", "keys", "console"):
                 if getattr(new, section) != getattr(self.settings, section):
                     raise ConfigError(f"{self.config_path}: {section}: changed; this needs a restart")
             check_algorithms(new, self.registry, str(self.config_path))

@@ -374,6 +374,13 @@ class CelerySettings(_Model):
         return sorted({self.queue, *self.analyse_queues.values()})
 
 
+class ConsoleSettings(_Model):
+    """The console's HTTP listener: ``/metrics``, ``/healthz``, ``/readyz`` (off without a port)."""
+
+    host: str = Field(default="127.0.0.1", description="address to bind; loopback unless a proxy or scraper needs more")
+    port: Port | None = Field(default=None, description="TCP port of the console (e.g. 8080); none: not served")
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
@@ -391,6 +398,7 @@ class Settings(_Model):
     delivery: DeliverySettings = DeliverySettings()
     storage: StorageSettings = StorageSettings()
     celery: CelerySettings = CelerySettings()
+    console: ConsoleSettings = ConsoleSettings()
     _digest: str = PrivateAttr(default="")
 
     def set_digest(self, digest: str) -> None:

@@ -1,0 +1,79 @@
+"""The console's HTTP application (FastAPI, served by uvicorn on a thread of the node).
+
+- ``GET /healthz``: the process answers (liveness).
+- ``GET /readyz``: 200 when the node can take studies: the Storage SCP listens, the index answers,
+  the store is writable and above its disk watermark, the algorithm process server is up; 503
+  with the failing checks otherwise (readiness, for load balancers and Kubernetes).
+- ``GET /metrics``: Prometheus text format (:mod:`node.console.metrics`).
+
+Nothing here shows PHI: the checks name components, the metrics carry states and counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from node.console.metrics import LedgerCollector
+
+logger = logging.getLogger(__name__)
+
+Check = Callable[[], str | None]
+"""A readiness check: ``None`` when fine, else what is wrong (no PHI)."""
+
+
+def create_app(collector: LedgerCollector, checks: dict[str, Check]) -> FastAPI:
+    """The console application over ``collector`` (metrics) and readiness ``checks`` (name -> check)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    app = FastAPI(title="ainode console", version="0.1.0", docs_url=None, redoc_url=None)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        failing = {}
+        for name, check in checks.items():
+            try:
+                problem = check()
+            except Exception as exc:  # a check that cannot run is a failing check
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem:
+                failing[name] = problem
+        body = {"status": "not ready" if failing else "ready", "failing": failing}
+        return JSONResponse(body, status_code=503 if failing else 200)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class ConsoleServer:
+    """uvicorn serving ``app`` on ``host:port`` from a daemon thread (stopped with the node)."""
+
+    def __init__(self, app: Any, host: str, port: int) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="ainode-console", daemon=True)
+
+    def start(self) -> None:
+        """Serve in the background."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving (open requests finish first)."""
+        self._server.should_exit = True
+        self._thread.join(timeout=10)

@@ -1,0 +1,150 @@
+"""Prometheus metrics of a node, read from the shared ledger and store at scrape time.
+
+Reading the ledger (not counters kept in memory) makes the figures the fleet's: jobs run by
+``ainode worker`` processes on other hosts and instances received by the node's receiving
+processes are in the index all of them share. Label values are states, priorities, stage names
+and calling AE titles (device names): never a UID, a name, an ID or a date.
+
+Metrics (``ainode_`` prefix)::
+
+    instances_received_total{calling_ae_title}   instances in the index, by the sender of their study
+    studies{state}                               studies by state
+    jobs{state}                                  jobs by state
+    queue_depth{priority}                        jobs pending, by their route's priority
+    dead_letters                                 jobs failed after their last attempt
+    leases_held                                  running jobs under a live lease
+    delivery_attempts_total                      failed attempts of every job (retried or dead)
+    stage_seconds{stage}                         histogram of delivered jobs' stage durations
+    receive_to_delivery_seconds                  histogram: study's last instance -> results delivered
+    disk_free_bytes, disk_watermark_bytes         the store's file system and the refusal watermark
+    store_objects                                encrypted objects in the store
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from node.settings.models import Settings
+from node.storage.index import Index, InstanceRow, JobRow, JobState, StudyRow, StudyState
+from node.storage.store import ObjectStore
+
+STAGES = {
+    "deidentify": "deidentify_s",
+    "load_volume": "load_volume_s",
+    "inference": "algorithm_s",
+    "build": "build_results_s",
+    "deliver": "send_s",
+}
+"""Stage label -> the job timing it is read from."""
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 150.0, 600.0)
+
+
+def _histogram(name: str, doc: str, labels: list[str], series: dict[tuple[str, ...], list[float]]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=labels)
+    for label_values, values in series.items():
+        counts = [sum(1 for v in values if v <= bound) for bound in BUCKETS]
+        buckets = [(str(b), float(c)) for b, c in zip(BUCKETS, counts, strict=True)] + [("+Inf", float(len(values)))]
+        family.add_metric(list(label_values), buckets, sum(values))
+    return family
+
+
+class LedgerCollector(Collector):
+    """Collects the metrics listed in the module docstring from ``index`` and ``store``.
+
+    Parameters
+    ----------
+    index, store
+        The node's index (the shared ledger) and encrypted store.
+    settings
+        A callable returning the configuration in force (routes' priorities, the disk watermark).
+    """
+
+    def __init__(self, index: Index, store: ObjectStore, settings: Any) -> None:
+        self.index, self.store, self.settings = index, store, settings
+
+    def collect(self) -> Iterator[Metric]:
+        """One scrape (a few aggregate queries and one pass over the delivered jobs' timings)."""
+        settings: Settings = self.settings()
+        with self.index.session() as s:
+            by_ae = s.execute(
+                select(StudyRow.calling_ae_title, func.count(InstanceRow.object_id))
+                .join(InstanceRow, InstanceRow.study_key == StudyRow.study_key)
+                .group_by(StudyRow.calling_ae_title)
+            ).all()
+            studies = dict(s.execute(select(StudyRow.state, func.count()).group_by(StudyRow.state)).all())
+            jobs = dict(s.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all())
+            pending_routes = s.execute(
+                select(JobRow.route, func.count()).where(JobRow.state == JobState.PENDING).group_by(JobRow.route)
+            ).all()
+            dead = s.scalar(
+                select(func.count()).where(JobRow.state == JobState.FAILED, JobRow.reason.like("dead letter%"))
+            )
+            leases = s.scalar(
+                select(func.count()).where(JobRow.state == JobState.RUNNING, JobRow.lease_expires_at > time.time())
+            )
+            attempts = s.scalar(select(func.coalesce(func.sum(JobRow.attempts), 0)))
+            delivered = s.execute(
+                select(JobRow.timings, StudyRow.last_received_at)
+                .join(StudyRow, StudyRow.study_key == JobRow.study_key)
+                .where(JobRow.state.in_([JobState.DELIVERED, JobState.SUPERSEDED]))
+            ).all()
+        received = CounterMetricFamily(
+            "ainode_instances_received", "Instances received and indexed, by calling AE title",
+            labels=["calling_ae_title"],
+        )  # fmt: skip
+        for ae_title, count in by_ae:
+            received.add_metric([ae_title], float(count))
+        yield received
+        yield _gauges("ainode_studies", "Studies by state", "state", {str(k): v for k, v in studies.items()},
+                      [s.value for s in StudyState])  # fmt: skip
+        yield _gauges("ainode_jobs", "Jobs by state", "state", {str(k): v for k, v in jobs.items()},
+                      [s.value for s in JobState])  # fmt: skip
+        priority = {r.name: r.priority for r in settings.routes}
+        depth: dict[str, int] = {}
+        for route, count in pending_routes:
+            depth[priority.get(route, "routine")] = depth.get(priority.get(route, "routine"), 0) + count
+        yield _gauges("ainode_queue_depth", "Jobs pending, by priority", "priority", depth,
+                      ["stat", "routine", "background"])  # fmt: skip
+        yield GaugeMetricFamily("ainode_dead_letters", "Jobs failed after their last attempt", value=float(dead or 0))
+        yield GaugeMetricFamily("ainode_leases_held", "Running jobs under a live lease", value=float(leases or 0))
+        yield CounterMetricFamily(
+            "ainode_delivery_attempts", "Failed attempts of all jobs (retried or dead-lettered)",
+            value=float(attempts or 0),
+        )  # fmt: skip
+        stages: dict[tuple[str, ...], list[float]] = {(label,): [] for label in STAGES}
+        turnaround: list[float] = []
+        for timings_json, last_received in delivered:
+            timings = json.loads(timings_json)
+            for label, key in STAGES.items():
+                if isinstance(timings.get(key), int | float):
+                    stages[(label,)].append(float(timings[key]))
+            if isinstance(timings.get("delivered_at"), int | float):
+                turnaround.append(max(0.0, float(timings["delivered_at"]) - last_received))
+        yield _histogram("ainode_stage_seconds", "Duration of each stage of delivered jobs", ["stage"], stages)
+        yield _histogram(
+            "ainode_receive_to_delivery_seconds", "Study's last instance received -> its results delivered", [],
+            {(): turnaround},
+        )  # fmt: skip
+        usage = shutil.disk_usage(self.store.root)
+        yield GaugeMetricFamily("ainode_disk_free_bytes", "Free space on the store's file system", value=usage.free)
+        watermark = settings.node.min_free_disk_mb * 2**20
+        yield GaugeMetricFamily(
+            "ainode_disk_watermark_bytes", "Free space below which C-STORE is refused (A700)", value=watermark
+        )
+        yield GaugeMetricFamily("ainode_store_objects", "Encrypted objects in the store",
+                                value=len(self.store.object_ids()))  # fmt: skip
+
+
+def _gauges(name: str, doc: str, label: str, values: dict[str, int], always: Iterable[str]) -> Metric:
+    family = GaugeMetricFamily(name, doc, labels=[label])
+    for key in dict.fromkeys([*always, *values]):
+        family.add_metric([key], float(values.get(key, 0)))
+    return family
