@@ -123,8 +123,13 @@ def test_the_helm_chart_matches_what_ainode_reads(tmp_path):
             consumed |= queues
         else:
             assert args.func.__name__ == "cmd_serve"
-            (port,) = container["ports"]
-            assert port["containerPort"] == settings.node.port and port["name"] == "dicom"
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert ports == {"dicom": settings.node.port, "console": settings.console.port}
+            probes = {k: container[k]["httpGet"] for k in ("readinessProbe", "livenessProbe")}
+            assert probes == {"readinessProbe": {"path": "/readyz", "port": "console"},
+                              "livenessProbe": {"path": "/healthz", "port": "console"}}  # fmt: skip
+            scrape = by_name[name]["spec"]["template"]["metadata"]["annotations"]
+            assert scrape["prometheus.io/port"] == str(settings.console.port)
     assert consumed == set(settings.celery.queues())  # every stage's queue has workers
     gpu = by_name["ainode-gpu-worker"]["spec"]["template"]["spec"]["containers"][0]
     assert gpu["resources"]["requests"]["nvidia.com/gpu"] >= 1 and gpu["resources"]["limits"]["nvidia.com/gpu"] >= 1
