@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from node.console.app import ConsoleServer, create_app
 from node.console.metrics import LedgerCollector
 from node.datadir import DataDir, open_data_dir
 from node.dicomio import configure_pydicom
-from node.errors import AinodeError, ConfigError, OutOfResourcesError
+from node.errors import AinodeError, ConfigError
+from node.health import disk_problem, index_problem, scp_problem, store_problem
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import probe_devices, warm_up
 from node.jobs.leases import Heartbeat, worker_id
@@ -43,7 +43,6 @@ from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
 from node.receiver import Receiver, ReceiverPool, reconcile
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
-from node.storage.index import JobState
 
 logger = logging.getLogger(__name__)
 
@@ -144,37 +143,17 @@ class Node:
     def _console(self) -> ConsoleServer:
         """The monitoring endpoints over this node's ledger and store (``console.port``)."""
         collector = LedgerCollector(self.index, self.store, lambda: self.settings)
-        node = self.settings.node
-
-        def scp() -> str | None:
-            host = "127.0.0.1" if node.host in ("0.0.0.0", "::") else node.host
-            try:
-                socket.create_connection((host, node.port), timeout=2).close()
-            except OSError as exc:
-                return f"Storage SCP not listening on port {node.port}: {exc.strerror or exc}"
-            return None
-
-        def index() -> str | None:
-            self.index.count_jobs(JobState.RUNNING)
-            return None
-
-        def disk() -> str | None:
-            try:
-                self.store.check_space()
-            except OutOfResourcesError as exc:
-                return f"under the watermark: {exc}"
-            return None
-
-        def store() -> str | None:
-            probe = self.store.root / "tmp" / f"ready-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-            return None
 
         def algorithms() -> str | None:
             return None if self._algorithms_ready.is_set() else "algorithm process server starting"
 
-        checks = {"scp": scp, "index": index, "disk": disk, "store": store, "algorithms": algorithms}
+        checks = {
+            "scp": lambda: scp_problem(self.settings.node),
+            "index": lambda: index_problem(self.index),
+            "disk": lambda: disk_problem(self.store),
+            "store": lambda: store_problem(self.store),
+            "algorithms": algorithms,
+        }
         return ConsoleServer(create_app(collector, checks), self.settings.console.host, self.settings.console.port or 0)
 
     def _application(self, event_type: tuple[str, str]) -> None:

@@ -78,32 +78,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    import socket
-
+    from node.health import broker_problem, index_problem, scp_problem
     from node.settings import load_settings
-    from node.storage.index import Index, JobState
+    from node.storage.index import Index
 
     settings = load_settings(args.config)
-    problems = []
+    checks = [broker_problem(settings)]
     try:
         index = Index.for_data_dir(settings.node.data_dir, 5.0, settings.storage.database_url)
-        index.count_jobs(JobState.RUNNING)
+    except AinodeError as exc:  # unreachable, or a schema this release does not know
+        checks.append(f"index: {exc}")
+    else:
+        checks.append(index_problem(index))
         index.engine.dispose()
-    except AinodeError as exc:
-        problems.append(f"index: {exc}")
-    if settings.node.executor == "celery":
-        from node.jobs.distributed import broker_reachable
-
-        try:
-            broker_reachable(settings)
-        except AinodeError as exc:
-            problems.append(str(exc))
     if args.role == "node":
-        host = "127.0.0.1" if settings.node.host in ("0.0.0.0", "::") else settings.node.host
-        try:
-            socket.create_connection((host, settings.node.port), timeout=5).close()
-        except OSError as exc:
-            problems.append(f"DICOM port {settings.node.port}: {exc.strerror or exc}")
+        checks.append(scp_problem(settings.node))
+    problems = [p for p in checks if p]
     for problem in problems:
         print(f"unhealthy: {problem}", file=sys.stderr)
     if not problems:

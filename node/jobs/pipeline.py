@@ -208,18 +208,28 @@ class Pipeline:
         for key, value in values.items():
             setattr(job, key, value if isinstance(value, str | int | float | None) else json.dumps(value))
 
-    def _end(self, job: JobRow, state: str, reason: str, timings: dict[str, float]) -> str:
-        """Record a terminal outcome (releasing the lease) and discard the intermediate outputs; a
-        job replayed later (``ainode jobs retry``) starts again at de-identification, or only
-        delivers when its results were built."""
+    def _close(self, job: JobRow, state: str, **values: Any) -> None:
+        """Record the job's terminal ``state`` (releasing the lease) and delete its intermediate
+        outputs, those recorded and any this process wrote but did not record.
+
+        Raises
+        ------
+        LeaseLostError
+            Another worker holds the job now (it keeps the outputs).
+        """
         outputs = job.stage_outputs
         outputs["unrecorded"] = self.stages.forget(job.id)
+        self._hold(job, "released", state=state, stage_object_ids={}, **values)
+        self.stages.discard(outputs)
+
+    def _end(self, job: JobRow, state: str, reason: str, timings: dict[str, float]) -> str:
+        """End a job that did not deliver; a job replayed later (``ainode jobs retry``) starts again
+        at de-identification, or only delivers when its results were built."""
         stage = Stage.DELIVER if job.result_ids else Stage.DEIDENTIFY
         try:
-            self._hold(job, "released", state=state, reason=reason, timings=timings, stage=stage, stage_object_ids={})
+            self._close(job, state, reason=reason, timings=timings, stage=stage)
         except LeaseLostError:
             return JobState.RUNNING
-        self.stages.discard(outputs)
         return state
 
     def _run_stages(self, job: JobRow, t: dict[str, float], queues: Collection[str] | None) -> str:
@@ -244,21 +254,17 @@ class Pipeline:
             elif stage == Stage.BUILD:
                 values["result_object_ids"] = self.stages.build(job, plan, outputs, t)
             else:
-                return self._deliver(job, plan, job.result_ids, outputs, t)
+                return self._deliver(job, plan, t)
             self.stages.flush(job)  # the stage's outputs are durable before it is recorded as done
             self._hold(job, stage=NEXT_STAGE[stage], stage_object_ids=outputs, timings=t, **values)
 
-    def _deliver(
-        self, job: JobRow, plan: JobPlan, result_ids: list[str], outputs: dict[str, list[str]], t: dict[str, float]
-    ) -> str:
+    def _deliver(self, job: JobRow, plan: JobPlan, t: dict[str, float]) -> str:
         if self._supersede_if_stale(job):
             return JobState.SUPERSEDED
-        objects = self.stages.deliver(job, plan, result_ids, t)
+        objects = self.stages.deliver(job, plan, job.result_ids, t)
         self.stages.withdraw_superseded(job, plan, objects[0])
         t["delivered_at"] = time.time()
-        self._hold(job, "released", state=JobState.DELIVERED, stage=Stage.DONE, reason=None, timings=t,
-                   stage_object_ids={})  # fmt: skip
-        self.stages.discard(outputs)
+        self._close(job, JobState.DELIVERED, stage=Stage.DONE, reason=None, timings=t)
         logger.info("results delivered", extra={"job_id": job.id, **rounded(t)})
         return JobState.DELIVERED
 
@@ -269,10 +275,7 @@ class Pipeline:
         if study is None or study.generation <= job.generation:
             return False
         reason = f"superseded: the study was re-opened (generation {study.generation}) before delivery"
-        outputs = job.stage_outputs
-        outputs["unrecorded"] = self.stages.forget(job.id)
-        self._hold(job, "released", state=JobState.SUPERSEDED, reason=reason, stage_object_ids={})
-        self.stages.discard(outputs)
+        self._close(job, JobState.SUPERSEDED, reason=reason)
         logger.info("job superseded before delivery", extra={"job_id": job.id, "study_key": job.study_key})
         return True
 

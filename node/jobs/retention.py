@@ -12,7 +12,7 @@ import logging
 import time
 
 from node.audit import STUDY_DELETED, AuditEvent, AuditLog, ParticipantObject
-from node.storage.index import Index, job_of_stage_object
+from node.storage.index import STAGE_PREFIX, Index, JobState, job_of_stage_object
 from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -39,25 +39,28 @@ def purge_expired(index: Index, store: ObjectStore, retention_days: float, audit
 
 
 def sweep_stage_outputs(index: Index, store: ObjectStore) -> int:
-    """Delete stage outputs (:func:`node.jobs.stages.stage_object_id`) no job needs: those of
+    """Delete stage outputs (:func:`node.storage.index.stage_object_id`) no job needs: those of
     finished or removed jobs that a crash left behind (a worker killed after it recorded the
     outcome, before it deleted them). Outputs of unfinished jobs stay: their stage may be re-run
-    and overwrites them. Returns how many were deleted."""
+    and overwrites them. Lists only the stage outputs' shards of the store. Returns how many were
+    deleted."""
     from node.jobs.pipeline import FINISHED_JOB_STATES
 
-    referenced = index.referenced_object_ids()
-    unfinished: dict[int, bool] = {}
-    deleted = 0
-    for object_id in store.object_ids():
+    by_job: dict[int, list[str]] = {}
+    for object_id in store.object_ids(prefix=STAGE_PREFIX):
         job_id = job_of_stage_object(object_id)
-        if job_id is None or object_id in referenced:
-            continue
-        if job_id not in unfinished:
-            job = index.job(job_id)
-            unfinished[job_id] = job is not None and job.state not in (*FINISHED_JOB_STATES, "failed")
-        if not unfinished[job_id]:
-            store.delete(object_id)
-            deleted += 1
+        if job_id is not None:
+            by_job.setdefault(job_id, []).append(object_id)
+    deleted = 0
+    for job_id, object_ids in by_job.items():
+        job = index.job(job_id)
+        if job is not None and job.state not in (*FINISHED_JOB_STATES, JobState.FAILED):
+            continue  # unfinished: its stage may be re-run
+        kept = set(job.result_ids) if job is not None else set()  # delivered results stay
+        for object_id in object_ids:
+            if object_id not in kept:
+                store.delete(object_id)
+                deleted += 1
     if deleted:
         logger.info("left-over stage outputs deleted: %d", deleted)
     return deleted

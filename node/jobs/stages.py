@@ -112,7 +112,7 @@ class Stages:
     def deidentify(self, job: JobRow, plan: JobPlan) -> list[str]:
         """De-identify the job's series (PS3.15 Annex E, the plan's profile), merge its pseudonyms
         into the study's stored map and store the de-identified instances; returns the object id."""
-        datasets = self._deidentify_series(job.study_key, job.series_key, plan.deidentification)
+        datasets, study_uid = self._deidentify_series(job.study_key, job.series_key, plan.deidentification)
         encoded = []
         for number, ds in enumerate(datasets):
             if number == len(datasets) // 2:
@@ -127,7 +127,6 @@ class Stages:
         self._writes[job.id] = (object_id, self._writer.submit(self.s.store.put, payload, object_id))
         self._series[job.id] = datasets
         ids = [object_id]
-        study_uid = self.stored_map(job.study_key).original_study_instance_uid
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"series de-identified for {plan.algorithm}")
         return ids
 
@@ -142,7 +141,11 @@ class Stages:
     def _pseudonymizer(self) -> Pseudonymizer:
         return Pseudonymizer(self.s.secrets.get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
 
-    def _deidentify_series(self, study_key: str, series_key: str, profile: Deidentification) -> list[Dataset]:
+    def _deidentify_series(
+        self, study_key: str, series_key: str, profile: Deidentification
+    ) -> tuple[list[Dataset], str]:
+        """The series de-identified (in place) and the original Study Instance UID; its pseudonyms
+        are merged into the study's stored map."""
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
         pseudonyms = self._pseudonymizer()
         deid = InstanceDeidentifier(pseudonyms, profile)
@@ -151,7 +154,7 @@ class Stages:
         for ds in datasets:
             mapping.add(deid(ds).uid_map)
         self._merge_map(study_key, mapping)
-        return datasets
+        return datasets, mapping.original_study_instance_uid
 
     def _merge_map(self, study_key: str, mapping: PseudonymMap) -> None:
         """Store the study's pseudonym map with ``mapping`` merged in: one map per study covering

@@ -191,9 +191,7 @@ class Ledger:
         bool
             Whether ``worker`` still held the job (and the values were written).
         """
-        for key in ("result_object_ids", "timings", "stage_object_ids"):
-            if key in values and not isinstance(values[key], str):
-                values[key] = json.dumps(values[key])
+        values = _json_columns(values)
         now = values["updated_at"] = time.time()
         if release is not None:
             values.update(worker=None, lease_expires_at=None)
@@ -289,9 +287,15 @@ class Ledger:
 
     def update_job(self, job_id: int, **values: Any) -> None:
         """Set columns of a job (``state``, ``reason``, ``attempts``, ``result_object_ids``, ...)."""
-        for key in ("result_object_ids", "timings"):
-            if key in values and not isinstance(values[key], str):
-                values[key] = json.dumps(values[key])
+        values = _json_columns(values)
         values["updated_at"] = time.time()
         with self.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+
+
+def _json_columns(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the job's JSON columns (result and stage object ids, timings) encoded."""
+    return {k: json.dumps(v) if k in JSON_COLUMNS and not isinstance(v, str) else v for k, v in values.items()}
+
+
+JSON_COLUMNS = ("result_object_ids", "timings", "stage_object_ids")

@@ -186,9 +186,13 @@ class ObjectStore:
             head = fh.read(HEADER_BYTES + 16)
         return self._header(object_id, head)[0]
 
-    def object_ids(self) -> list[str]:
-        """Every object in the store (quarantined ones excluded)."""
-        return sorted(p.name for p in (self.root / "objects").glob("*/*") if p.is_file())
+    def object_ids(self, prefix: str = "") -> list[str]:
+        """Every object in the store whose id starts with ``prefix`` (quarantined ones excluded);
+        only the shard folders that can hold such ids are listed."""
+        shards = f"{prefix[:2]}*" if prefix else "*"
+        return sorted(
+            p.name for p in (self.root / "objects").glob(f"{shards}/*") if p.is_file() and p.name.startswith(prefix)
+        )
 
     def key_id_of_blob(self, object_id: str, blob: bytes) -> str:
         """The id of the master key named in a sealed blob's header."""
