@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from node.storage import segments
+
 from .peers import (
     AINODE,
     CT_SERIES,
@@ -100,7 +102,7 @@ def test_kill_9_at_each_step_of_planning_plans_the_study_exactly_once(tmp_path, 
         assert node.proc.returncode == -9
         node = start_node_process(node.config_path, yaml.safe_load(node.config_path.read_text()), key_env,
                                   tmp_path / "node" / "restarted.log")  # fmt: skip
-        wait_until(lambda: "done" in _cli(node, "studies", "list").stdout, 180)
+        wait_until(lambda: "done" in node.studies(), 180)
         jobs = _jobs(node)
         assert len(jobs) == 1 and jobs[0]["state"] == "delivered"  # planned once, not twice or never
         assert len(list(results.rglob("*.dcm"))) == 2
@@ -116,7 +118,7 @@ def test_index_locked_during_planning_and_during_a_job_is_retried(tmp_path, key_
         )  # fmt: skip
         try:
             assert storescu(node.port, series_files(CT_SERIES)).returncode == 0
-            wait_until(lambda n=node: "done" in _cli(n, "studies", "list").stdout, 180)
+            wait_until(lambda n=node: "done" in n.studies(), 180)
             (job,) = _jobs(node)
             assert job["state"] == "delivered"
             assert len(list(results.rglob("*.dcm"))) == 2
@@ -134,12 +136,13 @@ def test_a_permanent_planning_failure_fails_the_study_with_its_reason(tmp_path, 
         assert _cli(node, "config", "reload").returncode == 0
         wait_until(lambda: "configuration reloaded" in node.log(), 20)
         assert storescu(node.port, series_files(CT_SERIES)[:30]).returncode == 0
-        for path in (node.data_dir / "store" / "objects").rglob("*"):  # tamper with every instance
-            if path.is_file() and not path.name.startswith("secret-"):
-                blob = bytearray(path.read_bytes())
-                blob[-1] ^= 0x01
-                path.write_bytes(bytes(blob))
-        listing = wait_until(lambda: "failed" in (out := _cli(node, "studies", "list").stdout) and out, 60)
+        wait_until(lambda: "30 instance(s)" in node.studies(), 20)  # indexed (off the C-STORE path)
+        for path in (node.data_dir / "store" / "segments").glob("*.seg"):  # tamper with every instance
+            blob = bytearray(path.read_bytes())
+            for offset, length, _slots in segments.records(path):
+                blob[offset + segments.RECORD_HEAD + length - 1] ^= 0x01  # the last byte of its ciphertext
+            path.write_bytes(bytes(blob))
+        listing = wait_until(lambda: "failed" in (out := node.studies()) and out, 60)
         assert "planning failed: object" in listing and "authentication failed (tampered)" in listing
     finally:
         node.stop()
@@ -164,7 +167,7 @@ def test_a_job_that_met_a_full_disk_finishes_once_space_is_freed(tmp_path, key_e
         wait_until(waiting, 60, 0.2)
         wait_until(waiting, 10, 3.0)  # still waiting, not dead-lettered (max_attempts is 5)
         filler.unlink()
-        wait_until(lambda: "done" in _cli(node, "studies", "list").stdout, 120)
+        wait_until(lambda: "done" in node.studies(), 120)
         (job,) = _jobs(node)
         assert job["state"] == "delivered"
         assert len(list(results.rglob("*.dcm"))) == 2

@@ -74,7 +74,7 @@ def test_reload_during_association_changes_next_study_and_keeps_old_on_error(sta
     assert sender.returncode == 0, err[-2000:]
     wait_until(lambda: "configuration reloaded" in node.log(), 30)
     # no instance lost on the association that straddled the reload
-    assert wait_until(lambda: f"{len(ct_files):>5} instance(s)" in node.cli("studies", "list").stdout, 30)
+    assert wait_until(lambda: f"{len(ct_files):>5} instance(s)" in node.studies(), 30)
 
     mr_files = sorted(p for p in MR_SERIES.iterdir() if p.is_file())
     sent = subprocess.run(
@@ -82,7 +82,7 @@ def test_reload_during_association_changes_next_study_and_keeps_old_on_error(sta
         capture_output=True, text=True, env=TOOL_ENV, check=False,
     )  # fmt: skip
     assert sent.returncode == 0
-    wait_until(lambda: "refused" in node.cli("jobs", "list").stdout, 60)
+    wait_until(lambda: [j for j in node.index().jobs() if j.state == "refused"], 60)
     (job,) = node.cli("jobs", "list").stdout.split("\n")[:1]
     shown = json.loads(node.cli("jobs", "show", job.split()[0]).stdout)
     assert shown["route"] == "v2"  # the study after the reload was routed by the new rules

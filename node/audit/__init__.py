@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from node.storage.store import ObjectStore
 
@@ -46,6 +46,11 @@ OBJECT_SECURITY_ATTRIBUTES_CHANGED = ("110135", "Object Security Attributes Chan
 SOURCE_ROLE = ("110153", "Source Role ID")
 DESTINATION_ROLE = ("110152", "Destination Role ID")
 APPLICATION_ROLE = ("110150", "Application")
+USER_AUTHENTICATION = ("110114", "User Authentication")
+LOGIN = ("110122", "Login")
+LOGOUT = ("110123", "Logout")
+QUERY = ("110112", "Query")
+EXPORT = ("110106", "Export")
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,55 @@ class AuditLog:
             self.store.key_id_of_blob(rid, base64.b64decode(p))
             for rid, _, p in (ln.partition(" ") for ln in self._lines())
         }
+
+
+def study_key_object(study_key: str) -> ParticipantObject:
+    """A study named by its ainode study key (a keyed digest: no PHI) rather than its UID."""
+    return ParticipantObject(study_key, id_type=("STUDYKEY", "99AINODE", "ainode study key"))
+
+
+STUDY_UID_TYPE = "110180"
+"""ParticipantObjectIDTypeCode of a Study Instance UID (PS3.15 A.5.2): the objects that may be PHI."""
+
+
+def parse(xml: str) -> dict[str, Any]:
+    """One audit message (as :func:`to_xml` writes it) as a plain dict: ``time``, ``event``,
+    ``event_code``, ``type``, ``action``, ``outcome``, ``description``, ``participants`` (user id,
+    requestor, address, role) and ``objects`` (id, type, type code, details decoded)."""
+    root = ET.fromstring(xml)
+    ident = root.find("EventIdentification")
+    assert ident is not None
+    event, kind = ident.find("EventID"), ident.find("EventTypeCode")
+    participants = [
+        {
+            "user_id": p.get("UserID", ""),
+            "requestor": p.get("UserIsRequestor") == "true",
+            "address": p.get("NetworkAccessPointID"),
+            "role": (p.find("RoleIDCode").get("originalText") if p.find("RoleIDCode") is not None else None),  # type: ignore[union-attr]
+        }
+        for p in root.findall("ActiveParticipant")
+    ]
+    objects = []
+    for o in root.findall("ParticipantObjectIdentification"):
+        type_code = o.find("ParticipantObjectIDTypeCode")
+        objects.append({
+            "id": o.get("ParticipantObjectID", ""),
+            "type": type_code.get("originalText") if type_code is not None else None,
+            "type_code": type_code.get("csd_code") if type_code is not None else None,
+            "detail": {d.get("type", ""): base64.b64decode(d.get("value", "")).decode(errors="replace")
+                       for d in o.findall("ParticipantObjectDetail")},
+        })  # fmt: skip
+    return {
+        "time": ident.get("EventDateTime", ""),
+        "event": event.get("originalText") if event is not None else "",
+        "event_code": event.get("csd_code") if event is not None else "",
+        "type": kind.get("originalText") if kind is not None else None,
+        "action": ident.get("EventActionCode", ""),
+        "outcome": int(ident.get("EventOutcomeIndicator", "0")),
+        "description": ident.findtext("EventOutcomeDescription"),
+        "participants": participants,
+        "objects": objects,
+    }
 
 
 def study_event(

@@ -5,8 +5,11 @@
   the store is writable and above its disk watermark, the algorithm process server is up; 503
   with the failing checks otherwise (readiness, for load balancers and Kubernetes).
 - ``GET /metrics``: Prometheus text format (:mod:`node.console.metrics`).
+- The web pages (:mod:`node.console.pages`) and the JSON API under ``/api``
+  (:mod:`node.console.api`), behind a login (:mod:`node.console.auth`).
 
-Nothing here shows PHI: the checks name components, the metrics carry states and counts.
+The monitoring endpoints need no login (probes and scrapers) and show no PHI: the checks name
+components, the metrics carry states and counts.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from node.console.metrics import LedgerCollector
+from node.settings.models import ConsoleSettings
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +33,31 @@ Check = Callable[[], str | None]
 """A readiness check: ``None`` when fine, else what is wrong (no PHI)."""
 
 
-def create_app(collector: LedgerCollector, checks: dict[str, Check]) -> FastAPI:
-    """The console application over ``collector`` (metrics) and readiness ``checks`` (name -> check)."""
+def create_app(
+    collector: LedgerCollector, checks: dict[str, Check], console: Any = None, settings: ConsoleSettings | None = None
+) -> FastAPI:
+    """The console application over ``collector`` (metrics) and readiness ``checks`` (name -> check);
+    with a :class:`~node.console.service.ConsoleService` ``console``, the pages and the API too."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    app = FastAPI(title="ainode console", version="0.1.0", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="ainode console", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None,
+        description=(__import__("node.console.api", fromlist=["api"]).__doc__ or "").strip(),
+    )  # fmt: skip
+    if console is not None:
+        from node.console import api, pages
+        from node.console.auth import Authenticator
+        from node.console.oidc import OidcLogin
+        from node.console.web import install_common
+
+        settings = settings or ConsoleSettings()
+        app.state.console = console
+        app.state.auth = Authenticator(console.index, settings, console.ctx.data.audit)
+        app.state.secure_cookies = settings.secure_cookies
+        app.state.oidc = OidcLogin(settings.oidc) if settings.oidc is not None else None
+        install_common(app)
+        api.install(app)
+        pages.install(app)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -60,12 +84,16 @@ def create_app(collector: LedgerCollector, checks: dict[str, Check]) -> FastAPI:
 
 
 class ConsoleServer:
-    """uvicorn serving ``app`` on ``host:port`` from a daemon thread (stopped with the node)."""
+    """uvicorn serving ``app`` on ``host:port`` from a daemon thread (stopped with the node), over
+    HTTPS when ``tls`` (certificate chain and key, PEM) is given."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    def __init__(self, app: Any, host: str, port: int, tls: Any = None) -> None:
         import uvicorn
 
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+            ssl_certfile=str(tls.certificate) if tls else None, ssl_keyfile=str(tls.private_key) if tls else None,
+        )  # fmt: skip
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="ainode-console", daemon=True)
 

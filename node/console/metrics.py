@@ -18,6 +18,16 @@ Metrics (``ainode_`` prefix)::
     receive_to_delivery_seconds                  histogram: study's last instance -> results delivered
     disk_free_bytes, disk_watermark_bytes         the store's file system and the refusal watermark
     store_objects                                encrypted objects the index names (instances, maps, results)
+    associations_total{calling_ae_title,outcome}  associations logged: released, aborted, rejected
+    instances_total{calling_ae_title,status}     C-STORE requests answered, by status (SUCCESS or the refusal)
+    received_bytes_total{calling_ae_title}       bytes of data sets received
+    model_load_seconds{model,device}             how long the model's last load took in its worker
+    model_memory_bytes{model,device}             memory of a loaded model's weights
+    gpu_memory_bytes{device}                     GPU memory reserved by the device's model worker
+
+``stage_seconds`` has the stages ``receive_to_complete`` (the study's last instance -> its jobs
+planned), ``deidentify``, ``load_volume``, ``inference``, ``build`` and ``deliver``. A calling AE
+title that is no configured peer is logged as ``(unknown)``, so label values stay bounded.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -32,9 +43,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from node.jobs.models import read_status
 from node.settings.models import Settings
 from node.storage.index import Index, InstanceRow, JobRow, JobState, StudyRow, StudyState
 from node.storage.store import ObjectStore
+from node.storage.tables import AssociationRow
 
 STAGES = {
     "deidentify": "deidentify_s",
@@ -94,8 +107,19 @@ class LedgerCollector(Collector):
             instances = s.scalar(select(func.count()).select_from(InstanceRow)) or 0
             maps = s.scalar(select(func.count()).where(StudyRow.map_object_id.is_not(None))) or 0
             results = [ids for ids in s.scalars(select(JobRow.result_object_ids)) if ids != "[]"]
+            associations = s.execute(
+                select(AssociationRow.calling_ae_title, AssociationRow.outcome, func.count(),
+                       func.coalesce(func.sum(AssociationRow.instances_stored), 0),
+                       func.coalesce(func.sum(AssociationRow.bytes_received), 0))
+                .group_by(AssociationRow.calling_ae_title, AssociationRow.outcome)
+            ).all()  # fmt: skip
+            refusals = s.execute(
+                select(AssociationRow.calling_ae_title, AssociationRow.refused_statuses).where(
+                    AssociationRow.instances_refused > 0
+                )
+            ).all()
             delivered = s.execute(
-                select(JobRow.timings, StudyRow.last_received_at)
+                select(JobRow.timings, StudyRow.last_received_at, JobRow.created_at)
                 .join(StudyRow, StudyRow.study_key == JobRow.study_key)
                 .where(JobRow.state.in_([JobState.DELIVERED, JobState.SUPERSEDED]))
             ).all()
@@ -122,10 +146,11 @@ class LedgerCollector(Collector):
             "ainode_delivery_attempts", "Failed attempts of all jobs (retried or dead-lettered)",
             value=float(attempts or 0),
         )  # fmt: skip
-        stages: dict[tuple[str, ...], list[float]] = {(label,): [] for label in STAGES}
+        stages: dict[tuple[str, ...], list[float]] = {(label,): [] for label in ["receive_to_complete", *STAGES]}
         turnaround: list[float] = []
-        for timings_json, last_received in delivered:
+        for timings_json, last_received, planned_at in delivered:
             timings = json.loads(timings_json)
+            stages[("receive_to_complete",)].append(max(0.0, planned_at - last_received))
             for label, key in STAGES.items():
                 if isinstance(timings.get(key), int | float):
                     stages[(label,)].append(float(timings[key]))
@@ -145,6 +170,55 @@ class LedgerCollector(Collector):
         # counted from the index (instances, maps, results), not by listing the store at each scrape
         stored = instances + maps + sum(len(json.loads(ids)) for ids in results)
         yield GaugeMetricFamily("ainode_store_objects", "Encrypted objects the index names", value=float(stored))
+        yield from _association_metrics(associations, refusals)
+        yield from _model_metrics(read_status(settings.node.data_dir / "run"))
+
+
+def _association_metrics(associations: Iterable[Any], refusals: Iterable[Any]) -> Iterator[Metric]:
+    """Associations by outcome, C-STORE requests by status and bytes, per calling AE title."""
+    outcomes = CounterMetricFamily(
+        "ainode_associations", "Associations, by calling AE title and outcome", labels=["calling_ae_title", "outcome"]
+    )
+    statuses = CounterMetricFamily(
+        "ainode_instances", "C-STORE requests answered, by calling AE title and status",
+        labels=["calling_ae_title", "status"],
+    )  # fmt: skip
+    received = CounterMetricFamily("ainode_received_bytes", "Bytes of data sets received", labels=["calling_ae_title"])
+    stored: Counter[str] = Counter()
+    bytes_by_ae: Counter[str] = Counter()
+    for ae_title, outcome, count, instances, size in associations:
+        outcomes.add_metric([ae_title, outcome], float(count))
+        stored[ae_title] += int(instances)
+        bytes_by_ae[ae_title] += int(size)
+    refused: Counter[tuple[str, str]] = Counter()
+    for ae_title, refused_json in refusals:
+        for status, n in json.loads(refused_json).items():
+            refused[(ae_title, status)] += int(n)
+    for ae_title, n in stored.items():
+        statuses.add_metric([ae_title, "SUCCESS"], float(n))
+    for (ae_title, status), n in refused.items():
+        statuses.add_metric([ae_title, status], float(n))
+    for ae_title, n in bytes_by_ae.items():
+        received.add_metric([ae_title], float(n))
+    yield from (outcomes, statuses, received)
+
+
+def _model_metrics(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Model load time and memory per model and device; GPU memory per device (model workers' status)."""
+    load = GaugeMetricFamily("ainode_model_load_seconds", "Last load of a model in its worker",
+                             labels=["model", "device"])  # fmt: skip
+    memory = GaugeMetricFamily("ainode_model_memory_bytes", "Memory of a loaded model's weights",
+                               labels=["model", "device"])  # fmt: skip
+    gpu = GaugeMetricFamily("ainode_gpu_memory_bytes", "GPU memory reserved by the device's model worker",
+                            labels=["device"])  # fmt: skip
+    for worker in workers:
+        for name, model in worker.get("models", {}).items():
+            device = str(model.get("device", worker.get("device", "")))
+            load.add_metric([name, device], float(model.get("load_s", 0.0)))
+            memory.add_metric([name, device], float(model.get("memory_bytes", 0)))
+        if "gpu_memory_bytes" in worker:
+            gpu.add_metric([str(worker.get("device", ""))], float(worker["gpu_memory_bytes"]))
+    yield from (load, memory, gpu)
 
 
 def _gauges(name: str, doc: str, label: str, values: dict[str, int], always: Iterable[str]) -> Metric:

@@ -57,7 +57,14 @@ def _by_study(found: list[tuple[Dataset, int]]) -> dict[str, dict[str, tuple[Dat
 def dry_run(settings: Settings, paths: Sequence[Path], calling_ae_title: str, show_values: bool = False) -> str:
     """The explanation text for every series found under ``paths``: the router's own decision
     (:func:`node.routing.router.route_study`, per study), with each condition's tests explained."""
-    found = series_headers(paths)
+    return explain(settings, series_headers(paths), calling_ae_title, show_values)
+
+
+def explain(
+    settings: Settings, found: list[tuple[Dataset, int]], calling_ae_title: str, show_values: bool = False
+) -> str:
+    """The explanation text for series given as (one header, number of instances) pairs (files on
+    disk, an upload held in memory, or series the node has stored)."""
     studies = _by_study(found)
     lines = [
         f"{len(found)} series in {len(studies)} study(ies); routing mode {settings.routing.mode}; "

@@ -181,6 +181,20 @@ def parse_condition(spec: Any, path: Sequence[str | int] = ()) -> Condition:
     return parts[0] if len(parts) == 1 else All(tuple(parts))
 
 
+def to_spec(condition: Condition) -> Any:
+    """A condition in its YAML form again (the inverse of :func:`parse_condition`, with the
+    shorthands: ``{KEYWORD: value}`` for ``eq``; values compared case-insensitively shown folded)."""
+    if isinstance(condition, Not):
+        return {"not": to_spec(condition.condition)}
+    if isinstance(condition, All | AnyOf):
+        return {"all" if isinstance(condition, All) else "any": [to_spec(c) for c in condition.conditions]}
+    operand = sorted(condition.operand) if condition.op == "in" else condition.operand
+    if condition.op == "eq" and not condition.ignore_case:
+        return {condition.keyword: operand}
+    test = {condition.op: operand} | ({"ignore_case": True} if condition.ignore_case else {})
+    return {condition.keyword: test}
+
+
 def keywords_of(condition: Condition) -> set[str]:
     """Every attribute keyword a condition reads (to extract headers once)."""
     if isinstance(condition, Test):

@@ -45,3 +45,10 @@ class NodeSecrets:
     def index_key(self, uid: str) -> str:
         """The index key of a UID: 32 hex digits of HMAC-SHA256 under the ``index`` secret."""
         return hmac.new(self.get("index"), uid.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def lookup_key(self, attribute: str, value: str) -> str | None:
+        """The keyed digest under which a study is found by a Patient ID or an Accession Number
+        (``attribute`` is the keyword): the same HMAC as :meth:`index_key`, separated by the
+        keyword, over the value without padding. ``None`` for an empty value."""
+        text = value.strip()
+        return self.index_key(f"{attribute}\x00{text}") if text else None

@@ -20,6 +20,8 @@
     ainode audit show --config FILE         the decrypted audit trail (DICOM audit messages)
     ainode studies list --config FILE       studies in the node and their state
     ainode jobs list|show|retry --config F  jobs, why they ended as they did; replay dead letters
+    ainode studies rerun KEY --config F     analyse a study again (superseding its results)
+    ainode users add|passwd|role|unlock|remove|list NAME --config F   console users
 """
 
 from __future__ import annotations
@@ -29,16 +31,14 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from node.cli import admin
 from node.errors import AinodeError
 
 if TYPE_CHECKING:
     from algorithms.registry import Registry
-    from node.datadir import DataDir
     from node.settings.models import Settings
-    from node.storage.index import Index
-    from node.storage.secrets import NodeSecrets
 
 
 def _files(paths: Sequence[str]) -> list[Path]:
@@ -240,7 +240,7 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     if args.config:  # the node's own pseudonym secret: same pseudonyms as the running node
         settings = load_settings(args.config)
         profiles = settings.deidentification
-        pseudonyms = Pseudonymizer(_secrets(settings).get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
+        pseudonyms = Pseudonymizer(admin.secrets_of(settings).get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
     else:  # stand-alone: a pseudonym key derived from the master key in the environment
         profiles = {"default": Deidentification()}
         key = load_key_provider(EnvKeySource(provider="env", variable=args.key_env)).current()
@@ -280,194 +280,6 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
             print(f"{path}: not de-identified: {type(exc).__name__}: {exc}", file=sys.stderr)
     print(f"de-identified {written}, quarantined {quarantined}, failed {failed}, skipped {skipped} (not DICOM)")
     return 1 if failed else 0
-
-
-def _open(config: str) -> DataDir:
-    """The data directory an admin command works on, opened as every process of the node opens it
-    (store with the disk watermark, index, secrets, audit log with its ATNA mirror)."""
-    from node.datadir import open_data_dir
-    from node.settings import load_settings
-
-    return open_data_dir(load_settings(config), role="cli")
-
-
-def _index_engine(config: str) -> Any:
-    """The engine of the configured index, without opening (and checking) it as an Index."""
-    from sqlalchemy import create_engine
-
-    from node.settings import load_settings
-    from node.storage.index import default_url
-
-    settings = load_settings(config)
-    settings.node.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return create_engine(settings.storage.database_url or default_url(settings.node.data_dir))
-
-
-def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    from node.storage import schema
-
-    engine = _index_engine(args.config)
-    before = schema.upgrade(engine)
-    after = schema.state(engine).current
-    shown = {None: "empty", "legacy": "from before migrations"}.get(before.current, f"at {before.current}")
-    print(f"index {engine.url.render_as_string(hide_password=True)}: was {shown}, now at {after}")
-    return 0
-
-
-def cmd_db_status(args: argparse.Namespace) -> int:
-    from node.storage import schema
-
-    engine = _index_engine(args.config)
-    now = schema.state(engine)
-    print(f"index {engine.url.render_as_string(hide_password=True)}: revision {now.current}, this release {now.head}")
-    return 0 if now.current == now.head else 1
-
-
-def _secrets(settings: Settings) -> NodeSecrets:
-    from node.datadir import open_data_dir
-
-    return open_data_dir(settings, role="cli").secrets
-
-
-def _rotate(args: argparse.Namespace, add_key: bool) -> int:
-    from node.audit import SECURITY_CONFIGURATION, security_alert
-    from node.datadir import rotate_keys
-    from node.settings.models import FileKeySource
-
-    data = _open(args.config)
-    if add_key and not isinstance(data.settings.keys, FileKeySource):
-        print(f"keys come from ${data.settings.keys.variable}: put the new key first there and restart; re-wrapping")
-    done = rotate_keys(data, add_key=add_key, wait_s=args.wait)
-    for reason in done.tampered:
-        print(f"tampered, quarantined: {reason}", file=sys.stderr)
-    for key_id, why in done.kept.items():
-        print(f"key {key_id} kept: {why}")
-    print(
-        f"current key {done.current}: {done.rewrapped} object(s) re-wrapped, {len(done.tampered)} quarantined;", end=" "
-    )
-    print(f"retired {len(done.retired)} key(s)")
-    what = "rotated to" if add_key else "re-wrapped to"
-    data.audit.record(
-        security_alert(SECURITY_CONFIGURATION, f"master key {what} {done.current}; {len(done.retired)} retired")
-    )
-    if data.mirror is not None:
-        data.mirror.flush()
-    return 1 if done.tampered else 0
-
-
-def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    return _rotate(args, add_key=True)
-
-
-def cmd_keys_retire(args: argparse.Namespace) -> int:
-    return _rotate(args, add_key=False)
-
-
-def cmd_keys_status(args: argparse.Namespace) -> int:
-    from collections import Counter
-
-    store = _open(args.config).store
-    counts = Counter(store.key_id_of(o) for o in store.object_ids())
-    current = store.keys.current().key_id
-    for key_id in store.keys.key_ids():
-        print(f"{key_id}  {'current' if key_id == current else 'old    '}  {counts.pop(key_id, 0)} object(s)")
-    for key_id, n in counts.items():
-        print(f"{key_id}  MISSING  {n} object(s) cannot be opened")
-    quarantined = len(list((store.root / "quarantine").iterdir()))
-    print(f"quarantined objects: {quarantined}")
-    return 1 if counts else 0
-
-
-def cmd_store_verify(args: argparse.Namespace) -> int:
-    from node.audit import OBJECT_SECURITY_ATTRIBUTES_CHANGED, security_alert
-    from node.errors import StorageError, TamperedObjectError
-
-    data = _open(args.config)
-    store, audit = data.store, data.audit
-    ok = tampered = 0
-    for object_id in store.object_ids():
-        try:
-            store.get(object_id)
-            ok += 1
-        except TamperedObjectError as exc:
-            tampered += 1
-            print(f"tampered, quarantined: {exc}", file=sys.stderr)
-            audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, f"tamper detected: {exc}"))
-        except StorageError as exc:
-            tampered += 1
-            print(f"unreadable: {exc}", file=sys.stderr)
-    print(f"{ok} object(s) intact, {tampered} tampered or unreadable")
-    return 1 if tampered else 0
-
-
-def cmd_purge(args: argparse.Namespace) -> int:
-    from node.jobs.retention import purge_study
-
-    data = _open(args.config)
-    n = purge_study(data.index, data.store, args.study_key, data.audit, "purged by an administrator")
-    if n == 0:
-        raise AinodeError(f"no study {args.study_key} (see 'ainode studies list')")
-    print(f"purged study {args.study_key}: {n} object(s) deleted")
-    return 0
-
-
-def cmd_audit_show(args: argparse.Namespace) -> int:
-    for record in _open(args.config).audit.read():
-        print(record)
-    return 0
-
-
-def cmd_keys_generate(args: argparse.Namespace) -> int:
-    from node.storage.keys import generate_key_file
-
-    print(f"wrote key {generate_key_file(Path(args.out))} to {args.out}")
-    return 0
-
-
-def _index(config: str) -> Index:
-    return _open(config).index
-
-
-def cmd_studies_list(args: argparse.Namespace) -> int:
-    for study in _index(args.config).studies():
-        print(f"{study.study_key}  {study.state:<10} {study.instance_count:>5} instance(s)  {study.reason or ''}")
-    return 0
-
-
-def cmd_jobs_list(args: argparse.Namespace) -> int:
-    for job in _index(args.config).jobs(state=args.state):
-        print(f"{job.id:>6}  {job.state:<9} {job.algorithm:<20} study {job.study_key}  {job.reason or ''}")
-    return 0
-
-
-def cmd_jobs_show(args: argparse.Namespace) -> int:
-    job = _index(args.config).job(args.id)
-    if job is None:
-        raise AinodeError(f"no job {args.id}")
-    fields = (
-        "id", "study_key", "route", "algorithm", "state", "stage", "attempts", "next_attempt_at", "reason",
-        "worker", "lease_expires_at", "config_digest", "created_at", "updated_at",
-    )  # fmt: skip
-    info = {f: getattr(job, f) for f in fields} | {"timings": json.loads(job.timings), "results": job.result_ids}
-    print(json.dumps(info, indent=2))
-    return 0
-
-
-def cmd_jobs_retry(args: argparse.Namespace) -> int:
-    import time
-
-    from node.storage.index import JobState, StudyState
-
-    index = _index(args.config)
-    job = index.job(args.id)
-    if job is None:
-        raise AinodeError(f"no job {args.id}")
-    if job.state not in (JobState.FAILED, JobState.PENDING):
-        raise AinodeError(f"job {args.id} is {job.state}; only failed (dead-letter) or waiting jobs are retried")
-    index.update_job(args.id, state=JobState.PENDING, attempts=0, next_attempt_at=time.time(), reason="retry requested")
-    index.set_study_state(job.study_key, StudyState.PROCESSING)
-    print(f"job {args.id} queued again; a running node picks it up within a second")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -528,30 +340,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="the configuration declaring the model")
     p.set_defaults(func=cmd_algorithms_check)
 
-    db = sub.add_parser("db", help="the index database").add_subparsers(dest="action", required=True)
-    p = db.add_parser("upgrade", help="migrate the index schema to this release (Alembic), in place")
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_db_upgrade)
-    p = db.add_parser("status", help="the index's schema revision and this release's (exit 1 if they differ)")
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_db_status)
-
-    keys = sub.add_parser("keys", help="master keys").add_subparsers(dest="action", required=True)
-    p = keys.add_parser("generate", help="write a new master key file")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_keys_generate)
-    p = keys.add_parser("rotate", help="add a new current key, re-wrap every object, retire unused keys")
-    p.add_argument("--config", required=True)
-    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for running processes to take the key")
-    p.set_defaults(func=cmd_keys_rotate)
-    p = keys.add_parser("retire", help="re-wrap every object to the current key, retire the keys nothing uses")
-    p.add_argument("--config", required=True)
-    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for running processes to take the key")
-    p.set_defaults(func=cmd_keys_retire)
-    p = keys.add_parser("status", help="keys in the keyring and the objects each one wraps")
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_keys_status)
-
     p = sub.add_parser("deidentify", help="de-identify DICOM files (PS3.15 Annex E)")
     p.add_argument("paths", nargs="+")
     p.add_argument("--out", required=True, help="folder for the de-identified files")
@@ -560,41 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-env", default="AINODE_KEY", help="without --config: variable holding the master key")
     p.set_defaults(func=cmd_deidentify)
 
-    store = sub.add_parser("store", help="the encrypted store").add_subparsers(dest="action", required=True)
-    p = store.add_parser("verify", help="decrypt every object; quarantine tampered ones")
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_store_verify)
-
-    p = sub.add_parser("purge", help="delete everything held for a study now")
-    p.add_argument("study_key", help="the study key shown by 'ainode studies list'")
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_purge)
-
-    audit = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="action", required=True)
-    p = audit.add_parser("show", help="decrypt and print the audit records (PS3.15 A.5 XML)")
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_audit_show)
-
-    studies = sub.add_parser("studies", help="studies in the node").add_subparsers(dest="action", required=True)
-    p = studies.add_parser("list")
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_studies_list)
-
-    jobs = sub.add_parser("jobs", help="analysis jobs").add_subparsers(dest="action", required=True)
-    p = jobs.add_parser("list")
-    p.add_argument("--config", required=True)
-    p.add_argument(
-        "--state", choices=["pending", "running", "delivered", "refused", "quarantined", "failed", "superseded"]
-    )
-    p.set_defaults(func=cmd_jobs_list)
-    p = jobs.add_parser("retry", help="queue a failed (dead-letter) job again")
-    p.add_argument("id", type=int)
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_jobs_retry)
-    p = jobs.add_parser("show")
-    p.add_argument("id", type=int)
-    p.add_argument("--config", required=True)
-    p.set_defaults(func=cmd_jobs_show)
+    admin.register(sub)
     return parser
 
 
