@@ -38,7 +38,7 @@ def test_send_delivers_compressed_and_uncompressed_series_in_one_call(tmp_path, 
     refusals = [line for line in sent.stderr.splitlines() if "not sent" in line]
     assert len(refusals) == 1 and refusals[0].startswith(f"{US_J2K}: not sent: ")  # ... in one line, no traceback
     assert "Ultrasound Image Storage" in refusals[0] and "Traceback" not in sent.stderr
-    listing = wait_until(lambda: (out := node.cli("studies", "list").stdout).strip() and out, 20)
+    listing = wait_until(lambda: (out := node.studies()).strip() and out, 20)
     assert sum(int(line.split()[2]) for line in listing.splitlines()) == len(files)
 
     pacs = orthanc("AINODE", node.port)

@@ -49,7 +49,7 @@ def test_start_up_reconciliation_removes_leftovers_and_purge_leaves_nothing(tmp_
     node = start_node(config_path, config)
     files = series_files(CT_SERIES)
     assert storescu(node.port, files[:5]).returncode == 0
-    wait_until(lambda: "done" in node.cli("studies", "list").stdout, 60)
+    wait_until(lambda: "done" in node.studies(), 60)
     node.kill()
 
     data = open_data_dir(load_settings(config_path))
@@ -64,7 +64,7 @@ def test_start_up_reconciliation_removes_leftovers_and_purge_leaves_nothing(tmp_
     node = start_node(config_path, config)
     assert not stale.exists()
     assert data.store.exists(orphan_instance) and not data.store.exists(orphan_map)
-    listing = wait_until(lambda: (out := node.cli("studies", "list").stdout).count("    6 instance(s)") and out, 30)
+    listing = wait_until(lambda: (out := node.studies()).count("    6 instance(s)") and out, 30)
     audit = node.cli("audit", "show").stdout
     assert (
         "start-up reconciliation: 1 unfinished temporary file(s) removed, 1 stored instance(s) indexed, "
@@ -72,7 +72,7 @@ def test_start_up_reconciliation_removes_leftovers_and_purge_leaves_nothing(tmp_
     )
 
     study_key = listing.split()[0]
-    wait_until(lambda: "done" in node.cli("studies", "list").stdout, 60)
+    wait_until(lambda: "done" in node.studies(), 60)
     purged = node.cli("purge", study_key)
     assert purged.returncode == 0, purged.stderr
     left = [o for o in data.store.object_ids() if not o.startswith("secret-")]

@@ -8,7 +8,7 @@ import secrets
 
 import pytest
 
-from node.errors import KeyProviderError, OutOfResourcesError, TamperedObjectError
+from node.errors import KeyProviderError, OutOfResourcesError, StorageError, TamperedObjectError
 from node.settings.models import EnvKeySource, FileKeySource
 from node.storage.index import Index, InstanceRow, StudyState
 from node.storage.keys import KeyringProvider, generate_key_file, load_key_provider
@@ -31,6 +31,24 @@ def test_roundtrip_and_no_plaintext_on_disk(store, tmp_path):
     assert b"Lung_Dx-A0001" not in on_disk
     assert payload[-4096:-4032] not in on_disk  # no 64-byte run of the pixel data
     assert len(on_disk) == len(payload) + HEADER_BYTES + 16
+
+
+def test_a_streamed_object_is_sealed_as_a_whole_one_and_a_failed_stream_leaves_nothing(store, tmp_path):
+    files = [p.read_bytes() for p in series_files(CT_SERIES)[:3]]
+    object_id = store.put_stream(iter(files), "streamed", size_hint=sum(map(len, files)))
+    assert store.get(object_id) == b"".join(files)  # the same envelope: one tag over the whole
+    on_disk = (tmp_path / "store" / "objects" / "st" / "streamed").read_bytes()
+    assert len(on_disk) == sum(map(len, files)) + HEADER_BYTES + 16
+    assert b"Lung_Dx-A0001" not in on_disk
+
+    def failing():
+        yield files[0]
+        raise ValueError("cannot encode")
+
+    with pytest.raises(ValueError, match="cannot encode"):
+        store.put_stream(failing(), "failed")
+    assert not store.exists("failed")
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []  # no partial object left behind
 
 
 @pytest.mark.parametrize("position", [0, 10, HEADER_BYTES - 1, HEADER_BYTES + 5, -1])
@@ -103,3 +121,33 @@ def test_index_late_instance_reopens_study_and_duplicates_are_ignored(tmp_path):
     study = index.study("study")
     assert study is not None
     assert (study.state, study.generation, study.instance_count) == (StudyState.RECEIVING, 2, 2)
+
+
+def test_segment_records_roundtrip_crypto_shred_and_reclaim(store, tmp_path, monkeypatch):
+    from node.storage import segments
+
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 3 * 2**20)  # a few instances per segment
+    payloads = [p.read_bytes() for p in series_files(CT_SERIES)[:8]]
+    ids = [store.append(p) for p in payloads]
+    assert [store.get(i) for i in ids] == payloads
+    paths = store.segment_paths()
+    assert len(paths) > 1  # rotated; only the last one is still open for appending
+    assert segments.held(paths[-1]) and not segments.held(paths[0])
+    for path in paths:
+        data = path.read_bytes()
+        assert all(p[1000:1064] not in data for p in payloads)  # no plaintext at rest
+
+    first = [i for i in ids if segments.locate(store.segments_root, i).path == paths[0]]
+    store.delete(first[0])
+    with pytest.raises(StorageError, match="deleted"):  # its data key is gone: never readable again
+        store.get(first[0])
+    assert store.reclaim_segments(first) == 0  # not finished (no .done mark) and records still live
+    store.close_segments()
+    for path in paths:
+        segments.mark_done(path)
+    assert store.reclaim_segments(first[:1]) == 0  # other records of the segment are live
+    for object_id in first[1:]:
+        store.delete(object_id)
+    assert store.reclaim_segments(first) == 1
+    assert not paths[0].exists() and all(p.exists() for p in paths[1:])
+    assert [store.get(i) for i in ids[len(first) :]] == payloads[len(first) :]

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Table, case, create_engine, delete, event, select, update
+from sqlalchemy import Table, bindparam, case, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from node.errors import IndexUnavailableError, StorageError
 from node.storage import schema
+from node.storage.accounts import Accounts
 from node.storage.ledger import Ledger
 from node.storage.tables import (
     STAGE_PREFIX,
@@ -40,9 +42,49 @@ from node.storage.tables import (
 )
 
 __all__ = [
-    "STAGE_PREFIX", "Base", "ClaimRow", "Index", "InstanceRow", "JobRow", "JobState", "PlannedJob", "Stage",
-    "StudyRow", "StudyState", "default_url", "job_of_stage_object", "stage_object_id",
+    "STAGE_PREFIX", "Base", "ClaimRow", "Index", "InstanceKeys", "InstanceRow", "JobRow", "JobState", "NewInstance",
+    "PlannedJob",
+    "Stage", "StudyRow", "StudyState", "default_url", "job_of_stage_object", "stage_object_id",
 ]  # fmt: skip
+
+
+INSTANCE_COLUMNS = (
+    "object_id", "sop_key", "study_key", "series_key", "sop_class_uid", "transfer_syntax_uid", "size", "received_at",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class InstanceKeys:
+    """An instance row to insert, without the ORM (built on every C-STORE): the columns of
+    :class:`InstanceRow`."""
+
+    object_id: str
+    sop_key: str
+    study_key: str
+    series_key: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    size: int
+    received_at: float
+
+
+@dataclass(frozen=True)
+class _BatchSql:
+    insert_studies: Any
+    existing: Any
+    insert_instances: Any
+    count_instances: Any
+    touch_study: Any
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """A stored instance to index: its row, who sent it, and its study's lookup digests."""
+
+    row: InstanceRow | InstanceKeys
+    calling_ae_title: str
+    patient_key: str | None = None
+    accession_key: str | None = None
 
 
 def default_url(data_dir: Path) -> str:
@@ -61,7 +103,7 @@ def _sqlite_pragmas(busy_timeout_s: float) -> Any:
     return on_connect
 
 
-class Index(Ledger):
+class Index(Ledger, Accounts):
     """Access to the index database.
 
     Parameters
@@ -84,6 +126,7 @@ class Index(Ledger):
             event.listen(self.engine, "connect", _sqlite_pragmas(busy_timeout_s))
         schema.check(self.engine)  # an empty index is created; another revision is refused
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._batch: _BatchSql | None = None
 
     @classmethod
     def for_data_dir(cls, data_dir: Path, busy_timeout_s: float = 30.0, url: str | None = None) -> Index:
@@ -107,71 +150,116 @@ class Index(Ledger):
 
     # -- receiving -----------------------------------------------------------------------------
 
-    def add_instance(self, row: InstanceRow, calling_ae_title: str) -> bool:
+    def add_instance(
+        self, row: InstanceRow, calling_ae_title: str, patient_key: str | None = None, accession_key: str | None = None
+    ) -> bool:
         """Index a stored instance and touch its study; a late instance re-opens the study.
 
-        Returns ``False`` (and changes nothing) when the SOP instance is already indexed. Several
-        associations may deliver one study at the same moment: when two create the study (or the
-        same instance) at once, the loser retries and finds the winner's row.
+        ``patient_key`` and ``accession_key`` (keyed digests, :meth:`NodeSecrets.lookup_key`) are
+        recorded on the study when it has none yet. Returns ``False`` (and changes nothing) when
+        the SOP instance is already indexed. Several associations may deliver one study at the
+        same moment: when two create the study (or the same instance) at once, the loser retries
+        and finds the winner's row.
 
         Raises
         ------
         StorageError
             The index could not record the instance.
         """
+        return self.add_instances([NewInstance(row, calling_ae_title, patient_key, accession_key)])[0]
+
+    def add_instances(self, new: Sequence[NewInstance]) -> list[bool]:
+        """Index stored instances in one transaction (the batching writer's call, one commit and
+        one sync for all); returns, for each, whether it was indexed (``False``: its SOP instance
+        was indexed already, the first copy stays). Studies are touched as :meth:`add_instance`
+        does, once each.
+
+        Raises
+        ------
+        IndexUnavailableError
+            The index is locked or unreachable (transient: the caller tries again).
+        StorageError
+            The index could not record the instances.
+        """
         for _attempt in range(3):
             try:
-                return self._add_instance(row, calling_ae_title)
+                return self._add_instances(new)
             except IntegrityError:
-                continue  # a concurrent association inserted the same study or instance first
+                continue  # another process created one of the studies at the same moment
             except OperationalError as exc:
                 raise IndexUnavailableError(f"index unavailable: {_first_line(exc)}") from None
-        raise StorageError("index: could not record the instance after concurrent updates")
+        raise StorageError("index: could not record the instances after concurrent updates")
+
+    def _add_instances(self, new: Sequence[NewInstance]) -> list[bool]:
+        # statements built once and executed with many parameter sets (their compiled form is
+        # cached): this runs for every received instance
+        sql = self._batch_sql()
+        first: dict[str, NewInstance] = {}
+        for item in new:
+            first.setdefault(item.row.study_key, item)
+        with self.engine.begin() as conn:
+            conn.execute(sql.insert_studies, [
+                {"study_key": key, "state": StudyState.RECEIVING, "calling_ae_title": item.calling_ae_title,
+                 "first_received_at": item.row.received_at, "last_received_at": item.row.received_at,
+                 "instance_count": 0, "generation": 1, "updated_at": item.row.received_at,
+                 "patient_key": item.patient_key, "accession_key": item.accession_key}
+                for key, item in first.items()
+            ])  # fmt: skip
+            existing = set(conn.scalars(sql.existing, {"keys": [item.row.sop_key for item in new]}))
+            added: list[bool] = []
+            for item in new:  # the first copy of a SOP instance stays, also within the batch
+                added.append(item.row.sop_key not in existing)
+                existing.add(item.row.sop_key)
+            rows = [item.row for item, ok in zip(new, added, strict=True) if ok]
+            if rows:
+                conn.execute(sql.insert_instances, [
+                    {c: getattr(row, c) for c in INSTANCE_COLUMNS} for row in rows
+                ])  # fmt: skip
+            touched: dict[str, dict[str, Any]] = {}
+            for item, ok in zip(new, added, strict=True):
+                t = touched.setdefault(item.row.study_key, {
+                    "key": item.row.study_key, "n": 0, "now": item.row.received_at,
+                    "patient": first[item.row.study_key].patient_key,
+                    "accession": first[item.row.study_key].accession_key,
+                })  # fmt: skip
+                t["n"] += int(ok)
+                t["now"] = max(t["now"], item.row.received_at)
+            if any(t["n"] for t in touched.values()):
+                conn.execute(sql.count_instances, [t for t in touched.values() if t["n"]])
+            if any(not t["n"] for t in touched.values()):
+                conn.execute(sql.touch_study, [t for t in touched.values() if not t["n"]])
+        return added
+
+    def _batch_sql(self) -> _BatchSql:
+        if self._batch is None:
+            studies, instances = cast(Table, StudyRow.__table__), cast(Table, InstanceRow.__table__)
+            this_study = studies.c.study_key == bindparam("key")
+            now: Any = bindparam("now")
+            later = case((studies.c.last_received_at < now, now), else_=studies.c.last_received_at)
+            reopened = studies.c.state != StudyState.RECEIVING  # a late instance: the next generation
+            self._batch = _BatchSql(
+                insert_studies=self._insert_ignoring_conflicts(studies),
+                existing=select(instances.c.sop_key).where(instances.c.sop_key.in_(bindparam("keys", expanding=True))),
+                insert_instances=insert(instances),
+                count_instances=update(studies).where(this_study).values(
+                    generation=studies.c.generation + case((reopened, 1), else_=0), state=StudyState.RECEIVING,
+                    instance_count=studies.c.instance_count + bindparam("n"), last_received_at=later, updated_at=now,
+                    patient_key=func.coalesce(studies.c.patient_key, bindparam("patient")),
+                    accession_key=func.coalesce(studies.c.accession_key, bindparam("accession")),
+                ),
+                touch_study=update(studies).where(this_study).values(last_received_at=later),
+            )  # fmt: skip
+        return self._batch
+
+    def indexed_object_ids(self, prefix: str) -> set[str]:
+        """Object ids of indexed instances starting with ``prefix`` (one segment's, say)."""
+        with self.session() as s:
+            return set(s.scalars(select(InstanceRow.object_id).where(InstanceRow.object_id.startswith(prefix))))
 
     def _insert_ignoring_conflicts(self, table: Any) -> Any:
         """``INSERT ... ON CONFLICT DO NOTHING`` in the engine's dialect (SQLite or PostgreSQL)."""
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         return dialect.insert(table).on_conflict_do_nothing()
-
-    def _add_instance(self, row: InstanceRow, calling_ae_title: str) -> bool:
-        # Core statements, three per instance: this runs on every C-STORE, before Success.
-        now = row.received_at
-        studies, instances = cast(Table, StudyRow.__table__), cast(Table, InstanceRow.__table__)
-        this_study = studies.c.study_key == row.study_key
-        with self.engine.begin() as conn:
-            conn.execute(
-                self._insert_ignoring_conflicts(studies).values(
-                    study_key=row.study_key, state=StudyState.RECEIVING, calling_ae_title=calling_ae_title,
-                    first_received_at=now, last_received_at=now, instance_count=0, generation=1, updated_at=now,
-                )
-            )  # fmt: skip
-            added = (  # RETURNING, not rowcount: psycopg reports no rowcount for a skipped conflict
-                conn.execute(
-                    self._insert_ignoring_conflicts(instances)
-                    .values({c.name: getattr(row, c.name) for c in instances.columns})
-                    .returning(instances.c.object_id)
-                ).first()
-                is not None
-            )
-            later = case((studies.c.last_received_at < now, now), else_=studies.c.last_received_at)
-            if not added:  # the SOP instance is already indexed: the first copy stays
-                conn.execute(update(studies).where(this_study).values(last_received_at=later))
-                return False
-            # one statement, not read-modify-write: other associations update the same row; a
-            # late instance re-opens a study that had moved on (next generation)
-            reopened = studies.c.state != StudyState.RECEIVING
-            conn.execute(
-                update(studies)
-                .where(this_study)
-                .values(
-                    generation=studies.c.generation + case((reopened, 1), else_=0),
-                    state=StudyState.RECEIVING,
-                    instance_count=studies.c.instance_count + 1,
-                    last_received_at=later,
-                    updated_at=now,
-                )
-            )
-        return True
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -204,6 +292,18 @@ class Index(Ledger):
                 query = query.where(StudyRow.state == expect)
             result = s.execute(query.values(state=state, reason=reason, updated_at=time.time()))
             return bool(getattr(result, "rowcount", 0))
+
+    def reopen_study(self, study_key: str) -> int | None:
+        """Re-open a study that has left ``receiving``/``complete`` as its next generation, so the
+        scheduler plans it again (an administrator's re-run); returns the new generation, or
+        ``None`` when the study is missing or still receiving."""
+        with self.session() as s:
+            study = s.get(StudyRow, study_key, with_for_update=True)
+            if study is None or study.state in (StudyState.RECEIVING, StudyState.COMPLETE):
+                return None
+            study.generation += 1
+            study.state, study.reason, study.updated_at = StudyState.RECEIVING, "re-run requested", time.time()
+            return study.generation
 
     def study(self, study_key: str) -> StudyRow | None:
         """The study row, or ``None``."""

@@ -11,6 +11,9 @@ Job states (the ledger, :mod:`node.storage.ledger`)::
     pending -> running -> delivered | refused | quarantined | failed
                   \\-> pending (retry after backoff; lease expired)   failed = dead letter
 
+The console's users and sessions (:mod:`node.storage.accounts`) and the log of associations (one
+row per association, for the dashboard and the metrics) live here too.
+
 The tables hold no PHI: UIDs appear only as keyed digests, everything identifying stays inside
 encrypted objects. Their schema is versioned by the Alembic migrations in ``migrations/``.
 """
@@ -21,7 +24,7 @@ import enum
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import Float, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, Float, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -76,6 +79,10 @@ class StudyRow(Base):
     map_object_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[float] = mapped_column(Float)
+    patient_key: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    """Keyed digest of the Patient ID (:meth:`NodeSecrets.lookup_key`), for the console's lookup."""
+    accession_key: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    """Keyed digest of the Accession Number (:meth:`NodeSecrets.lookup_key`), for the console's lookup."""
 
 
 class InstanceRow(Base):
@@ -143,6 +150,58 @@ class ClaimRow(Base):
     lease_expires_at: Mapped[float] = mapped_column(Float)
     released_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     outcome: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class Role(enum.StrEnum):
+    """What a console user may do (:data:`node.console.auth.PERMISSIONS`)."""
+
+    ADMIN = "admin"
+    OPERATOR = "operator"
+    VIEWER = "viewer"
+
+
+class UserRow(Base):
+    """A console user: a local one with an argon2 password hash, or one signed in through OIDC
+    (no password; the role comes from the identity provider at each login)."""
+
+    __tablename__ = "console_users"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    last_login_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class SessionRow(Base):
+    """A console session; the cookie holds the token, the index only its SHA-256."""
+
+    __tablename__ = "console_sessions"
+    token_digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user: Mapped[str] = mapped_column(ForeignKey("console_users.name", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class AssociationRow(Base):
+    """One association with the Storage SCP, written when it ends: who called (a configured AE
+    title, else ``(unknown)``), how it ended (``released``, ``aborted``, ``rejected``) and what it
+    carried. No UID, name or address."""
+
+    __tablename__ = "associations"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    calling_ae_title: Mapped[str] = mapped_column(String(16), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float] = mapped_column(Float, index=True)
+    instances_stored: Mapped[int] = mapped_column(Integer, default=0)
+    instances_refused: Mapped[int] = mapped_column(Integer, default=0)
+    refused_statuses: Mapped[str] = mapped_column(Text, default="{}")
+    """JSON: DIMSE status name -> instances refused with it."""
+    bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 STAGE_PREFIX = "s"
