@@ -11,10 +11,14 @@ import logging
 import os
 import signal
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from algorithms.base import Device
 from algorithms.errors import AlgorithmError
 from algorithms.registry import Registry
 from node.audit import (
@@ -27,22 +31,23 @@ from node.audit import (
     Participant,
     security_alert,
 )
-from node.console.app import ConsoleServer, create_app
-from node.console.metrics import LedgerCollector
 from node.datadir import DataDir, open_data_dir
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError, ConfigError
 from node.health import disk_problem, index_problem, scp_problem, store_problem
-from node.jobs.devices import DevicePool
+from node.jobs.devices import DeviceInfo, DevicePool
 from node.jobs.isolation import probe_devices, warm_up
 from node.jobs.leases import Heartbeat, worker_id
 from node.jobs.models import ModelWorkers
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired, sweep_stage_outputs
 from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
-from node.receiver import Receiver, ReceiverPool, reconcile
+from node.receiver import Receiver, ReceiverPool, reconcile, reconcile_segments
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
+
+if TYPE_CHECKING:
+    from node.console.app import ConsoleServer
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +80,18 @@ def check_algorithms(settings: Settings, registry: Registry, where: str) -> None
                 raise ConfigError(f"{key}.parameters.{field}: {err['msg']}") from None
 
 
-def job_services(settings: Settings, data: DataDir, registry: Registry, where: str, role: str) -> tuple[Services, int]:
+def job_services(
+    settings: Settings,
+    data: DataDir,
+    registry: Registry,
+    where: str,
+    role: str,
+    probed: tuple[Device, list[DeviceInfo]] | None = None,
+) -> tuple[Services, int]:
     """What runs jobs in this process (a node's job threads or an ``ainode worker``): the data
     directory's parts, the checked registry, the devices (probed in a child: the process itself
-    never imports torch), the model workers and this process's worker id in the ledger.
+    never imports torch; ``probed`` when that was done already), the model workers and this
+    process's worker id in the ledger.
 
     Returns
     -------
@@ -91,7 +104,7 @@ def job_services(settings: Settings, data: DataDir, registry: Registry, where: s
         A route names an unknown algorithm or parameters it does not accept.
     """
     check_algorithms(settings, registry, where)
-    device, gpus = probe_devices()
+    device, gpus = probed if probed is not None else probe_devices()
     services = Services(
         settings, data.store, data.index, data.secrets, registry, device, audit=data.audit,
         devices=DevicePool(gpus), models=ModelWorkers(settings.node.data_dir / "run"), worker=worker_id(role),
@@ -112,36 +125,73 @@ class Node:
     ) -> None:
         self.settings = settings
         self.config_path = config_path
+        # the devices are probed in a child of the forkserver, whose imports (torch) take seconds:
+        # the node receives meanwhile, and its job side starts once they are known (start)
+        probe = ThreadPoolExecutor(1, thread_name_prefix="ainode-device-probe")
+        self._probe = probe.submit(probe_devices)
+        probe.shutdown(wait=False)  # the thread ends with the probe
         configure_pydicom()
         data = self.data = open_data_dir(settings, role="node")
         self.store, self.index, self.secrets, self.audit = data.store, data.index, data.secrets, data.audit
         self.registry = registry or Registry()
-        services, gpus = job_services(settings, data, self.registry, str(config_path or "configuration"), "node")
-        assert services.models is not None
-        self.models = services.models
-        self.pipeline = Pipeline(services)
-        self.executor: JobExecutor
-        if settings.node.executor == "celery":  # jobs run in `ainode worker` processes
-            from node.jobs.distributed import CeleryExecutor, make_app
-
-            self.executor = CeleryExecutor(make_app(settings), self.pipeline)
-        else:  # one job thread per GPU (each GPU has its model worker), one on a CPU-only node
-            self.executor = InProcessExecutor(self.pipeline.run_job, workers=max(1, gpus))
-        self.heartbeat = Heartbeat(self.index, services.worker, settings.node.lease_s, self.pipeline.running)
-        self.scheduler = Scheduler(self.pipeline, self.index, settings, self.executor)
+        self.where = str(config_path or "configuration")
+        check_algorithms(settings, self.registry, self.where)  # a bad configuration is refused at once
         self.secrets.get("index")  # created now, before any other receiving process needs it
         receivers = settings.node.receivers if config_path is not None else 1
-        self.receiver = Receiver(settings, self.store, self.index, self.secrets, self.audit, reuse_port=receivers > 1)
-        self.store.on_tamper = self.receiver.tamper_detected
         self.pool = ReceiverPool(config_path, receivers, log_level) if config_path is not None else None
+        handover = self.pool.handover if self.pool is not None else None
+        self.receiver = Receiver(settings, self.store, self.index, self.secrets, self.audit, handover=handover)
+        self.store.on_tamper = self.receiver.tamper_detected
+        self.pipeline: Pipeline | None = None
+        self.executor: JobExecutor | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.scheduler: Scheduler | None = None
+        self.models: ModelWorkers | None = None
+        self.device, self.gpus = "starting", list[DeviceInfo]()
         self._stop = threading.Event()
         self._reload_lock = threading.Lock()
         self._algorithms_ready = threading.Event()
         self.console = self._console() if settings.console.port is not None else None
-        logger.info("node ready", extra={"executor": settings.node.executor})
+        logger.info("node ready to receive", extra={"executor": settings.node.executor})
+
+    def _start_jobs(self) -> None:
+        """The job side, once the devices are known: pipeline, executor, lease heartbeat and
+        scheduler; unfinished jobs of an earlier run resume."""
+        device, gpus = self._probe.result()
+        with self._reload_lock:
+            settings = self.settings
+            services, n_gpus = job_services(settings, self.data, self.registry, self.where, "node", (device, gpus))
+            assert services.models is not None
+            self.device, self.gpus, self.models = device, gpus, services.models
+            self.pipeline = pipeline = Pipeline(services)
+            if settings.node.executor == "celery":  # jobs run in `ainode worker` processes
+                from node.jobs.distributed import CeleryExecutor, make_app
+
+                self.executor = CeleryExecutor(make_app(settings), pipeline)
+            else:  # one job thread per GPU (each GPU has its model worker), one on a CPU-only node
+                self.executor = InProcessExecutor(pipeline.run_job, workers=max(1, n_gpus))
+            self.heartbeat = Heartbeat(self.index, services.worker, settings.node.lease_s, pipeline.running)
+            self.scheduler = scheduler = Scheduler(pipeline, self.index, settings, self.executor)
+        threading.Thread(target=self._warm_up, name="ainode-warm-up", daemon=True).start()
+        self.heartbeat.start()
+        scheduler.recover()
+        retention = settings.storage.retention_days
+
+        def housekeeping() -> int:
+            sweep_stage_outputs(self.index, self.store)
+            self.index.prune_associations(time.time() - retention * 86400)  # the log follows retention
+            return purge_expired(self.index, self.store, retention, self.audit)
+
+        threading.Thread(
+            target=scheduler.run, args=(self._stop, 0.25, housekeeping), name="ainode-scheduler", daemon=True
+        ).start()
 
     def _console(self) -> ConsoleServer:
-        """The monitoring endpoints over this node's ledger and store (``console.port``)."""
+        """The console over this node's ledger, store and configuration (``console.port``)."""
+        from node.console.app import ConsoleServer, create_app  # the web stack only where it is served
+        from node.console.metrics import LedgerCollector
+        from node.console.service import ConsoleContext, ConsoleService
+
         collector = LedgerCollector(self.index, self.store, lambda: self.settings)
 
         def algorithms() -> str | None:
@@ -154,7 +204,13 @@ class Node:
             "store": lambda: store_problem(self.store),
             "algorithms": algorithms,
         }
-        return ConsoleServer(create_app(collector, checks), self.settings.console.host, self.settings.console.port or 0)
+        context = ConsoleContext(
+            settings=lambda: self.settings, data=self.data, registry=self.registry, reload=self.reload_problem,
+            devices=lambda: (self.device, self.gpus), config_path=self.config_path,
+        )  # fmt: skip
+        console = self.settings.console
+        app = create_app(collector, checks, ConsoleService(context), console)
+        return ConsoleServer(app, console.host, console.port or 0, console.tls)
 
     def _application(self, event_type: tuple[str, str]) -> None:
         me = [Participant(self.settings.node.ae_title, APPLICATION_ROLE)]
@@ -162,34 +218,26 @@ class Node:
 
     def _warm_up(self) -> None:
         warm_up()
+        import node.results  # noqa: F401 - highdicom, loaded now rather than by the first study
+
         self._algorithms_ready.set()
         logger.info("algorithm process server ready")
 
     def start(self) -> None:
-        """Resume unfinished work, start the scheduler thread and listen for associations (here
-        and in the child receivers, when ``node.receivers`` > 1)."""
+        """Make store and index agree, listen for associations (here and in the child receivers,
+        when ``node.receivers`` > 1), serve the console, then start the job side (it waits for the
+        device probe) and resume unfinished work."""
         self._application(APPLICATION_START)
         reconcile(self.data, self.receiver.ingest)  # after a crash: store and index agree again
-        threading.Thread(target=self._warm_up, name="ainode-warm-up", daemon=True).start()
         if self.config_path is not None:
             digest = config_digest(self.config_path)
             self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration in force: sha256 {digest}"))
-        self.heartbeat.start()
-        self.scheduler.recover()
-        retention = self.settings.storage.retention_days
-
-        def housekeeping() -> int:
-            sweep_stage_outputs(self.index, self.store)
-            return purge_expired(self.index, self.store, retention, self.audit)
-
-        threading.Thread(
-            target=self.scheduler.run, args=(self._stop, 0.25, housekeeping), name="ainode-scheduler", daemon=True
-        ).start()
         self.receiver.start()
         if self.pool is not None:
             self.pool.start()
         if self.console is not None:
             self.console.start()
+        self._start_jobs()
 
     def stop(self) -> None:
         """Stop accepting associations, then let the running job finish (pending ones resume later)."""
@@ -199,9 +247,12 @@ class Node:
         if self.pool is not None:
             self.pool.stop()
         self._stop.set()
-        self.executor.shutdown(wait=True)
-        self.heartbeat.stop()
-        self.models.stop()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.models is not None:
+            self.models.stop()
         self._application(APPLICATION_STOP)
         self.data.close()
 
@@ -209,11 +260,15 @@ class Node:
         """Load, validate and swap in the configuration file again (routes, peers, destinations,
         de-identification, audit); the old configuration stays when the new one is invalid.
 
-        Changes to ``node`` or ``keys`` need a restart and are refused. Running associations and
-        jobs are not disturbed: a job keeps the configuration it started with.
+        Changes to ``node``, ``keys`` or ``console`` need a restart and are refused. Running
+        associations and jobs are not disturbed: a job keeps the configuration it started with.
         """
+        return self.reload_problem() is None
+
+    def reload_problem(self) -> str | None:
+        """:meth:`reload`, returning ``None`` when done, else why it was refused (file, line, key)."""
         if self.config_path is None:
-            return False
+            return "the node was started without a configuration file"
         try:
             new = load_settings(self.config_path)
             for section in ("node", "keys", "console"):
@@ -223,18 +278,19 @@ class Node:
         except AinodeError as exc:
             logger.error("configuration reload refused: %s", exc)
             self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration reload refused: {exc}"))
-            return False
+            return str(exc)
         with self._reload_lock:
             self.receiver.set_settings(new)
             if self.pool is not None:
                 self.pool.reload()
             self.settings = new
-            self.pipeline.s.settings = new
-            self.scheduler.settings = new
+            if self.pipeline is not None and self.scheduler is not None:
+                self.pipeline.s.settings = new
+                self.scheduler.settings = new
         digest = config_digest(self.config_path)
         self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration reloaded: sha256 {digest}"))
         logger.info("configuration reloaded", extra={"sha256": digest})
-        return True
+        return None
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration. Writes ``ainode.pid``."""
@@ -251,7 +307,7 @@ class Node:
                 self.reload()
             self.data.refresh_keys()  # a key rotation reaches this process within one loop
             if self.pool is not None:
-                self.pool.supervise()
+                self.pool.supervise(lambda: reconcile_segments(self.data, self.receiver.ingest))
         logger.info("shutting down")
         self.stop()
         pid_file.unlink(missing_ok=True)

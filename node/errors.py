@@ -17,7 +17,14 @@
     ├── PluginError            an algorithm plugin failed to load or raised
     │   └── SeriesRefused          the series is declined with a reason (not a failure)
     ├── ResultBuildError       a SEG or SR cannot be built
-    └── DeliveryError          a destination refused or could not be reached           (transient)
+    ├── DeliveryError          a destination refused or could not be reached           (transient)
+    ├── LeaseLostError         another worker took over a job whose lease this one lost
+    ├── ExecutorError          the job executor cannot reach its broker                 (transient)
+    ├── NotFoundError          an administrator named a study, job or user that does not exist
+    ├── ConflictError          an administrative action does not apply to the object as it stands
+    └── ConsoleError           the console refused a request (HTTP 4xx at its edge)
+        ├── AuthenticationError    no valid session, wrong user or password, or locked out (401)
+        └── AccessDeniedError      the user's role does not allow the action, or no CSRF token (403)
 
 Errors are converted to DIMSE statuses only at the network edge (``node.network``). The plugin SDK
 has its own small tree (:mod:`algorithms.errors`); :class:`PluginError` and :class:`SeriesRefused`
@@ -124,3 +131,25 @@ class ExecutorError(AinodeError):
     """The job executor cannot reach its broker (Celery over RabbitMQ or Redis)."""
 
     transient = True
+
+
+class NotFoundError(AinodeError):
+    """An administrator (CLI or console) named a study, job or user that does not exist (HTTP 404)."""
+
+
+class ConflictError(AinodeError):
+    """An administrative action does not apply to the object as it stands, e.g. retrying a job
+    that is not a dead letter (HTTP 409)."""
+
+
+class ConsoleError(AinodeError):
+    """The console refused a request; converted to an HTTP status only at the console's edge."""
+
+
+class AuthenticationError(ConsoleError):
+    """No valid session, a wrong user name or password, or a locked account (HTTP 401)."""
+
+
+class AccessDeniedError(ConsoleError):
+    """The signed-in user's role does not allow the action, or the form carried no valid CSRF
+    token (HTTP 403)."""

@@ -1,14 +1,14 @@
 """The receiving side of the node: Storage SCP -> encrypted store + index, with its audit trail.
 
 A node runs one :class:`Receiver` in its main process and, with ``node.receivers`` > 1, more in
-child processes listening on the same port (``SO_REUSEPORT``: the kernel spreads incoming
-associations over the listeners), so that concurrent associations use several cores despite
-Python's global interpreter lock. Every receiver stores durably before it answers Success, into
-the shared data directory: object files, the SQLite index (WAL; writers take turns) and the audit
-log (whole-line appends). Only the main process plans and runs jobs; it starts the children after
-the node's secrets exist, restarts one that dies, forwards SIGHUP (reload) and stops them on
-shutdown. A child dies with the main process (``PR_SET_PDEATHSIG``), so ``kill -9`` of the node
-leaves no receiver behind.
+child processes, so that concurrent associations use several cores despite Python's global
+interpreter lock: the main process accepts every connection and hands it to the receiver with the
+fewest open connections, itself included (:class:`~node.network.transport.ConnectionDispatcher`).
+Every receiver stores durably before it answers Success, into the shared data directory: its own
+segment files, the SQLite index (WAL; writers take turns) and the audit log (whole-line appends).
+Only the main process plans and runs jobs; it starts the children after the node's secrets exist,
+restarts one that dies, forwards SIGHUP (reload) and stops them on shutdown. A child dies with the
+main process (``PR_SET_PDEATHSIG``), so ``kill -9`` of the node leaves no receiver behind.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -42,25 +44,38 @@ from node.audit import (
 from node.datadir import DataDir, open_data_dir
 from node.dicomio import configure_pydicom, decode
 from node.errors import AinodeError, OutOfResourcesError
-from node.network.scp import STORAGE_SOP_CLASSES, PeerRule, ReceivedInstance, StorageSCP
+from node.network.scp import (
+    STORAGE_SOP_CLASSES,
+    AssociationSummary,
+    Handover,
+    PeerRule,
+    ReceivedInstance,
+    StorageSCP,
+)
 from node.network.tls import server_context
+from node.network.transport import ConnectionDispatcher, SharedCount, connection_line
 from node.settings import load_settings
 from node.settings.models import Settings
-from node.storage.index import Index, InstanceRow, JobState, job_of_stage_object
+from node.storage import segments
+from node.storage.batch import IndexWriter
+from node.storage.index import Index, InstanceKeys, JobState, NewInstance, job_of_stage_object
 from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+UNKNOWN_CALLER = "(unknown)"
 
 
 class Ingest:
-    """Stores one received instance encrypted and durably, then indexes it (the C-STORE work).
+    """Stores one received instance encrypted and durably, then has it indexed (the C-STORE work).
 
-    Only keyed digests of the UIDs reach the index; the encoded bytes go to the encrypted store.
-    It also counts, per association, the instances of each study, for the audit record written
-    when the association ends.
+    The encoded bytes are appended to this process's segment (:meth:`ObjectStore.append`: durable
+    before Success is answered); the index row, with only keyed digests of the UIDs, goes to the
+    batching :class:`~node.storage.batch.IndexWriter`, off the association's thread. It also
+    counts, per association, the instances of each study, for the audit record written when the
+    association ends.
     """
 
     def __init__(self, store: ObjectStore, index: Index, secrets: NodeSecrets, max_queued_jobs: int = 1000) -> None:
@@ -68,6 +83,7 @@ class Ingest:
         self.index = index
         self.secrets = secrets
         self.max_queued_jobs = max_queued_jobs
+        self.writer = IndexWriter(index, store)
         self._backlog_checked = 0.0
         self._backlog_full = False
         self._received: dict[int, Counter[str]] = defaultdict(Counter)
@@ -82,33 +98,26 @@ class Ingest:
             raise OutOfResourcesError(f"{self.max_queued_jobs} jobs are waiting; refusing new instances for now")
 
     def __call__(self, instance: ReceivedInstance) -> None:
-        """Store ``instance``.
+        """Store ``instance`` durably and queue its index row.
 
         Raises
         ------
         OutOfResourcesError
-            The disk watermark is reached or too many jobs are waiting (DIMSE 0xA700, so the
-            sender keeps the instance and retries later).
+            The disk watermark is reached, too many jobs or index rows are waiting (DIMSE
+            0xA700, so the sender keeps the instance and retries later).
         StorageError
             The instance could not be written.
         """
         self._check_backlog()
-        object_id = self.store.put(instance.encoded)
-        self.index_stored(object_id, instance)
+        object_id = self.store.append(instance.encoded)
+        self.writer.submit(self.new_instance(object_id, instance))
         with self._lock:
             self._received[instance.association_id][instance.study_instance_uid] += 1
 
-    def index_stored(self, object_id: str, instance: ReceivedInstance) -> bool:
-        """Index an instance already stored as ``object_id``; a duplicate SOP instance is deleted
-        from the store (the first copy stays). Returns whether it was indexed.
-
-        Raises
-        ------
-        StorageError
-            The index could not record the instance.
-        """
-        key = self.secrets.index_key
-        row = InstanceRow(
+    def new_instance(self, object_id: str, instance: ReceivedInstance) -> NewInstance:
+        """The index row of an instance stored as ``object_id`` (keyed digests only)."""
+        key, lookup = self.secrets.index_key, self.secrets.lookup_key
+        row = InstanceKeys(
             object_id=object_id,
             sop_key=key(instance.sop_instance_uid),
             study_key=key(instance.study_instance_uid),
@@ -118,7 +127,19 @@ class Ingest:
             size=len(instance.encoded),
             received_at=time.time(),
         )
-        if not self.index.add_instance(row, instance.calling_ae_title):
+        return NewInstance(row, instance.calling_ae_title, lookup("PatientID", instance.patient_id),
+                           lookup("AccessionNumber", instance.accession_number))  # fmt: skip
+
+    def index_stored(self, object_id: str, instance: ReceivedInstance) -> bool:
+        """Index an instance already stored as ``object_id`` now (reconciliation); a duplicate SOP
+        instance is deleted from the store (the first copy stays). Returns whether it was indexed.
+
+        Raises
+        ------
+        StorageError
+            The index could not record the instance.
+        """
+        if not self.index.add_instances([self.new_instance(object_id, instance)])[0]:
             self.store.delete(object_id)  # a duplicate: the first copy stays
             return False
         return True
@@ -127,6 +148,19 @@ class Ingest:
         """Instances received per Study Instance UID on an association (forgotten afterwards)."""
         with self._lock:
             return self._received.pop(association_id, Counter())
+
+    def flush(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every queued index row is written; ``False`` if that took over ``timeout_s``."""
+        return self.writer.flush(timeout_s)
+
+    def close(self) -> None:
+        """Write the queued index rows, then close this process's segments and mark them done
+        (every record indexed); rows that could not be written leave their segments to
+        reconciliation."""
+        written = self.writer.close()
+        for path in self.store.close_segments():
+            if written:
+                segments.mark_done(path)
 
 
 @dataclass(frozen=True)
@@ -143,10 +177,13 @@ def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Rec
 
     - Temporary files of writes that never finished (``store/tmp``, older than ``stale_after_s``)
       are removed: they hold sealed, partly written objects nobody can use.
-    - A stored object no index row names is either a received instance whose index insert did not
-      happen (killed between the two; it is indexed now, as if the C-STORE had completed), or a map
-      or result of a job that crashed before recording it (deleted: the job rebuilds it). Stage
-      outputs are left to their job, which re-runs the stage and overwrites them.
+    - Every segment record the index lacks is a received instance whose index row was not written
+      yet (the process was killed before its batching writer got to it): it is indexed now, as
+      the C-STORE's Success promised (:func:`reconcile_segments`, here over every segment).
+    - A stored object file no index row names is either a received instance of a release before
+      segments (indexed), or a map or result of a job that crashed before recording it (deleted:
+      the job rebuilds it). Stage outputs are left to their job, which re-runs the stage and
+      overwrites them.
 
     Every change is audited; nothing identifying is logged.
     """
@@ -157,10 +194,14 @@ def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Rec
         if path.is_file() and now - path.stat().st_mtime > stale_after_s:
             path.unlink(missing_ok=True)
             temp_removed += 1
+    indexed = reconcile_segments(data, ingest, data.store.segment_paths(), audit=False)
     referenced = data.index.referenced_object_ids()
-    indexed = deleted = 0
+    deleted = 0
     for object_id in data.store.object_ids():
-        if object_id in referenced or object_id.startswith("secret-") or job_of_stage_object(object_id) is not None:
+        if (
+            object_id in referenced or object_id.startswith("secret-") or job_of_stage_object(object_id) is not None
+            or segments.is_segment_id(object_id)
+        ):  # fmt: skip
             continue  # stage outputs belong to their job (swept by node.jobs.retention.sweep_stage_outputs)
         instance = _as_received_instance(data.store.get(object_id))
         if instance is not None and ingest.index_stored(object_id, instance):
@@ -179,6 +220,31 @@ def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Rec
     return done
 
 
+def reconcile_segments(data: DataDir, ingest: Ingest, paths: list[Path] | None = None, audit: bool = True) -> int:
+    """Index every record of the segments at ``paths`` (by default those left unfinished by a
+    process that died: :func:`node.storage.segments.unfinished`) that the index lacks, then mark
+    the segments no live process writes to as done. Returns how many instances were indexed.
+    Run at start (every segment) and when a receiver that died is restarted."""
+    root = data.store.segments_root
+    paths = segments.unfinished(root) if paths is None else paths
+    indexed = 0
+    for path in paths:
+        known = data.index.indexed_object_ids(segments.segment_prefix(path))
+        for object_id in data.store.segment_object_ids(path):
+            if object_id in known:
+                continue
+            instance = _as_received_instance(data.store.get(object_id))
+            if instance is not None and ingest.index_stored(object_id, instance):
+                indexed += 1
+        if not segments.held(path):
+            segments.mark_done(path)
+    if indexed and audit:
+        text = f"reconciliation: {indexed} stored instance(s) of a stopped receiver indexed"
+        logger.warning(text)
+        data.audit.record(AuditEvent(APPLICATION_ACTIVITY, "U", description=text))
+    return indexed
+
+
 def _as_received_instance(plaintext: bytes) -> ReceivedInstance | None:
     """The received instance an orphan object holds, or ``None`` when it is not one (a map, a
     result, anything the Storage SCP would not have accepted)."""
@@ -195,6 +261,8 @@ def _as_received_instance(plaintext: bytes) -> ReceivedInstance | None:
             transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
             calling_ae_title="",
             encoded=plaintext,
+            patient_id=str(ds.get("PatientID", "") or ""),
+            accession_number=str(ds.get("AccessionNumber", "") or ""),
         )
     except (AttributeError, KeyError, ValueError, TypeError, EOFError, AinodeError):
         return None  # not a DICOM data set: a pseudonym map
@@ -210,8 +278,8 @@ class Receiver:
 
     Parameters
     ----------
-    reuse_port
-        Listen with ``SO_REUSEPORT`` so that other receivers can share the port.
+    handover
+        How it shares the port with the other receiver processes (default: it does not).
     """
 
     def __init__(
@@ -222,7 +290,7 @@ class Receiver:
         secrets: NodeSecrets,
         audit: AuditLog,
         *,
-        reuse_port: bool = False,
+        handover: Handover | None = None,
     ) -> None:
         self.settings = settings
         self.audit = audit
@@ -240,15 +308,36 @@ class Receiver:
             max_pdu_bytes=n.max_pdu_bytes,
             network_timeout_s=n.network_timeout_s,
             dimse_timeout_s=n.dimse_timeout_s,
-            reuse_port=reuse_port,
+            handover=handover,
         )
+
+    def _logged_title(self, calling: str) -> str:
+        """The calling AE title as the association log keeps it: a configured peer's, else
+        ``(unknown)`` (a stranger's title is not ours to keep, nor a metric label to multiply)."""
+        return calling if any(p.ae_title == calling for p in self.settings.peers) else UNKNOWN_CALLER
+
+    def _log_association(self, calling: str, summary: AssociationSummary | None) -> None:
+        """One row in the association log (``summary`` is ``None`` for a rejected association)."""
+        title = self._logged_title(calling)
+        try:
+            if summary is None:
+                self.ingest.index.record_association(title, "rejected", time.time())
+            else:
+                self.ingest.index.record_association(
+                    title, summary.outcome, summary.started_at, summary.stored, summary.refused, summary.bytes_received
+                )
+        except AinodeError as exc:  # the log is for monitoring: never fail an association over it
+            logger.warning("association not logged: %s", exc)
 
     def _association_refused(self, calling: str, address: str, reason: str) -> None:
         who = [Participant(calling or "unknown", requestor=True, address=address)]
         self.audit.record(security_alert(NODE_AUTHENTICATION, reason, who))
+        self._log_association(calling, None)
 
-    def _association_ended(self, association_id: int, calling: str, address: str) -> None:
-        for study_uid, count in self.ingest.take_received(association_id).items():
+    def _association_ended(self, summary: AssociationSummary) -> None:
+        calling, address = summary.calling_ae_title, summary.address
+        self._log_association(calling, summary)
+        for study_uid, count in self.ingest.take_received(summary.association_id).items():
             participants = [
                 Participant(calling, SOURCE_ROLE, requestor=True, address=address),
                 Participant(self.settings.node.ae_title, DESTINATION_ROLE),
@@ -275,8 +364,9 @@ class Receiver:
         self.scp.start(self.settings.node.host, self.settings.node.port)
 
     def stop(self) -> None:
-        """Stop accepting associations."""
+        """Stop accepting associations, write the queued index rows, close the segments."""
         self.scp.stop()
+        self.ingest.close()
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -289,22 +379,26 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def _receiver_main(config_path: str, number: int, parent_pid: int, log_level: str) -> None:
-    """Entry point of a child receiver process."""
+def _receiver_main(
+    config_path: str, number: int, parent_pid: int, log_level: str, inbox: socket.socket, ended: SharedCount
+) -> None:
+    """Entry point of a child receiver process: it serves the connections the main process hands
+    it over ``inbox`` and counts each it finished in ``ended``."""
     _die_with_parent(parent_pid)
     logs.configure(log_level)
     configure_pydicom()
     path = Path(config_path)
     settings = load_settings(path)
     data = open_data_dir(settings, role=f"receiver-{number}")
-    receiver = Receiver(settings, data.store, data.index, data.secrets, data.audit, reuse_port=True)
+    handover = Handover(inbox=inbox, ended=ended)
+    receiver = Receiver(settings, data.store, data.index, data.secrets, data.audit, handover=handover)
     data.store.on_tamper = receiver.tamper_detected
     done, reload_requested = threading.Event(), threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides (Ctrl-C reaches the group)
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     receiver.start()
-    logger.info("receiver %d listening", number, extra={"port": settings.node.port})
+    logger.info("receiver %d listening (connections handed over by the main process)", number)
     while not done.wait(0.2):
         data.refresh_keys()  # a key rotation reaches this process within one loop
         if reload_requested.is_set():
@@ -319,35 +413,49 @@ def _receiver_main(config_path: str, number: int, parent_pid: int, log_level: st
 
 
 class ReceiverPool:
-    """The node's child receiver processes (numbers 1..count-1; the main process is receiver 0)."""
+    """The node's child receiver processes (numbers 1..count-1; the main process is receiver 0,
+    whose Storage SCP hands connections to them through :attr:`dispatcher`)."""
 
     def __init__(self, config_path: Path, count: int, log_level: str = "INFO") -> None:
         self.config_path = config_path
         self.count = count
         self.log_level = log_level
+        self.dispatcher = ConnectionDispatcher()
         self._context = multiprocessing.get_context("spawn")
         self._processes: dict[int, BaseProcess] = {}
 
+    @property
+    def handover(self) -> Handover:
+        """The main receiver's part: accept, and hand connections to the least busy receiver."""
+        return Handover(dispatcher=self.dispatcher if self.count > 1 else None)
+
     def _spawn(self, number: int) -> None:
+        line, inbox = connection_line()  # a new line for each child process
+        ended = self._context.Value("q", 0, lock=False)
         process = self._context.Process(
             target=_receiver_main,
-            args=(str(self.config_path), number, os.getpid(), self.log_level),
+            args=(str(self.config_path), number, os.getpid(), self.log_level, inbox, ended),
             name=f"ainode-receiver-{number}",
             daemon=False,
         )
         process.start()
+        inbox.close()  # the child has its own copy: when it dies, handing over to it fails
         self._processes[number] = process
+        self.dispatcher.attach(number, line, ended)
 
     def start(self) -> None:
         """Start the child receivers (call from the main thread: a child dies with that thread)."""
         for number in range(1, self.count):
             self._spawn(number)
 
-    def supervise(self) -> None:
-        """Restart any child receiver that has died (main thread)."""
+    def supervise(self, on_death: Callable[[], object] | None = None) -> None:
+        """Restart any child receiver that has died (main thread); ``on_death`` runs first (the
+        node indexes what the dead receiver stored but had not indexed yet)."""
         for number, process in list(self._processes.items()):
             if not process.is_alive():
                 logger.error("receiver %d exited (code %s); restarting it", number, process.exitcode)
+                if on_death is not None:
+                    on_death()
                 self._spawn(number)
 
     def reload(self) -> None:
@@ -368,3 +476,4 @@ class ReceiverPool:
                 process.kill()
                 process.join(5)
         self._processes.clear()
+        self.dispatcher.close()

@@ -105,7 +105,13 @@ class Fleet:
 
     def orphans(self) -> set[str]:
         """Objects in the store that no index row names (secrets aside)."""
-        stored = {p.name for p in (Path(self.config["node"]["data_dir"]) / "store" / "objects").glob("*/*")}
+        from node.storage import segments
+
+        root = Path(self.config["node"]["data_dir"]) / "store"
+        stored = {p.name for p in (root / "objects").glob("*/*")}
+        for path in (root / "segments").glob("*.seg"):  # received instances: live segment records
+            head = segments.segment_prefix(path)
+            stored |= {f"{head}{at:012x}" for at, _n, (a, b) in segments.records(path) if not (a.empty and b.empty)}
         return {o for o in stored - self.index.referenced_object_ids() if not o.startswith("secret-")}
 
     def stop(self) -> None:

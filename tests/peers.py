@@ -116,6 +116,45 @@ class NodeProcess:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path = field(default_factory=Path)
     env: dict[str, str] = field(default_factory=dict)
+    _index: Any = field(default=None, repr=False)
+
+    def index(self) -> Any:
+        """The node's index, read from this process: polling it costs no ``ainode`` start-up."""
+        if self._index is None:
+            from node.storage.index import Index
+
+            url = (yaml.safe_load(self.config_path.read_text()).get("storage") or {}).get("database_url")
+            self._index = Index.for_data_dir(self.data_dir, 5.0, url)
+        return self._index
+
+    def studies(self) -> str:
+        """What ``ainode studies list`` prints, read from the index here."""
+        from node.cli.admin import study_line
+
+        return "".join(study_line(s) + "\n" for s in self.index().studies())
+
+    def job_state(self, job_id: int) -> str | None:
+        """The state of a job in the ledger (``None``: no such job yet)."""
+        job = self.index().job(job_id)
+        return None if job is None else str(job.state)
+
+    def stored_sop_instance_uids(self) -> set[str]:
+        """The SOP Instance UID of every instance the index names, read back (decrypted) from the
+        store: what the node holds and will analyse."""
+        import pydicom
+
+        from node.settings.models import EnvKeySource
+        from node.storage.keys import load_key_provider
+        from node.storage.store import ObjectStore
+
+        keys = load_key_provider(EnvKeySource(provider="env", variable="AINODE_TEST_KEY"))
+        store = ObjectStore(self.data_dir / "store", keys)
+        uids = set()
+        for study in self.index().studies():
+            for row in self.index().instances(study.study_key):
+                ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(store.get(row.object_id)), stop_before_pixels=True)
+                uids.add(str(ds.SOPInstanceUID))
+        return uids
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run another ``ainode`` subcommand with this node's configuration."""

@@ -89,6 +89,10 @@ def test_fuzzed_sessions_do_not_break_the_node(start_node, tmp_path):
     session = _record_session(node.port, files[:2])
     assert session[0] == 0x01  # starts with the A-ASSOCIATE-RQ
     assert node.proc is not None
+    # the baseline once the node is quiet: the recorded study's job has run (the job side's threads
+    # are started) and its association has ended (in whichever receiver process took it)
+    wait_until(lambda: node.job_state(1) not in (None, "pending", "running"), 120)
+    time.sleep(1)
     baseline = _threads(node.proc.pid)
 
     rng = random.Random(2026)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pydicom
@@ -147,7 +148,8 @@ def test_kill_9_mid_association_after_complete_and_during_analysis_delivers_exac
         node = start_node(config_path, config)
         # 1. killed mid-association: Nagle left on, so the sender is slow enough to be cut off
         sender = start_storescu(node.port, files, env={**TOOL_ENV, "TCP_NODELAY": "0"})
-        wait_until(lambda: any((node.data_dir / "store" / "objects").rglob("*")), 30, 0.05)
+        segments = node.data_dir / "store" / "segments"
+        wait_until(lambda: any(p.stat().st_size for p in segments.glob("*.seg")), 30, 0.05)
         node.kill()
         sender.communicate(timeout=60)
         assert sender.returncode != 0  # the modality saw the failure and will send again
@@ -159,7 +161,7 @@ def test_kill_9_mid_association_after_complete_and_during_analysis_delivers_exac
         assert storescu(node.port, second).returncode == 0
 
         def states() -> list[str]:
-            return [json.loads(node.cli("jobs", "show", str(i)).stdout or "{}").get("state", "") for i in (1, 2)]
+            return [node.job_state(i) or "" for i in (1, 2)]
 
         wait_until(lambda: sorted(states()) == ["pending", "running"], 60, 0.1)
         node.kill()
@@ -187,7 +189,7 @@ def test_eight_concurrent_senders_all_delivered(tmp_path, start_node):
     for sender in senders:
         _out, err = sender.communicate(timeout=300)
         assert sender.returncode == 0, err[-2000:]  # every instance acknowledged with Success
-    listing = wait_until(lambda: (out := node.cli("studies", "list").stdout).count("done") == 8 and out, 600, 1.0)
+    listing = wait_until(lambda: (out := node.studies()).count("done") == 8 and out, 600, 1.0)
     assert listing.count(f"{len(studies[0]):>5} instance(s)") == 8
     assert len(list(results.rglob("*.dcm"))) == 16  # a SEG and an SR for each study
     assert node.proc is not None and node.proc.poll() is None
@@ -231,7 +233,7 @@ def test_one_study_over_four_concurrent_associations(tmp_path, start_node):
     for sender in senders:
         _out, err = sender.communicate(timeout=120)
         assert sender.returncode == 0, err[-2000:]
-    listing = wait_until(lambda: (out := node.cli("studies", "list").stdout) and "done" in out and out, 180)
+    listing = wait_until(lambda: (out := node.studies()) and "done" in out and out, 180)
     assert len(listing.strip().splitlines()) == 1 and f"{len(files):>5} instance(s)" in listing
     assert len(list(results.rglob("*.dcm"))) == 2
 
@@ -264,7 +266,7 @@ def test_a_late_burst_supersedes_the_first_analysis(tmp_path, start_node):
             key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]),
         )
         assert storescu(node.port, files[:40]).returncode == 0  # first burst: the upper 40 slices
-        wait_until(lambda: '"state": "delivered"' in node.cli("jobs", "show", "1").stdout, 180)
+        wait_until(lambda: node.job_state(1) == "delivered", 180)
         first = {i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.rest("GET", "/instances?expand")}
         assert len(first) == 7  # SEG, SR, GSPS and four key images
         (study,) = pacs.rest("GET", "/studies")
@@ -274,7 +276,7 @@ def test_a_late_burst_supersedes_the_first_analysis(tmp_path, start_node):
         assert only.name.startswith("SR_")  # the folder asked for the SR only
 
         assert storescu(node.port, files[40:]).returncode == 0  # late burst
-        wait_until(lambda: '"state": "delivered"' in node.cli("jobs", "show", "2").stdout, 180)
+        wait_until(lambda: node.job_state(2) == "delivered", 180)
         superseded = json.loads(node.cli("jobs", "show", "1").stdout)
         assert superseded["state"] == "superseded" and "withdrawn from pacs, folder" in superseded["reason"]
         in_folder = {p.name.split("_", 1)[1].removesuffix(".dcm") for p in (tmp_path / "results").rglob("*.dcm")}
@@ -314,7 +316,7 @@ def test_a_late_burst_supersedes_the_first_analysis(tmp_path, start_node):
 
 
 def test_receiver_processes_share_the_port_follow_reloads_and_die_with_the_node(tmp_path, start_node):
-    """With node.receivers = 2 a child process listens on the same port: associations are spread
+    """With node.receivers = 2 a child process receives on the same port: associations are spread
     over both, a reload that admits a new peer reaches both, and kill -9 of the node leaves no
     receiver behind."""
     config_path, config, _results = folder_node_config(tmp_path)
@@ -331,7 +333,7 @@ def test_receiver_processes_share_the_port_follow_reloads_and_die_with_the_node(
     assert node.cli("config", "reload").returncode == 0
     wait_until(lambda: "receiver 1 reloaded its configuration" in node.log(), 30)
     one_file = series_files(CT_SERIES)[:1]
-    for _ in range(16):  # each on its own association; the kernel spreads them over the listeners
+    for _ in range(16):  # each on its own association; the main process hands them out in turn
         sent = subprocess.run(
             ["storescu", "-aet", "NEWPEER", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, one_file)],
             capture_output=True, text=True, env=TOOL_ENV, timeout=60, check=False,
@@ -350,3 +352,32 @@ def test_receiver_processes_share_the_port_follow_reloads_and_die_with_the_node(
 
     node.kill()
     wait_until(lambda: not Path(f"/proc/{child}").exists(), 10, 0.1)
+
+
+def test_concurrent_associations_are_balanced_over_the_receivers(tmp_path, start_node):
+    """Four concurrent associations on a node with two receiver processes: two each (the main
+    process hands every connection to the receiver with the fewest open ones), whatever the
+    senders' ports; a connection closed before its A-ASSOCIATE-RQ (a port probe) holds nothing."""
+    config_path, config = node_config(tmp_path, peers=[{"ae_title": "STORESCU"}], destinations={}, routes=[])
+    config["node"]["receivers"] = 2
+    config_path.write_text(__import__("yaml").safe_dump(config))
+    node = start_node(config_path, config)  # it probed the port: a connection closed at once
+    wait_until(lambda: "receiver 1 listening" in node.log(), 60)
+    studies = make_studies(CT_SERIES, 4, tmp_path / "studies")
+    before = len((node.data_dir / "audit" / "audit.log").read_text().splitlines())
+    senders = [start_storescu(node.port, files) for files in studies]
+    for sender in senders:
+        _out, err = sender.communicate(timeout=300)
+        assert sender.returncode == 0, err
+
+    def received() -> list[str] | None:  # the writer of each association's "instances received"
+        ids = [line.split()[0] for line in (node.data_dir / "audit" / "audit.log").read_text().splitlines()]
+        shown = node.cli("audit", "show").stdout.splitlines()  # one record per line, in file order
+        if len(shown) != len(ids):
+            return None  # a record was appended in between
+        pairs = list(zip(ids, shown, strict=True))[before:]
+        writers = [i.split("-")[1] for i, text in pairs if "instances received" in text]
+        return writers if len(writers) == 4 else None
+
+    writers = wait_until(received, 60)
+    assert sorted(Counter(writers).values()) == [2, 2], writers

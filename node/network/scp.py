@@ -14,8 +14,10 @@ import logging
 import socket
 import ssl
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pydicom import Dataset, dcmread
@@ -47,7 +49,7 @@ from pynetdicom.transport import AssociationServer
 from node.errors import AinodeError, ConfigError, InvalidInstanceError
 from node.network.status import StoreStatus, status_for
 from node.network.tls import subject_of
-from node.network.transport import GuardedAssociationServer
+from node.network.transport import GuardedAssociationServer, Handover
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ class ReceivedInstance:
     """One C-STORE request as handed to the storage layer.
 
     ``encoded`` is the PS3.10 file (preamble, file meta, data set) exactly as received, in the
-    negotiated transfer syntax; pixel data are not decoded.
+    negotiated transfer syntax; pixel data are not decoded. ``patient_id`` and
+    ``accession_number`` (PHI, in memory only) become keyed digests for the console's lookup.
     """
 
     study_instance_uid: str
@@ -100,20 +103,43 @@ class ReceivedInstance:
     calling_ae_title: str
     encoded: bytes
     association_id: int = 0
+    patient_id: str = ""
+    accession_number: str = ""
+
+
+@dataclass
+class AssociationSummary:
+    """What one association carried, for the association log (no UID, name or address).
+
+    ``refused`` counts the instances answered with a failure status, by the status's name.
+    """
+
+    association_id: int
+    calling_ae_title: str
+    address: str
+    started_at: float = field(default_factory=time.time)
+    stored: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    bytes_received: int = 0
+    outcome: str = "released"
 
 
 StoreCallback = Callable[[ReceivedInstance], None]
 SecurityCallback = Callable[[str, str, str], None]
 """Told (calling AE title, source address, reason) about every refused association or TLS handshake."""
-ReleaseCallback = Callable[[int, str, str], None]
-"""Told (association id, calling AE title, source address) when an association ends."""
+ReleaseCallback = Callable[[AssociationSummary], None]
+"""Told what an association carried when it ends (released or aborted)."""
 
 
-_HEADER_TAGS = [Tag("SOPClassUID"), Tag("SOPInstanceUID"), Tag("StudyInstanceUID"), Tag("SeriesInstanceUID")]
+_HEADER_TAGS = [
+    Tag("SOPClassUID"), Tag("SOPInstanceUID"), Tag("StudyInstanceUID"), Tag("SeriesInstanceUID"),
+    Tag("PatientID"), Tag("AccessionNumber"),
+]  # fmt: skip
 
 
 def _header(encoded: bytes) -> Dataset:
-    """The four UIDs the SCP checks, parsed from the PS3.10 bytes without touching pixel data."""
+    """The four UIDs the SCP checks (and the Patient ID and Accession Number the lookup keys are
+    made of), parsed from the PS3.10 bytes without touching pixel data."""
     try:
         return dcmread(io.BytesIO(encoded), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
@@ -154,14 +180,14 @@ class _AccessControlledAE(AE):
         self,
         ae_title: str,
         rules: Sequence[PeerRule],
-        reuse_port: bool = False,
+        handover: Handover,
         max_per_address: int = 12,
         on_refused: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__(ae_title=ae_title)
         self.rules = {r.ae_title: r for r in rules}
         self.refusals: dict[int, str] = {}
-        self.reuse_port = reuse_port
+        self.handover = handover
         self.max_per_address = max_per_address
         self.on_refused = on_refused
         self.on_tls_failure: Callable[[str, str], None] | None = None
@@ -177,13 +203,13 @@ class _AccessControlledAE(AE):
         **kwargs: Any,
     ) -> Any:
         """A :class:`~node.network.transport.GuardedAssociationServer` (PDU deadlines and limits,
-        TLS handshake off the accept loop, connections per address capped; ``SO_REUSEPORT`` when
-        several receiver processes share the port)."""
+        TLS handshake off the accept loop, connections per address capped; connections handed
+        between receiver processes as ``handover`` says)."""
         return super().make_server(
             address, ae_title=ae_title, contexts=contexts, ssl_context=ssl_context, evt_handlers=evt_handlers,
             server_class=GuardedAssociationServer, network_timeout_s=self.network_timeout,
-            max_per_address=self.max_per_address, reuse_port=self.reuse_port,
-            on_tls_failure=self.on_tls_failure, on_refused=self.on_refused, **kwargs,
+            max_per_address=self.max_per_address, handover=self.handover, on_tls_failure=self.on_tls_failure,
+            on_refused=self.on_refused, **kwargs,
         )  # fmt: skip
 
     @property
@@ -240,8 +266,8 @@ class StorageSCP:
     on_store
         Called for each C-STORE with the received instance; it must store it durably before it
         returns. An :class:`~node.errors.AinodeError` it raises becomes the matching DIMSE status.
-    reuse_port
-        Listen with ``SO_REUSEPORT``, so that several receiver processes can share the port.
+    handover
+        How this Storage SCP shares its port with other receiver processes (default: it does not).
     max_per_address
         Connections admitted at once from one source address (see :mod:`node.network.transport`).
     network_timeout_s
@@ -258,7 +284,7 @@ class StorageSCP:
         on_release: ReleaseCallback | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_associations: int = 16,
-        reuse_port: bool = False,
+        handover: Handover | None = None,
         max_per_address: int = 12,
         max_pdu_bytes: int = 262144,
         network_timeout_s: float = 60.0,
@@ -273,7 +299,7 @@ class StorageSCP:
             raise ConfigError("peers: at least one peer must be configured to receive from")
         # pynetdicom's chunked receive would spool each data set to a plaintext temporary file
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False
-        ae = _AccessControlledAE(ae_title, peers, reuse_port, max_per_address, self._connection_refused)
+        ae = _AccessControlledAE(ae_title, peers, handover or Handover(), max_per_address, self._connection_refused)
         ae.require_called_aet = True
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu_bytes
@@ -285,12 +311,38 @@ class StorageSCP:
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
         self.ae = ae
         self._server: object | None = None
+        self._associations: dict[int, AssociationSummary] = {}
+        self._associations_lock = threading.Lock()
+
+    def _summary(self, assoc: Association) -> AssociationSummary:
+        """The running summary of ``assoc`` (created on first use)."""
+        with self._associations_lock:
+            summary = self._associations.get(id(assoc))
+            if summary is None:
+                summary = self._associations[id(assoc)] = AssociationSummary(
+                    id(assoc), str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address)
+                )
+            return summary
+
+    def _handle_established(self, event: Event) -> None:
+        self._summary(event.assoc)
 
     def _handle_store(self, event: Event) -> int:
+        status = self._store(event)
+        summary = self._summary(event.assoc)
+        if status == StoreStatus.SUCCESS:
+            summary.stored += 1
+        else:
+            summary.refused[StoreStatus(status).name] += 1
+        return status
+
+    def _store(self, event: Event) -> StoreStatus:
         calling = event.assoc.requestor.ae_title.strip()
+        summary = self._summary(event.assoc)
         try:
             request = cast(C_STORE, event.request)
             encoded = event.encoded_dataset(include_meta=True)
+            summary.bytes_received += len(encoded)
             ds = _header(encoded)
             sop_instance_uid = _uid(getattr(ds, "SOPInstanceUID", None), "SOP Instance UID")
             if sop_instance_uid != str(request.AffectedSOPInstanceUID):
@@ -308,6 +360,8 @@ class StorageSCP:
                 calling_ae_title=calling,
                 encoded=encoded,
                 association_id=id(event.assoc),
+                patient_id=str(ds.get("PatientID", "") or ""),
+                accession_number=str(ds.get("AccessionNumber", "") or ""),
             )
             self.on_store(instance)
         except AinodeError as exc:
@@ -341,10 +395,13 @@ class StorageSCP:
         if self.on_security_event is not None:
             self.on_security_event(calling, str(assoc.requestor.address), reason)
 
-    def _handle_end(self, event: Event) -> None:
+    def _handle_end(self, event: Event, outcome: str) -> None:
+        summary = self._summary(event.assoc)
+        with self._associations_lock:
+            self._associations.pop(summary.association_id, None)
+        summary.outcome = outcome
         if self.on_release is not None:
-            assoc = event.assoc
-            self.on_release(id(assoc), str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
+            self.on_release(summary)
 
     def _connection_refused(self, address: str, reason: str) -> None:
         if self.on_security_event is not None:
@@ -362,8 +419,9 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_C_ECHO, lambda _event: 0x0000),
             (evt.EVT_REJECTED, self._handle_rejected),
-            (evt.EVT_RELEASED, self._handle_end),
-            (evt.EVT_ABORTED, self._handle_end),
+            (evt.EVT_ESTABLISHED, self._handle_established),
+            (evt.EVT_RELEASED, lambda event: self._handle_end(event, "released")),
+            (evt.EVT_ABORTED, lambda event: self._handle_end(event, "aborted")),
         ]
         self.ae.on_tls_failure = self._tls_failure
         self._server = self.ae.start_server(

@@ -14,11 +14,20 @@ connection. This module is the only place that knows about it:
 - the TLS handshake runs in the connection's own thread with the same timeout, off the accept loop;
 - connections from one source address are capped (``max_per_address``) below the association limit,
   so that one misbehaving host cannot take every association slot.
+
+Several receiver processes share one port by hand-over, not by ``SO_REUSEPORT`` (whose hash of the
+peers' addresses often puts three of four concurrent associations on one process): the main
+process accepts every connection and, through a :class:`ConnectionDispatcher`, passes its descriptor
+(``SCM_RIGHTS`` over a Unix socket pair) to the receiver with the fewest open connections, itself
+included; a child receiver's server takes connections from that socket pair (its *inbox*) instead of
+a listening socket.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
 import socket
 import ssl
 import struct
@@ -26,7 +35,8 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -45,6 +55,95 @@ TLSFailureCallback = Callable[[str, str], None]
 """Told (source address, reason) about every failed TLS handshake."""
 RefusalCallback = Callable[[str, str], None]
 """Told (source address, reason) about every connection refused before association negotiation."""
+HANDOVER_TIMEOUT_S = 2.0
+"""Longest wait to pass a connection to a child receiver; after it the main process serves it."""
+
+
+class SharedCount(Protocol):
+    """A counter shared between processes (``multiprocessing.Value``)."""
+
+    value: int
+
+
+def connection_line() -> tuple[socket.socket, socket.socket]:
+    """A Unix ``SOCK_SEQPACKET`` socket pair for handing connections over: (main's end, child's end).
+    Each message is one connection: its descriptor and the peer's address."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+
+class ConnectionDispatcher:
+    """In the main process: hands each accepted connection to the least busy receiver.
+
+    A receiver's load is its open connections: the main process's own as its server counts them,
+    a child's as connections handed to it less those it reported ended (a :class:`SharedCount`
+    the child increments). Ties go round-robin, so that one-connection associations alternate.
+    A child whose line fails (it died; the node restarts it and attaches the new line) is skipped.
+    """
+
+    def __init__(self) -> None:
+        self._lines: dict[int, tuple[socket.socket, SharedCount]] = {}
+        self._handed: Counter[int] = Counter()
+        self._turn = 0
+        self._lock = threading.Lock()
+
+    def attach(self, number: int, line: socket.socket, ended: SharedCount) -> None:
+        """Hand connections to child receiver ``number`` over ``line`` (the main's end of
+        :func:`connection_line`); ``ended`` counts the connections the child has finished."""
+        line.settimeout(HANDOVER_TIMEOUT_S)
+        with self._lock:
+            old = self._lines.pop(number, None)
+            self._lines[number] = (line, ended)
+            self._handed[number] = ended.value
+        if old is not None:
+            old[0].close()
+
+    def close(self) -> None:
+        """Close every line (the children's servers then see their inbox closed)."""
+        with self._lock:
+            lines, self._lines = self._lines, {}
+        for line, _ended in lines.values():
+            line.close()
+
+    def hand_over(self, request: socket.socket, client_address: Any, open_here: int) -> bool:
+        """Pass ``request`` to the least busy child receiver; ``False`` when the main process
+        (``open_here`` connections besides this one) is the least busy, or the handover failed."""
+        with self._lock:
+            loads = [(open_here, 0)] + [(self._handed[n] - e.value, n) for n, (_line, e) in self._lines.items()]
+            least = min(load for load, _number in loads)
+            candidates = [number for load, number in loads if load == least]
+            self._turn += 1
+            chosen = candidates[self._turn % len(candidates)]
+            if chosen == 0:
+                return False
+            line = self._lines[chosen][0]
+            address = json.dumps([str(client_address[0]), int(client_address[1])]).encode()
+            try:
+                socket.send_fds(line, [address], [request.fileno()])
+            except OSError as exc:  # the child died or hangs: serve it here
+                logger.warning("connection not handed to receiver %d (%s); served here", chosen, exc)
+                del self._lines[chosen]
+                line.close()
+                return False
+            self._handed[chosen] += 1
+            return True
+
+
+@dataclass(frozen=True)
+class Handover:
+    """How a receiver process shares the node's port (see the module docstring).
+
+    Attributes
+    ----------
+    dispatcher
+        The main process: accept, and hand connections to the least busy receiver.
+    inbox, ended
+        A child receiver: take connections from ``inbox`` (its end of
+        :func:`connection_line`), count each finished one in ``ended``.
+    """
+
+    dispatcher: ConnectionDispatcher | None = None
+    inbox: socket.socket | None = None
+    ended: SharedCount | None = None
 
 
 class PduGuard:
@@ -59,6 +158,17 @@ class PduGuard:
         self.timeout_s = timeout_s
         self.max_pdu_bytes = max_pdu_bytes or _UNLIMITED_PDU_BYTES
         self._body_expected = False
+        self._any_pdu = False
+
+    def _closed_before_request(self) -> None:
+        """The peer closed the connection without sending an A-ASSOCIATE-RQ (a port probe, a
+        health check): pynetdicom's acceptor would wait ``acse_timeout`` for the request and hold
+        an association slot meanwhile; tell it that none is coming (it then closes at once)."""
+        assoc = self.association_socket.assoc
+        if assoc is not None and not assoc.is_established:
+            # receive_pdu answers None when its queue is empty; a None put there reads the same
+            inbox = cast("queue.Queue[object]", assoc.dul.to_user_queue)
+            inbox.put(None)
 
     def _limit(self, pdu_type: int) -> int:
         if pdu_type == _P_DATA_TF and self.association_socket.assoc.is_established:
@@ -81,22 +191,27 @@ class PduGuard:
         header = not self._body_expected
         self._body_expected = False
         deadline = time.monotonic() + self.timeout_s
-        data = bytearray()
+        data = bytearray(nr_bytes)  # read in place: no chunk copies (a P-DATA-TF may be megabytes)
+        view = memoryview(data)
+        got = 0
         try:
-            while len(data) < nr_bytes:
+            while got < nr_bytes:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(
-                        f"partial PDU: {len(data)} of {nr_bytes} bytes within {self.timeout_s:g} s; closing"
-                    )
+                    raise TimeoutError(f"partial PDU: {got} of {nr_bytes} bytes within {self.timeout_s:g} s; closing")
                 sock.settimeout(remaining)
-                chunk = sock.recv(min(65536, nr_bytes - len(data)))
-                if not chunk:
-                    return data
-                data.extend(chunk)
+                n = sock.recv_into(view[got:], nr_bytes - got)
+                if not n:
+                    del view
+                    if header and got == 0 and not self._any_pdu:
+                        self._closed_before_request()
+                    return data[:got]
+                got += n
         finally:
             sock.settimeout(self.timeout_s)
+        del view
         if header and nr_bytes == 6 and len(data) == 6:
+            self._any_pdu = True
             pdu_type, _, length = struct.unpack(">BBL", data)
             if pdu_type in _PDU_TYPES:
                 if length > self._limit(pdu_type):
@@ -128,8 +243,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         Deadline for a whole PDU and for the TLS handshake.
     max_per_address
         Connections admitted at once from one source address (more are closed at once).
-    reuse_port
-        Listen with ``SO_REUSEPORT`` so that several receiver processes share the port.
+    handover
+        How this process shares the port with other receiver processes (:class:`Handover`).
     on_tls_failure, on_refused
         Told about failed handshakes and refused connections (for the audit trail).
     """
@@ -142,14 +257,15 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         *args: Any,
         network_timeout_s: float = 60.0,
         max_per_address: int = 12,
-        reuse_port: bool = False,
+        handover: Handover | None = None,
         on_tls_failure: TLSFailureCallback | None = None,
         on_refused: RefusalCallback | None = None,
         **kwargs: Any,
     ) -> None:
         self.network_timeout_s = network_timeout_s
         self.max_per_address = max_per_address
-        self.reuse_port = reuse_port
+        handover = handover or Handover()
+        self.dispatcher, self.inbox, self.ended = handover.dispatcher, handover.inbox, handover.ended
         self.on_tls_failure = on_tls_failure
         self.on_refused = on_refused
         self._connections: Counter[str] = Counter()
@@ -158,17 +274,46 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        """Bind (with ``SO_REUSEPORT`` when asked)."""
-        if self.reuse_port and self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        """Bind, or (a child receiver) take connections from the inbox instead."""
+        if self.inbox is None:
+            super().server_bind()
+            return
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = self.inbox
+
+    def server_activate(self) -> None:
+        """Listen (not a child receiver: its inbox is already connected)."""
+        if self.inbox is None:
+            super().server_activate()
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        """Accept a connection; the TLS handshake is left to the connection's thread."""
+        """Accept a connection, or take the next one from the inbox; the TLS handshake is left to
+        the connection's thread."""
         assert self.socket is not None
-        client, address = self.socket.accept()
+        if self.inbox is None:
+            client, address = self.socket.accept()
+        else:
+            message, fds, _flags, _address = socket.recv_fds(self.inbox, 1024, 1)
+            if not fds:  # the main process closed the line (it stops, or died: we follow it)
+                time.sleep(0.5)
+                raise OSError("connection line closed by the main process")
+            client = socket.socket(fileno=fds[0])
+            host, port = json.loads(message)
+            address = (host, port)
         client.settimeout(self.network_timeout_s)
         return client, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in its own thread here, or hand it to a less busy receiver."""
+        if self.dispatcher is not None:
+            with self._count_lock:
+                open_here = sum(self._connections.values()) - 1  # this one is counted already
+            if self.dispatcher.hand_over(request, client_address, open_here):
+                self._uncount(str(client_address[0]))
+                request.close()  # the receiver holds its own descriptor now
+                return
+        super().process_request(request, client_address)
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit the connection unless its source address already holds ``max_per_address``."""
@@ -176,6 +321,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         with self._count_lock:
             if self._connections[address] >= self.max_per_address:
                 refused = True
+                self._count_ended()  # handed to us and finished here
             else:
                 self._connections[address] += 1
                 refused = False
@@ -202,10 +348,21 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             self.handle_error(request, client_address)
             self.shutdown_request(request)
         finally:
+            self._uncount(address)
             with self._count_lock:
-                self._connections[address] -= 1
-                if self._connections[address] <= 0:
-                    del self._connections[address]
+                self._count_ended()
+
+    def _uncount(self, address: str) -> None:
+        with self._count_lock:
+            self._connections[address] -= 1
+            if self._connections[address] <= 0:
+                del self._connections[address]
+
+    def _count_ended(self) -> None:
+        """A child receiver tells the main process a connection it was handed is finished (with
+        ``_count_lock`` held: this process's threads are the counter's only writers)."""
+        if self.ended is not None:
+            self.ended.value += 1
 
     def _handshake(self, request: socket.socket, address: str) -> ssl.SSLSocket | None:
         assert self.ssl_context is not None
