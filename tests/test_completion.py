@@ -17,7 +17,7 @@ from algorithms.lung_ct_density import LungCtDensityParams
 from algorithms.registry import Registry
 from node.app import check_algorithms
 from node.errors import ConfigError, PluginError, SeriesRefused
-from node.jobs.isolation import run_isolated
+from node.jobs.isolation import run_isolated_packed, unpack_result
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.volume import load_volume
 from node.network.scp import ReceivedInstance
@@ -67,6 +67,7 @@ def _pipeline(tmp_path: Path, completion: dict) -> tuple[Pipeline, Index, str, C
             str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID),
             "1.2.840.10008.1.2", "STORESCU", path.read_bytes(),
         ))  # fmt: skip
+    ingest.close()  # the batching writer has written every index row
     (study,) = index.studies()
     clock = Clock(study.last_received_at)
     services = Services(settings, store, index, node_secrets, Registry(), "cpu", clock=clock)
@@ -126,22 +127,22 @@ def test_misbehaving_plugins_fail_their_job_not_the_node(caplog):
     volume, _ = load_volume([pydicom.dcmread(p) for p in series_files(CT_SERIES)])
     none = NoParams()
     with pytest.raises(PluginError, match="algorithm raised ValueError: the model file is corrupt"):
-        run_isolated("tests.plugins:Raises", volume, "cpu", none, 60)
+        run_isolated_packed("tests.plugins:Raises", volume, "cpu", none, 60)
     # the plugin author gets the traceback in the node's log (issue 11, defect 10)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "Traceback (most recent call last)" in logged
     assert 'tests/plugins.py", line' in logged and 'raise ValueError("the model file is corrupt")' in logged
     with pytest.raises(PluginError, match=r"algorithm process died \(exit code 137"):
-        run_isolated("tests.plugins:Crashes", volume, "cpu", none, 60)
+        run_isolated_packed("tests.plugins:Crashes", volume, "cpu", none, 60)
     with pytest.raises(PluginError, match="ran past its timeout of 2 s"):
-        run_isolated("tests.plugins:Hangs", volume, "cpu", none, 2)
+        run_isolated_packed("tests.plugins:Hangs", volume, "cpu", none, 2)
     # this process is unharmed; the real algorithm runs in its own child, refusals come back as such
     lung = "algorithms.lung_ct_density:LungCtDensity"
-    result = run_isolated(lung, volume, "cpu", LungCtDensityParams(), 120)
+    result = unpack_result(run_isolated_packed(lung, volume, "cpu", LungCtDensityParams(), 120))
     assert {s.label for s in result.segments} == {"Left lung", "Right lung", "Low attenuation area"}
     assert result.segments[0].mask.shape == volume.voxels.shape and result.segments[0].mask.any()
     with pytest.raises(SeriesRefused, match="modality 'MR'"):
-        run_isolated(lung, replace(volume, modality="MR"), "cpu", LungCtDensityParams(), 60)
+        run_isolated_packed(lung, replace(volume, modality="MR"), "cpu", LungCtDensityParams(), 60)
 
 
 def test_backlog_cap_refuses_new_instances_with_out_of_resources(tmp_path):
@@ -176,3 +177,21 @@ def test_a_second_analysis_replaces_the_pseudonym_map_without_orphans(tmp_path):
     second_map = index.study(key).map_object_id
     assert second_map != first_map and not pipeline.s.store.exists(first_map)
     assert set(pipeline.s.store.object_ids()) == objects - {first_map} | {second_map}
+
+
+def test_the_deidentified_series_is_framed_in_one_buffer_and_read_back():
+    import pickle
+
+    from node.dicomio import encode
+    from node.errors import StorageError
+    from node.jobs.stages import series_frames, unframe_series
+
+    datasets = [pydicom.dcmread(p) for p in series_files(CT_SERIES)[:4]]
+    halfway = []
+    framed = b"".join(series_frames(datasets, lambda: halfway.append(True)))
+    assert halfway == [True]
+    encoded = [encode(ds) for ds in datasets]
+    assert list(unframe_series(bytes(framed))) == encoded
+    assert list(unframe_series(pickle.dumps(encoded))) == encoded  # what an earlier release stored
+    with pytest.raises(StorageError, match="truncated"):
+        list(unframe_series(bytes(framed[:-10])))

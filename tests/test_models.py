@@ -449,7 +449,7 @@ def test_settings_accept_a_declared_model(tmp_path, spleen):
 
 
 def test_an_sr_only_plugin_with_qualitative_and_located_findings(tmp_path, ct_volume):
-    from node.jobs.isolation import run_isolated
+    from node.jobs.isolation import run_isolated_packed, unpack_result
     from node.results import build_results
 
     volume, slices = ct_volume
@@ -460,7 +460,7 @@ def test_an_sr_only_plugin_with_qualitative_and_located_findings(tmp_path, ct_vo
         ds.pop("ReferencedStudySequence", None)  # the de-identification removes it in the node
     from algorithms.base import NoParams
 
-    result = run_isolated("tests.plugins:Finds", volume, "cpu", NoParams(), 60)
+    result = unpack_result(run_isolated_packed("tests.plugins:Finds", volume, "cpu", NoParams(), 60))
     from tests.plugins import Finds
 
     (sr,) = build_results(ordered, result, Finds.spec, lambda kind: pydicom.uid.generate_uid(), "AINODE")

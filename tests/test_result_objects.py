@@ -225,3 +225,18 @@ def test_a_label_map_result_gives_the_same_objects_as_its_masks(lung):
         assert graphics[0] == graphics[1] and graphics[0], kind
     for a, b in zip(mine["SC"], theirs["SC"], strict=True):
         assert np.array_equal(a.pixel_array, b.pixel_array)
+
+
+def test_segments_overlap_is_declared_from_the_masks(lung):
+    """The SEG's Segments Overlap (checked a few frames at a time, not by highdicom's int64 sum):
+    YES where a segment lies inside another (low attenuation area in the lungs), NO for the lungs."""
+    (seg,) = _by_kind(lung["objects"])["SEG"]
+    assert seg.SegmentsOverlap == "YES"
+    two = dataclasses.replace(lung["result"], segments=lung["result"].segments[:2])
+    uid = lambda kind: pydicom.uid.generate_uid(entropy_srcs=[kind, "two"])  # noqa: E731
+    (lungs,) = build_results(lung["slices"], two, LungCtDensity.spec, uid, "AINODE", kinds=("SEG",))
+    assert lungs.SegmentsOverlap == "NO"
+    read = hd.seg.Segmentation.from_dataset(lungs)
+    for number, segment in enumerate(two.segments, start=1):  # the frames hold the masks
+        volume = read.get_volume(segment_numbers=[number], combine_segments=True).array
+        assert (volume > 0).sum() == segment.mask.sum()

@@ -26,7 +26,7 @@ from algorithms.base import AlgorithmResult, Code, Volume
 from algorithms.registry import Registry, check_accepts
 from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
-from node.jobs.isolation import SharedVolume, run_isolated
+from node.jobs.isolation import SharedVolume, run_isolated_packed, unpack_result
 from node.jobs.models import ModelWorkers
 from node.jobs.volume import load_volume
 from node.results import RESULT_KINDS, build_results, result_kind
@@ -121,15 +121,17 @@ def check_algorithm(registry: Registry, name: str, series: Path, out: Path, time
             if declared is not None:
                 workers = ModelWorkers(Path(run_dir))
                 try:
-                    result, timings, _loads = workers.on("cpu").run(
+                    packed, timings, _loads = workers.on("cpu").run_packed(
                         name, declared.model_dump_json(), volume, shared, timeout_s
                     )
+                    result = unpack_result(packed)
                 finally:
                     workers.stop()
                 report.notes.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
                 spec = dataclasses.replace(spec, weights_sha256=result.parameters.get("weights_sha256"))
             else:
-                result = run_isolated(registry.entry_point(name), volume, "cpu", algorithm.Params(), timeout_s, shared)
+                entry_point, params = registry.entry_point(name), algorithm.Params()
+                result = unpack_result(run_isolated_packed(entry_point, volume, "cpu", params, timeout_s, shared))
         except sdk.SeriesRefused as exc:
             report.notes.append(f"refused the series: {exc.reason}")
             return report

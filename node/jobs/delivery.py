@@ -13,7 +13,6 @@ from node.dicomio import encode
 from node.errors import DeliveryError
 from node.network.scu import send_datasets
 from node.network.tls import client_context
-from node.results import result_kind
 from node.settings.models import DicomDestination, FolderDestination, Settings
 
 logger = logging.getLogger(__name__)
@@ -87,6 +86,8 @@ def deliver(settings: Settings, destination_names: Sequence[str], objects: Seque
     for name in destination_names:
         dest = settings.destinations[name]
         kinds = dest.result_kinds()
+        from node.results import result_kind  # highdicom's package: loaded with the results
+
         chosen = [ds for ds in objects if result_kind(ds) in kinds]
         if not chosen:
             logger.info("destination %s receives none of the result objects built (%s)", name, sorted(kinds))

@@ -125,7 +125,7 @@ def _receive(process: Any, receiver: multiprocessing.connection.Connection, time
 class SharedVolume:
     """Voxels in shared memory, so that a volume reaches the algorithm's process without a copy.
 
-    Use as a context manager around loading the volume and :func:`run_isolated`; ``allocate`` is
+    Use as a context manager around loading the volume and :func:`run_isolated_packed`; ``allocate`` is
     the allocator :func:`node.jobs.volume.load_volume` fills. Leaving the context frees the memory
     (drop other references to the array first).
     """
@@ -160,15 +160,21 @@ class SharedVolume:
             self.shm = None
 
 
-def run_isolated(
+PackedResult = tuple[Any, ...]
+"""An :class:`~algorithms.base.AlgorithmResult` as :func:`pack_result` sends it between processes."""
+
+
+def run_isolated_packed(
     entry_point: str,
     volume: Volume,
     device: Device,
     params: Any,
     timeout_s: float,
     shared: SharedVolume | None = None,
-) -> AlgorithmResult:
-    """Run the algorithm ``entry_point`` (``module:attribute``) on ``volume`` in a child process.
+) -> PackedResult:
+    """Run the algorithm ``entry_point`` (``module:attribute``) on ``volume`` in a child process;
+    returns its result as the child sent it (:func:`pack_result`: masks bit-packed, one bit a voxel;
+    :func:`unpack_result` gives the :class:`~algorithms.base.AlgorithmResult`).
 
     ``shared``, when it holds ``volume.voxels``, hands them over without a copy; otherwise they
     are copied into a shared memory block for the duration of the call.
@@ -189,7 +195,7 @@ def run_isolated(
 
 def _run_on_shared(
     entry_point: str, volume: Volume, device: Device, params: Any, timeout_s: float, shared: SharedVolume
-) -> AlgorithmResult:
+) -> PackedResult:
     """Run the child on the voxels in ``shared`` (``volume`` gives their geometry)."""
     if shared.shm is None:
         raise PluginError("no shared volume to run on")
@@ -215,17 +221,17 @@ def _run_on_shared(
         # the plugin only ever saw de-identified voxels: its traceback holds no PHI
         logger.error("algorithm %s raised %s\n%s", entry_point, message, trace)
         raise PluginError(f"algorithm raised {message}")
-    return unpack_result(payload)
+    return tuple(payload)
 
 
-def pack_result(result: AlgorithmResult) -> tuple[Any, ...]:
+def pack_result(result: AlgorithmResult) -> PackedResult:
     """A result as sent between processes: masks bit-packed, everything else as it is."""
     bare = [dataclasses.replace(s, mask=np.empty(0, dtype=bool)) for s in result.segments]
     bits = [(np.packbits(s.mask), s.mask.shape) for s in result.segments]
     return bare, bits, dataclasses.replace(result, segments=[])
 
 
-def unpack_result(payload: tuple[Any, ...]) -> AlgorithmResult:
+def unpack_result(payload: PackedResult) -> AlgorithmResult:
     """What :func:`pack_result` packed; masks of one shape come back as views of one segment-major
     block (what the SEG build uses without another copy)."""
     bare, bits, rest = payload

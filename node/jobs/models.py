@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from algorithms.base import AlgorithmResult, Volume
+from algorithms.base import Volume
 from node.errors import PluginError, SeriesRefused
-from node.jobs.isolation import PROCESS_CONTEXT, SharedVolume, pack_result, send_outcome, unpack_result
+from node.jobs.isolation import PROCESS_CONTEXT, PackedResult, SharedVolume, pack_result, send_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,27 @@ def _run_one(
 
 
 def _write_status(path: Path, device: str, models: dict[str, Any]) -> None:
+    status: dict[str, Any] = {"pid": os.getpid(), "device": device, "models": models}
+    if device.startswith("cuda:"):  # what this worker's torch holds on its GPU
+        import torch
+
+        status["gpu_memory_bytes"] = int(torch.cuda.memory_reserved(device))
     tmp = path.with_suffix(".new")
-    tmp.write_text(json.dumps({"pid": os.getpid(), "device": device, "models": models}))
+    tmp.write_text(json.dumps(status))
     os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> list[dict[str, Any]]:
+    """What each device's model worker last wrote (``models-<device>.json``): ``pid``, ``device``,
+    ``models`` (per model: device, memory_bytes, load_s, loads, ...) and, on a GPU,
+    ``gpu_memory_bytes`` (reserved by its torch). A file being rewritten is skipped."""
+    out = []
+    for path in sorted(run_dir.glob("models-*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 class ModelWorker:
@@ -126,10 +144,11 @@ class ModelWorker:
             self._conn.close()
         self._process, self._conn = None, None
 
-    def run(
+    def run_packed(
         self, name: str, declaration_json: str, volume: Volume, shared: SharedVolume, timeout_s: float
-    ) -> tuple[AlgorithmResult, dict[str, float], dict[str, int]]:
-        """Run the declared model ``name`` on ``volume`` (whose voxels are in ``shared``).
+    ) -> tuple[PackedResult, dict[str, float], dict[str, int]]:
+        """Run the declared model ``name`` on ``volume`` (whose voxels are in ``shared``); the
+        result as the worker sent it (:func:`~node.jobs.isolation.pack_result`: masks bit-packed).
 
         Returns
         -------
@@ -169,7 +188,7 @@ class ModelWorker:
             logger.error("model %s raised %s\n%s", name, message, trace)
             raise PluginError(f"model {name} raised {message}")
         packed, timings, loads = payload
-        return unpack_result(packed), timings, loads
+        return packed, timings, loads
 
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """What the worker holds now (``{}`` when it is not running)."""

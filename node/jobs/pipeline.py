@@ -127,10 +127,11 @@ class Pipeline:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def stage_queue(self, job: JobRow) -> str:
-        """The Celery queue of the job's current stage (analyse: per algorithm, ``celery.analyse_queues``)."""
+    def stage_queue(self, job: JobRow, stage: str | None = None) -> str:
+        """The Celery queue of the job's ``stage`` (default: its current one; analyse: per algorithm,
+        ``celery.analyse_queues``)."""
         celery = self.s.settings.celery
-        return celery.analyse_queue(job.algorithm) if job.stage == Stage.ANALYSE else celery.queue
+        return celery.analyse_queue(job.algorithm) if (stage or job.stage) == Stage.ANALYSE else celery.queue
 
     def run_job(self, job_id: int, queues: Collection[str] | None = None) -> str:
         """Claim a job and run its stages from the one it is at, until it ends or (with ``queues``)
@@ -249,6 +250,11 @@ class Pipeline:
             if stage == Stage.DEIDENTIFY:
                 outputs[stage] = self.stages.deidentify(job, plan)
                 t["deidentify_s"] = time.perf_counter() - start
+                if queues is None or self.stage_queue(job, Stage.ANALYSE) in queues:
+                    # analysed here, while the de-identified series is written: both stages are
+                    # recorded once both outputs are durable (a crash meanwhile redoes both)
+                    outputs[Stage.ANALYSE] = self.stages.analyse(job, plan, outputs[stage], t)
+                    stage = Stage.ANALYSE
             elif stage == Stage.ANALYSE:
                 outputs[stage] = self.stages.analyse(job, plan, outputs[Stage.DEIDENTIFY], t)
             elif stage == Stage.BUILD:

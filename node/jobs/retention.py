@@ -10,22 +10,40 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
-from node.audit import STUDY_DELETED, AuditEvent, AuditLog, ParticipantObject
+from node.audit import STUDY_DELETED, AuditEvent, AuditLog, Participant, study_key_object
 from node.storage.index import STAGE_PREFIX, Index, JobState, job_of_stage_object
 from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
 
 
-def purge_study(index: Index, store: ObjectStore, study_key: str, audit: AuditLog | None, why: str) -> int:
-    """Delete everything the node holds for one study; returns the number of objects deleted."""
+def purge_study(
+    index: Index,
+    store: ObjectStore,
+    study_key: str,
+    audit: AuditLog | None,
+    why: str,
+    participants: Sequence[Participant] = (),
+) -> int:
+    """Delete everything the node holds for one study; returns the number of objects deleted.
+    ``participants``: who asked (an administrator), for the audit record.
+
+    Raises
+    ------
+    StorageError
+        A job of the study is running under a live lease (see :meth:`Index.delete_study`).
+    """
     object_ids = index.delete_study(study_key)
     for object_id in object_ids:
         store.delete(object_id)
+    store.reclaim_segments(object_ids)  # segments left with no live record are removed
     if audit is not None and object_ids:
-        key_object = ParticipantObject(study_key, id_type=("STUDYKEY", "99AINODE", "ainode study key"))
-        audit.record(AuditEvent(STUDY_DELETED, "D", objects=[key_object], description=why))
+        audit.record(
+            AuditEvent(STUDY_DELETED, "D", participants=participants, objects=[study_key_object(study_key)],
+                       description=why)
+        )  # fmt: skip
     logger.info("study purged (%s): %d object(s)", why, len(object_ids), extra={"study_key": study_key})
     return len(object_ids)
 

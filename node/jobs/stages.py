@@ -13,7 +13,10 @@ import copy
 import dataclasses
 import logging
 import pickle
+import struct
+import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -41,11 +44,10 @@ from node.dicomio import decode, encode
 from node.errors import DeidentificationError, PluginError, StorageError
 from node.jobs.delivery import deliver, withdraw
 from node.jobs.devices import DevicePool
-from node.jobs.isolation import SharedVolume, pack_result, run_isolated, unpack_result
+from node.jobs.isolation import PackedResult, SharedVolume, run_isolated_packed, unpack_result
 from node.jobs.models import ModelWorkers
 from node.jobs.snapshot import JobPlan
 from node.jobs.volume import load_volume, sort_slices
-from node.results import build_rejection_note, build_results
 from node.settings.models import Deidentification, Settings
 from node.storage.index import Index, JobRow, JobState, stage_object_id
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
@@ -55,6 +57,104 @@ if TYPE_CHECKING:
     from algorithms.base import Device
 
 logger = logging.getLogger(__name__)
+
+
+_SERIES_MAGIC = b"AIDSER1\0"
+_FRAME = struct.Struct("<Q")
+
+
+def series_frames(
+    datasets: list[Dataset], halfway: Callable[[], None] = lambda: None, framed: Callable[[int], None] = lambda n: None
+) -> Iterator[bytes]:
+    """The PS3.10 encodings of ``datasets`` framed, part by part: a magic, then per instance its
+    length (8 bytes, little endian) and its bytes. ``framed(n)`` is told once the first ``n``
+    are out.
+
+    Raises
+    ------
+    ValueError
+        A data set cannot be encoded.
+    """
+    yield _SERIES_MAGIC
+    for number, ds in enumerate(datasets):
+        if number == len(datasets) // 2:
+            halfway()
+        encoded = encode(ds)
+        yield _FRAME.pack(len(encoded))
+        yield encoded
+        framed(number + 1)
+
+
+class SeriesWrite:
+    """The de-identified series of a job, held in memory for the next stages and framed
+    (:func:`series_frames`) into the store part by part by a background write that begins once the
+    volume is loaded (:meth:`Stages.flush` begins it otherwise): the two would take turns on the
+    interpreter. Each instance's pixel data can be dropped as soon as it is framed
+    (:meth:`drop_pixel_data`); neither the framed series nor its ciphertext is ever whole in memory.
+
+    Parameters
+    ----------
+    datasets
+        The de-identified instances; only :meth:`drop_pixel_data` changes them.
+    object_id
+        The stored object the series is written to.
+    """
+
+    def __init__(self, datasets: list[Dataset], object_id: str) -> None:
+        self.datasets = datasets
+        self.object_id = object_id
+        self.write: Future[str] | None = None  # once begun
+        self._lock = threading.Lock()
+        self._framed = 0
+        self._drop = False
+
+    def size_hint(self) -> int:
+        """About the framed series' size in bytes (its pixel data)."""
+        return sum(len(ds.PixelData) for ds in self.datasets if "PixelData" in ds)
+
+    def frames(self, halfway: Callable[[], None] = lambda: None) -> Iterator[bytes]:
+        """The framed series (in the writer thread)."""
+        return series_frames(self.datasets, halfway, self._done)
+
+    def _done(self, count: int) -> None:
+        with self._lock:
+            self._framed = count
+            if self._drop:
+                drop_pixel_data(self.datasets[count - 1])
+
+    def drop_pixel_data(self) -> None:
+        """Drop the pixel data of every instance framed so far and of each one framed from now on."""
+        with self._lock:
+            self._drop = True
+            for ds in self.datasets[: self._framed]:
+                drop_pixel_data(ds)
+
+
+def drop_pixel_data(ds: Dataset) -> None:
+    """``ds`` without its Pixel Data (the result build needs only the headers)."""
+    if "PixelData" in ds:
+        del ds.PixelData
+
+
+def unframe_series(payload: bytes) -> Iterator[bytes]:
+    """The encodings :func:`series_frames` framed (or, from an earlier release, pickled as a list).
+
+    Raises
+    ------
+    StorageError
+        The payload is truncated.
+    """
+    if not payload.startswith(_SERIES_MAGIC):
+        yield from pickle.loads(payload)  # an authenticated object only ainode writes
+        return
+    view, at = memoryview(payload), len(_SERIES_MAGIC)
+    while at < len(view):
+        (length,) = _FRAME.unpack_from(view, at)
+        at += _FRAME.size
+        if at + length > len(view):
+            raise StorageError("de-identified series: truncated frame")
+        yield bytes(view[at : at + length])
+        at += length
 
 
 @dataclass
@@ -82,8 +182,18 @@ class Stages:
     def __init__(self, services: Services) -> None:
         self.s = services
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ainode-stage-write")
-        self._writes: dict[int, tuple[str, Future[str]]] = {}
-        self._series: dict[int, list[Dataset]] = {}  # job id -> its de-identified series, while here
+        self._series: dict[int, SeriesWrite] = {}  # job id -> its de-identified series, while here
+
+    def _begin_write(self, series: SeriesWrite) -> Future[str]:
+        """The series' write to the store, begun now unless it was already."""
+        if series.write is None:
+
+            def write() -> str:
+                frames = series.frames(lambda: faults.point("stage:deidentify", index=self.s.index))  # half
+                return self.s.store.put_stream(frames, series.object_id, size_hint=series.size_hint())
+
+            series.write = self._writer.submit(write)
+        return series.write
 
     def flush(self, job: JobRow) -> None:
         """Wait until the job's background stage writes are durable.
@@ -93,19 +203,18 @@ class Stages:
         StorageError
             A write failed (the stage is not recorded as done and is run again).
         """
-        pending = self._writes.pop(job.id, None)
-        if pending is not None:
-            pending[1].result()
+        series = self._series.get(job.id)
+        if series is not None:
+            self._begin_write(series).result()  # begun here if the volume was not loaded here
 
     def forget(self, job_id: int) -> list[str]:
         """Drop what this process keeps of a job whose run ended here; returns the ids of stage
         outputs it wrote that may not be recorded (to delete with the job's other outputs)."""
-        self._series.pop(job_id, None)
-        pending = self._writes.pop(job_id, None)
-        if pending is None:
+        series = self._series.pop(job_id, None)
+        if series is None or series.write is None:
             return []
-        wait([pending[1]])
-        return [pending[0]]
+        wait([series.write])
+        return [series.object_id]
 
     # -- de-identify -----------------------------------------------------------------------------
 
@@ -113,19 +222,12 @@ class Stages:
         """De-identify the job's series (PS3.15 Annex E, the plan's profile), merge its pseudonyms
         into the study's stored map and store the de-identified instances; returns the object id."""
         datasets, study_uid = self._deidentify_series(job.study_key, job.series_key, plan.deidentification)
-        encoded = []
-        for number, ds in enumerate(datasets):
-            if number == len(datasets) // 2:
-                faults.point("stage:deidentify", index=self.s.index)  # half of the series encoded
-            encoded.append(encode(ds))
         # one object for the series (one durable write, not one per instance): the encoded
-        # instances, pickled as a list of bytes inside the authenticated encryption; written in
-        # the background while the next stage runs here on the datasets in memory (the stage is
-        # recorded as done only once the write is durable: see flush)
+        # instances framed inside the authenticated encryption, written in the background while the
+        # next stage runs here on the datasets in memory (SeriesWrite; the stage is recorded as
+        # done only once the write is durable: see flush)
         object_id = stage_object_id(job, "deid", 0)
-        payload = pickle.dumps(encoded, protocol=pickle.HIGHEST_PROTOCOL)
-        self._writes[job.id] = (object_id, self._writer.submit(self.s.store.put, payload, object_id))
-        self._series[job.id] = datasets
+        self._series[job.id] = SeriesWrite(datasets, object_id)
         ids = [object_id]
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"series de-identified for {plan.algorithm}")
         return ids
@@ -134,9 +236,8 @@ class Stages:
         """The de-identified instances of the job: as de-identified here, or as the de-identify
         stage stored them (another process de-identified, or this one restarted)."""
         if job.id in self._series:
-            return self._series[job.id]
-        encoded: list[bytes] = [b for oid in object_ids for b in pickle.loads(self.s.store.get(oid))]
-        return [decode(b) for b in encoded]
+            return self._series[job.id].datasets
+        return [decode(b) for oid in object_ids for b in unframe_series(self.s.store.get(oid))]
 
     def _pseudonymizer(self) -> Pseudonymizer:
         return Pseudonymizer(self.s.secrets.get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
@@ -212,10 +313,15 @@ class Stages:
             start = time.perf_counter()
             datasets = self.deidentified_series(job, deidentified)
             volume, _slices = load_volume(datasets, allocate=shared.allocate)
+            series = self._series.get(job.id)
+            if series is not None:
+                self._begin_write(series)  # framed and written while the algorithm runs
             if "SC" not in plan.result_kinds():  # the build needs only the headers (key images: the voxels)
-                for ds in datasets:
-                    if "PixelData" in ds:
-                        del ds.PixelData
+                if series is not None:  # once framed for the store
+                    series.drop_pixel_data()
+                else:
+                    for ds in datasets:
+                        drop_pixel_data(ds)
             del datasets
             t["load_volume_s"] = time.perf_counter() - start
             check_accepts(spec, volume)
@@ -223,35 +329,36 @@ class Stages:
             timeout = self.s.settings.node.algorithm_timeout_s
             declared = self.s.registry.declaration(plan.algorithm)
             if declared is not None:
-                result = self._run_model(plan.algorithm, declared, volume, shared, plan.priority, timeout, t)
-            else:
+                packed = self._run_model(plan.algorithm, declared, volume, shared, plan.priority, timeout, t)
+            else:  # the result stays as the algorithm's process sent it (masks bit-packed) until the build
                 entry_point = self.s.registry.entry_point(plan.algorithm)
-                result = run_isolated(entry_point, volume, self.s.device, params, timeout, shared)
+                packed = run_isolated_packed(entry_point, volume, self.s.device, params, timeout, shared)
             t["algorithm_s"] = time.perf_counter() - start
             del volume
         faults.point("stage:analyse", index=self.s.index)  # inferred, nothing stored yet
         study_uid = self.stored_map(job.study_key).original_study_instance_uid
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
         # pickle of our own dataclasses, in an authenticated encrypted object only ainode writes
-        payload = pickle.dumps(pack_result(result), protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)
         return [self.s.store.put(payload, object_id=stage_object_id(job, "analysis", 0))]
 
     def _run_model(
         self, name: str, declared: ModelDeclaration, volume: Volume, shared: SharedVolume, priority: str,
         timeout_s: float, t: dict[str, float],
-    ) -> AlgorithmResult:  # fmt: skip
-        """Run a declared model in its device's model worker, on a device with room for it."""
+    ) -> PackedResult:  # fmt: skip
+        """Run a declared model in its device's model worker, on a device with room for it; its
+        result as the worker sent it (masks bit-packed)."""
         if self.s.models is None:
             self.s.models = ModelWorkers(self.s.settings.node.data_dir / "run")
         res = declared.resources
         with self.s.devices.place(name, res.gpu, res.gpu_memory_gib, res.cpu_fallback, priority) as device:
-            result, timings, loads = self.s.models.on(device).run(
+            packed, timings, loads = self.s.models.on(device).run_packed(
                 name, declared.model_dump_json(), volume, shared, timeout_s
             )
         t.update({f"model_{k}": v for k, v in timings.items()})
         t["model_loads"] = float(loads.get(name, 0))
         logger.info("model ran", extra={"algorithm": name, "device": device, **rounded(timings)})
-        return result
+        return packed
 
     # -- build results ---------------------------------------------------------------------------
 
@@ -271,7 +378,8 @@ class Stages:
             spec = dataclasses.replace(spec, weights_sha256=result.parameters.get("weights_sha256"))
         kinds = plan.result_kinds()
         mapping = self.stored_map(job.study_key)
-        datasets = self._series.pop(job.id, None) or self.deidentified_series(job, outputs["deidentify"])
+        series = self._series.pop(job.id, None)
+        datasets = series.datasets if series is not None else self.deidentified_series(job, outputs["deidentify"])
         volume: Volume | None = None
         if "SC" in kinds:  # key images burn outlines into the voxels
             volume, slices = load_volume(datasets)
@@ -290,6 +398,8 @@ class Stages:
             return derive_uid(original_study, original_series, spec.name, spec.version, *weights, generation, kind)
 
         node_title = self.s.settings.node.ae_title
+        from node.results import build_results  # highdicom: loaded by the node's warm-up, not at start
+
         built = build_results(slices, result, spec, uid, node_title, kinds, volume)
         del volume
         pseudo_study = {str(slices[0].StudyInstanceUID)}
@@ -347,6 +457,8 @@ class Stages:
         settings = plan.settings_for_delivery(self.s.settings)
         withdrawn = [decode(self.s.store.get(oid), stop_before_pixels=True) for j in earlier for oid in j.result_ids]
         anchor = str(new_result.SOPInstanceUID)  # deterministic: a re-sent note replaces itself
+        from node.results import build_rejection_note
+
         note = build_rejection_note(
             withdrawn,
             series_instance_uid=derive_uid(anchor, "rejection-series"),

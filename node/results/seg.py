@@ -97,6 +97,38 @@ def _segment_major(masks: list[np.ndarray]) -> np.ndarray:
     return np.stack([m.astype(bool, copy=False) for m in masks], axis=0)
 
 
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation (pinned 0.28.2) whose check of a 4-D binary stack (frames, rows,
+    columns, segments) runs over a few frames at a time in one byte per voxel: highdicom's own
+    check sums the whole stack into int64 (8 bytes per voxel: 1 GB for 500 slices of 512 x 512),
+    the peak of a large study's build. Every other input takes highdicom's own path."""
+
+    _CHUNK_FRAMES = 16
+
+    @classmethod
+    def _check_and_cast_pixel_array(
+        cls,
+        pixel_array: np.ndarray | hd.Volume,
+        segment_numbers: np.ndarray,
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[np.ndarray | hd.Volume, hd.seg.SegmentsOverlapValues]:
+        if (
+            not isinstance(pixel_array, np.ndarray) or pixel_array.ndim != 4
+            or pixel_array.dtype not in (np.bool_, np.uint8) or not 1 < pixel_array.shape[-1] < 256
+            or pixel_array.shape[-1] != len(segment_numbers)
+            or segmentation_type != hd.seg.SegmentationTypeValues.BINARY
+        ):  # fmt: skip
+            return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
+        overlap = False
+        for start in range(0, pixel_array.shape[0], cls._CHUNK_FRAMES):
+            chunk = pixel_array[start : start + cls._CHUNK_FRAMES]
+            if chunk.dtype == np.uint8 and chunk.max() > 1:
+                raise ValueError("When passing a 4D stack of segments with an integer pixel type, it must be binary.")
+            overlap = overlap or bool((chunk.sum(axis=-1, dtype=np.uint8) > 1).any())
+        return pixel_array, hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+
+
 def _pixels(result: AlgorithmResult, shape: tuple[int, int, int]) -> np.ndarray:
     """The pixel array highdicom takes for a BINARY SEG: the algorithm's label map as it is
     (frames, rows, columns of segment numbers; one byte or two per voxel, however many segments), or
@@ -147,7 +179,7 @@ def build_segmentation(
     algorithm = algorithm_identification(spec, dict(result.parameters))
     descriptions = [_description(i, s, algorithm) for i, s in enumerate(segments, start=1)]
     try:
-        seg = hd.seg.Segmentation(
+        seg = _Segmentation(
             source_images=list(sources),
             pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
