@@ -186,3 +186,27 @@ def test_parameters_change_the_measurement(ct_volume, result):
     assert at_900 > default[("Both lungs", "Percent lung volume at or below -950 HU")]
     assert laxer.parameters["laa_threshold_hu"] == "-900"
     assert {s.property_type[0] for s in laxer.segments} >= {"LAA900"}
+
+
+@pytest.mark.parametrize("density", [0.2, 0.45, 0.6])
+def test_two_slab_labelling_finds_the_components_of_one_pass(density):
+    """The labelling in two threads joins components across the seam exactly: the same partition
+    of the voxels as cc3d's single pass (only the numbering may differ), the same sizes, and a
+    selected component's mask is that component."""
+    import cc3d
+
+    from algorithms.lung_ct_density.segment import _Components
+
+    mask = np.random.default_rng(7).random((96, 40, 48)) < density
+    components = _Components.of(mask)
+    theirs, m = cc3d.connected_components(mask, connectivity=6, return_N=True)
+    n = components.n
+    assert len(components.slabs) == 2 and n == m and n > 10
+    mine = components.numbers(mask)
+    assert set(np.unique(mine)) == set(range(1, n + 1))
+    pairs = np.unique(np.stack([mine, theirs[mask].astype(np.int64)]), axis=1)
+    assert pairs.shape[1] == n  # one of theirs for each of mine: a bijection
+    assert sorted(components.sizes()) == sorted(np.bincount(theirs[mask])[1:])
+    largest = int(np.argmax(components.sizes())) + 1
+    (same,) = pairs[1][pairs[0] == largest]
+    assert np.array_equal(components.select(np.arange(n + 1) == largest), theirs == same)

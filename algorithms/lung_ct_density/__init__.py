@@ -8,7 +8,7 @@ Measured per lung and for both lungs together:
 - Perc15: the HU value at the 15th percentile of the lung density histogram.
 
 Statistics run in torch on the requested device (``cuda`` when the node has a GPU); morphology and
-connected components run on the host (SciPy, cc3d).
+connected components run on the host (SciPy, cc3d), in two threads.
 """
 
 from __future__ import annotations

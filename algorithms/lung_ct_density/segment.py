@@ -13,17 +13,25 @@ The method follows the classic threshold-based pipeline (Hu, Hoffman & Reinhardt
 5. holes (vessels, nodules) are filled slice by slice;
 6. left and right are assigned from the patient coordinates (LPS +x = patient left), never from
    array order.
+
+The volume-wide passes (3D labelling, relabelling, per-slice hole filling) run in two threads over
+slabs of slices: cc3d, NumPy and SciPy's morphology release the GIL, so both cores work. The
+result is the same as one pass (``tests/test_lung_ct_density.py``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import cc3d
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage as ndi
+from scipy.sparse import coo_matrix, csgraph
 
 from algorithms.base import Volume
 from algorithms.errors import SeriesRefused
@@ -42,15 +50,15 @@ class LungMasks:
 
 
 def _drop_border_air(air: BoolArray) -> BoolArray:
-    """Remove air components that touch the in-plane border (outside the body).
-
-    The air is framed by one voxel of air around every slice: all components that touch the border
-    then join the frame's single component, found by one labelling pass.
-    """
-    framed = np.pad(air, ((0, 0), (1, 1), (1, 1)), constant_values=True)
-    labels, _ = _label_3d(framed)
-    outside = labels[0, 0, 0]
-    return air & (labels[:, 1:-1, 1:-1] != outside)
+    """Remove air components that touch the in-plane border (outside the body): one labelling
+    pass, then every component with a voxel on a slice's first or last row or column is dropped."""
+    components = _Components.of(air)
+    keep = np.ones(components.n + 1, dtype=bool)
+    keep[0] = False
+    for labels, table in components.slabs:
+        faces = np.concatenate([labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]], axis=None)
+        keep[table[np.unique(faces)]] = False
+    return components.select(keep)
 
 
 def _airway_mask(
@@ -64,7 +72,7 @@ def _airway_mask(
     stop the tracking of that branch. ``centre`` (row, column) and ``radius`` (pixels) bound where
     the trachea may start: around the centre of the image.
     """
-    airway = np.zeros_like(candidate)
+    airway = _zeros(candidate)
     max_pixels = max_area_mm2 / pixel_area_mm2
     previous: BoolArray | None = None
     for k in range(candidate.shape[0] - 1, -1, -1):
@@ -100,7 +108,7 @@ def _airway_mask(
 
 def _component_sizes(labels: npt.NDArray[np.integer], n: int) -> npt.NDArray[np.int64]:
     """Voxel count of components ``1..n`` of a label image."""
-    counts = np.asarray(cc3d.statistics(labels)["voxel_counts"], dtype=np.int64)
+    counts = np.asarray(cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"], dtype=np.int64)
     return np.pad(counts, (0, max(0, n + 1 - len(counts))))[1 : n + 1]
 
 
@@ -113,10 +121,108 @@ def _centroid(mask: BoolArray) -> npt.NDArray[np.float64]:
     )
 
 
-def _label_3d(mask: BoolArray) -> tuple[npt.NDArray[np.unsignedinteger[Any]], int]:
-    """6-connected components of a 3D mask (cc3d: about twice as fast as SciPy here)."""
-    labels, n = cc3d.connected_components(mask, connectivity=6, return_N=True)
-    return labels, int(n)
+_THREADS = 2
+"""Threads for the labelling and per-slice passes: cc3d, NumPy and most of SciPy's ndimage run
+without the GIL."""
+
+
+def _in_slabs(fill: Callable[[slice, np.ndarray], None], out: np.ndarray) -> np.ndarray:
+    """``fill(slab, out[slab])`` over slabs of axial slices, in :data:`_THREADS` threads; returns ``out``."""
+    bounds = np.linspace(0, out.shape[0], _THREADS + 1).astype(int)
+    slabs = [slice(int(a), int(b)) for a, b in pairwise(bounds)]
+    with ThreadPoolExecutor(_THREADS) as pool:
+        list(pool.map(lambda slab: fill(slab, out[slab]), slabs))
+    return out
+
+
+@dataclass(frozen=True)
+class _Components:
+    """The 6-connected components of a 3D mask, numbered 1..n (0: background).
+
+    A tall mask is labelled by cc3d as two slabs of slices in two threads; the components that
+    meet across the seam are joined (the pairs of labels facing each other there, merged by SciPy's
+    graph components) through a table per slab from its labels to the component numbers. No merged
+    label volume is built: sizes come from the slabs' counts, masks from the tables. The components
+    are exactly those of one pass over the whole mask; only their numbering differs.
+    """
+
+    shape: tuple[int, ...]
+    slabs: tuple[tuple[npt.NDArray[np.unsignedinteger[Any]], npt.NDArray[np.int64]], ...]
+    """Per slab, top to bottom: its cc3d labels ``(slices, rows, columns)`` and the table from
+    those labels to component numbers."""
+    n: int
+
+    @classmethod
+    def of(cls, mask: BoolArray) -> _Components:
+        """Label ``mask`` (``bool``, ``(slices, rows, columns)``)."""
+        depth = mask.shape[0]
+        if depth < 64:
+            labels, n = cc3d.connected_components(mask, connectivity=6, return_N=True)
+            return cls(mask.shape, ((labels, np.arange(int(n) + 1, dtype=np.int64)),), int(n))
+        mid = depth // 2
+        with ThreadPoolExecutor(2) as pool:
+            (upper, n_upper), (lower, n_lower) = pool.map(
+                lambda part: cc3d.connected_components(part, connectivity=6, return_N=True), (mask[:mid], mask[mid:])
+            )
+        n_upper, n_lower = int(n_upper), int(n_lower)
+        a, b = upper[-1], lower[0]
+        facing = (a > 0) & (b > 0)
+        total = n_upper + n_lower + 1  # index 0, the upper slab's labels, then the lower's (shifted by n_upper)
+        edges = np.unique(np.stack([a[facing].astype(np.int64), b[facing].astype(np.int64) + n_upper]), axis=1)
+        graph = coo_matrix((np.ones(edges.shape[1], dtype=np.int8), (edges[0], edges[1])), shape=(total, total))
+        _count, component = csgraph.connected_components(graph, directed=False)
+        joined, number = np.unique(component[1:], return_inverse=True)
+        table = np.zeros(total, dtype=np.int64)
+        table[1:] = number + 1
+        lower_table = table[n_upper:].copy()  # lower label l is index n_upper + l; its 0 is background
+        lower_table[0] = 0
+        return cls(mask.shape, ((upper, table[: n_upper + 1]), (lower, lower_table)), len(joined))
+
+    def sizes(self) -> npt.NDArray[np.int64]:
+        """Voxel count of components ``1..n``."""
+        total = np.zeros(self.n + 1, dtype=np.int64)
+
+        def count(labels: npt.NDArray[np.unsignedinteger[Any]]) -> npt.NDArray[np.int64]:
+            return np.asarray(cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"], dtype=np.int64)
+
+        with ThreadPoolExecutor(len(self.slabs)) as pool:
+            for (_labels, table), counts in zip(
+                self.slabs, pool.map(count, [lab for lab, _t in self.slabs]), strict=True
+            ):
+                np.add.at(total, table[: len(counts)], counts)
+        return total[1:]
+
+    def select(self, chosen: BoolArray) -> BoolArray:
+        """The voxels of the components ``chosen`` marks (``bool`` of length ``n + 1``; index 0,
+        the background, is never chosen), as a mask of the labelled shape."""
+        out = np.empty(self.shape, dtype=bool)
+        jobs, start = [], 0
+        for labels, table in self.slabs:
+            jobs.append((labels, chosen[table] & (table > 0), out[start : start + labels.shape[0]]))
+            start += labels.shape[0]
+
+        def one(job: tuple[npt.NDArray[np.unsignedinteger[Any]], BoolArray, BoolArray]) -> None:
+            labels, keep, into = job
+            for k in range(0, labels.shape[0], 8):  # NumPy indexes with intp: 8 bytes a voxel, a few slices at a time
+                into[k : k + 8] = keep[labels[k : k + 8]]
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            list(pool.map(one, jobs))
+        return out
+
+    def numbers(self, where: BoolArray) -> npt.NDArray[np.int64]:
+        """The component number of each voxel ``where`` marks (slab by slab, in C order)."""
+        parts, start = [], 0
+        for labels, table in self.slabs:
+            parts.append(table[labels[where[start : start + labels.shape[0]]]])
+            start += labels.shape[0]
+        return np.concatenate(parts)
+
+
+def _zeros(like: BoolArray) -> BoolArray:
+    """A ``False`` mask of ``like``'s shape whose pages the kernel supplies zeroed when first
+    written (``calloc``): untouched parts of a large mask cost neither time nor memory."""
+    return np.zeros(like.shape, dtype=bool)
 
 
 def _box(mask: BoolArray, margin: int = 1) -> tuple[slice, ...]:
@@ -136,7 +242,7 @@ def _split_joined(mask: BoolArray, min_voxels: int, max_erosions: int = 8) -> li
     parts = _split_joined_cropped(mask[box], min_voxels, max_erosions)
     out = []
     for part in parts:
-        full = np.zeros_like(mask)
+        full = _zeros(mask)
         full[box] = part
         out.append(full)
     return out
@@ -146,14 +252,15 @@ def _split_joined_cropped(mask: BoolArray, min_voxels: int, max_erosions: int) -
     eroded = mask
     for erosions in range(1, max_erosions + 1):
         eroded = ndi.binary_erosion(eroded, structure=_STRUCTURE_6)
-        labels, n = _label_3d(eroded)
-        if n < 2:
+        components = _Components.of(eroded)
+        if components.n < 2:
             continue
-        sizes = _component_sizes(labels, n)
+        sizes = components.sizes()
         order = np.argsort(sizes)[::-1]
         if sizes[order[1]] < min_voxels / 4:
             continue
-        return list(_grow_seeds(labels == order[0] + 1, labels == order[1] + 1, mask, erosions + 1))
+        seeds = [components.select(np.arange(components.n + 1) == i + 1) for i in order[:2]]
+        return list(_grow_seeds(seeds[0], seeds[1], mask, erosions + 1))
     return [mask]
 
 
@@ -169,27 +276,35 @@ def _grow_seeds(a: BoolArray, b: BoolArray, mask: BoolArray, steps: int) -> tupl
         a = ndi.binary_dilation(a, structure=_STRUCTURE_6) & mask & ~b
         b = ndi.binary_dilation(b, structure=_STRUCTURE_6) & mask & ~a
     rest = mask & ~a & ~b
-    labels, n = _label_3d(rest)
-    if n:
-        touch_a = np.bincount(labels[ndi.binary_dilation(a, structure=_STRUCTURE_6) & rest], minlength=n + 1)
-        touch_b = np.bincount(labels[ndi.binary_dilation(b, structure=_STRUCTURE_6) & rest], minlength=n + 1)
+    components = _Components.of(rest)
+    if n := components.n:
+        touch_a = np.bincount(
+            components.numbers(ndi.binary_dilation(a, structure=_STRUCTURE_6) & rest), minlength=n + 1
+        )
+        touch_b = np.bincount(
+            components.numbers(ndi.binary_dilation(b, structure=_STRUCTURE_6) & rest), minlength=n + 1
+        )
         to_a = touch_a >= touch_b
         to_a[0] = False
         to_b = ~to_a
         to_b[0] = False
-        a = a | to_a[labels]
-        b = b | to_b[labels]
+        a = a | components.select(to_a)
+        b = b | components.select(to_b)
     return a, b
 
 
 def _fill_holes_per_slice(mask: BoolArray) -> BoolArray:
     """Fill holes (vessels, airways inside the lung, nodules) in each axial slice."""
-    filled = np.zeros_like(mask)
+    filled = _zeros(mask)
     box = _box(mask)
-    inside, out = mask[box], filled[box]
-    for k in range(inside.shape[0]):
-        if inside[k].any():
-            out[k] = ndi.binary_fill_holes(inside[k])
+    inside = mask[box]
+
+    def fill(slab: slice, out: BoolArray) -> None:
+        for k in range(slab.start, slab.stop):
+            if inside[k].any():
+                out[k - slab.start] = ndi.binary_fill_holes(inside[k])
+
+    _in_slabs(fill, filled[box])
     return filled
 
 
@@ -233,16 +348,17 @@ def segment_lungs(
     centre = (rows / 2 - box[1].start, cols / 2 - box[2].start)
     pixel_area = volume.spacing_mm[1] * volume.spacing_mm[2]
     airway = _airway_mask(candidate, pixel_area, max_airway_area_mm2, centre, min(rows, cols) / 6)
-    candidate &= ~ndi.binary_dilation(airway, iterations=1)
-    labels, n = _label_3d(candidate)
-    if n == 0:
+    near = _box(airway, margin=2)  # the airway grown by one voxel, computed around the airway only
+    candidate[near] &= ~ndi.binary_dilation(airway[near], iterations=1)
+    components = _Components.of(candidate)
+    if (n := components.n) == 0:
         raise SeriesRefused("no air-filled region inside the body: no lungs found")
-    sizes = _component_sizes(labels, n)
+    sizes = components.sizes()
     min_voxels = int(min_lung_ml / volume.voxel_volume_ml)
     big = [int(i) + 1 for i in np.argsort(sizes)[::-1][:2] if sizes[i] >= min_voxels]
     if not big:
         raise SeriesRefused(f"no lung of at least {min_lung_ml:.0f} ml found")
-    parts = [labels == i for i in big]
+    parts = [components.select(np.arange(n + 1) == i) for i in big]
     if len(parts) == 1:
         parts = _split_joined(parts[0], min_voxels)
     if len(parts) < 2:
@@ -251,7 +367,7 @@ def segment_lungs(
     centroids_lps = [volume.index_to_lps(_centroid(p) + offset)[0] for p in parts]
     # LPS: +x is towards the patient's left.
     left_i = int(np.argmax([c[0] for c in centroids_lps]))
-    left, right = np.zeros_like(air), np.zeros_like(air)
+    left, right = _zeros(air), _zeros(air)
     left[box] = _fill_holes_per_slice(parts[left_i])
     right[box] = _fill_holes_per_slice(parts[1 - left_i]) & ~left[box]
     return LungMasks(left=left, right=right)
