@@ -28,13 +28,19 @@ def _network(bundle: Path, overrides: dict[str, Any]) -> Any:
 
 
 def seeded_bundle(
-    source: Path, dest: Path, seed: int = 0, overrides: dict[str, Any] | None = None, favour: tuple[int, ...] = ()
+    source: Path,
+    dest: Path,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    favour: tuple[int, ...] = (),
+    favour_by: float = 4.0,
 ) -> Path:
     """A copy of the bundle ``source`` (configs and metadata as published) under ``dest``, with its
     ``network_def`` built with ``seed`` and saved as the weights file its configuration names.
 
-    ``favour`` lists output channels whose final-layer bias is raised, so that those labels (and
-    few others) occur in the seeded network's argmax: a random network is otherwise indecisive."""
+    ``favour`` lists output channels whose final-layer bias is raised by ``favour_by``, so that
+    those labels (and few others) occur in the seeded network's argmax: a random network is
+    otherwise indecisive."""
     import torch
 
     overrides = overrides or {}
@@ -46,7 +52,7 @@ def seeded_bundle(
     if favour:
         final = [m for m in network.modules() if isinstance(m, torch.nn.Conv3d)][-1]
         with torch.no_grad():
-            final.bias[list(favour)] += 4.0
+            final.bias[list(favour)] += favour_by
     config = json.loads((source / "configs" / "inference.json").read_text())
     name = "model.pt"
     if "modelname" in config and overrides.get("displayable_configs#highres", True) is False:

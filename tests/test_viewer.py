@@ -109,6 +109,61 @@ def _screen_text(page: Any) -> str:
     return page.inner_text("body") + "\n" + "\n".join(page.locator("svg text").all_text_contents())
 
 
+def _nudge(page: Any) -> None:
+    """Ask OHIF again when nothing of the SR is drawn: one slice on with the mouse wheel over the
+    viewport (a new image is rendered, with its annotations), then back by the viewport's arrows
+    (to the next measurement: they cycle through the groups; with one group, to it again), or the
+    SR once more when its viewport has no arrows yet."""
+    page.mouse.move(960, 500)
+    page.mouse.wheel(0, 120)
+    time.sleep(1)
+    arrows = page.locator('[data-cy="viewport-action-arrows-right"] svg')
+    if arrows.count():
+        arrows.first.click()
+    else:
+        page.locator(THUMBNAIL).filter(has_text="S:9902").dblclick()
+
+
+def _open(browser: Any, base: str, study_uid: str, errors: list[str]) -> Any:
+    """A page in a new browser context (nothing kept from other pages) with the study in OHIF's
+    viewer, its thumbnails listed and the first-visit tour skipped; page errors go to ``errors``."""
+    page = browser.new_page(viewport={"width": 1920, "height": 1000})
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    console = ARTEFACTS / "console.log"  # OHIF's own messages, for a failure's artefacts
+    page.on("console", lambda m: console.open("a").write(f"{m.type}: {m.text[:500]}\n"))
+    page.goto(f"{base}/viewer?StudyInstanceUIDs={study_uid}")
+    page.wait_for_selector(THUMBNAIL, timeout=120_000)
+    time.sleep(2)
+    if page.get_by_text("Skip all").count():
+        page.get_by_text("Skip all").first.click()
+    return page
+
+
+def _wait_for_unseen_group(page: Any, groups: list[Group], seen: dict[str, tuple[str, int]], shot: Path
+                           ) -> tuple[str, list[Group], str, int]:  # fmt: skip
+    """Within 120 s, a group not yet seen with all its values on screen, on its slice, its outline
+    drawn (OHIF draws each in turn); returns the screen's text, the groups shown, the Instance Number
+    on screen and the outline's pixels in the screenshot ``shot``."""
+    start = time.monotonic()
+    deadline, nudge, instance, outline = start + 120, start + 20, "?", 0
+    text, shown = "", []
+    while time.monotonic() < deadline:
+        text = _screen_text(page)
+        if time.monotonic() > nudge and not any(g[0] not in seen and g[1][0] in text for g in groups):
+            nudge = time.monotonic() + 20
+            _nudge(page)
+        shown = [g for g in groups if g[0] not in seen and all(v in text for v in g[1])]
+        match = re.search(r"I:(\d+) \(\d+/\d+\)", text)
+        instance = match.group(1) if match else "?"
+        if shown and instance == shown[0][2]:
+            page.screenshot(path=shot)
+            outline = _outline_pixels(shot)
+            if outline > 100:
+                break
+        time.sleep(0.5)
+    return text, shown, instance, outline
+
+
 def _check_in_ohif(orthanc_http_port: int, study_uid: str, segments: list[str], groups: list[Group], name: str) -> None:
     """Open the study in OHIF: the SEG's segment labels in the segmentation panel; the planar SR
     without an error, each group's values on screen, on its slice, with its outline drawn."""
@@ -119,13 +174,7 @@ def _check_in_ohif(orthanc_http_port: int, study_uid: str, segments: list[str], 
     with serve_ohif(orthanc_http_port) as base, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
         try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(f"{base}/viewer?StudyInstanceUIDs={study_uid}")
-            page.wait_for_selector(THUMBNAIL, timeout=120_000)
-            time.sleep(2)
-            if page.get_by_text("Skip all").count():  # the first-visit tour
-                page.get_by_text("Skip all").first.click()
+            page = _open(browser, base, study_uid, errors)
             # the SEG
             page.locator(THUMBNAIL).filter(has_text="S:9901").dblclick()
             page.get_by_role("button", name="Yes").first.click(timeout=60_000)
@@ -133,28 +182,33 @@ def _check_in_ohif(orthanc_http_port: int, study_uid: str, segments: list[str], 
             for label in segments:
                 page.get_by_text(label, exact=True).first.wait_for(timeout=60_000)
             page.screenshot(path=ARTEFACTS / f"{name}-seg.png")
-            # the planar SR: each group in turn (OHIF's arrows step through the measurements)
+            # the planar SR, opened as a radiologist opens it from the study: in a new browser context
+            # (OHIF 3.13 keeps viewport state in the browser's storage: the SEG's volume viewport, in
+            # which it sometimes draws nothing of an SR), each group in turn (OHIF's arrows step
+            # through the measurements)
+            page.context.close()
+            page = _open(browser, base, study_uid, errors)
             page.locator(THUMBNAIL).filter(has_text="S:9902").dblclick()
             seen: dict[str, tuple[str, int]] = {}
-            for step in range(len(groups)):
+            reloaded = False
+            step = 0
+            while step < len(groups):
                 shot = ARTEFACTS / f"{name}-sr-{step + 1}.png"
-                deadline, instance, outline = time.monotonic() + 60, "?", 0
-                while time.monotonic() < deadline:  # the values, the slice and the outline: each drawn in turn
-                    text = _screen_text(page)
-                    shown = [g for g in groups if g[0] not in seen and all(v in text for v in g[1])]
-                    match = re.search(r"I:(\d+) \(\d+/\d+\)", text)
-                    instance = match.group(1) if match else "?"
-                    if shown and instance == shown[0][2]:
-                        page.screenshot(path=shot)
-                        outline = _outline_pixels(shot)
-                        if outline > 100:
-                            break
-                    time.sleep(0.5)
+                text, shown, instance, outline = _wait_for_unseen_group(page, groups, seen, shot)
+                if not shown or "Something went wrong" in text:
+                    page.screenshot(path=ARTEFACTS / f"{name}-sr-{step + 1}-failed.png")  # for the CI artefacts
+                if not shown and not reloaded:  # OHIF never drew it: once more, in a new viewer
+                    reloaded = True
+                    page.context.close()
+                    page = _open(browser, base, study_uid, errors)
+                    page.locator(THUMBNAIL).filter(has_text="S:9902").dblclick()
+                    continue
                 assert "Something went wrong" not in text, text[-2000:]
-                assert shown, f"no group's values on screen:\n{text[-2000:]}"
+                assert shown, f"step {step + 1}: no unseen group's values on screen ({sorted(seen)}):\n{text[-2000:]}"
                 seen[shown[0][0]] = (instance, outline)
                 page.locator('[data-cy="viewport-action-arrows-right"] svg').click()
                 time.sleep(1)
+                step += 1
         finally:
             browser.close()
     assert errors == []
@@ -193,7 +247,9 @@ def test_ohif_shows_lung_seg_and_every_planar_sr_value(viewer_ready, tmp_path, s
 
 
 def test_ohif_shows_a_declared_models_other_structure(viewer_ready, tmp_path, start_node):
-    bundle = seeded_bundle(SPLEEN, tmp_path / "bundles")
+    # the background favoured a little: the seeded network then finds a scatter of "spleen" voxels
+    # (about 0.5 % of the volume, 285 ml) instead of the whole field of view
+    bundle = seeded_bundle(SPLEEN, tmp_path / "bundles", favour=(0,), favour_by=0.4)
     route = {
         "name": "spleen",
         "match": {"Modality": "CT"},
