@@ -1,5 +1,6 @@
 """Ingest: DCMTK storescu -> (a) DCMTK storescp writing files, (b) Orthanc, (c) ainode (encrypted,
-fsync'd), measured side by side in one run.
+fsync'd), measured side by side in one run; ``--receivers ainode-console`` adds (d) ainode with its
+console on and ``/metrics`` scraped every 5 s (the console's cost to ingest).
 
 A 300-slice series is generated from the chest CT by repeating its slices with new UIDs. Runs are
 interleaved (a, b, c, a, b, c, ...) with a fresh, empty receiver each time; TCP_NODELAY is set on
@@ -7,7 +8,9 @@ every sender and receiver. Reported per receiver (medians): MB/s and instances/s
 association, the same with 4 concurrent associations, and associations per second when every
 instance comes on its own association. Prints a table and writes ``bench/results/ingest.json``.
 
-Usage: ``python bench/ingest.py [--runs 3] [--slices 300]``
+Usage: ``python bench/ingest.py [--runs 3] [--slices 300]``; before and after a change, in the same
+runs: ``git worktree add /tmp/before REV`` and ``--receivers orthanc ainode-baseline ainode
+--baseline /tmp/before`` (run from outside the checkout).
 """
 
 from __future__ import annotations
@@ -21,10 +24,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,19 +75,42 @@ def orthanc(work: Path) -> tuple[int, str, Callable[[], None]]:
     return pacs.dicom_port, "PACS", pacs.stop
 
 
-def ainode(work: Path) -> tuple[int, str, Callable[[], None]]:
+def ainode(work: Path, console: bool = False, code: Path | None = None) -> tuple[int, str, Callable[[], None]]:
     config_path, config = node_config(work, peers=[{"ae_title": "STORESCU"}], destinations={}, routes=[])
-    key = {"AINODE_TEST_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
-    node = start_node_process(config_path, config, key, work / "node.log")
+    if console:
+        config["console"] = {"host": "127.0.0.1", "port": free_port()}
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {"AINODE_TEST_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
+    if code is not None:  # another checkout's node (its packages first on the path)
+        env["PYTHONPATH"] = str(code)
+    node = start_node_process(config_path, config, env, work / "node.log")
     receivers = int(config["node"].get("receivers", 2))
     # measure the running node, not its start: every receiver listening, the algorithm server's imports done
     wait_until(
         lambda: node.log().count("receiver ") >= receivers - 1 and "algorithm process server ready" in node.log(), 60
     )
-    return node.port, "AINODE", node.stop
+    if not console:
+        return node.port, "AINODE", node.stop
+    done = threading.Event()
+
+    def scrape() -> None:  # as Prometheus does, every 5 s
+        while not done.wait(5.0):
+            urllib.request.urlopen(f"http://127.0.0.1:{config['console']['port']}/metrics", timeout=30).read()
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+
+    def stop() -> None:
+        done.set()
+        scraper.join(35)
+        node.stop()
+
+    return node.port, "AINODE", stop
 
 
-RECEIVERS: dict[str, Receiver] = {"storescp": storescp, "orthanc": orthanc, "ainode": ainode}
+RECEIVERS: dict[str, Receiver] = {
+    "storescp": storescp, "orthanc": orthanc, "ainode": ainode, "ainode-console": partial(ainode, console=True),
+}  # fmt: skip
 
 
 def send(port: int, called: str, files: list[Path], per_file: bool = False) -> None:
@@ -123,9 +154,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
-    parser.add_argument("--receivers", nargs="+", choices=list(RECEIVERS), default=list(RECEIVERS))
+    parser.add_argument(
+        "--receivers", nargs="+", choices=[*RECEIVERS, "ainode-baseline"], default=["storescp", "orthanc", "ainode"]
+    )
+    parser.add_argument("--baseline", type=Path, help="a checkout of other code for receiver ainode-baseline")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     args = parser.parse_args()
+    if "ainode-baseline" in args.receivers:
+        if args.baseline is None:
+            parser.error("receiver ainode-baseline needs --baseline CHECKOUT (e.g. a git worktree)")
+        RECEIVERS["ainode-baseline"] = partial(ainode, code=args.baseline.resolve())
     work = Path(tempfile.mkdtemp(prefix="ainode-ingest-data-"))
     try:
         copies = -(-args.slices // 64)
@@ -139,7 +177,7 @@ def main() -> None:
                 print(f"run {run + 1}: {name} {runs[name][-1]['one_association_mb_s']:.0f} MB/s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    keys = list(runs["ainode"][0])
+    keys = list(next(iter(runs.values()))[0])
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
     ratios = {
         f"ainode_over_{other}": medians["ainode"]["one_association_mb_s"] / medians[other]["one_association_mb_s"]
