@@ -1,6 +1,8 @@
 """Ingest: DCMTK storescu -> (a) DCMTK storescp writing files, (b) Orthanc, (c) ainode (encrypted,
 fsync'd), measured side by side in one run; ``--receivers ainode-console`` adds (d) ainode with its
-console on and ``/metrics`` scraped every 5 s (the console's cost to ingest).
+console on and ``/metrics`` scraped every 5 s (the console's cost to ingest); ``scp-only`` adds
+ainode's Storage SCP in one process storing nothing (``bench/null_scp.py``: what pynetdicom and the
+header parse alone allow).
 
 A 300-slice series is generated from the chest CT by repeating its slices with new UIDs. Runs are
 interleaved (a, b, c, a, b, c, ...) with a fresh, empty receiver each time; TCP_NODELAY is set on
@@ -75,6 +77,22 @@ def orthanc(work: Path) -> tuple[int, str, Callable[[], None]]:
     return pacs.dicom_port, "PACS", pacs.stop
 
 
+def scp_only(work: Path) -> tuple[int, str, Callable[[], None]]:
+    """ainode's Storage SCP in one process, storing nothing: the receive path's ceiling."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "null_scp.py"), str(port)],
+        stdout=subprocess.DEVNULL, stderr=(work / "null_scp.log").open("w"),
+    )  # fmt: skip
+    wait_for_port(port, 60, proc)
+
+    def stop() -> None:
+        proc.terminate()
+        proc.wait(30)
+
+    return port, "AINODE", stop
+
+
 def ainode(work: Path, console: bool = False, code: Path | None = None) -> tuple[int, str, Callable[[], None]]:
     config_path, config = node_config(work, peers=[{"ae_title": "STORESCU"}], destinations={}, routes=[])
     if console:
@@ -110,6 +128,7 @@ def ainode(work: Path, console: bool = False, code: Path | None = None) -> tuple
 
 RECEIVERS: dict[str, Receiver] = {
     "storescp": storescp, "orthanc": orthanc, "ainode": ainode, "ainode-console": partial(ainode, console=True),
+    "scp-only": scp_only,
 }  # fmt: skip
 
 
