@@ -250,3 +250,39 @@ class Algorithm(Protocol):
         """Analyse ``volume`` on ``device`` with ``params`` (an instance of ``Params``, or ``None``
         for the defaults) and return masks and measurements."""
         ...
+
+
+def bounding_box(mask: npt.ArrayLike) -> tuple[slice, ...] | None:
+    """The smallest box holding every true voxel of ``mask``, or ``None`` when it has none.
+
+    Parameters
+    ----------
+    mask
+        A boolean array of any number of axes, e.g. ``(slices, rows, columns)``.
+
+    Returns
+    -------
+    tuple of slice or None
+        One ``slice(first, last + 1)`` per axis, in ``mask``'s axis order (voxel indices): the same
+        box as :func:`scipy.ndimage.find_objects` gives for a mask, found by projecting the mask
+        onto its first axis, then the rest of the box within the slab that holds voxels (two
+        passes over the data, most of them stopping at the first true voxel of a row).
+
+    Raises
+    ------
+    ValueError
+        ``mask`` is a scalar.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim == 0:
+        raise ValueError("bounding_box needs an array with at least one axis")
+    present = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    if present.size == 0:
+        return None
+    first = slice(int(present[0]), int(present[-1]) + 1)
+    if mask.ndim == 1:
+        return (first,)
+    rest = bounding_box(np.logical_or.reduce(mask[first], axis=0))
+    if rest is None:  # not reached: the slab holds a true voxel
+        raise ValueError("bounding_box: no voxel in the slab that holds one")
+    return (first, *rest)

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from algorithms.base import AlgorithmResult, Measurement, Segment
+from algorithms.base import AlgorithmResult, Measurement, Segment, bounding_box
 from algorithms.lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 from node.results import RESULT_KINDS, build_results, result_kind
@@ -240,3 +240,21 @@ def test_segments_overlap_is_declared_from_the_masks(lung):
     for number, segment in enumerate(two.segments, start=1):  # the frames hold the masks
         volume = read.get_volume(segment_numbers=[number], combine_segments=True).array
         assert (volume > 0).sum() == segment.mask.sum()
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (6, 11, 13), (3, 4, 5, 6)])
+def test_bounding_box_is_find_objects_box(shape):
+    """The SDK's bounding box (used for every segment's outline region and by lung-ct-density)
+    is the box :func:`scipy.ndimage.find_objects` gives, for sparse, dense, empty and strided masks."""
+    rng = np.random.default_rng(7)
+    for density in (0.0, 0.002, 0.05, 0.6):
+        mask = rng.random(shape) < density
+        for view in (mask, mask[..., ::2], np.asfortranarray(mask)):
+            expected = (ndimage.find_objects(view.astype(np.uint8)) or [None])[0]
+            assert bounding_box(view) == expected, (shape, density)
+    single = np.zeros(shape, dtype=bool)
+    corner = tuple(n - 1 for n in shape)
+    single[corner] = True
+    assert bounding_box(single) == tuple(slice(i, i + 1) for i in corner)
+    with pytest.raises(ValueError):
+        bounding_box(np.bool_(True))

@@ -33,7 +33,7 @@ import numpy.typing as npt
 from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix, csgraph
 
-from algorithms.base import Volume
+from algorithms.base import Volume, bounding_box
 from algorithms.errors import SeriesRefused
 
 BoolArray = npt.NDArray[np.bool_]
@@ -226,14 +226,12 @@ def _zeros(like: BoolArray) -> BoolArray:
 
 
 def _box(mask: BoolArray, margin: int = 1) -> tuple[slice, ...]:
-    """Bounding box of ``mask``'s true voxels, grown by ``margin`` voxels within the array."""
-    box = []
-    for axis in range(mask.ndim):
-        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        if present.size == 0:
-            return tuple(slice(0, n) for n in mask.shape)
-        box.append(slice(max(int(present[0]) - margin, 0), min(int(present[-1]) + 1 + margin, mask.shape[axis])))
-    return tuple(box)
+    """Bounding box of ``mask``'s true voxels, grown by ``margin`` voxels within the array (the
+    whole array when it has none)."""
+    box = bounding_box(mask)
+    if box is None:
+        return tuple(slice(0, n) for n in mask.shape)
+    return tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, mask.shape, strict=True))
 
 
 def _split_joined(mask: BoolArray, min_voxels: int, max_erosions: int = 8) -> list[BoolArray]:

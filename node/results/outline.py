@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 from skimage import measure
 
-from algorithms.base import AlgorithmResult
+from algorithms.base import AlgorithmResult, bounding_box
 
 MIN_PART_PIXELS = 10
 """Connected parts smaller than this (pixels on the slice) get no outline."""
@@ -88,9 +88,7 @@ def _boxes(result: AlgorithmResult) -> list[tuple[slice, slice, slice] | None]:
     """Each segment's bounding box (``None``: no voxel); a label map's in one pass over it."""
     if result.label_map is not None:
         return list(ndimage.find_objects(result.label_map, max_label=len(result.segments)))
-    return [
-        (ndimage.find_objects(np.asarray(s.mask, dtype=np.uint8)) or [None])[0] for s in result.segments
-    ]  # fmt: skip
+    return [cast("tuple[slice, slice, slice] | None", bounding_box(s.mask)) for s in result.segments]
 
 
 def _crop(result: AlgorithmResult, number: int, box: tuple[slice, slice, slice]) -> npt.NDArray[np.bool_]:
