@@ -253,17 +253,8 @@ def _as_received_instance(plaintext: bytes) -> ReceivedInstance | None:
         sop_class = str(ds.SOPClassUID)
         if sop_class not in STORAGE_SOP_CLASSES.values():
             return None  # a SEG, SR or KOS built by a job
-        return ReceivedInstance(
-            study_instance_uid=str(ds.StudyInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            sop_class_uid=sop_class,
-            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
-            calling_ae_title="",
-            encoded=plaintext,
-            patient_id=str(ds.get("PatientID", "") or ""),
-            accession_number=str(ds.get("AccessionNumber", "") or ""),
-        )
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        return ReceivedInstance.from_header(ds, plaintext, sop_class_uid=sop_class, transfer_syntax_uid=transfer_syntax)
     except (AttributeError, KeyError, ValueError, TypeError, EOFError, AinodeError):
         return None  # not a DICOM data set: a pseudonym map
 

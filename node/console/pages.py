@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -149,13 +150,25 @@ def dashboard(request: Request) -> Response:
     return render(request, "dashboard.html", title="Dashboard", user=user, d=console(request).dashboard())
 
 
-@router.get("/studies")
-def studies(request: Request, state: str = "", route: str = "", algorithm: str = "", page: int = 1) -> Response:
+_PAGE_ROWS = 50
+
+
+def _listing(
+    request: Request, kind: str, fetch: Callable[..., list[Any]], state: str, route: str, algorithm: str, page: int
+) -> Response:
+    """A page of the studies or the jobs (``kind``, listed by ``fetch``), filtered by state, route
+    and algorithm."""
     user = signed_in(request)
     page = max(1, page)
-    rows = console(request).studies(state or None, route or None, algorithm or None, limit=50, offset=(page - 1) * 50)
-    filters = {"state": state, "route": route, "algorithm": algorithm}
-    return render(request, "studies.html", title="Studies", user=user, studies=rows, filters=filters, page=page)
+    rows = fetch(state or None, route or None, algorithm or None, limit=_PAGE_ROWS, offset=(page - 1) * _PAGE_ROWS)
+    context: dict[str, Any] = {kind: rows, "user": user, "page": page}
+    context["filters"] = {"state": state, "route": route, "algorithm": algorithm}
+    return render(request, f"{kind}.html", title=kind.title(), **context)
+
+
+@router.get("/studies")
+def studies(request: Request, state: str = "", route: str = "", algorithm: str = "", page: int = 1) -> Response:
+    return _listing(request, "studies", console(request).studies, state, route, algorithm, page)
 
 
 @router.get("/studies/{study_key}")
@@ -168,11 +181,7 @@ def study(request: Request, study_key: str) -> Response:
 
 @router.get("/jobs")
 def jobs(request: Request, state: str = "", route: str = "", algorithm: str = "", page: int = 1) -> Response:
-    user = signed_in(request)
-    page = max(1, page)
-    rows = console(request).jobs(state or None, route or None, algorithm or None, limit=50, offset=(page - 1) * 50)
-    filters = {"state": state, "route": route, "algorithm": algorithm}
-    return render(request, "jobs.html", title="Jobs", user=user, jobs=rows, filters=filters, page=page)
+    return _listing(request, "jobs", console(request).jobs, state, route, algorithm, page)
 
 
 @router.get("/jobs/{job_id}")

@@ -386,8 +386,7 @@ class Stages:
         else:
             slices = sort_slices(datasets)
         for ds in datasets:  # from here on only the headers are needed (result references)
-            if "PixelData" in ds:
-                del ds.PixelData
+            drop_pixel_data(ds)
         del datasets
         original_study = mapping.original_study_instance_uid
         original_series = mapping.uids.get(str(slices[0].SeriesInstanceUID), "")

@@ -106,6 +106,31 @@ class ReceivedInstance:
     patient_id: str = ""
     accession_number: str = ""
 
+    @classmethod
+    def from_header(
+        cls, ds: Dataset, encoded: bytes, *, sop_class_uid: str, transfer_syntax_uid: str,
+        calling_ae_title: str = "", association_id: int = 0,
+    ) -> ReceivedInstance:  # fmt: skip
+        """The instance whose PS3.10 bytes are ``encoded`` and whose parsed header is ``ds``.
+
+        Raises
+        ------
+        InvalidInstanceError
+            Its SOP Instance, Study Instance or Series Instance UID is missing or not a valid UID.
+        """
+        return cls(
+            study_instance_uid=_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
+            series_instance_uid=_uid(ds.get("SeriesInstanceUID"), "Series Instance UID"),
+            sop_instance_uid=_uid(ds.get("SOPInstanceUID"), "SOP Instance UID"),
+            sop_class_uid=sop_class_uid,
+            transfer_syntax_uid=transfer_syntax_uid,
+            calling_ae_title=calling_ae_title,
+            encoded=encoded,
+            association_id=association_id,
+            patient_id=str(ds.get("PatientID", "") or ""),
+            accession_number=str(ds.get("AccessionNumber", "") or ""),
+        )
+
 
 @dataclass
 class AssociationSummary:
@@ -351,18 +376,10 @@ class StorageSCP:
             if str(getattr(ds, "SOPClassUID", "")) != sop_class_uid:
                 logger.warning("C-STORE refused: SOP Class UID does not match", extra={"calling_ae": calling})
                 return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-            instance = ReceivedInstance(
-                study_instance_uid=_uid(getattr(ds, "StudyInstanceUID", None), "Study Instance UID"),
-                series_instance_uid=_uid(getattr(ds, "SeriesInstanceUID", None), "Series Instance UID"),
-                sop_instance_uid=sop_instance_uid,
-                sop_class_uid=sop_class_uid,
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                calling_ae_title=calling,
-                encoded=encoded,
-                association_id=id(event.assoc),
-                patient_id=str(ds.get("PatientID", "") or ""),
-                accession_number=str(ds.get("AccessionNumber", "") or ""),
-            )
+            instance = ReceivedInstance.from_header(
+                ds, encoded, sop_class_uid=sop_class_uid, transfer_syntax_uid=str(event.context.transfer_syntax),
+                calling_ae_title=calling, association_id=id(event.assoc),
+            )  # fmt: skip
             self.on_store(instance)
         except AinodeError as exc:
             status = status_for(exc)
