@@ -293,6 +293,7 @@ class Receiver:
             self.ingest,
             on_security_event=self._association_refused,
             on_release=self._association_ended,
+            on_refused_instance=self._instance_refused,
             ssl_context=server_context(n.tls) if n.tls is not None else None,
             max_associations=n.max_associations,
             max_per_address=n.max_connections_per_address,
@@ -324,6 +325,15 @@ class Receiver:
         who = [Participant(calling or "unknown", requestor=True, address=address)]
         self.audit.record(security_alert(NODE_AUTHENTICATION, reason, who))
         self._log_association(calling, None)
+
+    def _instance_refused(self, calling: str, address: str, status: str, reason: str) -> None:
+        """Audit an instance refused for what it holds (the reason names the attribute, never its value)."""
+        who = [
+            Participant(self._logged_title(calling), SOURCE_ROLE, requestor=True, address=address),
+            Participant(self.settings.node.ae_title, DESTINATION_ROLE),
+        ]
+        text = f"C-STORE refused ({status}): {reason}"[:300]
+        self.audit.record(AuditEvent(INSTANCES_TRANSFERRED, "C", 4, participants=who, description=text))
 
     def _association_ended(self, summary: AssociationSummary) -> None:
         calling, address = summary.calling_ae_title, summary.address

@@ -232,10 +232,12 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     from node.deid import InstanceDeidentifier
     from node.deid.pseudonyms import Pseudonymizer
     from node.errors import QuarantinedError
+    from node.paths import path_under
     from node.settings import load_settings
     from node.settings.models import Deidentification, EnvKeySource
     from node.storage.keys import load_key_provider
     from node.storage.secrets import PSEUDONYM_SECRET
+    from node.uids import check_instance_uids, check_uid
 
     if args.config:  # the node's own pseudonym secret: same pseudonyms as the running node
         settings = load_settings(args.config)
@@ -259,12 +261,14 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
             print(f"{path}: skipped, not readable as DICOM: {exc}", file=sys.stderr)
             continue
         try:
+            check_instance_uids(ds)  # the rule of every way in (PS3.5 9.1): refused files are counted as failed
             deid(ds)
-            target = out / f"{ds.SOPInstanceUID}.dcm"
+            sop = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+            target = path_under(out, f"{sop}.dcm")
             n = 1
             while target.exists():  # two inputs with one SOP Instance UID: keep both
                 n += 1
-                target = out / f"{ds.SOPInstanceUID}-{n}.dcm"
+                target = path_under(out, f"{sop}-{n}.dcm")
             if n > 1:
                 print(f"{path}: duplicate SOP Instance UID, written as {target.name}", file=sys.stderr)
             ds.save_as(target, enforce_file_format=True)

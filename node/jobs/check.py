@@ -29,9 +29,11 @@ from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.jobs.isolation import SharedVolume, run_isolated_packed, unpack_result
 from node.jobs.models import ModelWorkers
 from node.jobs.volume import load_volume
+from node.paths import path_under
 from node.results import RESULT_KINDS, build_results, result_kind
 from node.results.air import has_air_equipment
 from node.settings.models import Deidentification
+from node.uids import check_uid
 
 
 @dataclass
@@ -146,7 +148,7 @@ def check_algorithm(registry: Registry, name: str, series: Path, out: Path, time
         del volume
     out.mkdir(parents=True, exist_ok=True)
     for obj in built:
-        path = out / f"{result_kind(obj)}_{obj.SOPInstanceUID}.dcm"
+        path = path_under(out, f"{result_kind(obj)}_{check_uid(obj.SOPInstanceUID, 'SOP Instance UID')}.dcm")
         obj.save_as(path, enforce_file_format=True)
         report.written.append(path)
         if not has_air_equipment(obj, spec):

@@ -13,7 +13,9 @@ from node.dicomio import encode
 from node.errors import DeliveryError
 from node.network.scu import send_datasets
 from node.network.tls import client_context
+from node.paths import path_under
 from node.settings.models import DicomDestination, FolderDestination, Settings
+from node.uids import check_uid
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,17 @@ def write_folder(root: Path, objects: Sequence[Dataset]) -> list[Path]:
 
 
 def _folder_path(root: Path, ds: Dataset) -> Path:
-    return root / str(ds.StudyInstanceUID) / f"{ds.Modality}_{ds.SOPInstanceUID}.dcm"
+    """Where a result object lives in a folder destination, checked to stay under ``root``.
+
+    Raises
+    ------
+    InvalidInstanceError
+        The object's Study Instance or SOP Instance UID (received, or derived from received ones)
+        is not a valid UID, or its Modality is not a plain name: nothing is written or deleted.
+    """
+    study = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+    sop = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+    return path_under(root, study, f"{ds.Modality}_{sop}.dcm")
 
 
 def withdraw(

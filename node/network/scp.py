@@ -25,7 +25,6 @@ from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -50,6 +49,7 @@ from node.errors import AinodeError, ConfigError, InvalidInstanceError
 from node.network.status import StoreStatus, status_for
 from node.network.tls import subject_of
 from node.network.transport import GuardedAssociationServer, Handover
+from node.uids import check_instance_uids, check_uid
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +118,11 @@ class ReceivedInstance:
         InvalidInstanceError
             Its SOP Instance, Study Instance or Series Instance UID is missing or not a valid UID.
         """
+        study_instance_uid, series_instance_uid, sop_instance_uid = check_instance_uids(ds)
         return cls(
-            study_instance_uid=_uid(ds.get("StudyInstanceUID"), "Study Instance UID"),
-            series_instance_uid=_uid(ds.get("SeriesInstanceUID"), "Series Instance UID"),
-            sop_instance_uid=_uid(ds.get("SOPInstanceUID"), "SOP Instance UID"),
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            sop_instance_uid=sop_instance_uid,
             sop_class_uid=sop_class_uid,
             transfer_syntax_uid=transfer_syntax_uid,
             calling_ae_title=calling_ae_title,
@@ -154,6 +155,9 @@ SecurityCallback = Callable[[str, str, str], None]
 """Told (calling AE title, source address, reason) about every refused association or TLS handshake."""
 ReleaseCallback = Callable[[AssociationSummary], None]
 """Told what an association carried when it ends (released or aborted)."""
+RefusalCallback = Callable[[str, str, str, str], None]
+"""Told (calling AE title, source address, status name, reason) about every instance refused
+because of what it holds (not for 0xA700, which asks the sender to try again later)."""
 
 
 _HEADER_TAGS = [
@@ -266,17 +270,6 @@ def set_tcp_nodelay(event: Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _uid(value: object, name: str) -> str:
-    text = str(value or "").strip()
-    if not text or len(text) > 64:
-        raise InvalidInstanceError(f"{name} is missing or longer than 64 characters")
-    try:
-        UID(text)
-    except ValueError:
-        raise InvalidInstanceError(f"{name} is not a valid UID") from None
-    return text
-
-
 class StorageSCP:
     """A pynetdicom Storage SCP bound to one address.
 
@@ -291,6 +284,9 @@ class StorageSCP:
     on_store
         Called for each C-STORE with the received instance; it must store it durably before it
         returns. An :class:`~node.errors.AinodeError` it raises becomes the matching DIMSE status.
+    on_refused_instance
+        Told about every instance refused for what it holds (0xA900, 0xC000), with the reason,
+        for the audit trail.
     handover
         How this Storage SCP shares its port with other receiver processes (default: it does not).
     max_per_address
@@ -307,6 +303,7 @@ class StorageSCP:
         *,
         on_security_event: SecurityCallback | None = None,
         on_release: ReleaseCallback | None = None,
+        on_refused_instance: RefusalCallback | None = None,
         ssl_context: ssl.SSLContext | None = None,
         max_associations: int = 16,
         handover: Handover | None = None,
@@ -319,6 +316,7 @@ class StorageSCP:
         self.on_store = on_store
         self.on_security_event = on_security_event
         self.on_release = on_release
+        self.on_refused_instance = on_refused_instance
         self.ssl_context = ssl_context
         if not peers:
             raise ConfigError("peers: at least one peer must be configured to receive from")
@@ -369,12 +367,14 @@ class StorageSCP:
             encoded = event.encoded_dataset(include_meta=True)
             summary.bytes_received += len(encoded)
             ds = _header(encoded)
-            sop_instance_uid = _uid(getattr(ds, "SOPInstanceUID", None), "SOP Instance UID")
+            sop_instance_uid = check_uid(getattr(ds, "SOPInstanceUID", None), "SOP Instance UID")
             if sop_instance_uid != str(request.AffectedSOPInstanceUID):
                 raise InvalidInstanceError("SOP Instance UID differs from the C-STORE request's")
             sop_class_uid = str(request.AffectedSOPClassUID)
             if str(getattr(ds, "SOPClassUID", "")) != sop_class_uid:
-                logger.warning("C-STORE refused: SOP Class UID does not match", extra={"calling_ae": calling})
+                reason = "SOP Class UID of the data set does not match the C-STORE request's"
+                logger.warning("C-STORE refused: %s", reason, extra={"calling_ae": calling})
+                self._refused(event, StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason)
                 return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
             instance = ReceivedInstance.from_header(
                 ds, encoded, sop_class_uid=sop_class_uid, transfer_syntax_uid=str(event.context.transfer_syntax),
@@ -384,11 +384,18 @@ class StorageSCP:
         except AinodeError as exc:
             status = status_for(exc)
             logger.warning("C-STORE refused (%s): %s", status.name, exc, extra={"calling_ae": calling})
+            self._refused(event, status, str(exc))
             return status
         except Exception:  # a defect must not take the association (or the node) down
             logger.exception("C-STORE failed", extra={"calling_ae": calling})
             return StoreStatus.PROCESSING_FAILURE
         return StoreStatus.SUCCESS
+
+    def _refused(self, event: Event, status: StoreStatus, reason: str) -> None:
+        """Tell ``on_refused_instance`` (the audit trail) why an instance was refused."""
+        if self.on_refused_instance is not None and status != StoreStatus.OUT_OF_RESOURCES:
+            requestor = event.assoc.requestor
+            self.on_refused_instance(str(requestor.ae_title).strip(), str(requestor.address), status.name, reason)
 
     def set_peers(self, peers: Sequence[PeerRule]) -> None:
         """Replace the admitted peers (configuration reload); running associations are unaffected."""
