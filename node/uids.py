@@ -52,7 +52,7 @@ def check_uid(value: object, name: str) -> str:
         raise InvalidInstanceError(f"{name} is not a valid UID: it holds {len(value)} values (VM 1, PS3.5 9.1)")
     text = str(value if value is not None else "").rstrip("\0 ").lstrip(" ")
     if not text:
-        raise InvalidInstanceError(f"{name} is missing")
+        raise InvalidInstanceError(f"{name} is {'missing' if value is None else 'empty'}")
     if len(text) > MAX_UID_LENGTH:
         raise InvalidInstanceError(f"{name} is longer than {MAX_UID_LENGTH} characters (PS3.5 9.1)")
     if _UID.fullmatch(text) is None:
@@ -83,7 +83,7 @@ def check_instance_uids(ds: object) -> tuple[str, str, str]:
     """
     get = ds.get  # type: ignore[attr-defined]
     return (
-        check_uid(get("StudyInstanceUID"), "Study Instance UID"),
-        check_uid(get("SeriesInstanceUID"), "Series Instance UID"),
-        check_uid(get("SOPInstanceUID"), "SOP Instance UID"),
+        check_uid(get("StudyInstanceUID"), "Study Instance UID (0020,000D)"),
+        check_uid(get("SeriesInstanceUID"), "Series Instance UID (0020,000E)"),
+        check_uid(get("SOPInstanceUID"), "SOP Instance UID (0008,0018)"),
     )

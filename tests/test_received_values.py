@@ -158,8 +158,8 @@ def test_hostile_uids_are_refused_and_audited_and_nothing_lands_outside(tmp_path
     audit = subprocess.run([AINODE, "audit", "show", "--config", str(config_path)], capture_output=True, text=True,
                            check=True).stdout  # fmt: skip
     assert audit.count("C-STORE refused (CANNOT_UNDERSTAND)") == len(hostile)
-    for name in ("Study Instance UID", "Series Instance UID", "SOP Instance UID"):
-        assert f"{name} is not a valid UID" in audit and f"{name} is missing" in audit
+    for name in ("Study Instance UID (0020,000D)", "Series Instance UID (0020,000E)", "SOP Instance UID (0008,0018)"):
+        assert f"{name} is not a valid UID" in audit and f"{name} is empty" in audit
     after = _tree(tmp_path, node.data_dir, results, tmp_path / "sent")
     assert after - before <= {str(p) for p in tmp_path.glob("node-*.log")}
     assert not Path("/abs").exists() and not (tmp_path.parent / "x").exists()
@@ -177,5 +177,5 @@ def test_deidentify_refuses_a_file_whose_uid_is_a_path(tmp_path, key_env):
     done = subprocess.run([AINODE, "deidentify", str(source), "--out", str(out)], capture_output=True, text=True,
                           env=env, check=False)  # fmt: skip
     assert done.returncode == 1, done.stderr
-    assert "SOP Instance UID is not a valid UID" in done.stderr
+    assert "SOP Instance UID (0008,0018) is not a valid UID" in done.stderr
     assert not list(tmp_path.rglob("escaped*"))

@@ -49,7 +49,7 @@ from node.errors import AinodeError, ConfigError, InvalidInstanceError
 from node.network.status import StoreStatus, status_for
 from node.network.tls import subject_of
 from node.network.transport import GuardedAssociationServer, Handover
-from node.uids import check_instance_uids, check_uid
+from node.uids import check_instance_uids
 
 logger = logging.getLogger(__name__)
 
@@ -367,19 +367,18 @@ class StorageSCP:
             encoded = event.encoded_dataset(include_meta=True)
             summary.bytes_received += len(encoded)
             ds = _header(encoded)
-            sop_instance_uid = check_uid(getattr(ds, "SOPInstanceUID", None), "SOP Instance UID")
-            if sop_instance_uid != str(request.AffectedSOPInstanceUID):
-                raise InvalidInstanceError("SOP Instance UID differs from the C-STORE request's")
             sop_class_uid = str(request.AffectedSOPClassUID)
+            instance = ReceivedInstance.from_header(
+                ds, encoded, sop_class_uid=sop_class_uid, transfer_syntax_uid=str(event.context.transfer_syntax),
+                calling_ae_title=calling, association_id=id(event.assoc),
+            )  # fmt: skip
+            if instance.sop_instance_uid != str(request.AffectedSOPInstanceUID):
+                raise InvalidInstanceError("SOP Instance UID differs from the C-STORE request's")
             if str(getattr(ds, "SOPClassUID", "")) != sop_class_uid:
                 reason = "SOP Class UID of the data set does not match the C-STORE request's"
                 logger.warning("C-STORE refused: %s", reason, extra={"calling_ae": calling})
                 self._refused(event, StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, reason)
                 return StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-            instance = ReceivedInstance.from_header(
-                ds, encoded, sop_class_uid=sop_class_uid, transfer_syntax_uid=str(event.context.transfer_syntax),
-                calling_ae_title=calling, association_id=id(event.assoc),
-            )  # fmt: skip
             self.on_store(instance)
         except AinodeError as exc:
             status = status_for(exc)
