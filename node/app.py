@@ -210,7 +210,7 @@ class Node:
         )  # fmt: skip
         console = self.settings.console
         app = create_app(collector, checks, ConsoleService(context), console)
-        return ConsoleServer(app, console.host, console.port or 0, console.tls)
+        return ConsoleServer(app, console.host, console.port or 0, console.tls, console.trusted_proxies)
 
     def _application(self, event_type: tuple[str, str]) -> None:
         me = [Participant(self.settings.node.ae_title, APPLICATION_ROLE)]

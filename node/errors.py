@@ -24,7 +24,8 @@
     ├── ConflictError          an administrative action does not apply to the object as it stands
     └── ConsoleError           the console refused a request (HTTP 4xx at its edge)
         ├── AuthenticationError    no valid session, wrong user or password, or locked out (401)
-        └── AccessDeniedError      the user's role does not allow the action, or no CSRF token (403)
+        ├── AccessDeniedError      the user's role does not allow the action, or no CSRF token (403)
+        └── RateLimitedError       too many sign-in attempts at once or from one address (429)
 
 Errors are converted to DIMSE statuses only at the network edge (``node.network``). The plugin SDK
 has its own small tree (:mod:`algorithms.errors`); :class:`PluginError` and :class:`SeriesRefused`
@@ -153,3 +154,8 @@ class AuthenticationError(ConsoleError):
 class AccessDeniedError(ConsoleError):
     """The signed-in user's role does not allow the action, or the form carried no valid CSRF
     token (HTTP 403)."""
+
+
+class RateLimitedError(ConsoleError):
+    """Too many sign-in attempts at once, or too many failures from one address or for one user
+    name: refused before any password is verified (HTTP 429)."""

@@ -236,9 +236,10 @@ def _user_audit(data: DataDir, text: str) -> None:
 
 
 def cmd_users_add(args: argparse.Namespace) -> int:
-    from node.console.auth import hash_password
+    from node.console.auth import check_user_name, hash_password
     from node.storage.tables import Role
 
+    check_user_name(args.name)
     data = _open(args.config)
     data.index.add_user(args.name, Role(args.role), hash_password(_password(args)))
     _user_audit(data, f"console user {args.name} added ({args.role})")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Response
@@ -85,14 +85,17 @@ def create_app(
 
 class ConsoleServer:
     """uvicorn serving ``app`` on ``host:port`` from a daemon thread (stopped with the node), over
-    HTTPS when ``tls`` (certificate chain and key, PEM) is given."""
+    HTTPS when ``tls`` (certificate chain and key, PEM) is given; ``X-Forwarded-For`` is taken as
+    the client's address only from ``trusted_proxies``."""
 
-    def __init__(self, app: Any, host: str, port: int, tls: Any = None) -> None:
+    def __init__(self, app: Any, host: str, port: int, tls: Any = None, trusted_proxies: Sequence[str] = ()) -> None:
         import uvicorn
 
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
             ssl_certfile=str(tls.certificate) if tls else None, ssl_keyfile=str(tls.private_key) if tls else None,
+            # X-Forwarded-For is believed only from configured proxies (uvicorn trusts loopback by default)
+            proxy_headers=bool(trusted_proxies), forwarded_allow_ips=list(trusted_proxies) or None,
         )  # fmt: skip
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="ainode-console", daemon=True)

@@ -6,7 +6,13 @@
   as a known one, so timing does not tell which names exist.
 - **Lock-out**: ``console.max_failed_logins`` failures in a row lock the user for
   ``console.lockout_s`` seconds, with a security alert in the audit trail; every login, logout and
-  failure is audited with the user name and address.
+  failure is audited with the user name (at most 64 characters) and address. An attempt is
+  counted before its password is verified, so parallel guesses cannot outrun the lock, and the
+  answer is the same for an unknown name, a wrong password and a locked account.
+- **Throttle** (:class:`LoginThrottle`): at most ``console.max_concurrent_logins`` password
+  verifications at once; an address with ``console.max_failures_per_address`` recent failures
+  is refused (429) before any hash is computed; names over 64 and passwords over 1024
+  characters are refused unverified.
 - **Sessions** are random 256-bit tokens in an HttpOnly, SameSite=Strict cookie (Secure when the
   console is reached over HTTPS); the index keeps only their SHA-256, with an idle and an absolute
   expiry (``console.session_idle_s``, ``session_max_s``).
@@ -24,8 +30,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import secrets
+import threading
 import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -41,7 +52,7 @@ from node.audit import (
     Participant,
     security_alert,
 )
-from node.errors import AccessDeniedError, AuthenticationError, ConfigError
+from node.errors import AccessDeniedError, AuthenticationError, ConfigError, RateLimitedError
 from node.settings.models import ConsoleSettings
 from node.storage.index import Index
 from node.storage.tables import Role, UserRow
@@ -49,6 +60,12 @@ from node.storage.tables import Role, UserRow
 logger = logging.getLogger(__name__)
 
 MIN_PASSWORD_LENGTH = 12
+MAX_PASSWORD_LENGTH = 1024
+MAX_NAME_LENGTH = 64
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+WRONG_LOGIN = "wrong user name or password, or the account is locked after repeated failures"
+VERIFY_WAIT_S = 10.0
+MAX_TRACKED_ADDRESSES = 10000
 SESSION_COOKIE = "ainode_session"
 LOGIN_CSRF_COOKIE = "ainode_login_csrf"
 CSRF_HEADER = "X-CSRF-Token"
@@ -113,6 +130,72 @@ def new_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+def check_user_name(name: str) -> str:
+    """``name`` if it may name a console user: 1-64 letters, digits and ``. _ @ -``, starting
+    with a letter or digit (an OIDC user's e-mail address fits).
+
+    Raises
+    ------
+    ConfigError
+        It does not.
+    """
+    if USER_NAME.fullmatch(name) is None:
+        raise ConfigError("user name: 1 to 64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit")
+    return name
+
+
+class LoginThrottle:
+    """What stands before the password hash (argon2id: 64 MiB and ~0.1 s a verification).
+
+    At most ``concurrent`` verifications run at once (others wait up to :data:`VERIFY_WAIT_S`,
+    then are refused); an address with ``per_address`` failures within ``window_s`` is refused
+    until they age out. Kept in memory: a console process's own defence (the lock-out itself,
+    per user, is in the shared index).
+    """
+
+    def __init__(self, concurrent: int, per_address: int, window_s: float) -> None:
+        self._slots = threading.BoundedSemaphore(concurrent)
+        self.per_address, self.window_s = per_address, max(window_s, 60.0)
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        times = self._failures.setdefault(address, deque())
+        while times and times[0] < now - self.window_s:
+            times.popleft()
+        return times
+
+    def check_address(self, address: str) -> None:
+        """Raise :class:`RateLimitedError` if ``address`` failed too often lately."""
+        with self._lock:
+            if len(self._recent(address, time.monotonic())) >= self.per_address:
+                raise RateLimitedError("too many failed sign-ins from this address; try again later")
+
+    def failed(self, address: str) -> None:
+        """Count a failed sign-in from ``address``."""
+        with self._lock:
+            if len(self._failures) > MAX_TRACKED_ADDRESSES:  # forget the quiet ones first
+                now = time.monotonic()
+                self._failures = {a: t for a, t in self._failures.items() if self._recent(a, now)}
+            self._recent(address, time.monotonic()).append(time.monotonic())
+
+    @contextmanager
+    def verifying(self) -> Iterator[None]:
+        """Hold one of the verification slots.
+
+        Raises
+        ------
+        RateLimitedError
+            No slot came free within :data:`VERIFY_WAIT_S`.
+        """
+        if not self._slots.acquire(timeout=VERIFY_WAIT_S):
+            raise RateLimitedError("too many sign-ins at once; try again in a moment")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
 @dataclass(frozen=True)
 class CurrentUser:
     """The signed-in user of a request."""
@@ -147,35 +230,53 @@ class Authenticator:
 
     def __init__(self, index: Index, settings: ConsoleSettings, audit: AuditLog) -> None:
         self.index, self.settings, self.audit = index, settings, audit
+        self.throttle = LoginThrottle(settings.max_concurrent_logins, settings.max_failures_per_address,
+                                      settings.lockout_s)  # fmt: skip
 
     def _audit(self, name: str, address: str, event_type: tuple[str, str], outcome: int, text: str) -> None:
-        who = [Participant(name, requestor=True, address=address)]
+        who = [Participant(name[:MAX_NAME_LENGTH], requestor=True, address=address[:64])]
         self.audit.record(AuditEvent(USER_AUTHENTICATION, "E", outcome, event_type, who, description=text))
 
     def login(self, name: str, password: str, address: str) -> tuple[str, CurrentUser]:
         """Check ``name`` and ``password``; returns the new session's token and user.
 
+        The attempt is refused before any password is verified when the name or password is
+        over its cap, the address has failed too often (:class:`LoginThrottle`), or the user is
+        locked or has as many attempts under way as it may fail; otherwise it is counted as a
+        failure first, then verified (at most ``max_concurrent_logins`` verifications at once).
+
         Raises
         ------
         AuthenticationError
-            Unknown user, wrong password, or locked out (the message says which of "locked" or
-            "wrong user name or password", never whether the name exists).
+            Unknown user, wrong password, or locked out: one message for all three, so the
+            answer never tells whether a name exists.
+        RateLimitedError
+            Too many verifications under way, or too many failures from ``address``.
         """
-        user = self.index.user(name)
-        now = time.time()
-        matches = password_matches(user.password_hash if user else None, password)
-        if user is not None and user.locked_until is not None and user.locked_until > now:
+        refused = AuthenticationError(WRONG_LOGIN)
+        shown = name[:MAX_NAME_LENGTH] + ("…" if len(name) > MAX_NAME_LENGTH else "")
+        if len(name) > MAX_NAME_LENGTH or len(password) > MAX_PASSWORD_LENGTH or not name:
+            self._audit(shown, address, LOGIN, 4, "console login refused: user name or password over its length")
+            raise refused
+        self.throttle.check_address(address)
+        state = self.index.count_login_attempt(name, self.settings.max_failed_logins)
+        if state == "locked":
             self._audit(name, address, LOGIN, 4, "console login refused: account locked")
-            raise AuthenticationError(f"account locked for {user.locked_until - now:.0f} s after repeated failures")
+            raise refused
+        with self.throttle.verifying():
+            user = self.index.user(name) if state == "counted" else None
+            matches = password_matches(user.password_hash if user else None, password)
         if user is None or not matches:
+            self.throttle.failed(address)
             self._audit(name, address, LOGIN, 4, "console login failed: wrong user name or password")
-            updated = self.index.login_failed(name, self.settings.max_failed_logins, self.settings.lockout_s)
+            now = time.time()
+            updated = self.index.login_failed(name, self.settings.max_failed_logins, self.settings.lockout_s, now)
             if updated is not None and updated.locked_until is not None and updated.locked_until > now:
                 who = [Participant(name, requestor=True, address=address)]
                 text = f"console user locked for {self.settings.lockout_s:g} s after repeated failed logins"
                 self.audit.record(security_alert(USER_AUTHENTICATION, text, who))
                 logger.warning("console user locked out after repeated failures")
-            raise AuthenticationError("wrong user name or password")
+            raise refused
         return self.start_session(user, address)
 
     def start_session(self, user: UserRow, address: str) -> tuple[str, CurrentUser]:

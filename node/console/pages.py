@@ -12,9 +12,10 @@ import datetime as dt
 import io
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from pydicom import Dataset, dcmread
@@ -30,6 +31,7 @@ from node.console.auth import (
     tokens_equal,
 )
 from node.console.web import (
+    LOGIN_REASONS,
     Form,
     address,
     authenticator,
@@ -39,7 +41,7 @@ from node.console.web import (
     set_cookie,
     signed_in,
 )
-from node.errors import AinodeError, AuthenticationError, ConflictError
+from node.errors import AinodeError, AuthenticationError, ConflictError, RateLimitedError
 
 router = APIRouter(include_in_schema=False)
 
@@ -75,7 +77,8 @@ def error_page(request: Request, exc: AinodeError, status: int) -> Response:
     otherwise the error with the page it came from."""
     if isinstance(exc, AuthenticationError):
         target = urllib.parse.quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
-        return RedirectResponse(f"/login?next={target}&why={urllib.parse.quote(str(exc))}", status_code=303)
+        why = "expired" if "expired" in str(exc) else "signin"
+        return RedirectResponse(f"/login?next={target}&why={why}", status_code=303)
     try:
         user = signed_in(request)
     except AinodeError:
@@ -84,9 +87,11 @@ def error_page(request: Request, exc: AinodeError, status: int) -> Response:
 
 
 async def _post(request: Request) -> tuple[CurrentUser, Form]:
-    """The signed-in user of a form post and its form, once its CSRF token checked out."""
+    """The signed-in user of a form post and its form, once its CSRF token checked out (the
+    session is checked before the body is read)."""
+    user = await run_in_threadpool(signed_in, request)
     form = await read_form(request)
-    return csrf_checked(request, signed_in(request), form), form
+    return csrf_checked(request, user, form), form
 
 
 def _confirm_page(request: Request, user: CurrentUser, question: str, action: str, form: Form) -> HTMLResponse:
@@ -105,7 +110,7 @@ def _safe_next(target: str | None) -> str:
 def login_page(request: Request, next: str = "/", why: str = "") -> Response:
     token = new_token()
     response = render(request, "login.html", title="Sign in", user=None, next=_safe_next(next), login_csrf=token,
-                      error=why or None, oidc_label=oidc.label(request))  # fmt: skip
+                      error=LOGIN_REASONS.get(why), oidc_label=oidc.label(request))  # fmt: skip
     set_cookie(response, request, LOGIN_CSRF_COOKIE, token, 600)
     return response
 
@@ -119,10 +124,13 @@ async def login(request: Request) -> Response:
                       error="the sign-in form expired or did not come from this console; reload it")  # fmt: skip
     auth = authenticator(request)
     try:
-        token, _user = auth.login(form.fields.get("name", ""), form.fields.get("password", ""), address(request))
-    except AuthenticationError as exc:
+        token, _user = await run_in_threadpool(
+            auth.login, form.fields.get("name", ""), form.fields.get("password", ""), address(request)
+        )
+    except (AuthenticationError, RateLimitedError) as exc:
         fresh = new_token()
-        page = render(request, "login.html", 401, title="Sign in", user=None, next=target, login_csrf=fresh,
+        status = 429 if isinstance(exc, RateLimitedError) else 401
+        page = render(request, "login.html", status, title="Sign in", user=None, next=target, login_csrf=fresh,
                       error=str(exc), oidc_label=oidc.label(request))  # fmt: skip
         set_cookie(page, request, LOGIN_CSRF_COOKIE, fresh, 600)
         return page
@@ -151,6 +159,8 @@ def dashboard(request: Request) -> Response:
 
 
 _PAGE_ROWS = 50
+Page = Annotated[int, Query(ge=1, le=10**6)]
+"""A page number, bounded as the API bounds its offsets (a larger one is a 422, not a 500)."""
 
 
 def _listing(
@@ -167,7 +177,7 @@ def _listing(
 
 
 @router.get("/studies")
-def studies(request: Request, state: str = "", route: str = "", algorithm: str = "", page: int = 1) -> Response:
+def studies(request: Request, state: str = "", route: str = "", algorithm: str = "", page: Page = 1) -> Response:
     return _listing(request, "studies", console(request).studies, state, route, algorithm, page)
 
 
@@ -180,7 +190,7 @@ def study(request: Request, study_key: str) -> Response:
 
 
 @router.get("/jobs")
-def jobs(request: Request, state: str = "", route: str = "", algorithm: str = "", page: int = 1) -> Response:
+def jobs(request: Request, state: str = "", route: str = "", algorithm: str = "", page: Page = 1) -> Response:
     return _listing(request, "jobs", console(request).jobs, state, route, algorithm, page)
 
 
@@ -198,7 +208,7 @@ def routing(request: Request) -> Response:
 
 
 @router.get("/audit")
-def audit(request: Request, q: str = "", event: str = "", page: int = 1) -> Response:
+def audit(request: Request, q: str = "", event: str = "", page: Page = 1) -> Response:
     user = signed_in(request)
     trail = console(request).audit(user, q[:200], event[:100], max(1, page))
     return render(request, "audit.html", title="Audit trail", user=user, a=trail, q=q, event=event)

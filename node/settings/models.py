@@ -425,6 +425,15 @@ class ConsoleSettings(_Model):
     session_max_s: Annotated[float, Field(gt=0)] = 43200.0
     max_failed_logins: Annotated[int, Field(ge=1, le=100)] = 5
     lockout_s: Annotated[float, Field(ge=0)] = 900.0
+    max_concurrent_logins: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=2, description="password verifications at once (argon2id takes 64 MiB each); more wait, then 429"
+    )
+    max_failures_per_address: Annotated[int, Field(ge=1)] = Field(
+        default=20, description="failed sign-ins from one address within lockout_s before it is refused (429)"
+    )
+    trusted_proxies: list[str] = Field(
+        default=[], description="addresses of reverse proxies whose X-Forwarded-For is believed (none: no proxy)"
+    )
     oidc: OidcSettings | None = None
 
     @model_validator(mode="after")

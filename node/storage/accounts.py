@@ -3,7 +3,8 @@
 Passwords arrive here already hashed (argon2, :mod:`node.console.auth`); a session is stored by
 the SHA-256 of its token, so the index never holds a credential that opens the console.
 Lock-out: ``max_failures`` consecutive failed logins lock a user for ``lockout_s`` seconds; a
-successful login clears the count.
+successful login clears the count. An attempt is counted before its password is verified
+(:meth:`Accounts.count_login_attempt`), so parallel guesses cannot outrun the lock.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from node.errors import StorageError
@@ -43,6 +44,10 @@ class Accounts:
         StorageError
             A user of that name exists.
         """
+        with self.session() as s:
+            taken = s.scalar(select(UserRow.name).where(func.lower(UserRow.name) == name.lower()))
+        if taken is not None:
+            raise StorageError(f"console user {taken!r} exists (names are compared without case)")
         try:
             with self.session() as s:
                 s.add(UserRow(name=name, role=role, password_hash=password_hash, failed_logins=0,
@@ -76,16 +81,39 @@ class Accounts:
             s.execute(delete(SessionRow).where(SessionRow.user == name))
             return bool(getattr(s.execute(delete(UserRow).where(UserRow.name == name)), "rowcount", 0))
 
+    def count_login_attempt(self, name: str, max_failures: int, now: float | None = None) -> str:
+        """Count a login attempt of ``name`` as a failure *before* its password is verified, so that
+        parallel guesses cannot all pass the lock-out check (one row lock serialises them).
+
+        Returns
+        -------
+        str
+            ``"unknown"`` (no such user), ``"locked"`` (locked, or ``max_failures`` attempts already
+            counted and not cleared: do not verify), or ``"counted"`` (verify; then call
+            :meth:`login_succeeded` or :meth:`login_failed`).
+        """
+        now = time.time() if now is None else now
+        counted = (
+            update(UserRow)
+            .where(UserRow.name == name, UserRow.failed_logins < max_failures)
+            .where(or_(UserRow.locked_until.is_(None), UserRow.locked_until <= now))
+            .values(failed_logins=UserRow.failed_logins + 1)
+            .returning(UserRow.name)
+        )  # one atomic statement: SQLite has no row locks, and a read-then-write would lose counts
+        with self.session() as s:
+            if s.execute(counted).first() is not None:
+                return "counted"
+            return "unknown" if s.get(UserRow, name) is None else "locked"
+
     def login_failed(self, name: str, max_failures: int, lockout_s: float, now: float | None = None) -> UserRow | None:
-        """Count a failed login of ``name``; the ``max_failures``-th in a row locks it for
-        ``lockout_s`` seconds. Returns the updated user (``None`` for an unknown name)."""
+        """Settle a counted attempt of ``name`` as failed: once ``max_failures`` are counted in a
+        row the user is locked for ``lockout_s`` seconds. Returns the user (``None`` if unknown)."""
         now = time.time() if now is None else now
         with self.session() as s:
             user = s.get(UserRow, name, with_for_update=True)
             if user is None:
                 return None
-            user.failed_logins += 1
-            if user.failed_logins >= max_failures:
+            if user.failed_logins >= max_failures and (user.locked_until is None or user.locked_until <= now):
                 user.locked_until, user.failed_logins = now + lockout_s, 0
             return user
 
