@@ -148,7 +148,15 @@ class ConsoleError(AinodeError):
 
 
 class AuthenticationError(ConsoleError):
-    """No valid session, a wrong user name or password, or a locked account (HTTP 401)."""
+    """No valid session, a wrong user name or password, or a locked account (HTTP 401).
+
+    ``reason`` is a short code the login page turns into its own text (it never shows text
+    taken from a URL): see :data:`node.console.web.LOGIN_REASONS`.
+    """
+
+    def __init__(self, message: str, reason: str = "signin") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class AccessDeniedError(ConsoleError):

@@ -1,6 +1,7 @@
 """An OpenID Connect provider for the console's single sign-on tests, on loopback: discovery,
 authorization endpoint (the user is already signed in: ``user`` holds their claims), token endpoint
-(client secret, PKCE S256 checked), JWKS; ID tokens signed RS256 with joserfc. No pytest here."""
+(client secret, PKCE S256 checked; refresh-token grants answered with the user's current
+claims), JWKS; ID tokens signed RS256 with joserfc. No pytest here."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ class Provider:
     user: dict[str, Any] = field(default_factory=dict)
     key: RSAKey = field(default_factory=lambda: RSAKey.generate_key(2048, parameters={"kid": "k1"}, private=True))
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    refresh_tokens: set[str] = field(default_factory=set)
+    refreshed: int = 0
+    """How many refresh-token grants were answered (the console's role re-checks)."""
     nonce_override: str | None = None
     """Sign the next token with this nonce instead of the request's (a replayed or forged token)."""
 
@@ -63,22 +67,33 @@ def _app(provider: Provider) -> FastAPI:
         return RedirectResponse(f"{q['redirect_uri']}?{query}", status_code=303)
 
     @app.post("/token")
-    def token(request: Request, grant_type: str = Form(), code: str = Form(), redirect_uri: str = Form(),
-              code_verifier: str = Form()) -> dict[str, Any]:  # fmt: skip
+    def token(request: Request, grant_type: str = Form(), code: str = Form(""), redirect_uri: str = Form(""),
+              code_verifier: str = Form(""), refresh_token: str = Form("")) -> dict[str, Any]:  # fmt: skip
         expected = "Basic " + base64.b64encode(f"{provider.client_id}:{provider.client_secret}".encode()).decode()
         if request.headers.get("authorization") != expected:
             raise HTTPException(401, "client authentication failed")
+        now = int(time.time())
+        if grant_type == "refresh_token":  # the user's claims as they are now at the provider
+            if refresh_token not in provider.refresh_tokens:
+                raise HTTPException(400, "invalid_grant")
+            provider.refreshed += 1
+            claims = {"iss": provider.issuer, "aud": provider.client_id, "iat": now, "exp": now + 300, **provider.user}
+            id_token = jwt.encode({"alg": "RS256", "kid": "k1"}, claims, provider.key)
+            return {"access_token": secrets.token_urlsafe(16), "token_type": "Bearer", "id_token": id_token,
+                    "refresh_token": refresh_token}  # fmt: skip
         grant = provider.codes.pop(code, None)
         if grant is None or grant_type != "authorization_code" or grant["redirect_uri"] != redirect_uri:
             raise HTTPException(400, "invalid_grant")
         challenge = base64.urlsafe_b64encode(hashlib.sha256(code_verifier.encode()).digest()).rstrip(b"=").decode()
         if challenge != grant["challenge"]:
             raise HTTPException(400, "PKCE verification failed")
-        now = int(time.time())
         claims = {"iss": provider.issuer, "aud": provider.client_id, "iat": now, "exp": now + 300,
                   "nonce": provider.nonce_override or grant["nonce"], **provider.user}  # fmt: skip
         id_token = jwt.encode({"alg": "RS256", "kid": "k1"}, claims, provider.key)
-        return {"access_token": secrets.token_urlsafe(16), "token_type": "Bearer", "id_token": id_token}
+        refresh = secrets.token_urlsafe(16)
+        provider.refresh_tokens.add(refresh)
+        return {"access_token": secrets.token_urlsafe(16), "token_type": "Bearer", "id_token": id_token,
+                "refresh_token": refresh}  # fmt: skip
 
     @app.get("/jwks")
     def jwks() -> dict[str, Any]:

@@ -55,6 +55,8 @@ def create_app(
         app.state.auth = Authenticator(console.index, settings, console.ctx.data.audit)
         app.state.secure_cookies = settings.secure_cookies
         app.state.oidc = OidcLogin(settings.oidc) if settings.oidc is not None else None
+        if app.state.oidc is not None:
+            app.state.auth.sso_check = app.state.oidc.still_granted
         install_common(app)
         api.install(app)
         pages.install(app)

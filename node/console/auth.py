@@ -35,7 +35,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -230,6 +230,9 @@ class Authenticator:
 
     def __init__(self, index: Index, settings: ConsoleSettings, audit: AuditLog) -> None:
         self.index, self.settings, self.audit = index, settings, audit
+        self.sso_check: Callable[[str], bool] | None = None
+        """For a single sign-on user's session (by token digest): whether the provider still grants
+        its role (:meth:`node.console.oidc.OidcLogin.still_granted`); ``False`` ends the session."""
         self.throttle = LoginThrottle(settings.max_concurrent_logins, settings.max_failures_per_address,
                                       settings.lockout_s)  # fmt: skip
 
@@ -299,8 +302,12 @@ class Authenticator:
             raise AuthenticationError("sign in first")
         found = self.index.active_session(digest(token), self.settings.session_idle_s)
         if found is None:
-            raise AuthenticationError("session expired; sign in again")
+            raise AuthenticationError("session expired; sign in again", "expired")
         session, user = found
+        if user.password_hash is None and self.sso_check is not None and not self.sso_check(session.token_digest):
+            self.index.end_session(session.token_digest)
+            self._audit(user.name, "", LOGOUT, 4, "console session ended: single sign-on no longer grants the role")
+            raise AuthenticationError("your single sign-on account no longer grants this access", "sso-ended")
         return CurrentUser(user.name, Role(user.role), session.csrf_token, session.token_digest)
 
     def logout(self, user: CurrentUser, address: str) -> None:

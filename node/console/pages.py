@@ -77,8 +77,7 @@ def error_page(request: Request, exc: AinodeError, status: int) -> Response:
     otherwise the error with the page it came from."""
     if isinstance(exc, AuthenticationError):
         target = urllib.parse.quote(request.url.path + (f"?{request.url.query}" if request.url.query else ""))
-        why = "expired" if "expired" in str(exc) else "signin"
-        return RedirectResponse(f"/login?next={target}&why={why}", status_code=303)
+        return RedirectResponse(f"/login?next={target}&why={exc.reason}", status_code=303)
     try:
         user = signed_in(request)
     except AinodeError:

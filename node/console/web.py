@@ -277,7 +277,15 @@ class RequestGuard:
         await response(scope, receive, send)
 
 
-LOGIN_REASONS = {"signin": "sign in first", "expired": "your session expired; sign in again"}
+LOGIN_REASONS = {
+    "signin": "sign in first",
+    "expired": "your session expired; sign in again",
+    "sso": "single sign-on did not complete; try again",
+    "sso-expired": "the single sign-on attempt expired or did not start in this browser; try again",
+    "no-role": "your single sign-on account has no ainode role",
+    "local-user": "that name belongs to a local user; sign in with the password",
+    "sso-ended": "your single sign-on account no longer grants this access; sign in again",
+}
 """The only texts the login page shows for ``?why=`` (by code: never text from the query)."""
 
 
@@ -295,10 +303,13 @@ def csrf_checked(request: Request, user: CurrentUser, form: Form | None = None) 
     return user
 
 
-def set_cookie(response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:
-    """Set an HttpOnly, SameSite=Strict cookie, Secure when the console is reached over HTTPS."""
+def set_cookie(
+    response: Response, request: Request, name: str, value: str, max_age: int | None, samesite: str = "strict"
+) -> None:
+    """Set an HttpOnly cookie, SameSite=Strict unless told (the OIDC state cookie must come back
+    on the provider's cross-site redirect: Lax), Secure when the console is reached over HTTPS."""
     response.set_cookie(
-        name, value, max_age=max_age, path="/", httponly=True, samesite="strict",
+        name, value, max_age=max_age, path="/", httponly=True, samesite=samesite,  # type: ignore[arg-type]
         secure=request.app.state.secure_cookies,
     )  # fmt: skip
 

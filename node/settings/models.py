@@ -400,6 +400,14 @@ class OidcSettings(_Model):
         description="console role -> claim values that grant it (the highest granted role applies; none: refused)"
     )
     label: str = "Sign in with single sign-on"
+    redirect_uri: Annotated[str, Field(pattern=r"^https?://[^/]+/login/oidc/callback$")] = Field(
+        description="the console's callback as registered with the provider, e.g. "
+        "https://ainode.example.org/login/oidc/callback (never taken from a request's Host header)"
+    )
+    recheck_s: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, description="how often a signed-in user's role is checked again at the provider (refresh "
+        "token); a session that cannot be re-checked ends then"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _https(self) -> OidcSettings:
