@@ -335,5 +335,5 @@ def install(app: FastAPI) -> None:
     from fastapi.staticfiles import StaticFiles
 
     app.include_router(router)
-    oidc.install(app)
+    oidc.install(app, app.state.secure_cookies)
     app.mount("/static", StaticFiles(packages=[("node.console", "static")]), name="static")

@@ -303,13 +303,10 @@ def csrf_checked(request: Request, user: CurrentUser, form: Form | None = None) 
     return user
 
 
-def set_cookie(
-    response: Response, request: Request, name: str, value: str, max_age: int | None, samesite: str = "strict"
-) -> None:
-    """Set an HttpOnly cookie, SameSite=Strict unless told (the OIDC state cookie must come back
-    on the provider's cross-site redirect: Lax), Secure when the console is reached over HTTPS."""
+def set_cookie(response: Response, request: Request, name: str, value: str, max_age: int | None) -> None:
+    """Set an HttpOnly, SameSite=Strict cookie, Secure when the console is reached over HTTPS."""
     response.set_cookie(
-        name, value, max_age=max_age, path="/", httponly=True, samesite=samesite,  # type: ignore[arg-type]
+        name, value, max_age=max_age, path="/", httponly=True, samesite="strict",
         secure=request.app.state.secure_cookies,
     )  # fmt: skip
 
