@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,24 @@ def postgres_url() -> Iterator[str]:
         pytest.skip(f"PostgreSQL is not answering on 127.0.0.1:5432: {exc}")
     with fresh_database() as url:
         yield url
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Factory: a file system of its own of ``size_mb`` (tmpfs), so that a test that fills a disk
+    to its watermark is not disturbed by what else the machine writes; unmounted at teardown."""
+    mounted: list[Path] = []
+
+    def make(size_mb: int) -> Path:
+        path = tmp_path / f"disk-{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(path)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small file system here (needs root): {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)

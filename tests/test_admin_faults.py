@@ -148,17 +148,23 @@ def test_a_permanent_planning_failure_fails_the_study_with_its_reason(tmp_path, 
         node.stop()
 
 
-def test_a_job_that_met_a_full_disk_finishes_once_space_is_freed(tmp_path, key_env):
-    free_mb = shutil.disk_usage(tmp_path).free // 2**20
-    if free_mb < 3000:
-        pytest.skip(f"needs 3 GB free disk to simulate a full one, {free_mb} MiB here")
-    node, results = _start(tmp_path, "node", key_env, min_free_disk_mb=int(free_mb - 400))
-    filler = tmp_path / "filler"
+def _fill(disk: Path, watermark_mb: int, margin_mb: int = 20) -> Path:
+    """A file that takes the disk ``margin_mb`` under its watermark."""
+    filler = disk / "filler"
+    free_mb = shutil.disk_usage(disk).free // 2**20
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.posix_fallocate(fd, 0, (free_mb - watermark_mb + margin_mb) * 2**20)
+    os.close(fd)
+    return filler
+
+
+def test_a_job_that_met_a_full_disk_finishes_once_space_is_freed(small_disk, key_env):
+    disk = small_disk(400)  # a file system of its own: nothing else on the machine moves its free space
+    node, results = _start(disk, "node", key_env, min_free_disk_mb=200)
+    filler = disk / "filler"
     try:
         assert storescu(node.port, series_files(CT_SERIES)).returncode == 0
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        os.posix_fallocate(fd, 0, 600 * 2**20)  # the disk drops under the watermark
-        os.close(fd)
+        _fill(disk, 200)  # the disk drops under the watermark
 
         def waiting() -> bool:
             jobs = _jobs(node)
@@ -173,4 +179,34 @@ def test_a_job_that_met_a_full_disk_finishes_once_space_is_freed(tmp_path, key_e
         assert len(list(results.rglob("*.dcm"))) == 2
     finally:
         filler.unlink(missing_ok=True)
+        node.stop()
+
+
+def test_purge_gives_the_disk_back_and_receiving_resumes_without_a_restart(small_disk, key_env):
+    """Issue 22, defect 9: the documented way out of a full disk works, even for records inside the
+    segment the receiving process still appends to."""
+    disk = small_disk(400)
+    node, _results = _start(disk, "node", key_env, min_free_disk_mb=200, receivers=1)
+    files = series_files(CT_SERIES)
+    try:
+        # a study analysed and delivered; its instances are in the segment the receiver still appends to
+        (study,) = make_studies(CT_SERIES, 1, disk / "copy")
+        assert storescu(node.port, study).returncode == 0
+        wait_until(lambda: "done" in node.studies() or None, 120)
+        study_bytes = sum(p.stat().st_size for p in study)
+        _fill(disk, 200)
+        refused = storescu(node.port, files[:1])
+        assert refused.returncode != 0  # 0xA700: under the watermark
+        before = shutil.disk_usage(disk).free
+        study_key = next(line.split()[0] for line in node.studies().splitlines() if "done" in line)
+        purged = _cli(node, "purge", study_key)
+        assert purged.returncode == 0, purged.stderr
+        freed = shutil.disk_usage(disk).free - before
+        assert freed >= 0.9 * study_bytes, f"purge freed {freed} of the study's {study_bytes} bytes"
+        status = _cli(node, "store", "status")
+        assert "reclaimable" in status.stdout and "refusing" not in status.stdout, status.stdout
+        accepted = storescu(node.port, files[:1])  # accepted again, no restart
+        assert accepted.returncode == 0
+        assert wait_until(lambda: "1 instance(s)" in node.studies() or None, 30)  # the purged study is gone
+    finally:
         node.stop()

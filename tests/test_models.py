@@ -42,6 +42,7 @@ from .models import (
 from .peers import (
     AINODE,
     CT_SERIES,
+    CT_SOFT_SERIES,
     ROOT,
     dciodvfy,
     free_port,
@@ -481,3 +482,24 @@ def test_an_sr_only_plugin_with_qualitative_and_located_findings(tmp_path, ct_vo
     box = next(g for g in groups if g.roi.GraphicType == "POLYLINE").roi
     assert len(box.GraphicData) == 10 and box.GraphicData[:2] == box.GraphicData[-2:]  # closed
     assert _sr_values(sr, "PROB") == [87.0, 10.0]
+
+
+@pytest.mark.slow
+def test_algorithms_check_on_a_folder_of_two_series_checks_each(tmp_path):
+    """Issue 22, defect 11: not "two images share one slice position", but each series named and run."""
+    folder = tmp_path / "study"
+    for source in (CT_SERIES, CT_SOFT_SERIES):
+        (folder / source.name).mkdir(parents=True)
+        for path in sorted(source.glob("*.dcm")):
+            (folder / source.name / path.name).symlink_to(path)
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [AINODE, "algorithms", "check", "lung-ct-density", str(folder), "--out", str(out)],
+        capture_output=True, text=True, env={**os.environ, "AINODE_KEY": "unused"}, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 series found" in done.stdout and "share one slice position" not in done.stdout + done.stderr
+    assert "series 1 (CT, Series Number" in done.stdout and "series 2 (CT, Series Number" in done.stdout
+    assert done.stdout.count(": PASS") == 3  # each series, then the whole check
+    for n in (1, 2):
+        assert sorted(p.name.split("_")[0] for p in (out / f"series-{n}").glob("*.dcm"))[-2:] == ["SR", "SR-segment"]

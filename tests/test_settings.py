@@ -113,3 +113,44 @@ def test_yaml_syntax_error_names_line(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_the_readmes_model_declarations_are_accepted_as_written(tmp_path):
+    """Issue 22, defect 11: SNOMED CT codes are numbers, and YAML reads them as integers."""
+    import re
+
+    import yaml
+
+    from algorithms.models.spec import LabelSpec
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if b.startswith("models:")]
+    assert blocks, "the README declares models"
+    declared = yaml.safe_load(blocks[0])["models"]
+    labels = [spec for model in declared.values() for spec in (model.get("labels") or {}).values()]
+    assert any(isinstance(spec["type"][0], int) for spec in labels), "the README writes codes as YAML integers"
+    for spec in labels:
+        assert LabelSpec.model_validate(spec).codes()["type"] == ("78961009", "SCT", "Spleen")
+    declaration = {**declared["spleen-onnx"], "path": str(tmp_path / "spleen.onnx")}
+    declaration.pop("sha256")
+    import onnx
+    from onnx import TensorProto, helper
+
+    shape = [1, 1, 96, 96, 96]
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["x", "x"], ["y"], axis=1)], "two-channels",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 96, 96, 96])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph), str(tmp_path / "spleen.onnx"))
+    config = tmp_path / "ainode.yaml"
+    config.write_text(
+        textwrap.dedent(
+            """\
+            keys: {provider: env, variable: AINODE_TEST_KEY}
+            """
+        )
+        + yaml.safe_dump({"models": {"spleen-onnx": declaration}})
+    )
+    settings = load_settings(config)
+    assert settings.models["spleen-onnx"].labels[1].type == ["78961009", "SCT", "Spleen"]

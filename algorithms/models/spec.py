@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from algorithms.base import Code
 from algorithms.codes import ANATOMICAL_STRUCTURE
@@ -38,7 +38,12 @@ def _code(value: Any) -> Code:
     raise ValueError("a code is [value, scheme designator, meaning]")
 
 
-CodeList = Annotated[list[str], Field(min_length=3, max_length=3)]
+def _code_text(value: Any) -> Any:
+    """A code's part as text: YAML reads a SNOMED CT code such as ``78961009`` as an integer."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+CodeList = Annotated[list[Annotated[str, BeforeValidator(_code_text)]], Field(min_length=3, max_length=3)]
 
 
 class _Model(BaseModel):
@@ -242,7 +247,10 @@ def declaration_problem(declaration: ModelDeclaration) -> str | None:
     if not weights.is_file():
         return f"{'weights' if declaration.type == 'monai_bundle' else 'path'}: {weights} does not exist"
     if declaration.type == "onnx":
-        outputs = onnx_output_channels(weights)
+        try:
+            outputs = onnx_output_channels(weights)
+        except Exception as exc:  # onnx raises protobuf's DecodeError (and others) for a file that is not a model
+            return f"path: {weights} is not an ONNX model ({type(exc).__name__})"
         top = max(declaration.labels) if declaration.labels else 0
         if outputs is not None and declaration.postprocessing.discretize == "argmax" and top > outputs - 1:
             return f"labels: label value {top} but the model has {outputs} output channel(s)"

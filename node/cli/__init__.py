@@ -16,6 +16,7 @@
     ainode keys rotate|retire|status --config FILE  new master key (re-wrap, retire); show key use
     ainode deidentify PATH... --out DIR     de-identify files (PS3.15 Annex E) with a profile
     ainode store verify --config FILE       decrypt every stored object, quarantine tampered ones
+    ainode store status --config FILE       disk used, reclaimable space, the watermark
     ainode purge STUDY_KEY --config FILE    delete a study's originals, map and results now
     ainode audit show --config FILE         the decrypted audit trail (DICOM audit messages)
     ainode studies list --config FILE       studies in the node and their state

@@ -115,6 +115,24 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     return 1 if counts else 0
 
 
+def cmd_store_status(args: argparse.Namespace) -> int:
+    import shutil
+
+    from node.storage import segments
+
+    data = _open(args.config)
+    space = segments.space(data.store.segments_root)
+    usage = shutil.disk_usage(data.store.root)
+    watermark = data.settings.node.min_free_disk_mb * 2**20
+    print(f"segments: {space.segments}, {space.allocated / 1e6:.1f} MB on disk, {space.live / 1e6:.1f} MB live")
+    print(f"reclaimable: {space.reclaimable / 1e6:.1f} MB (deleted records the file system still holds)")
+    state = "receiving" if usage.free >= watermark else "refusing new instances (0xA700)"
+    print(f"disk: {usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB, watermark "
+          f"{watermark / 1e6:.1f} MB: {state}")  # fmt: skip
+    print(f"quarantined objects: {len(list((data.store.root / 'quarantine').iterdir()))}")
+    return 0
+
+
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from node.audit import OBJECT_SECURITY_ATTRIBUTES_CHANGED, security_alert
     from node.errors import StorageError, TamperedObjectError
@@ -329,6 +347,9 @@ def register(sub: Any) -> None:
     p = store.add_parser("verify", help="decrypt every object; quarantine tampered ones")
     p.add_argument("--config", required=True)
     p.set_defaults(func=cmd_store_verify)
+    p = store.add_parser("status", help="disk used by the store, reclaimable space, the watermark")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=cmd_store_status)
 
     p = sub.add_parser("purge", help="delete everything held for a study now")
     p.add_argument("study_key", help="the study key shown by 'ainode studies list'")

@@ -129,6 +129,8 @@ class Disk(BaseModel):
     total_bytes: int
     watermark_bytes: int
     above_watermark: bool
+    reclaimable_bytes: int = 0
+    """Deleted records' bytes the file system still holds (given back when their segment is removed)."""
 
 
 class AlgorithmInfo(BaseModel):

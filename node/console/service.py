@@ -57,6 +57,7 @@ from node.network.scp import STORAGE_SOP_CLASSES
 from node.routing.dryrun import explain
 from node.routing.rules import to_spec
 from node.settings.models import FileKeySource, Settings
+from node.storage import segments
 from node.storage.index import InstanceRow, JobRow, JobState, StudyRow
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,8 @@ class ConsoleService:
             running_by_worker=dict(Counter(j.worker or "unclaimed" for j in running)),
             dead_letters=len(failed), recent_failures=[job_summary(j) for j in failed[:5]],
             disk=schemas.Disk(free_bytes=usage.free, total_bytes=usage.total, watermark_bytes=watermark,
-                              above_watermark=usage.free >= watermark),
+                              above_watermark=usage.free >= watermark,
+                              reclaimable_bytes=segments.space(self.store.segments_root).reclaimable),
             algorithms=[
                 schemas.AlgorithmInfo(name=spec.name, version=spec.version, outputs=list(spec.outputs),
                                       kind="model" if self.ctx.registry.declaration(spec.name) else "plugin")

@@ -26,6 +26,7 @@ from algorithms.base import AlgorithmResult, Code, Volume
 from algorithms.registry import Registry, check_accepts
 from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
+from node.errors import InvalidInstanceError
 from node.jobs.isolation import SharedVolume, run_isolated_packed, unpack_result
 from node.jobs.models import ModelWorkers
 from node.jobs.volume import load_volume
@@ -33,7 +34,7 @@ from node.paths import path_under
 from node.results import RESULT_KINDS, build_results, result_kind
 from node.results.air import has_air_equipment
 from node.settings.models import Deidentification
-from node.uids import check_uid
+from node.uids import check_instance_uids, check_uid
 
 
 @dataclass
@@ -91,26 +92,54 @@ def validate_result(result: AlgorithmResult, volume: Volume) -> list[str]:
     return problems
 
 
-def _series(folder: Path) -> list[Dataset]:
-    datasets: list[Dataset] = []
+def _series(folder: Path) -> tuple[dict[str, list[Dataset]], int]:
+    """The DICOM files under ``folder`` by Series Instance UID (checked: PS3.5 9.1), and how many
+    files were passed over (not DICOM, or UIDs that are not UIDs)."""
+    series: dict[str, list[Dataset]] = {}
+    passed_over = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
-            datasets.append(dcmread(path))
-        except (InvalidDicomError, OSError, EOFError, ValueError):
+            ds = dcmread(path)
+            _study, series_uid, _sop = check_instance_uids(ds)
+        except (InvalidDicomError, OSError, EOFError, ValueError, InvalidInstanceError):
+            passed_over += 1
             continue
-    return datasets
+        series.setdefault(series_uid, []).append(ds)
+    return series, passed_over
 
 
 def check_algorithm(registry: Registry, name: str, series: Path, out: Path, timeout_s: float = 3600) -> CheckReport:
     """Run ``name`` on the series in ``series`` and write its results into ``out`` (see the module
-    docstring)."""
+    docstring). A folder that holds several series has each run in turn, its results written into
+    ``out/series-N`` (N: the series' place, by Series Number), the report naming each."""
+    found, passed_over = _series(series)
+    if not found:
+        return CheckReport(problems=[f"{series}: no DICOM files"])
+    if len(found) == 1:
+        report = _check_series(registry, name, next(iter(found.values())), out, timeout_s)
+    else:
+        report = CheckReport(notes=[f"{series}: {len(found)} series found; each is checked on its own"])
+        ordered = sorted(
+            found.values(), key=lambda d: (int(d[0].get("SeriesNumber") or 0), str(d[0].SeriesInstanceUID))
+        )
+        for n, datasets in enumerate(ordered, 1):
+            first = datasets[0]
+            what = f"series {n} ({first.get('Modality', '?')}, Series Number {first.get('SeriesNumber', '?')}, " \
+                f"{len(datasets)} instances)"  # fmt: skip
+            one = _check_series(registry, name, datasets, path_under(out, f"series-{n}"), timeout_s)
+            report.notes += [f"{what}: {note}" for note in one.notes] + [f"{what}: {'PASS' if one.passed else 'FAIL'}"]
+            report.problems += [f"{what}: {problem}" for problem in one.problems]
+            report.written += one.written
+    if passed_over:
+        report.notes.append(f"{passed_over} file(s) passed over: not DICOM, or with UIDs that are not UIDs")
+    return report
+
+
+def _check_series(registry: Registry, name: str, datasets: list[Dataset], out: Path, timeout_s: float) -> CheckReport:
+    """:func:`check_algorithm` on one series."""
     report = CheckReport()
     algorithm = registry.get(name)
     spec = algorithm.spec
-    datasets = _series(series)
-    if not datasets:
-        report.problems.append(f"{series}: no DICOM files")
-        return report
     key = secrets.token_bytes(32)
     deid = InstanceDeidentifier(Pseudonymizer(key, "check"), Deidentification())
     for ds in datasets:

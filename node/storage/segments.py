@@ -12,7 +12,9 @@ the record's data key wrapped by a master key, as in :mod:`node.storage.store`. 
 rotation) writes the slot not in use with the next sequence number, so a crash leaves at least
 one slot intact; the slot with the highest sequence that authenticates is used. Deleting a record
 zeroes both slots: its data key is gone and the ciphertext can never be decrypted again
-(crypto-shredding); a segment whose records are all deleted is removed by :func:`reclaim`.
+(crypto-shredding); its body's blocks are then punched out of the file, so a purge gives the disk
+back at once, even inside the segment a writer still appends to (:func:`shred`); a segment whose
+records are all deleted is removed by :func:`reclaim`.
 
 The object id names the record's place: ``g<writer 12 hex><segment 4 hex><offset 12 hex>``, and is
 the associated data of both encryptions, so a record cannot be moved or swapped. The writer holds
@@ -23,6 +25,7 @@ indexes its records (:func:`unfinished`).
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import secrets
@@ -30,6 +33,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from node.errors import StorageError
@@ -147,6 +151,78 @@ def write_slot(path: Path, offset: int, index: int, slot: bytes) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+@cache
+def _fallocate() -> Callable[..., int] | None:
+    """libc's ``fallocate(2)`` (Linux), or ``None`` where there is none."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    function.restype = ctypes.c_int
+    return function
+
+
+def shred(path: Path, offset: int) -> bool:
+    """Delete the record at ``offset``: zero both slots (its data key is gone: crypto-shredding),
+    then give its body's blocks back to the filesystem (``fallocate(FALLOC_FL_PUNCH_HOLE)``; the
+    file keeps its size, so the records after it keep their offsets), durably. Returns whether
+    the space was given back (``False`` on a filesystem without hole punching: the bytes are
+    freed when the whole segment is, see :func:`reclaim`).
+
+    Raises
+    ------
+    StorageError
+        No record starts there, or the segment cannot be written.
+    """
+    length = read_head(path, offset)[0]
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, ZERO_SLOTS, offset + HEAD.size)
+        fallocate = _fallocate()
+        punched = fallocate is not None and fallocate(
+            fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset + RECORD_HEAD, length
+        ) == 0  # fmt: skip
+        os.fdatasync(fd)
+    except OSError as exc:
+        raise StorageError(f"segment {path.name}: cannot delete a record: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    return punched
+
+
+@dataclass(frozen=True)
+class Space:
+    """The disk space of a store's segments (bytes)."""
+
+    segments: int
+    allocated: int
+    """Blocks the filesystem holds for them."""
+    live: int
+    """Records not deleted, heads included."""
+
+    @property
+    def reclaimable(self) -> int:
+        """Bytes of deleted records the filesystem still holds (given back when their segment is removed)."""
+        return max(0, self.allocated - self.live)
+
+
+def space(root: Path) -> Space:
+    """How much disk the segments under ``root`` take, and how much of it deleted records hold."""
+    count = allocated = live = 0
+    for path in sorted(root.glob("*.seg")) if root.exists() else []:
+        try:
+            allocated += path.stat().st_blocks * 512
+            count += 1
+            live += sum(RECORD_HEAD + (0 if a.empty and b.empty else n) for _o, n, (a, b) in records(path))
+        except FileNotFoundError:
+            continue  # removed meanwhile
+    return Space(count, allocated, live)
 
 
 def records(path: Path) -> Iterator[tuple[int, int, tuple[Slot, Slot]]]:

@@ -400,13 +400,13 @@ class ObjectStore:
         return self._path(object_id).exists()
 
     def delete(self, object_id: str) -> None:
-        """Remove an object (no error if it is already gone). A segment record is crypto-shredded:
-        its wrapped data keys are overwritten, so its ciphertext can never be decrypted again."""
+        """Remove an object (no error if it is already gone). A segment record is crypto-shredded
+        and its space given back (:func:`node.storage.segments.shred`)."""
         if not segments.is_segment_id(object_id):
             self._path(object_id).unlink(missing_ok=True)
         elif self.exists(object_id):
             where = segments.locate(self.segments_root, object_id)
-            segments.write_slot(where.path, where.offset, 0, segments.ZERO_SLOTS)
+            segments.shred(where.path, where.offset)
 
     def reclaim_segments(self, object_ids: Iterable[str]) -> int:
         """Remove the finished segments holding ``object_ids`` once every record in them is
