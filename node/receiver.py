@@ -58,6 +58,7 @@ from node.settings import load_settings
 from node.settings.models import Settings
 from node.storage import segments
 from node.storage.batch import IndexWriter
+from node.storage.damage import damaged_instances, set_aside
 from node.storage.index import Index, InstanceKeys, JobState, NewInstance, job_of_stage_object
 from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore
@@ -170,6 +171,7 @@ class Reconciliation:
     temp_removed: int = 0
     indexed: int = 0
     deleted: int = 0
+    damaged: int = 0
 
 
 def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Reconciliation:
@@ -184,6 +186,9 @@ def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Rec
       segments (indexed), or a map or result of a job that crashed before recording it (deleted:
       the job rebuilds it). Stage outputs are left to their job, which re-runs the stage and
       overwrites them.
+    - Every index row of a received instance is checked against its record; one that is not whole
+      (damaged or lost after it was acknowledged) is quarantined, audited and forgotten, so its
+      study is analysed without it (:mod:`node.storage.damage`).
 
     Every change is audited; nothing identifying is logged.
     """
@@ -195,6 +200,10 @@ def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Rec
             path.unlink(missing_ok=True)
             temp_removed += 1
     indexed = reconcile_segments(data, ingest, data.store.segment_paths(), audit=False)
+    damaged = damaged_instances(data.index, data.store)
+    for damage in damaged:
+        set_aside(data.index, data.store, damage,
+                  lambda text: data.audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, text)))  # fmt: skip
     referenced = data.index.referenced_object_ids()
     deleted = 0
     for object_id in data.store.object_ids():
@@ -209,11 +218,12 @@ def reconcile(data: DataDir, ingest: Ingest, stale_after_s: float = 60.0) -> Rec
         else:
             data.store.delete(object_id)
             deleted += 1
-    done = Reconciliation(temp_removed, indexed, deleted)
-    if temp_removed or indexed or deleted:
+    done = Reconciliation(temp_removed, indexed, deleted, len(damaged))
+    if temp_removed or indexed or deleted or damaged:
         text = (
             f"start-up reconciliation: {temp_removed} unfinished temporary file(s) removed, {indexed} stored "
-            f"instance(s) indexed, {deleted} unreferenced object(s) deleted"
+            f"instance(s) indexed, {deleted} unreferenced object(s) deleted, {len(damaged)} damaged or missing "
+            "instance(s) set aside"
         )
         logger.warning(text)
         data.audit.record(AuditEvent(APPLICATION_ACTIVITY, "D", description=text))

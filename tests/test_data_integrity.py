@@ -78,3 +78,41 @@ def test_start_up_reconciliation_removes_leftovers_and_purge_leaves_nothing(tmp_
     left = [o for o in data.store.object_ids() if not o.startswith("secret-")]
     assert left == []  # originals, map and results gone: nothing of the study stays past its purge
     assert list((data.store.root / "tmp").iterdir()) == []
+
+
+def test_a_record_cut_after_acknowledgement_is_found_set_aside_and_the_rest_analysed(tmp_path, start_node):
+    """Issue 22, defect 10: damage to a segment after C-STORE Success is reported by ``store verify``,
+    quarantined and audited at start-up, and the study's other instances are still analysed."""
+    config_path, config, results = folder_node_config(tmp_path)
+    config["node"]["receivers"] = 1
+    config_path.write_text(__import__("yaml").safe_dump(config))
+    node = start_node(config_path, config)
+    files = series_files(CT_SERIES)
+    assert storescu(node.port, files).returncode == 0
+    wait_until(lambda: "done" in node.studies(), 120)
+    node.stop()
+
+    segments = sorted((node.data_dir / "store" / "segments").glob("*.seg"), key=lambda p: p.stat().st_size)
+    damaged = segments[-1]
+    os.truncate(damaged, damaged.stat().st_size - 300)  # the last instance's record loses its tail
+
+    verify = node.cli("store", "verify")
+    assert verify.returncode != 0
+    (line,) = [x for x in verify.stderr.splitlines() if x.startswith("damaged or missing: instance g")]
+    object_id, study_key = line.split()[4], line.split()[7].rstrip(":")
+    assert "no whole record" in line and "1 indexed instance(s) damaged or missing" in verify.stdout
+
+    node = start_node(config_path, config)
+    assert "damaged stored instance set aside" in node.log()
+    assert (node.data_dir / "store" / "quarantine" / object_id).exists()
+    assert f"damaged stored instance set aside: instance {object_id} of study {study_key}" in node.cli(
+        "audit", "show"
+    ).stdout
+    assert f"{len(files) - 1} instance(s)" in node.studies()
+    rerun = node.cli("studies", "rerun", study_key)
+    assert rerun.returncode == 0, rerun.stderr
+    wait_until(lambda: node.job_state(2) == "delivered" or None, 120)
+    seg = next(p for p in results.rglob("SEG_*.dcm"))
+    referenced = pydicom.dcmread(seg).ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert len(referenced) == len(files) - 1  # analysed without the damaged instance
+    assert node.cli("store", "verify").returncode == 0

@@ -136,6 +136,7 @@ def cmd_store_status(args: argparse.Namespace) -> int:
 def cmd_store_verify(args: argparse.Namespace) -> int:
     from node.audit import OBJECT_SECURITY_ATTRIBUTES_CHANGED, security_alert
     from node.errors import StorageError, TamperedObjectError
+    from node.storage.damage import damaged_instances, set_aside
 
     data = _open(args.config)
     store, audit = data.store, data.audit
@@ -151,8 +152,17 @@ def cmd_store_verify(args: argparse.Namespace) -> int:
         except StorageError as exc:
             tampered += 1
             print(f"unreadable: {exc}", file=sys.stderr)
-    print(f"{ok} object(s) intact, {tampered} tampered or unreadable")
-    return 1 if tampered else 0
+    damaged = damaged_instances(data.index, store)
+    for damage in damaged:
+        print(f"damaged or missing: {damage}", file=sys.stderr)
+        if args.repair:
+            set_aside(data.index, store, damage,
+                      lambda text: audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, text)))  # fmt: skip
+        else:
+            audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, f"damaged stored instance: {damage}"))
+    print(f"{ok} object(s) intact, {tampered} tampered or unreadable, {len(damaged)} indexed instance(s) "
+          f"damaged or missing{' (set aside)' if args.repair and damaged else ''}")  # fmt: skip
+    return 1 if tampered or damaged else 0
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -346,6 +356,11 @@ def register(sub: Any) -> None:
     store = sub.add_parser("store", help="the encrypted store").add_subparsers(dest="action", required=True)
     p = store.add_parser("verify", help="decrypt every object; quarantine tampered ones")
     p.add_argument("--config", required=True)
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="quarantine damaged or missing instances and forget them (their studies are analysed without)",
+    )
     p.set_defaults(func=cmd_store_verify)
     p = store.add_parser("status", help="disk used by the store, reclaimable space, the watermark")
     p.add_argument("--config", required=True)

@@ -32,16 +32,18 @@ from node.audit import (
     DESTINATION_ROLE,
     INSTANCES_ACCESSED,
     INSTANCES_TRANSFERRED,
+    OBJECT_SECURITY_ATTRIBUTES_CHANGED,
     SOURCE_ROLE,
     AuditLog,
     Participant,
+    security_alert,
     study_event,
 )
 from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
-from node.errors import DeidentificationError, PluginError, StorageError
+from node.errors import DeidentificationError, InvalidInstanceError, PluginError, StorageError
 from node.jobs.delivery import deliver, withdraw
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import PackedResult, SharedVolume, run_isolated_packed, unpack_result
@@ -49,6 +51,7 @@ from node.jobs.models import ModelWorkers
 from node.jobs.snapshot import JobPlan
 from node.jobs.volume import load_volume, sort_slices
 from node.settings.models import Deidentification, Settings
+from node.storage.damage import Damage, set_aside
 from node.storage.index import Index, JobRow, JobState, stage_object_id
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore
@@ -250,12 +253,28 @@ class Stages:
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
         pseudonyms = self._pseudonymizer()
         deid = InstanceDeidentifier(pseudonyms, profile)
-        datasets = [decode(self.s.store.get(r.object_id)) for r in rows]
+        datasets = [ds for r in rows if (ds := self._readable(r.object_id, r.study_key)) is not None]
+        if not datasets:
+            raise StorageError(f"series {series_key}: no instance of it can be read (each set aside, see the audit)")
         mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
         for ds in datasets:
             mapping.add(deid(ds).uid_map)
         self._merge_map(study_key, mapping)
         return datasets, mapping.original_study_instance_uid
+
+    def _readable(self, object_id: str, study_key: str) -> Dataset | None:
+        """A received instance decoded, or ``None`` when its record is damaged or missing: it is
+        then set aside (:func:`node.storage.damage.set_aside`) and the series analysed without it."""
+        try:
+            return decode(self.s.store.get(object_id))
+        except (StorageError, InvalidInstanceError) as exc:  # tampered ones are already quarantined
+            damage = Damage(object_id, study_key, str(exc))
+            set_aside(self.s.index, self.s.store, damage, lambda text: self._alert(text))
+            return None
+
+    def _alert(self, text: str) -> None:
+        if self.s.audit is not None:
+            self.s.audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, text))
 
     def _merge_map(self, study_key: str, mapping: PseudonymMap) -> None:
         """Store the study's pseudonym map with ``mapping`` merged in: one map per study covering

@@ -375,6 +375,23 @@ class Index(Ledger, Accounts):
             s.delete(study)
             return ids
 
+    def all_instances(self) -> list[InstanceRow]:
+        """Every received instance the index names (for the integrity check)."""
+        with self.session() as s:
+            return list(s.scalars(select(InstanceRow).order_by(InstanceRow.object_id)))
+
+    def remove_instance(self, object_id: str) -> InstanceRow | None:
+        """Forget a received instance whose stored record is damaged or missing (its study is
+        then analysed without it); returns the row that was removed."""
+        with self.session() as s:
+            row = s.get(InstanceRow, object_id)
+            if row is None:
+                return None
+            s.delete(row)
+            s.execute(update(StudyRow).where(StudyRow.study_key == row.study_key)
+                      .values(instance_count=StudyRow.instance_count - 1))  # fmt: skip
+            return row
+
     def referenced_object_ids(self) -> set[str]:
         """Every object id the index names: instances, pseudonym maps and job results."""
         with self.session() as s:
