@@ -105,9 +105,10 @@ def test_a_record_cut_after_acknowledgement_is_found_set_aside_and_the_rest_anal
     node = start_node(config_path, config)
     assert "damaged stored instance set aside" in node.log()
     assert (node.data_dir / "store" / "quarantine" / object_id).exists()
-    assert f"damaged stored instance set aside: instance {object_id} of study {study_key}" in node.cli(
-        "audit", "show"
-    ).stdout
+    assert (
+        f"damaged stored instance set aside: instance {object_id} of study {study_key}"
+        in node.cli("audit", "show").stdout
+    )
     assert f"{len(files) - 1} instance(s)" in node.studies()
     rerun = node.cli("studies", "rerun", study_key)
     assert rerun.returncode == 0, rerun.stderr
