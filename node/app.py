@@ -138,7 +138,10 @@ class Node:
         check_algorithms(settings, self.registry, self.where)  # a bad configuration is refused at once
         self.secrets.get("index")  # created now, before any other receiving process needs it
         receivers = settings.node.receivers if config_path is not None else 1
-        self.pool = ReceiverPool(config_path, receivers, log_level) if config_path is not None else None
+        self.pool = (
+            ReceiverPool(config_path, receivers, log_level, settings.node.network_timeout_s)
+            if config_path is not None else None
+        )  # fmt: skip
         handover = self.pool.handover if self.pool is not None else None
         self.receiver = Receiver(settings, self.store, self.index, self.secrets, self.audit, handover=handover)
         self.store.on_tamper = self.receiver.tamper_detected

@@ -11,6 +11,7 @@
     │   ├── IndexUnavailableError  the index database is locked or unreachable            (transient)
     │   └── IndexSchemaError       the index schema is older or newer than this release knows
     ├── InvalidInstanceError   a received data set is unusable; maps to DIMSE 0xA900 / 0xC000
+    │   └── DataSetTooLargeError   over node.max_dataset_bytes (0xC000)
     ├── DeidentificationError  a data set cannot be de-identified or re-identified safely
     │   └── QuarantinedError       pixels may hold burned-in PHI and no rule cleans them
     ├── RoutingError           a rule cannot be evaluated
@@ -88,6 +89,10 @@ class IndexSchemaError(StorageError):
 
 class InvalidInstanceError(AinodeError):
     """A received SOP instance is unusable (missing UIDs, not matching its SOP class)."""
+
+
+class DataSetTooLargeError(InvalidInstanceError):
+    """A received data set is over ``node.max_dataset_bytes`` (DIMSE 0xC000; it was not kept)."""
 
 
 class DeidentificationError(AinodeError):

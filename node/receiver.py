@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 from node import logs
 from node.audit import (
@@ -53,7 +54,7 @@ from node.network.scp import (
     StorageSCP,
 )
 from node.network.tls import server_context
-from node.network.transport import ConnectionDispatcher, SharedCount, connection_line
+from node.network.transport import ConnectionDispatcher, SharedCount, SharedTime, connection_line
 from node.settings import load_settings
 from node.settings.models import Settings
 from node.storage import segments
@@ -66,6 +67,8 @@ from node.storage.store import ObjectStore
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+HEARTBEAT_S = 0.2
+"""How often a child receiver shows the main process that it runs."""
 UNKNOWN_CALLER = "(unknown)"
 
 
@@ -110,7 +113,10 @@ class Ingest:
             The instance could not be written.
         """
         self._check_backlog()
-        object_id = self.store.append(instance.encoded)
+        if instance.parts is not None:  # a large data set: sealed part by part from its spool
+            object_id = self.store.append_stream(instance.parts(), instance.size)
+        else:
+            object_id = self.store.append(instance.encoded)
         self.writer.submit(self.new_instance(object_id, instance))
         with self._lock:
             self._received[instance.association_id][instance.study_instance_uid] += 1
@@ -125,7 +131,7 @@ class Ingest:
             series_key=key(instance.series_instance_uid),
             sop_class_uid=instance.sop_class_uid,
             transfer_syntax_uid=instance.transfer_syntax_uid,
-            size=len(instance.encoded),
+            size=instance.size,
             received_at=time.time(),
         )
         return NewInstance(row, instance.calling_ae_title, lookup("PatientID", instance.patient_id),
@@ -311,6 +317,8 @@ class Receiver:
             network_timeout_s=n.network_timeout_s,
             dimse_timeout_s=n.dimse_timeout_s,
             handover=handover,
+            max_dataset_bytes=n.max_dataset_bytes,
+            spool=store.spool,
         )
 
     def _logged_title(self, calling: str) -> str:
@@ -391,10 +399,11 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _receiver_main(
-    config_path: str, number: int, parent_pid: int, log_level: str, inbox: socket.socket, ended: SharedCount
-) -> None:
+    config_path: str, number: int, parent_pid: int, log_level: str, inbox: socket.socket, ended: SharedCount,
+    heartbeat: SharedTime,
+) -> None:  # fmt: skip
     """Entry point of a child receiver process: it serves the connections the main process hands
-    it over ``inbox`` and counts each it finished in ``ended``."""
+    it over ``inbox``, counts each it finished in ``ended`` and beats ``heartbeat`` while it runs."""
     _die_with_parent(parent_pid)
     logs.configure(log_level)
     configure_pydicom()
@@ -409,8 +418,10 @@ def _receiver_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides (Ctrl-C reaches the group)
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
     receiver.start()
+    heartbeat.value = time.monotonic()  # ready: the main process may hand it connections now
     logger.info("receiver %d listening (connections handed over by the main process)", number)
-    while not done.wait(0.2):
+    while not done.wait(HEARTBEAT_S):
+        heartbeat.value = time.monotonic()  # the main process hands connections only to a receiver that beats
         data.refresh_keys()  # a key rotation reaches this process within one loop
         if reload_requested.is_set():
             reload_requested.clear()
@@ -427,13 +438,18 @@ class ReceiverPool:
     """The node's child receiver processes (numbers 1..count-1; the main process is receiver 0,
     whose Storage SCP hands connections to them through :attr:`dispatcher`)."""
 
-    def __init__(self, config_path: Path, count: int, log_level: str = "INFO") -> None:
+    def __init__(self, config_path: Path, count: int, log_level: str = "INFO", network_timeout_s: float = 60.0) -> None:
         self.config_path = config_path
         self.count = count
         self.log_level = log_level
-        self.dispatcher = ConnectionDispatcher()
+        # a receiver silent this long gets no connection; after hang_s it is restarted (both well
+        # within the network timeout a sender waits before it gives up)
+        self.hang_s = max(2 * HEARTBEAT_S, min(network_timeout_s / 2, 10.0))
+        self.dispatcher = ConnectionDispatcher(stale_s=max(HEARTBEAT_S * 5, self.hang_s / 3))
         self._context = multiprocessing.get_context("spawn")
         self._processes: dict[int, BaseProcess] = {}
+        self._heartbeats: dict[int, Any] = {}
+        self._spawned_at: dict[int, float] = {}
 
     @property
     def handover(self) -> Handover:
@@ -443,16 +459,18 @@ class ReceiverPool:
     def _spawn(self, number: int) -> None:
         line, inbox = connection_line()  # a new line for each child process
         ended = self._context.Value("q", 0, lock=False)
+        heartbeat = self._context.Value("d", 0.0, lock=False)
         process = self._context.Process(
             target=_receiver_main,
-            args=(str(self.config_path), number, os.getpid(), self.log_level, inbox, ended),
+            args=(str(self.config_path), number, os.getpid(), self.log_level, inbox, ended, heartbeat),
             name=f"ainode-receiver-{number}",
             daemon=False,
         )
         process.start()
         inbox.close()  # the child has its own copy: when it dies, handing over to it fails
-        self._processes[number] = process
-        self.dispatcher.attach(number, line, ended)
+        self._processes[number], self._heartbeats[number] = process, heartbeat
+        self._spawned_at[number] = time.monotonic()
+        self.dispatcher.attach(number, line, ended, heartbeat)
 
     def start(self) -> None:
         """Start the child receivers (call from the main thread: a child dies with that thread)."""
@@ -465,9 +483,22 @@ class ReceiverPool:
         for number, process in list(self._processes.items()):
             if not process.is_alive():
                 logger.error("receiver %d exited (code %s); restarting it", number, process.exitcode)
-                if on_death is not None:
-                    on_death()
-                self._spawn(number)
+            elif self._hung(number):
+                logger.error("receiver %d made no progress for %.0f s (stopped or hung); restarting it",
+                             number, self.hang_s)  # fmt: skip
+                process.kill()  # SIGKILL ends a stopped process too; its associations end with it
+                process.join(5)
+            else:
+                continue
+            if on_death is not None:
+                on_death()
+            self._spawn(number)
+
+    def _hung(self, number: int) -> bool:
+        """Whether child ``number`` has not beaten for ``hang_s`` (a minute's grace to start)."""
+        last = self._heartbeats[number].value
+        since = last if last > 0 else self._spawned_at[number] + 60.0
+        return time.monotonic() - since > self.hang_s
 
     def reload(self) -> None:
         """Ask every child to reload its peers from the configuration file."""

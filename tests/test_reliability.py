@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_every_odd_transfer_syntax_file_gets_a_sensible_answer(tmp_path, start_n
     assert stored > 100, summary[-3000:]
     assert refused >= 1  # files without a Study Instance UID: 0xC000 Cannot Understand
     log = node.log()
-    assert "C-STORE refused (CANNOT_UNDERSTAND): Study Instance UID is missing" in log
+    assert "C-STORE refused (CANNOT_UNDERSTAND): Study Instance UID (0020,000D) is missing" in log
     assert '"C-STORE failed"' not in log  # no internal error on any file
     assert node.proc is not None and node.proc.poll() is None
 
@@ -381,3 +382,37 @@ def test_concurrent_associations_are_balanced_over_the_receivers(tmp_path, start
 
     writers = wait_until(received, 60)
     assert sorted(Counter(writers).values()) == [2, 2], writers
+
+
+def test_a_stopped_receiver_gets_no_connection_and_is_restarted(tmp_path, start_node):
+    """Issue 22, defect 8: a receiving process that stops making progress (SIGSTOP) is detected
+    within the network timeout, gets no new connection meanwhile, and is restarted."""
+    config_path, config, _results = folder_node_config(tmp_path)
+    config["node"] |= {"receivers": 2, "network_timeout_s": 10}
+    config_path.write_text(__import__("yaml").safe_dump(config))
+    node = start_node(config_path, config)
+    wait_until(lambda: "receiver 1 listening" in node.log(), 60)
+    assert node.proc is not None
+    children = subprocess.run(["pgrep", "-P", str(node.proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
+    (child,) = map(int, children.stdout.split())
+    os.kill(child, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        time.sleep(2.0)  # a sender starts while the receiver is stopped
+        one_file = series_files(CT_SERIES)[:1]
+        for _ in range(8):  # each on its own association: none may be handed to the stopped receiver
+            sent = subprocess.run(
+                ["storescu", "-aet", "STORESCU", "-aec", "AINODE", "127.0.0.1", str(node.port), *map(str, one_file)],
+                capture_output=True, text=True, env=TOOL_ENV, timeout=30, check=False,
+            )  # fmt: skip
+            assert sent.returncode == 0, sent.stderr
+        wait_until(lambda: "receiver 1 made no progress" in node.log(), 30, 0.1)
+        assert time.monotonic() - stopped_at < 10  # within network_timeout_s
+        assert "receiver 1 has shown no progress" in node.log()
+        wait_until(lambda: node.log().count("receiver 1 listening") == 2, 60)
+        assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    finally:
+        if Path(f"/proc/{child}").exists():
+            os.kill(child, signal.SIGCONT)
+    files = series_files(CT_SERIES)
+    assert storescu(node.port, files).returncode == 0  # the restarted receiver takes its share again

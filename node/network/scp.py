@@ -16,8 +16,9 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 
 from pydicom import Dataset, dcmread
@@ -42,10 +43,12 @@ from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationServer
 
 from node.errors import AinodeError, ConfigError, InvalidInstanceError
+from node.network.dataset import DataSetBuffer, SpoolLike
 from node.network.status import StoreStatus, status_for
 from node.network.tls import subject_of
 from node.network.transport import GuardedAssociationServer, Handover
@@ -105,11 +108,21 @@ class ReceivedInstance:
     association_id: int = 0
     patient_id: str = ""
     accession_number: str = ""
+    size: int = -1
+    """The PS3.10 file's size in bytes (``-1``: ``len(encoded)``)."""
+    parts: Callable[[], Iterable[bytes]] | None = None
+    """A large data set: its whole PS3.10 file, part by part (``encoded`` then holds only its
+    beginning, enough for the header)."""
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            object.__setattr__(self, "size", len(self.encoded))
 
     @classmethod
     def from_header(
         cls, ds: Dataset, encoded: bytes, *, sop_class_uid: str, transfer_syntax_uid: str,
-        calling_ae_title: str = "", association_id: int = 0,
+        calling_ae_title: str = "", association_id: int = 0, size: int = -1,
+        parts: Callable[[], Iterable[bytes]] | None = None,
     ) -> ReceivedInstance:  # fmt: skip
         """The instance whose PS3.10 bytes are ``encoded`` and whose parsed header is ``ds``.
 
@@ -130,6 +143,8 @@ class ReceivedInstance:
             association_id=association_id,
             patient_id=str(ds.get("PatientID", "") or ""),
             accession_number=str(ds.get("AccessionNumber", "") or ""),
+            size=size,
+            parts=parts,
         )
 
 
@@ -220,6 +235,7 @@ class _AccessControlledAE(AE):
         self.max_per_address = max_per_address
         self.on_refused = on_refused
         self.on_tls_failure: Callable[[str, str], None] | None = None
+        self.new_buffer: Callable[[], DataSetBuffer] | None = None
 
     def make_server(  # type: ignore[override]
         self,
@@ -238,7 +254,7 @@ class _AccessControlledAE(AE):
             address, ae_title=ae_title, contexts=contexts, ssl_context=ssl_context, evt_handlers=evt_handlers,
             server_class=GuardedAssociationServer, network_timeout_s=self.network_timeout,
             max_per_address=self.max_per_address, handover=self.handover, on_tls_failure=self.on_tls_failure,
-            on_refused=self.on_refused, **kwargs,
+            on_refused=self.on_refused, new_buffer=self.new_buffer, **kwargs,
         )  # fmt: skip
 
     @property
@@ -261,6 +277,12 @@ class _AccessControlledAE(AE):
     @require_calling_aet.setter
     def require_calling_aet(self, ae_titles: list[str]) -> None:
         raise TypeError("admitted peers come from the PeerRule list given to the AE")
+
+
+def _with_prefix(prefix: bytes, buffer: DataSetBuffer) -> Iterator[bytes]:
+    """A spooled data set as a PS3.10 file, part by part."""
+    yield prefix
+    yield from buffer.parts()
 
 
 def set_tcp_nodelay(event: Event) -> None:
@@ -293,6 +315,10 @@ class StorageSCP:
         Connections admitted at once from one source address (see :mod:`node.network.transport`).
     network_timeout_s
         Deadline for each PDU, the TLS handshake and an idle connection's A-ASSOCIATE-RQ.
+    max_dataset_bytes, spool
+        Data sets over ``max_dataset_bytes`` are not kept and refused (0xC000); beyond
+        :data:`~node.network.dataset.MEMORY_BYTES` a data set goes to ``spool()``
+        (:mod:`node.network.dataset`).
     """
 
     def __init__(
@@ -312,6 +338,8 @@ class StorageSCP:
         network_timeout_s: float = 60.0,
         dimse_timeout_s: float = 60.0,
         sop_classes: Sequence[str] = tuple(STORAGE_SOP_CLASSES.values()),
+        max_dataset_bytes: int = 2 * 2**30,
+        spool: Callable[[], SpoolLike] | None = None,
     ) -> None:
         self.on_store = on_store
         self.on_security_event = on_security_event
@@ -323,6 +351,7 @@ class StorageSCP:
         # pynetdicom's chunked receive would spool each data set to a plaintext temporary file
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False
         ae = _AccessControlledAE(ae_title, peers, handover or Handover(), max_per_address, self._connection_refused)
+        ae.new_buffer = lambda: DataSetBuffer(max_dataset_bytes, spool)
         ae.require_called_aet = True
         ae.maximum_associations = max_associations
         ae.maximum_pdu_size = max_pdu_bytes
@@ -364,13 +393,26 @@ class StorageSCP:
         summary = self._summary(event.assoc)
         try:
             request = cast(C_STORE, event.request)
-            encoded = event.encoded_dataset(include_meta=True)
-            summary.bytes_received += len(encoded)
+            buffer = request.DataSet
+            size, parts = -1, None
+            if isinstance(buffer, DataSetBuffer):
+                summary.bytes_received += buffer.received
+                buffer.check()  # too large, or the spool failed: refused with its status
+            if isinstance(buffer, DataSetBuffer) and buffer.spooled:
+                prefix = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
+                encoded = prefix + buffer.getvalue()  # the beginning: the header is in it
+                size = len(prefix) + buffer.received
+                parts = partial(_with_prefix, prefix, buffer)
+
+            else:
+                encoded = event.encoded_dataset(include_meta=True)
+                if not isinstance(buffer, DataSetBuffer):
+                    summary.bytes_received += len(encoded)
             ds = _header(encoded)
             sop_class_uid = str(request.AffectedSOPClassUID)
             instance = ReceivedInstance.from_header(
                 ds, encoded, sop_class_uid=sop_class_uid, transfer_syntax_uid=str(event.context.transfer_syntax),
-                calling_ae_title=calling, association_id=id(event.assoc),
+                calling_ae_title=calling, association_id=id(event.assoc), size=size, parts=parts,
             )  # fmt: skip
             if instance.sop_instance_uid != str(request.AffectedSOPInstanceUID):
                 raise InvalidInstanceError("SOP Instance UID differs from the C-STORE request's")
@@ -388,6 +430,10 @@ class StorageSCP:
         except Exception:  # a defect must not take the association (or the node) down
             logger.exception("C-STORE failed", extra={"calling_ae": calling})
             return StoreStatus.PROCESSING_FAILURE
+        finally:
+            buffer = getattr(event.request, "DataSet", None)
+            if isinstance(buffer, DataSetBuffer):
+                buffer.discard()  # the spool's file goes now, not when the request is collected
         return StoreStatus.SUCCESS
 
     def _refused(self, event: Event, status: StoreStatus, reason: str) -> None:

@@ -40,6 +40,8 @@ from typing import Any, Protocol, cast
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node.network.dataset import BufferedDimse, DataSetBuffer
+
 logger = logging.getLogger(__name__)
 
 MAX_ASSOCIATE_RQ_BYTES = 64 * 1024
@@ -65,6 +67,13 @@ class SharedCount(Protocol):
     value: int
 
 
+class SharedTime(Protocol):
+    """A time shared between processes (``multiprocessing.Value('d')``): a child receiver's last
+    heartbeat, in ``time.monotonic()`` seconds (one clock for every process of the host)."""
+
+    value: float
+
+
 def connection_line() -> tuple[socket.socket, socket.socket]:
     """A Unix ``SOCK_SEQPACKET`` socket pair for handing connections over: (main's end, child's end).
     Each message is one connection: its descriptor and the peer's address."""
@@ -80,22 +89,39 @@ class ConnectionDispatcher:
     A child whose line fails (it died; the node restarts it and attaches the new line) is skipped.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stale_s: float = 3.0) -> None:
         self._lines: dict[int, tuple[socket.socket, SharedCount]] = {}
+        self._heartbeats: dict[int, SharedTime] = {}
         self._handed: Counter[int] = Counter()
         self._turn = 0
         self._lock = threading.Lock()
+        self.stale_s = stale_s
+        self._passed_over: set[int] = set()
 
-    def attach(self, number: int, line: socket.socket, ended: SharedCount) -> None:
+    def attach(self, number: int, line: socket.socket, ended: SharedCount, heartbeat: SharedTime) -> None:
         """Hand connections to child receiver ``number`` over ``line`` (the main's end of
-        :func:`connection_line`); ``ended`` counts the connections the child has finished."""
+        :func:`connection_line`); ``ended`` counts the connections the child has finished, and
+        ``heartbeat`` is when it last showed it makes progress: a child silent for ``stale_s``
+        (stopped, hung, still starting) gets no connection."""
         line.settimeout(HANDOVER_TIMEOUT_S)
         with self._lock:
             old = self._lines.pop(number, None)
             self._lines[number] = (line, ended)
+            self._heartbeats[number] = heartbeat
             self._handed[number] = ended.value
+            self._passed_over.discard(number)
         if old is not None:
             old[0].close()
+
+    def _responsive(self, number: int) -> bool:
+        silent = time.monotonic() - self._heartbeats[number].value
+        if silent <= self.stale_s:
+            self._passed_over.discard(number)
+            return True
+        if number not in self._passed_over and self._heartbeats[number].value > 0:
+            self._passed_over.add(number)
+            logger.error("receiver %d has shown no progress for %.1f s: no connection is handed to it", number, silent)
+        return False
 
     def close(self) -> None:
         """Close every line (the children's servers then see their inbox closed)."""
@@ -108,7 +134,9 @@ class ConnectionDispatcher:
         """Pass ``request`` to the least busy child receiver; ``False`` when the main process
         (``open_here`` connections besides this one) is the least busy, or the handover failed."""
         with self._lock:
-            loads = [(open_here, 0)] + [(self._handed[n] - e.value, n) for n, (_line, e) in self._lines.items()]
+            loads = [(open_here, 0)] + [
+                (self._handed[n] - e.value, n) for n, (_line, e) in self._lines.items() if self._responsive(n)
+            ]
             least = min(load for load, _number in loads)
             candidates = [number for load, number in loads if load == least]
             self._turn += 1
@@ -227,6 +255,8 @@ class _GuardedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
+        if self.server.new_buffer is not None:  # bounded memory per incoming data set
+            assoc.dimse = BufferedDimse(assoc, self.server.new_buffer)
         sock = assoc.dul.socket
         if sock is not None:
             guard = PduGuard(sock, self.server.network_timeout_s, self.server.ae.maximum_pdu_size)
@@ -247,6 +277,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         How this process shares the port with other receiver processes (:class:`Handover`).
     on_tls_failure, on_refused
         Told about failed handshakes and refused connections (for the audit trail).
+    new_buffer
+        Makes the buffer of each incoming data set (:class:`~node.network.dataset.DataSetBuffer`);
+        none: pynetdicom's own (in memory, unbounded).
     """
 
     daemon_threads = True  # a connection's thread lives as long as its association ...
@@ -260,9 +293,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         handover: Handover | None = None,
         on_tls_failure: TLSFailureCallback | None = None,
         on_refused: RefusalCallback | None = None,
+        new_buffer: Callable[[], DataSetBuffer] | None = None,
         **kwargs: Any,
     ) -> None:
         self.network_timeout_s = network_timeout_s
+        self.new_buffer = new_buffer
         self.max_per_address = max_per_address
         handover = handover or Handover()
         self.dispatcher, self.inbox, self.ended = handover.dispatcher, handover.inbox, handover.ended

@@ -67,6 +67,10 @@ class NodeSettings(_Model):
         "every association slot",
     )
     max_pdu_bytes: Annotated[int, Field(ge=0)] = 262144
+    max_dataset_bytes: Annotated[int, Field(ge=2**20)] = Field(
+        default=2 * 2**30, description="larger data sets are refused (0xC000) without being kept; past 16 MiB a data "
+        "set is spooled encrypted to disk, so a receiver's memory does not grow with it"
+    )  # fmt: skip
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     min_free_disk_mb: Annotated[int, Field(ge=0)] = 1024

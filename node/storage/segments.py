@@ -297,31 +297,45 @@ class SegmentWriter:
                     os.close(self._fds.pop(previous))
                 self._synced[previous] = self._sizes[previous]
 
-    def append(self, length: int, seal: Callable[[str], tuple[bytes, bytes]]) -> str:
+    def append(self, length: int, seal: Callable[[str], tuple[bytes, bytes | Iterable[bytes]]]) -> str:
         """Append one record whose body is ``length`` bytes; returns its object id once durable.
 
-        ``seal(object_id)`` returns the record's first slot and its body, encrypted for that id.
+        ``seal(object_id)`` returns the record's first slot and its body, encrypted for that id:
+        bytes, or parts written as they come (a large data set). If the parts fail or do not add
+        up to ``length``, the segment is cut back to where the record began.
 
         Raises
         ------
         StorageError
-            The write or the sync failed.
+            The write or the sync failed, or the body's length differs from ``length``.
         """
         with self._lock:
             size = self._sizes.get(self._number, 0)
             if self._number not in self._fds or (size > 0 and size + RECORD_HEAD + length > SEGMENT_BYTES):
                 self._rotate()
             number = self._number
-            object_id = segment_id(self.writer, number, self._sizes[number])
+            start = self._sizes[number]
+            object_id = segment_id(self.writer, number, start)
             slot, body = seal(object_id)
-            if len(body) != length:
-                raise StorageError("segment record: the body's length differs from the one announced")
-            view = memoryview(b"".join((HEAD.pack(MAGIC, length), slot, bytes(SLOT.size), body)))
+            head = b"".join((HEAD.pack(MAGIC, length), slot, bytes(SLOT.size)))
+            fd, written = self._fds[number], 0
             try:
-                while view:
-                    view = view[os.write(self._fds[number], view) :]
+                if isinstance(body, bytes):  # one write: an ordinary instance
+                    head, written, body = head + body, len(body), ()
+                _write_all(fd, head)
+                for part in body:
+                    written += len(part)
+                    if written > length:
+                        break
+                    _write_all(fd, part)
+                if written != length:
+                    raise StorageError("segment record: the body's length differs from the one announced")
             except OSError as exc:
+                os.ftruncate(fd, start)
                 raise StorageError(f"segment append failed: {exc.strerror}") from None
+            except BaseException:
+                os.ftruncate(fd, start)  # no torn record between whole ones
+                raise
             self._sizes[number] += RECORD_HEAD + length
             end = self._sizes[number]
         self._sync(number, end)
@@ -348,6 +362,12 @@ class SegmentWriter:
                 os.close(fd)
             self._fds.clear()  # a later append starts the next segment
             return paths
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def mark_done(path: Path) -> None:

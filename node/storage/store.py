@@ -29,6 +29,7 @@ from node.errors import KeyProviderError, OutOfResourcesError, StorageError, Tam
 from node.storage import segments
 from node.storage.keys import KeyProvider
 from node.storage.segments import SegmentWriter, Slot
+from node.storage.spool import Spool
 
 MAGIC = b"AIN1"
 _KID = 16
@@ -137,6 +138,41 @@ class ObjectStore:
 
         with self.keys.sealing():  # a key change waits until this record is durable
             return self.segment_writer.append(_NONCE + len(plaintext) + 16, seal)
+
+    def append_stream(self, parts: Iterable[bytes | bytearray], size: int) -> str:
+        """:meth:`append` for a plaintext of ``size`` bytes that comes as ``parts`` (a large data
+        set read back from its :class:`~node.storage.spool.Spool`): sealed part by part, never
+        whole in memory. A failure while writing leaves no record behind.
+
+        Raises
+        ------
+        OutOfResourcesError
+            The disk watermark would be passed.
+        StorageError
+            The write failed, or ``parts`` did not add up to ``size`` bytes.
+        """
+        self.check_space(size)
+
+        def seal(object_id: str) -> tuple[bytes, Iterator[bytes]]:
+            dek, key_id, wrap_nonce, wrapped = self._new_data_key(object_id)
+            nonce = os.urandom(_NONCE)
+            encryptor = Cipher(algorithms.AES(dek), modes.GCM(nonce)).encryptor()
+            encryptor.authenticate_additional_data(object_id.encode())
+
+            def body() -> Iterator[bytes]:
+                yield nonce
+                for part in parts:
+                    yield encryptor.update(part)
+                yield encryptor.finalize() + encryptor.tag
+
+            return Slot(key_id, wrap_nonce, wrapped, 1).pack(), body()
+
+        with self.keys.sealing():
+            return self.segment_writer.append(_NONCE + size + 16, seal)
+
+    def spool(self) -> Spool:
+        """A new encrypted spool for a large data set arriving (:mod:`node.storage.spool`)."""
+        return Spool(self.root / "tmp", self.min_free_bytes)
 
     def _segment_dek(self, object_id: str, slots: tuple[Slot, Slot]) -> tuple[bytes, Slot, int]:
         """The data key of a segment record, from its newest slot that authenticates, with that
