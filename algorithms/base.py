@@ -19,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
+from algorithms.errors import SeriesRefused
+
 Code = tuple[str, str, str]
 """A coded concept as ``(CodeValue, CodingSchemeDesignator, CodeMeaning)`` (PS3.3 8.8)."""
 
@@ -286,3 +288,17 @@ def bounding_box(mask: npt.ArrayLike) -> tuple[slice, ...] | None:
     if rest is None:  # not reached: the slab holds a true voxel
         raise ValueError("bounding_box: no voxel in the slab that holds one")
     return (first, *rest)
+
+
+def check_accepts(spec: AlgorithmSpec, volume: Volume) -> None:
+    """Raise :class:`SeriesRefused` when ``volume`` is not a series ``spec`` declares it accepts."""
+    accepts = spec.accepts
+    if volume.modality not in accepts.modalities:
+        raise SeriesRefused(f"modality {volume.modality!r} is not one of {', '.join(accepts.modalities)}")
+    if volume.voxels.shape[0] < accepts.min_slices:
+        raise SeriesRefused(f"{volume.voxels.shape[0]} slices; at least {accepts.min_slices} are needed")
+    limit = accepts.max_slice_thickness_mm
+    if limit is not None:
+        thickness = max(volume.slice_thickness_mm or 0.0, volume.spacing_mm[0])
+        if thickness > limit + 0.01:
+            raise SeriesRefused(f"slices of {thickness:g} mm are thicker than {limit:g} mm")

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
-from algorithms.base import Algorithm, AlgorithmSpec, Device, Volume
-from algorithms.errors import PluginLoadError, SeriesRefused
+from algorithms.base import Algorithm, AlgorithmSpec, Device
+from algorithms.errors import PluginLoadError
 
 if TYPE_CHECKING:
     from algorithms.models.model import DeclaredModel
@@ -31,20 +31,6 @@ def select_device() -> Device:
     except ImportError:  # torch is a dependency; a broken install still runs on CPU
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_accepts(spec: AlgorithmSpec, volume: Volume) -> None:
-    """Raise :class:`SeriesRefused` when ``volume`` is not a series ``spec`` declares it accepts."""
-    accepts = spec.accepts
-    if volume.modality not in accepts.modalities:
-        raise SeriesRefused(f"modality {volume.modality!r} is not one of {', '.join(accepts.modalities)}")
-    if volume.voxels.shape[0] < accepts.min_slices:
-        raise SeriesRefused(f"{volume.voxels.shape[0]} slices; at least {accepts.min_slices} are needed")
-    limit = accepts.max_slice_thickness_mm
-    if limit is not None:
-        thickness = max(volume.slice_thickness_mm or 0.0, volume.spacing_mm[0])
-        if thickness > limit + 0.01:
-            raise SeriesRefused(f"slices of {thickness:g} mm are thicker than {limit:g} mm")
 
 
 class Registry:

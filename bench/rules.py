@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import pydicom  # noqa: E402
 
 from bench.report import write_report  # noqa: E402
-from node.routing.rules import evaluate, header_of, keywords_of, matches, parse_condition, prepare  # noqa: E402
+from node.conditions import evaluate, header_of, keywords_of, matches, parse_condition, prepare  # noqa: E402
 from tests.peers import CT_SERIES, series_files  # noqa: E402
 
 

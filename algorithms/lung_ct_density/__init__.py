@@ -29,10 +29,10 @@ from algorithms.base import (
     Segment,
     SeriesRequirements,
     Volume,
+    check_accepts,
 )
 from algorithms.codes import ANATOMICAL_STRUCTURE, ATTENUATION, HU, MEAN, ML, PERCENT, VOLUME
 from algorithms.lung_ct_density.segment import segment_lungs
-from algorithms.registry import check_accepts
 
 if TYPE_CHECKING:
     import torch

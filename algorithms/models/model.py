@@ -29,6 +29,7 @@ from algorithms.base import (
     Segment,
     SeriesRequirements,
     Volume,
+    check_accepts,
 )
 from algorithms.codes import (
     ATTENUATION,
@@ -45,7 +46,6 @@ from algorithms.codes import SIGNAL_INTENSITY as INTENSITY
 from algorithms.codes import STANDARD_DEVIATION as STD
 from algorithms.errors import ModelError
 from algorithms.models.spec import ModelDeclaration, file_sha256
-from algorithms.registry import check_accepts
 
 
 class Runtime(Protocol):

@@ -48,6 +48,7 @@ def create_app(
         from node.console import api, pages
         from node.console.auth import Authenticator
         from node.console.oidc import OidcLogin
+        from node.console.views import error_page
         from node.console.web import install_common
 
         settings = settings or ConsoleSettings()
@@ -57,7 +58,7 @@ def create_app(
         app.state.oidc = OidcLogin(settings.oidc) if settings.oidc is not None else None
         if app.state.oidc is not None:
             app.state.auth.sso_check = app.state.oidc.still_granted
-        install_common(app)
+        install_common(app, error_page)
         api.install(app)
         pages.install(app)
 

@@ -42,6 +42,7 @@ from joserfc.errors import JoseError
 from starlette.middleware.sessions import SessionMiddleware
 
 from node.console.auth import SESSION_COOKIE, check_user_name
+from node.console.web import address, authenticator, set_cookie
 from node.errors import AuthenticationError, ConfigError
 from node.settings.models import OidcSettings
 from node.storage.tables import Role
@@ -229,8 +230,6 @@ def install(app: FastAPI, secure_cookies: bool) -> None:
 
     @app.get("/login/oidc/callback", name="oidc_callback", include_in_schema=False)
     async def oidc_callback(request: Request) -> Response:
-        from node.console.web import address, authenticator, set_cookie
-
         login: OidcLogin | None = getattr(request.app.state, "oidc", None)
         if login is None:
             raise AuthenticationError("single sign-on is not configured", "sso")

@@ -44,6 +44,7 @@ from node.audit import (
     security_alert,
     study_key_object,
 )
+from node.conditions import to_spec
 from node.console import schemas
 from node.console.auth import CurrentUser
 from node.console.metrics import STAGES
@@ -55,7 +56,6 @@ from node.jobs.models import read_status
 from node.jobs.retention import purge_study
 from node.network.scp import STORAGE_SOP_CLASSES
 from node.routing.dryrun import explain
-from node.routing.rules import to_spec
 from node.settings.models import FileKeySource, Settings
 from node.storage import segments
 from node.storage.index import InstanceRow, JobRow, JobState, StudyRow

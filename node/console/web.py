@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -311,9 +312,13 @@ def set_cookie(response: Response, request: Request, name: str, value: str, max_
     )  # fmt: skip
 
 
-def install_common(app: FastAPI, api_prefix: str = "/api") -> None:
+PageError = Callable[[Request, AinodeError, int], Response]
+"""How a page answers one of ainode's errors (:func:`node.console.views.error_page`)."""
+
+
+def install_common(app: FastAPI, page_error: PageError, api_prefix: str = "/api") -> None:
     """Security headers on every response; ainode's errors as HTTP statuses (JSON under the API,
-    pages otherwise: a page redirects to the login when the session is missing)."""
+    ``page_error`` otherwise: a page redirects to the login when the session is missing)."""
 
     app.add_middleware(RequestGuard, api_prefix=api_prefix)
 
@@ -334,7 +339,5 @@ def install_common(app: FastAPI, api_prefix: str = "/api") -> None:
     async def ainode_error(request: Request, exc: AinodeError) -> Response:
         status = status_of(exc)
         if not request.url.path.startswith(api_prefix):
-            from node.console.pages import error_page  # the pages render their own errors
-
-            return error_page(request, exc, status)
+            return page_error(request, exc, status)
         return JSONResponse({"detail": str(exc)}, status_code=status)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydicom import Dataset
 
-from node.routing.rules import evaluate, header_of, keywords_of
+from node.conditions import evaluate, header_of, keywords_of
 from node.settings.models import PixelRule
 
 _AT_RISK_SOP_CLASSES = {

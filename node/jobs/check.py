@@ -22,8 +22,8 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from algorithms import errors as sdk
-from algorithms.base import AlgorithmResult, Code, Volume
-from algorithms.registry import Registry, check_accepts
+from algorithms.base import AlgorithmResult, Code, Volume, check_accepts
+from algorithms.registry import Registry
 from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.errors import InvalidInstanceError

@@ -21,12 +21,12 @@ from pydicom import Dataset
 
 from algorithms import errors as sdk
 from node import faults
+from node.conditions import header_of, keywords_of, matches, prepare
 from node.dicomio import decode
 from node.errors import AinodeError, LeaseLostError, OutOfResourcesError, QuarantinedError, is_transient
 from node.jobs.snapshot import JobPlan
 from node.jobs.stages import Services, Stages, rounded
 from node.routing.router import RoutePlan, plan_routes
-from node.routing.rules import header_of, keywords_of, matches, prepare
 from node.storage.index import InstanceRow, JobRow, JobState, PlannedJob, Stage, StudyState
 
 __all__ = ["FINISHED_JOB_STATES", "HANDED_OFF", "Pipeline", "Services"]

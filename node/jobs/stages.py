@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 from pydicom import Dataset
 
-from algorithms.base import AlgorithmResult, AlgorithmSpec, Volume
+from algorithms.base import AlgorithmResult, AlgorithmSpec, Volume, check_accepts
 from algorithms.models.spec import ModelDeclaration
-from algorithms.registry import Registry, check_accepts
+from algorithms.registry import Registry
 from node import faults
 from node.audit import (
     DESTINATION_ROLE,

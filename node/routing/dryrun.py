@@ -16,8 +16,8 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.fileset import FileSet
 
+from node.conditions import evaluate, explain_tree
 from node.routing.router import Verdict, route_study
-from node.routing.rules import evaluate, explain_tree
 from node.settings.models import DicomDestination, Route, Settings
 
 

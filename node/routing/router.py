@@ -18,7 +18,7 @@ from typing import Any
 
 from pydicom import Dataset
 
-from node.routing.rules import header_of, keywords_of, matches, prepare
+from node.conditions import header_of, keywords_of, matches, prepare
 from node.settings.models import Route, Settings
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from node.conditions import RuleSyntaxError
 from node.errors import ConfigError
-from node.routing.rules import RuleSyntaxError
 from node.settings.models import (
     Completion,
     DicomDestination,

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from algorithms.models.spec import ModelDeclaration
-from node.routing.rules import CONDITION_JSON_SCHEMA, All, AnyOf, Condition, Not, Test, parse_condition
+from node.conditions import CONDITION_JSON_SCHEMA, All, AnyOf, Condition, Not, Test, parse_condition
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]
 """An AE title: 1-16 characters of the default repertoire, no backslash, not all spaces (PS3.5 6.2)."""

@@ -1,4 +1,6 @@
-"""A declarative condition language for routing rules (no code evaluation).
+"""The declarative condition language (no code evaluation): a bottom-layer utility used by
+routing rules, the settings that hold them, de-identification's pixel rules, study completion and
+the console's rule tester. It depends on nothing of ainode but :mod:`node.errors`.
 
 A condition is written in YAML as one of::
 
