@@ -8,10 +8,10 @@ CONFIG ?= config/ainode.example.yaml
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml algorithms/pyproject.toml algorithms/lung-ct-density/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e './algorithms[models,test]' -e ./algorithms/lung-ct-density -e '.[dev]'
 	touch $@
 
 var/ainode.key: | $(VENV)/.installed

@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ainode_sdk.base import Device
+from ainode_sdk.errors import AlgorithmError
+from ainode_sdk.registry import Registry
 from pydantic import ValidationError
 
-from algorithms.base import Device
-from algorithms.errors import AlgorithmError
-from algorithms.registry import Registry
 from node.audit import (
     APPLICATION_ACTIVITY,
     APPLICATION_ROLE,

@@ -29,8 +29,8 @@
         └── RateLimitedError       too many sign-in attempts at once or from one address (429)
 
 Errors are converted to DIMSE statuses only at the network edge (``node.network``). The plugin SDK
-has its own small tree (:mod:`algorithms.errors`); :class:`PluginError` and :class:`SeriesRefused`
-are also SDK errors, so ``except algorithms.errors.SeriesRefused`` catches a refusal from either side.
+has its own small tree (:mod:`ainode_sdk.errors`); :class:`PluginError` and :class:`SeriesRefused`
+are also SDK errors, so ``except ainode_sdk.errors.SeriesRefused`` catches a refusal from either side.
 
 *Transient* errors (``transient = True``) are conditions that pass by themselves: planning and jobs
 that meet one are retried with backoff. Every other error is permanent: the job or study fails with
@@ -39,7 +39,7 @@ the error's message as its reason.
 
 from __future__ import annotations
 
-from algorithms import errors as sdk
+from ainode_sdk import errors as sdk
 
 
 class AinodeError(Exception):

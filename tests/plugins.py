@@ -7,8 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
-
-from algorithms.base import (
+from ainode_sdk.base import (
     AlgorithmResult,
     AlgorithmSpec,
     Finding,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+from ainode_sdk.base import NoParams
+from ainode_sdk.registry import Registry
+from lung_ct_density import LungCtDensityParams
 
-from algorithms.base import NoParams
-from algorithms.lung_ct_density import LungCtDensityParams
-from algorithms.registry import Registry
 from node.app import check_algorithms
 from node.errors import ConfigError, PluginError, SeriesRefused
 from node.jobs.isolation import run_isolated_packed, unpack_result
@@ -137,7 +137,7 @@ def test_misbehaving_plugins_fail_their_job_not_the_node(caplog):
     with pytest.raises(PluginError, match="ran past its timeout of 2 s"):
         run_isolated_packed("tests.plugins:Hangs", volume, "cpu", none, 2)
     # this process is unharmed; the real algorithm runs in its own child, refusals come back as such
-    lung = "algorithms.lung_ct_density:LungCtDensity"
+    lung = "lung_ct_density:LungCtDensity"
     result = unpack_result(run_isolated_packed(lung, volume, "cpu", LungCtDensityParams(), 120))
     assert {s.label for s in result.segments} == {"Left lung", "Right lung", "Low attenuation area"}
     assert result.segments[0].mask.shape == volume.voxels.shape and result.segments[0].mask.any()

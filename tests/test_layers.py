@@ -1,7 +1,7 @@
 """Issue 23: the layers hold — no import cycle between ``node/`` subpackages, nor between modules
-of a package, nor inside ``algorithms/``, lazy imports (inside functions) included; only
-``node/results`` imports highdicom and only ``node/network`` pynetdicom; algorithms import no part
-of the node. The graph is built from the source, so a test that cannot import a module still
+of a package, nor inside the plugin SDK (``algorithms/ainode_sdk``) and the plugins, lazy imports
+(inside functions) included; only ``node/results`` imports highdicom and only ``node/network``
+pynetdicom; the SDK and the plugins import no part of the node. The graph is built from the source, so a test that cannot import a module still
 sees its imports."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TOPS = ("node", "algorithms")
+PACKAGES = {"node": ROOT, "ainode_sdk": ROOT / "algorithms", "lung_ct_density": ROOT / "algorithms" / "lung-ct-density"}
+"""Each import package and the folder it lives in."""
 
 
 def _modules() -> dict[str, Path]:
     found = {}
-    for top in TOPS:
-        for path in (ROOT / top).rglob("*.py"):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for top, base in PACKAGES.items():
+        for path in (base / top).rglob("*.py"):
+            parts = list(path.relative_to(base).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             found[".".join(parts)] = path
@@ -103,8 +104,10 @@ def test_the_library_boundaries():
             assert module.startswith("node.results"), f"{module} imports highdicom"
         if "pynetdicom" in imported:
             assert module.startswith("node.network"), f"{module} imports pynetdicom"
-        if module.startswith("algorithms"):
-            assert not {n for n in _imports(module, path) if n.startswith("node")}, f"{module} imports the node"
+        if not module.startswith("node"):  # the SDK and the plugins: only the SDK, never the node
+            assert not {n for n in _imports(module, path) if n.split(".")[0] == "node"}, f"{module} imports the node"
+        if module.startswith("ainode_sdk"):
+            assert "lung_ct_density" not in imported, f"{module} imports a plugin"
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -8,11 +8,11 @@ import random
 import numpy as np
 import pydicom
 import pytest
+from ainode_sdk.base import Algorithm, Volume
+from ainode_sdk.errors import PluginLoadError, SeriesRefused
+from ainode_sdk.registry import Registry
+from lung_ct_density import LungCtDensity
 
-from algorithms.base import Algorithm, Volume
-from algorithms.errors import PluginLoadError, SeriesRefused
-from algorithms.lung_ct_density import LungCtDensity
-from algorithms.registry import Registry
 from node.jobs.volume import load_volume
 
 from .peers import CT_SERIES, MR_SERIES, TRANSCODED, series_files
@@ -177,7 +177,7 @@ def test_cuda_matches_cpu(ct_volume, result):
 
 
 def test_parameters_change_the_measurement(ct_volume, result):
-    from algorithms.lung_ct_density import LungCtDensityParams
+    from lung_ct_density import LungCtDensityParams
 
     laxer = LungCtDensity().run(ct_volume, "cpu", LungCtDensityParams(laa_threshold_hu=-900))
     default = {(m.segment_label, m.concept[2]): m.value for m in result.measurements}
@@ -194,8 +194,7 @@ def test_two_slab_labelling_finds_the_components_of_one_pass(density):
     of the voxels as cc3d's single pass (only the numbering may differ), the same sizes, and a
     selected component's mask is that component."""
     import cc3d
-
-    from algorithms.lung_ct_density.segment import _Components
+    from lung_ct_density.segment import _Components
 
     mask = np.random.default_rng(7).random((96, 40, 48)) < density
     components = _Components.of(mask)

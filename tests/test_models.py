@@ -20,9 +20,9 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
+from ainode_sdk.models.model import DeclaredModel
+from ainode_sdk.models.spec import ModelDeclaration
 
-from algorithms.models.model import DeclaredModel
-from algorithms.models.spec import ModelDeclaration
 from node.jobs.devices import GIB, DeviceInfo, DevicePool
 from node.jobs.volume import load_volume
 from node.settings import load_settings
@@ -459,7 +459,7 @@ def test_an_sr_only_plugin_with_qualitative_and_located_findings(tmp_path, ct_vo
     ordered = [by_uid[str(s.SOPInstanceUID)] for s in slices]
     for ds in ordered:
         ds.pop("ReferencedStudySequence", None)  # the de-identification removes it in the node
-    from algorithms.base import NoParams
+    from ainode_sdk.base import NoParams
 
     result = unpack_result(run_isolated_packed("tests.plugins:Finds", volume, "cpu", NoParams(), 60))
     from tests.plugins import Finds

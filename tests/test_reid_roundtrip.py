@@ -8,9 +8,9 @@ import secrets
 import numpy as np
 import pydicom
 import pytest
+from ainode_sdk.base import AlgorithmResult, Measurement, Segment
+from lung_ct_density import LungCtDensity
 
-from algorithms.base import AlgorithmResult, Measurement, Segment
-from algorithms.lung_ct_density import LungCtDensity
 from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PATIENT_STUDY_KEYWORDS, PseudonymMap, reidentify

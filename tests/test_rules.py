@@ -5,8 +5,8 @@ from __future__ import annotations
 import pydicom
 import pytest
 
-from node.routing.router import plan_routes
 from node.conditions import RuleSyntaxError, evaluate, header_of, keywords_of, matches, parse_condition, prepare
+from node.routing.router import plan_routes
 from node.settings.models import Settings
 
 from .peers import CT_SERIES, MR_SERIES, series_files

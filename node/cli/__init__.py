@@ -38,7 +38,8 @@ from node.cli import admin
 from node.errors import AinodeError
 
 if TYPE_CHECKING:
-    from algorithms.registry import Registry
+    from ainode_sdk.registry import Registry
+
     from node.settings.models import Settings
 
 
@@ -130,7 +131,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from algorithms.registry import Registry
+    from ainode_sdk.registry import Registry
+
     from node.app import check_algorithms
     from node.settings import load_settings
 
@@ -176,7 +178,8 @@ def cmd_route_test(args: argparse.Namespace) -> int:
 
 
 def _registry(config: str | None) -> tuple[Registry, Settings | None]:
-    from algorithms.registry import Registry
+    from ainode_sdk.registry import Registry
+
     from node.settings import load_settings
 
     settings = load_settings(config) if config else None
@@ -186,7 +189,7 @@ def _registry(config: str | None) -> tuple[Registry, Settings | None]:
 def cmd_algorithms_list(args: argparse.Namespace) -> int:
     import json as json_
 
-    from algorithms.registry import select_device
+    from ainode_sdk.registry import select_device
 
     registry, settings = _registry(args.config)
     for spec in registry.specs():

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ainode_sdk.registry import Registry
 from pydicom import Dataset
 from sqlalchemy import func, select
 
-from algorithms.registry import Registry
 from node.audit import (
     APPLICATION_ACTIVITY,
     EXPORT,

@@ -10,7 +10,6 @@ dciodvfy on them when it is installed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 import shutil
 import subprocess
@@ -18,17 +17,18 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ainode_sdk import errors as sdk
+from ainode_sdk.registry import Registry
+from ainode_sdk.validate import validate_result
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from algorithms import errors as sdk
-from algorithms.base import AlgorithmResult, Code, Volume, check_accepts
-from algorithms.registry import Registry
 from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.errors import InvalidInstanceError
-from node.jobs.isolation import SharedVolume, run_isolated_packed, unpack_result
+from node.jobs.isolation import SharedVolume, unpack_result
 from node.jobs.models import ModelWorkers
+from node.jobs.runner import algorithm_params, run_algorithm
 from node.jobs.volume import load_volume
 from node.paths import path_under
 from node.results import RESULT_KINDS, build_results, result_kind
@@ -49,47 +49,6 @@ class CheckReport:
     def passed(self) -> bool:
         """Whether nothing was wrong."""
         return not self.problems
-
-
-def _code_problem(code: object, what: str) -> str | None:
-    if not (isinstance(code, tuple) and len(code) == 3 and all(isinstance(c, str) and c for c in code)):
-        return f"{what}: not a (value, scheme, meaning) code: {code!r}"
-    return None
-
-
-def validate_result(result: AlgorithmResult, volume: Volume) -> list[str]:
-    """What is wrong with an algorithm's result for ``volume`` (empty when nothing is)."""
-    problems: list[str] = []
-    shape = volume.voxels.shape
-    if result.label_map is not None and result.label_map.shape != shape:
-        problems.append(f"label map has shape {result.label_map.shape}, the volume {shape}")
-    labels = [s.label for s in result.segments]
-    if len(set(labels)) != len(labels):
-        problems.append("two segments share a label")
-    for s in result.segments:
-        if result.label_map is None and s.mask.shape != shape:
-            problems.append(f"segment {s.label!r}: mask shape {s.mask.shape}, the volume {shape}")
-        for what, code in (("category", s.category), ("property type", s.property_type)):
-            problem = _code_problem(code, f"segment {s.label!r} {what}")
-            if problem:
-                problems.append(problem)
-    groups = set(labels) | set(result.group_sites)
-    for m in result.measurements:
-        if m.segment_label not in groups:
-            problems.append(f"measurement of {m.segment_label!r}: no such segment and no declared group site")
-        if m.unit[1] != "UCUM":
-            problems.append(f"measurement {m.concept[2]!r} of {m.segment_label!r}: unit {m.unit!r} is not UCUM")
-        if not math.isfinite(m.value):
-            problems.append(f"measurement {m.concept[2]!r} of {m.segment_label!r}: value {m.value!r} is not finite")
-        problem = _code_problem(m.concept, f"measurement of {m.segment_label!r}")
-        if problem:
-            problems.append(problem)
-    for f in result.findings:
-        codes: tuple[tuple[str, Code], ...] = (("concept", f.concept), ("value", f.value))
-        problems += [p for what, c in codes if (p := _code_problem(c, f"finding {f.label!r} {what}"))]
-        if f.probability is not None and not 0 <= f.probability <= 1:
-            problems.append(f"finding {f.label!r}: probability {f.probability} is not within 0-1")
-    return problems
 
 
 def _series(folder: Path) -> tuple[dict[str, list[Dataset]], int]:
@@ -147,25 +106,20 @@ def _check_series(registry: Registry, name: str, datasets: list[Dataset], out: P
     declared = registry.declaration(name)
     with SharedVolume() as shared, tempfile.TemporaryDirectory() as run_dir:
         volume, slices = load_volume(datasets, allocate=shared.allocate)
+        workers = ModelWorkers(Path(run_dir))
         try:
-            check_accepts(spec, volume)
-            if declared is not None:
-                workers = ModelWorkers(Path(run_dir))
-                try:
-                    packed, timings, _loads = workers.on("cpu").run_packed(
-                        name, declared.model_dump_json(), volume, shared, timeout_s
-                    )
-                    result = unpack_result(packed)
-                finally:
-                    workers.stop()
-                report.notes.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-                spec = dataclasses.replace(spec, weights_sha256=result.parameters.get("weights_sha256"))
-            else:
-                entry_point, params = registry.entry_point(name), algorithm.Params()
-                result = unpack_result(run_isolated_packed(entry_point, volume, "cpu", params, timeout_s, shared))
+            params = algorithm_params(registry, name, {}, "its defaults") if declared is None else None
+            packed, timings = run_algorithm(registry, name, params, volume, shared, workers, timeout_s=timeout_s)
+            result = unpack_result(packed)
         except sdk.SeriesRefused as exc:
             report.notes.append(f"refused the series: {exc.reason}")
             return report
+        finally:
+            workers.stop()
+        if declared is not None:
+            steps = {k.removeprefix("model_"): v for k, v in timings.items() if k != "model_loads"}
+            report.notes.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in steps.items()))
+            spec = dataclasses.replace(spec, weights_sha256=result.parameters.get("weights_sha256"))
         report.problems += validate_result(result, volume)
         if report.problems:
             return report

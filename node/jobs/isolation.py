@@ -21,15 +21,15 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import numpy as np
+from ainode_sdk import errors as sdk
+from ainode_sdk.base import AlgorithmResult, Device, Volume
 
-from algorithms import errors as sdk
-from algorithms.base import AlgorithmResult, Device, Volume
 from node.errors import PluginError, SeriesRefused
 from node.jobs.devices import DeviceInfo
 
 logger = logging.getLogger(__name__)
 
-_PRELOAD = ["numpy", "scipy.ndimage", "torch", "algorithms.registry", "algorithms.lung_ct_density"]
+_PRELOAD = ["numpy", "scipy.ndimage", "torch", "ainode_sdk.registry", "lung_ct_density"]
 PROCESS_CONTEXT = multiprocessing.get_context("forkserver")
 """Where algorithm and model processes come from (a forkserver with the heavy imports done)."""
 PROCESS_CONTEXT.set_forkserver_preload(_PRELOAD)
@@ -37,8 +37,7 @@ PROCESS_CONTEXT.set_forkserver_preload(_PRELOAD)
 
 def _device_child(conn: multiprocessing.connection.Connection) -> None:
     import torch
-
-    from algorithms.registry import select_device
+    from ainode_sdk.registry import select_device
 
     gpus = []
     if torch.cuda.is_available():
@@ -161,7 +160,7 @@ class SharedVolume:
 
 
 PackedResult = tuple[Any, ...]
-"""An :class:`~algorithms.base.AlgorithmResult` as :func:`pack_result` sends it between processes."""
+"""An :class:`~ainode_sdk.base.AlgorithmResult` as :func:`pack_result` sends it between processes."""
 
 
 def run_isolated_packed(
@@ -174,7 +173,7 @@ def run_isolated_packed(
 ) -> PackedResult:
     """Run the algorithm ``entry_point`` (``module:attribute``) on ``volume`` in a child process;
     returns its result as the child sent it (:func:`pack_result`: masks bit-packed, one bit a voxel;
-    :func:`unpack_result` gives the :class:`~algorithms.base.AlgorithmResult`).
+    :func:`unpack_result` gives the :class:`~ainode_sdk.base.AlgorithmResult`).
 
     ``shared``, when it holds ``volume.voxels``, hands them over without a copy; otherwise they
     are copied into a shared memory block for the duration of the call.

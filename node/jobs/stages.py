@@ -21,12 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Volume
+from ainode_sdk.registry import Registry
 from pydicom import Dataset
 
-from algorithms.base import AlgorithmResult, AlgorithmSpec, Volume, check_accepts
-from algorithms.models.spec import ModelDeclaration
-from algorithms.registry import Registry
 from node import faults
 from node.audit import (
     DESTINATION_ROLE,
@@ -43,11 +41,12 @@ from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
-from node.errors import DeidentificationError, InvalidInstanceError, PluginError, StorageError
+from node.errors import DeidentificationError, InvalidInstanceError, StorageError
 from node.jobs.delivery import deliver, withdraw
 from node.jobs.devices import DevicePool
-from node.jobs.isolation import PackedResult, SharedVolume, run_isolated_packed, unpack_result
+from node.jobs.isolation import SharedVolume, unpack_result
 from node.jobs.models import ModelWorkers
+from node.jobs.runner import algorithm_params, run_algorithm
 from node.jobs.snapshot import JobPlan
 from node.jobs.volume import load_volume, sort_slices
 from node.settings.models import Deidentification, Settings
@@ -57,7 +56,7 @@ from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore
 
 if TYPE_CHECKING:
-    from algorithms.base import Device
+    from ainode_sdk.base import Device
 
 logger = logging.getLogger(__name__)
 
@@ -320,14 +319,8 @@ class Stages:
         SeriesRefused
             The node or the algorithm declines the series.
         """
-        algorithm = self.s.registry.get(plan.algorithm)
-        spec = algorithm.spec
-        try:
-            params = algorithm.Params.model_validate(plan.parameters)
-        except ValidationError as exc:
-            raise PluginError(
-                f"parameters of {plan.algorithm} in route {plan.route}: {exc.errors()[0]['msg']}"
-            ) from None
+        spec = self.s.registry.get(plan.algorithm).spec
+        params = algorithm_params(self.s.registry, plan.algorithm, plan.parameters, f"route {plan.route}")
         with SharedVolume() as shared:  # the voxels go to the algorithm's process without a copy
             start = time.perf_counter()
             datasets = self.deidentified_series(job, deidentified)
@@ -343,15 +336,14 @@ class Stages:
                         drop_pixel_data(ds)
             del datasets
             t["load_volume_s"] = time.perf_counter() - start
-            check_accepts(spec, volume)
             start = time.perf_counter()
-            timeout = self.s.settings.node.algorithm_timeout_s
-            declared = self.s.registry.declaration(plan.algorithm)
-            if declared is not None:
-                packed = self._run_model(plan.algorithm, declared, volume, shared, plan.priority, timeout, t)
-            else:  # the result stays as the algorithm's process sent it (masks bit-packed) until the build
-                entry_point = self.s.registry.entry_point(plan.algorithm)
-                packed = run_isolated_packed(entry_point, volume, self.s.device, params, timeout, shared)
+            if self.s.models is None:
+                self.s.models = ModelWorkers(self.s.settings.node.data_dir / "run")
+            packed, seconds = run_algorithm(  # the result stays as its process sent it (masks bit-packed)
+                self.s.registry, plan.algorithm, params, volume, shared, self.s.models, device=self.s.device,
+                devices=self.s.devices, priority=plan.priority, timeout_s=self.s.settings.node.algorithm_timeout_s,
+            )  # fmt: skip
+            t.update(seconds)
             t["algorithm_s"] = time.perf_counter() - start
             del volume
         faults.point("stage:analyse", index=self.s.index)  # inferred, nothing stored yet
@@ -360,24 +352,6 @@ class Stages:
         # pickle of our own dataclasses, in an authenticated encrypted object only ainode writes
         payload = pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)
         return [self.s.store.put(payload, object_id=stage_object_id(job, "analysis", 0))]
-
-    def _run_model(
-        self, name: str, declared: ModelDeclaration, volume: Volume, shared: SharedVolume, priority: str,
-        timeout_s: float, t: dict[str, float],
-    ) -> PackedResult:  # fmt: skip
-        """Run a declared model in its device's model worker, on a device with room for it; its
-        result as the worker sent it (masks bit-packed)."""
-        if self.s.models is None:
-            self.s.models = ModelWorkers(self.s.settings.node.data_dir / "run")
-        res = declared.resources
-        with self.s.devices.place(name, res.gpu, res.gpu_memory_gib, res.cpu_fallback, priority) as device:
-            packed, timings, loads = self.s.models.on(device).run_packed(
-                name, declared.model_dump_json(), volume, shared, timeout_s
-            )
-        t.update({f"model_{k}": v for k, v in timings.items()})
-        t["model_loads"] = float(loads.get(name, 0))
-        logger.info("model ran", extra={"algorithm": name, "device": device, **rounded(timings)})
-        return packed
 
     # -- build results ---------------------------------------------------------------------------
 

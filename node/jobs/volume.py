@@ -1,4 +1,4 @@
-"""Assemble a :class:`algorithms.base.Volume` from the single-frame images of one series.
+"""Assemble a :class:`ainode_sdk.base.Volume` from the single-frame images of one series.
 
 Slices are sorted by their position along the slice normal (PS3.3 C.7.6.2.1.1: the normal is the
 cross product of the row and column direction cosines of Image Orientation (Patient)). Pixel data
@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from ainode_sdk.base import Volume
 from pydicom import Dataset
 from pydicom.pixels import get_decoder
 
-from algorithms.base import Volume
 from node.errors import SeriesRefused
 
 _TOLERANCE_MM = 0.05

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Sequence
 
+from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Volume
 from pydicom import Dataset
 
-from algorithms.base import AlgorithmResult, AlgorithmSpec, Volume
 from node.deid.pseudonyms import derive_uid
 from node.errors import ResultBuildError
 from node.results.gsps import build_presentation_state

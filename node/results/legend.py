@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from algorithms.base import AlgorithmResult, Code
+from ainode_sdk.base import AlgorithmResult, Code
 
 _UNIT_TEXT = {"[hnsf'U]": "HU"}
 

@@ -2,7 +2,7 @@
 
 What viewers without volumetric support draw (the planar SR, the GSPS, the key images) is the
 outline of a region on a slice. Everything here works on the algorithm's masks, axis order
-``(slices, rows, columns)`` as in :class:`~algorithms.base.Volume`, and writes outlines in DICOM
+``(slices, rows, columns)`` as in :class:`~ainode_sdk.base.Volume`, and writes outlines in DICOM
 image coordinates (PS3.3 C.18.6.1.1: column, row; the top left corner of the top left pixel is
 0.0/0.0, so the centre of pixel ``(r, c)`` is ``(c + 0.5, r + 0.5)``).
 
@@ -19,10 +19,9 @@ from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
+from ainode_sdk.base import AlgorithmResult, bounding_box
 from scipy import ndimage
 from skimage import measure
-
-from algorithms.base import AlgorithmResult, bounding_box
 
 MIN_PART_PIXELS = 10
 """Connected parts smaller than this (pixels on the slice) get no outline."""

@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
+from ainode_sdk.base import RGB, AlgorithmResult, AlgorithmSpec, Code, Segment
 from pydicom import Dataset
 
-from algorithms.base import RGB, AlgorithmResult, AlgorithmSpec, Code, Segment
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
 
@@ -162,7 +162,7 @@ def build_segmentation(
     ----------
     sources
         The single-frame source images, in the slice order of the masks (index 0 = first slice of
-        the :class:`~algorithms.base.Volume`).
+        the :class:`~ainode_sdk.base.Volume`).
     result
         Masks of shape ``(slices, rows, columns)``, one per segment, numbered from 1 in order.
 

@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from ainode_sdk.models.spec import ModelDeclaration
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -21,7 +22,6 @@ from pydantic import (
     model_validator,
 )
 
-from algorithms.models.spec import ModelDeclaration
 from node.conditions import CONDITION_JSON_SCHEMA, All, AnyOf, Condition, Not, Test, parse_condition
 
 AETitle = Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$")]

@@ -1,7 +1,7 @@
 """A declared model as an algorithm: run by name like any plugin, loaded once per process.
 
-:class:`DeclaredModel` turns a :class:`~algorithms.models.spec.ModelDeclaration` into an
-:class:`~algorithms.base.Algorithm`: its spec (name, version, accepted series, outputs, resources,
+:class:`DeclaredModel` turns a :class:`~ainode_sdk.models.spec.ModelDeclaration` into an
+:class:`~ainode_sdk.base.Algorithm`: its spec (name, version, accepted series, outputs, resources,
 weights checksum), and ``run``, which takes the loaded runtime from :class:`ModelCache` (loading it
 the first time, again when the weights file changed), infers a label map, and returns one segment
 per label that occurs, with the declared measurements (volume in ml; mean, median, standard
@@ -10,16 +10,16 @@ deviation, minimum, maximum and percentiles of the voxel values — HU for CT).
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel
-
-from algorithms.base import (
+from ainode_sdk.base import (
     AlgorithmResult,
     AlgorithmSpec,
     Device,
@@ -31,7 +31,7 @@ from algorithms.base import (
     Volume,
     check_accepts,
 )
-from algorithms.codes import (
+from ainode_sdk.codes import (
     ATTENUATION,
     HU,
     MAXIMUM,
@@ -42,10 +42,11 @@ from algorithms.codes import (
     NO_UNITS,
     VOLUME,
 )
-from algorithms.codes import SIGNAL_INTENSITY as INTENSITY
-from algorithms.codes import STANDARD_DEVIATION as STD
-from algorithms.errors import ModelError
-from algorithms.models.spec import ModelDeclaration, file_sha256
+from ainode_sdk.codes import SIGNAL_INTENSITY as INTENSITY
+from ainode_sdk.codes import STANDARD_DEVIATION as STD
+from ainode_sdk.errors import ModelError
+from ainode_sdk.models.spec import ModelDeclaration, file_sha256
+from pydantic import BaseModel
 
 
 class Runtime(Protocol):
@@ -58,16 +59,39 @@ class Runtime(Protocol):
         ...
 
 
+RuntimeFactory = Callable[[ModelDeclaration, Device], Runtime]
+"""Loads a declared model onto a device."""
+
+RUNTIMES: dict[str, str] = {
+    "monai_bundle": "ainode_sdk.models.bundle:MonaiBundleRuntime",
+    "torchscript": "ainode_sdk.models.exported:TorchScriptRuntime",
+    "onnx": "ainode_sdk.models.exported:OnnxRuntime",
+}
+"""The runtime registry: declaration ``type`` -> the runtime class (``module:attribute``, imported
+when first used, so that torch, MONAI or ONNX Runtime load only for the models that need them).
+A new runtime is one entry here (or :func:`register_runtime`)."""
+
+
+def register_runtime(type_name: str, target: str) -> None:
+    """Make declarations of ``type: type_name`` load with ``target`` (``"module:Class"``, a
+    :data:`RuntimeFactory`)."""
+    RUNTIMES[type_name] = target
+
+
 def _runtime(declaration: ModelDeclaration, device: Device) -> Runtime:
-    """The runtime registry: one class per declaration ``type``."""
-    if declaration.type == "monai_bundle":
-        from algorithms.models.bundle import MonaiBundleRuntime
+    """The runtime of ``declaration`` from :data:`RUNTIMES`.
 
-        return MonaiBundleRuntime(declaration, device)
-    from algorithms.models.exported import OnnxRuntime, TorchScriptRuntime
-
-    runtime: type[Runtime] = TorchScriptRuntime if declaration.type == "torchscript" else OnnxRuntime
-    return runtime(declaration, device)  # type: ignore[call-arg]
+    Raises
+    ------
+    ModelError
+        No runtime is registered for its type.
+    """
+    target = RUNTIMES.get(declaration.type)
+    if target is None:
+        raise ModelError(f"no runtime for model type {declaration.type!r} (known: {', '.join(sorted(RUNTIMES))})")
+    module, _, attribute = target.partition(":")
+    factory: RuntimeFactory = getattr(importlib.import_module(module), attribute)
+    return factory(declaration, device)
 
 
 @dataclass
@@ -168,7 +192,7 @@ class DeclaredModel:
 
         Raises
         ------
-        algorithms.errors.SeriesRefused
+        ainode_sdk.errors.SeriesRefused
             The series is not one the declaration accepts.
         ModelError
             The model cannot be loaded, or its output holds a label value the table lacks.

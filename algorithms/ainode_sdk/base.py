@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
-from algorithms.errors import SeriesRefused
+from ainode_sdk.errors import SeriesRefused
 
 Code = tuple[str, str, str]
 """A coded concept as ``(CodeValue, CodingSchemeDesignator, CodeMeaning)`` (PS3.3 8.8)."""
@@ -239,7 +239,7 @@ class NoParams(BaseModel):
 
 @runtime_checkable
 class Algorithm(Protocol):
-    """An analysis plugin. Raise :class:`algorithms.errors.SeriesRefused` for series it cannot measure.
+    """An analysis plugin. Raise :class:`ainode_sdk.errors.SeriesRefused` for series it cannot measure.
 
     ``Params`` is a pydantic model (``extra="forbid"``) of the parameters a route may set; the node
     validates a route's parameters against it when the configuration is loaded.

@@ -14,11 +14,10 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from algorithms.base import Device, Volume
-from algorithms.errors import ModelError
-from algorithms.models.geometry import from_monai, to_metatensor
-from algorithms.models.spec import ModelDeclaration
+from ainode_sdk.base import Device, Volume
+from ainode_sdk.errors import ModelError
+from ainode_sdk.models.geometry import from_monai, to_metatensor
+from ainode_sdk.models.spec import ModelDeclaration
 
 
 def _transforms(declaration: ModelDeclaration) -> tuple[Any, Any]:

@@ -1,6 +1,6 @@
 """Between the node's volumes and MONAI's images.
 
-A :class:`~algorithms.base.Volume` is ``(slices, rows, columns)`` with an index-to-LPS affine. MONAI
+A :class:`~ainode_sdk.base.Volume` is ``(slices, rows, columns)`` with an index-to-LPS affine. MONAI
 (like ITK and NIfTI readers of a DICOM series) holds ``(x, y, z) = (columns, rows, slices)`` with an
 index-to-RAS affine. The arrays are transposed, and the affine is flipped in x and y (LPS -> RAS)
 with its index axes permuted, so the image MONAI sees is the one its file loader would have made.
@@ -12,8 +12,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from algorithms.base import Volume
+from ainode_sdk.base import Volume
 
 _PERMUTE = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

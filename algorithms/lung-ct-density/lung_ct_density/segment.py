@@ -30,11 +30,10 @@ from typing import Any
 import cc3d
 import numpy as np
 import numpy.typing as npt
+from ainode_sdk.base import Volume, bounding_box
+from ainode_sdk.errors import SeriesRefused
 from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix, csgraph
-
-from algorithms.base import Volume, bounding_box
-from algorithms.errors import SeriesRefused
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -318,7 +317,7 @@ def segment_lungs(
     ----------
     volume
         CT volume in HU, shape ``(slices, rows, columns)``, slices ordered inferior to superior
-        along the slice normal (see :class:`algorithms.base.Volume`).
+        along the slice normal (see :class:`ainode_sdk.base.Volume`).
     air_threshold_hu
         Voxels below this value (HU) are candidate lung or airway.
     min_lung_ml
@@ -334,7 +333,7 @@ def segment_lungs(
 
     Raises
     ------
-    algorithms.errors.SeriesRefused
+    ainode_sdk.errors.SeriesRefused
         When no lung of at least ``min_lung_ml`` is found.
     """
     hu = volume.voxels

@@ -1,7 +1,7 @@
 """The algorithm registry: plugins discovered through the entry-point group ``ainode.algorithms``.
 
 Each entry point names a class (or factory) that returns an object satisfying
-:class:`algorithms.base.Algorithm`. A plugin that fails to import is logged and skipped, so one
+:class:`ainode_sdk.base.Algorithm`. A plugin that fails to import is logged and skipped, so one
 broken plugin never stops the node.
 """
 
@@ -12,12 +12,12 @@ from collections.abc import Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING
 
-from algorithms.base import Algorithm, AlgorithmSpec, Device
-from algorithms.errors import PluginLoadError
+from ainode_sdk.base import Algorithm, AlgorithmSpec, Device
+from ainode_sdk.errors import PluginLoadError
 
 if TYPE_CHECKING:
-    from algorithms.models.model import DeclaredModel
-    from algorithms.models.spec import ModelDeclaration
+    from ainode_sdk.models.model import DeclaredModel
+    from ainode_sdk.models.spec import ModelDeclaration
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Registry:
         """
         if name in self._models:
             if name not in self._declared:
-                from algorithms.models.model import DeclaredModel
+                from ainode_sdk.models.model import DeclaredModel
 
                 try:
                     self._declared[name] = DeclaredModel(name, self._models[name])

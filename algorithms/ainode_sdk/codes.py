@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from algorithms.base import Code
+from ainode_sdk.base import Code
 
 ANATOMICAL_STRUCTURE: Code = ("123037004", "SCT", "Anatomical Structure")
 VOLUME: Code = ("118565006", "SCT", "Volume")

@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
-
-from algorithms.base import (
+from ainode_sdk.base import (
     AlgorithmResult,
     AlgorithmSpec,
     Code,
@@ -31,8 +29,10 @@ from algorithms.base import (
     Volume,
     check_accepts,
 )
-from algorithms.codes import ANATOMICAL_STRUCTURE, ATTENUATION, HU, MEAN, ML, PERCENT, VOLUME
-from algorithms.lung_ct_density.segment import segment_lungs
+from ainode_sdk.codes import ANATOMICAL_STRUCTURE, ATTENUATION, HU, MEAN, ML, PERCENT, VOLUME
+from pydantic import BaseModel, ConfigDict, Field
+
+from lung_ct_density.segment import segment_lungs
 
 if TYPE_CHECKING:
     import torch
@@ -128,7 +128,7 @@ class LungCtDensity:
 
         Raises
         ------
-        algorithms.errors.SeriesRefused
+        ainode_sdk.errors.SeriesRefused
             Not CT, slices thicker than 5 mm or spaced wider than 5 mm, fewer than 20 slices, or no
             lungs found.
         """
