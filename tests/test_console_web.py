@@ -286,3 +286,23 @@ def test_schemathesis_finds_no_server_error_in_the_api(console_node, tmp_path):
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert re.search(r"\b(\d+) passed\b", run.stdout), run.stdout[-3000:]
     assert admin.get("/api/me").status_code == 200  # the session survived the run
+
+
+def test_the_console_and_metrics_agree_on_every_count(console_node):
+    """Issue 23: one report module behind both (``node.storage.reports``): studies and jobs by
+    state, dead letters (every failed job), stored objects."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    cn, _sent = console_node
+    dashboard = cn.client("viewer").get("/api/dashboard").json()
+    metrics = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(httpx.get(f"{cn.url}/metrics").text)
+        for s in family.samples
+    }
+    for state, count in dashboard["studies"].items():
+        assert metrics[("ainode_studies", (("state", state),))] == count, state
+    for state, count in dashboard["jobs"].items():
+        assert metrics[("ainode_jobs", (("state", state),))] == count, state
+    assert sum(v for (name, _l), v in metrics.items() if name == "ainode_jobs") == sum(dashboard["jobs"].values())
+    assert metrics[("ainode_dead_letters", ())] == dashboard["dead_letters"] == dashboard["jobs"].get("failed", 0)

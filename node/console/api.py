@@ -22,6 +22,7 @@ from node.console.auth import PERMISSIONS, SESSION_COOKIE, CurrentUser
 from node.console.service import ConsoleService
 from node.console.web import address, authenticator, console, csrf_checked, read_body, set_cookie, signed_in
 from node.errors import ConflictError
+from node.storage.reports import Listing
 
 router = APIRouter(prefix="/api", tags=["console"])
 
@@ -78,7 +79,7 @@ def studies(
     user: User, service: Service, state: str | None = None, route: str | None = None, algorithm: str | None = None,
     since: Epoch = None, until: Epoch = None, limit: Limit = 100, offset: Offset = 0,
 ) -> list[schemas.StudySummary]:  # fmt: skip
-    return service.studies(state, route, algorithm, since, until, limit, offset)
+    return service.studies(Listing(state, route, algorithm, since, until, limit, offset))
 
 
 @router.get("/studies/{study_key}", response_model=schemas.StudyDetail)
@@ -110,7 +111,7 @@ def jobs(
     user: User, service: Service, state: str | None = None, route: str | None = None, algorithm: str | None = None,
     since: Epoch = None, until: Epoch = None, limit: Limit = 100, offset: Offset = 0,
 ) -> list[schemas.JobSummary]:  # fmt: skip
-    return service.jobs(state, route, algorithm, since, until, limit, offset)
+    return service.jobs(Listing(state, route, algorithm, since, until, limit, offset))
 
 
 @router.get("/jobs/{job_id}", response_model=schemas.JobDetail)

@@ -11,7 +11,7 @@ Metrics (``ainode_`` prefix)::
     studies{state}                               studies by state
     jobs{state}                                  jobs by state
     queue_depth{priority}                        jobs pending, by their route's priority
-    dead_letters                                 jobs failed after their last attempt
+    dead_letters                                 failed jobs (node.storage.reports.DEAD_LETTER)
     leases_held                                  running jobs under a live lease
     delivery_attempts_total                      failed attempts of every job (retried or dead)
     stage_seconds{stage}                         histogram of delivered jobs' stage durations
@@ -34,20 +34,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import func, select
 
 from node.jobs.models import read_status
 from node.settings.models import Settings
-from node.storage.index import Index, InstanceRow, JobRow, JobState, StudyRow, StudyState
+from node.storage.index import Index, JobState, StudyState
+from node.storage.reports import Reports
 from node.storage.store import ObjectStore
-from node.storage.tables import AssociationRow
 
 STAGES = {
     "deidentify": "deidentify_s",
@@ -86,43 +84,11 @@ class LedgerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """One scrape (a few aggregate queries and one pass over the delivered jobs' timings)."""
         settings: Settings = self.settings()
-        with self.index.session() as s:
-            by_ae = s.execute(
-                select(StudyRow.calling_ae_title, func.count(InstanceRow.object_id))
-                .join(InstanceRow, InstanceRow.study_key == StudyRow.study_key)
-                .group_by(StudyRow.calling_ae_title)
-            ).all()
-            studies = dict(s.execute(select(StudyRow.state, func.count()).group_by(StudyRow.state)).all())
-            jobs = dict(s.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all())
-            pending_routes = s.execute(
-                select(JobRow.route, func.count()).where(JobRow.state == JobState.PENDING).group_by(JobRow.route)
-            ).all()
-            dead = s.scalar(
-                select(func.count()).where(JobRow.state == JobState.FAILED, JobRow.reason.like("dead letter%"))
-            )
-            leases = s.scalar(
-                select(func.count()).where(JobRow.state == JobState.RUNNING, JobRow.lease_expires_at > time.time())
-            )
-            attempts = s.scalar(select(func.coalesce(func.sum(JobRow.attempts), 0)))
-            instances = s.scalar(select(func.count()).select_from(InstanceRow)) or 0
-            maps = s.scalar(select(func.count()).where(StudyRow.map_object_id.is_not(None))) or 0
-            results = [ids for ids in s.scalars(select(JobRow.result_object_ids)) if ids != "[]"]
-            associations = s.execute(
-                select(AssociationRow.calling_ae_title, AssociationRow.outcome, func.count(),
-                       func.coalesce(func.sum(AssociationRow.instances_stored), 0),
-                       func.coalesce(func.sum(AssociationRow.bytes_received), 0))
-                .group_by(AssociationRow.calling_ae_title, AssociationRow.outcome)
-            ).all()  # fmt: skip
-            refusals = s.execute(
-                select(AssociationRow.calling_ae_title, AssociationRow.refused_statuses).where(
-                    AssociationRow.instances_refused > 0
-                )
-            ).all()
-            delivered = s.execute(
-                select(JobRow.timings, StudyRow.last_received_at, JobRow.created_at)
-                .join(StudyRow, StudyRow.study_key == JobRow.study_key)
-                .where(JobRow.state.in_([JobState.DELIVERED, JobState.SUPERSEDED]))
-            ).all()
+        reports = Reports(self.index)
+        counts = reports.counts()
+        by_ae = reports.received_by_calling_ae()
+        associations, refusals = reports.associations()
+        delivered = reports.delivered_timings()
         received = CounterMetricFamily(
             "ainode_instances_received", "Instances received and indexed, by calling AE title",
             labels=["calling_ae_title"],
@@ -130,21 +96,21 @@ class LedgerCollector(Collector):
         for ae_title, count in by_ae:
             received.add_metric([ae_title], float(count))
         yield received
-        yield _gauges("ainode_studies", "Studies by state", "state", {str(k): v for k, v in studies.items()},
-                      [s.value for s in StudyState])  # fmt: skip
-        yield _gauges("ainode_jobs", "Jobs by state", "state", {str(k): v for k, v in jobs.items()},
-                      [s.value for s in JobState])  # fmt: skip
+        yield _gauges("ainode_studies", "Studies by state", "state", counts.studies, [s.value for s in StudyState])
+        yield _gauges("ainode_jobs", "Jobs by state", "state", counts.jobs, [s.value for s in JobState])
         priority = {r.name: r.priority for r in settings.routes}
         depth: dict[str, int] = {}
-        for route, count in pending_routes:
+        for route, count in counts.pending_routes.items():
             depth[priority.get(route, "routine")] = depth.get(priority.get(route, "routine"), 0) + count
         yield _gauges("ainode_queue_depth", "Jobs pending, by priority", "priority", depth,
                       ["stat", "routine", "background"])  # fmt: skip
-        yield GaugeMetricFamily("ainode_dead_letters", "Jobs failed after their last attempt", value=float(dead or 0))
-        yield GaugeMetricFamily("ainode_leases_held", "Running jobs under a live lease", value=float(leases or 0))
+        yield GaugeMetricFamily(
+            "ainode_dead_letters", "Jobs failed (dead letters: waiting for an administrator)", value=counts.dead_letters
+        )
+        yield GaugeMetricFamily("ainode_leases_held", "Running jobs under a live lease", value=counts.leases_held)
         yield CounterMetricFamily(
             "ainode_delivery_attempts", "Failed attempts of all jobs (retried or dead-lettered)",
-            value=float(attempts or 0),
+            value=float(counts.failed_attempts),
         )  # fmt: skip
         stages: dict[tuple[str, ...], list[float]] = {(label,): [] for label in ["receive_to_complete", *STAGES]}
         turnaround: list[float] = []
@@ -168,8 +134,8 @@ class LedgerCollector(Collector):
             "ainode_disk_watermark_bytes", "Free space below which C-STORE is refused (A700)", value=watermark
         )
         # counted from the index (instances, maps, results), not by listing the store at each scrape
-        stored = instances + maps + sum(len(json.loads(ids)) for ids in results)
-        yield GaugeMetricFamily("ainode_store_objects", "Encrypted objects the index names", value=float(stored))
+        stored = counts.stored_objects
+        yield GaugeMetricFamily("ainode_store_objects", "Encrypted objects the index names", value=stored)
         yield from _association_metrics(associations, refusals)
         yield from _model_metrics(read_status(settings.node.data_dir / "run"))
 

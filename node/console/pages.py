@@ -40,6 +40,7 @@ from node.console.web import (
     signed_in,
 )
 from node.errors import AuthenticationError, ConflictError, RateLimitedError
+from node.storage.reports import Listing
 
 router = APIRouter(include_in_schema=False)
 
@@ -128,7 +129,9 @@ def _listing(
     and algorithm."""
     user = signed_in(request)
     page = max(1, page)
-    rows = fetch(state or None, route or None, algorithm or None, limit=_PAGE_ROWS, offset=(page - 1) * _PAGE_ROWS)
+    rows = fetch(
+        Listing(state or None, route or None, algorithm or None, limit=_PAGE_ROWS, offset=(page - 1) * _PAGE_ROWS)
+    )
     context: dict[str, Any] = {kind: rows, "user": user, "page": page}
     context["filters"] = {"state": state, "route": route, "algorithm": algorithm}
     return render(request, f"{kind}.html", title=kind.title(), **context)

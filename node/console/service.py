@@ -27,7 +27,6 @@ from typing import Any
 import yaml
 from ainode_sdk.registry import Registry
 from pydicom import Dataset
-from sqlalchemy import func, select
 
 from node.audit import (
     APPLICATION_ACTIVITY,
@@ -58,7 +57,8 @@ from node.network.scp import STORAGE_SOP_CLASSES
 from node.routing.dryrun import explain
 from node.settings.models import FileKeySource, Settings
 from node.storage import segments
-from node.storage.index import InstanceRow, JobRow, JobState, StudyRow
+from node.storage.index import JobRow, JobState
+from node.storage.reports import Listing, Reports, StudyListed
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,17 @@ def job_summary(job: JobRow) -> schemas.JobSummary:
     )  # fmt: skip
 
 
+def _summary(found: StudyListed) -> schemas.StudySummary:
+    """A study as the API lists it."""
+    r, jobs = found.row, found.jobs
+    return schemas.StudySummary(
+        study_key=r.study_key, state=r.state, calling_ae_title=r.calling_ae_title, instances=r.instance_count,
+        generation=r.generation, first_received_at=r.first_received_at, last_received_at=r.last_received_at,
+        updated_at=r.updated_at, reason=r.reason, jobs=dict(Counter(j[0] for j in jobs)),
+        routes=sorted({j[1] for j in jobs}), algorithms=sorted({j[2] for j in jobs}),
+    )  # fmt: skip
+
+
 class ConsoleService:
     """The console's reads and actions over a :class:`ConsoleContext`."""
 
@@ -109,6 +120,7 @@ class ConsoleService:
         self.ctx = ctx
         self.index = ctx.data.index
         self.store = ctx.data.store
+        self.reports = Reports(ctx.data.index)
         self._rotation = schemas.Rotation(state="idle")
         self._rotation_lock = threading.Lock()
 
@@ -131,26 +143,13 @@ class ConsoleService:
     def dashboard(self) -> schemas.Dashboard:
         """Associations and instances (last hour and day), studies and jobs by state, the queue,
         failures, disk against the watermark, algorithms and models, GPUs."""
-        from node.storage.tables import AssociationRow
-
         now = time.time()
-        hour, day = now - 3600, now - 86400
-        with self.index.session() as s:
-            assoc = AssociationRow
-            a_hour = s.scalar(select(func.count()).where(assoc.ended_at >= hour, assoc.outcome != "rejected")) or 0
-            a_day = s.scalar(select(func.count()).where(assoc.ended_at >= day, assoc.outcome != "rejected")) or 0
-            rejected = s.scalar(select(func.count()).where(assoc.ended_at >= day, assoc.outcome == "rejected")) or 0
-            i_hour = s.scalar(select(func.count()).where(InstanceRow.received_at >= hour)) or 0
-            i_day, bytes_day = s.execute(
-                select(func.count(), func.coalesce(func.sum(InstanceRow.size), 0)).where(InstanceRow.received_at >= day)
-            ).one()
-            studies = dict(s.execute(select(StudyRow.state, func.count()).group_by(StudyRow.state)).all())
-            jobs = dict(s.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all())
-            pending = list(s.scalars(select(JobRow).where(JobRow.state == JobState.PENDING)))
-            running = list(s.scalars(select(JobRow).where(JobRow.state == JobState.RUNNING)))
-            failed = list(
-                s.scalars(select(JobRow).where(JobRow.state == JobState.FAILED).order_by(JobRow.updated_at.desc()))
-            )
+        a_hour, _rejected_hour, i_hour, _bytes_hour = self.reports.traffic(now - 3600)
+        a_day, rejected, i_day, bytes_day = self.reports.traffic(now - 86400)
+        counts = self.reports.counts(now)
+        pending = self.reports.jobs_in([JobState.PENDING])
+        running = self.reports.jobs_in([JobState.RUNNING])
+        failed = self.reports.dead_letters()
         settings = self.ctx.settings()
         device, gpus = self.ctx.devices()
         usage = shutil.disk_usage(self.store.root)
@@ -159,10 +158,10 @@ class ConsoleService:
         return schemas.Dashboard(
             associations_last_hour=a_hour, associations_last_day=a_day, rejected_last_day=rejected,
             instances_last_hour=i_hour, instances_last_day=i_day, bytes_last_day=int(bytes_day),
-            studies={str(k): int(v) for k, v in studies.items()}, jobs={str(k): int(v) for k, v in jobs.items()},
+            studies=counts.studies, jobs=counts.jobs,
             pending_by_priority=dict(Counter(_priority(j) for j in pending)),
             running_by_worker=dict(Counter(j.worker or "unclaimed" for j in running)),
-            dead_letters=len(failed), recent_failures=[job_summary(j) for j in failed[:5]],
+            dead_letters=counts.dead_letters, recent_failures=[job_summary(j) for j in failed[:5]],
             disk=schemas.Disk(free_bytes=usage.free, total_bytes=usage.total, watermark_bytes=watermark,
                               above_watermark=usage.free >= watermark,
                               reclaimable_bytes=segments.space(self.store.segments_root).reclaimable),
@@ -194,61 +193,9 @@ class ConsoleService:
             for name, model in held.get("models", {}).items()
         ]
 
-    def studies(
-        self,
-        state: str | None = None,
-        route: str | None = None,
-        algorithm: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[schemas.StudySummary]:
-        """Studies, most recently received first, filtered by state, a route or algorithm of their
-        jobs, and when they were received (``since``/``until``, epoch s)."""
-        query = select(StudyRow).order_by(StudyRow.last_received_at.desc())
-        if state:
-            query = query.where(StudyRow.state == state)
-        if since is not None:
-            query = query.where(StudyRow.last_received_at >= since)
-        if until is not None:
-            query = query.where(StudyRow.first_received_at <= until)
-        if route or algorithm:
-            having = select(JobRow.study_key)
-            if route:
-                having = having.where(JobRow.route == route)
-            if algorithm:
-                having = having.where(JobRow.algorithm == algorithm)
-            query = query.where(StudyRow.study_key.in_(having))
-        with self.index.session() as s:
-            rows = list(s.scalars(query.limit(limit).offset(offset)))
-            return self._summaries(s, rows)
-
-    def _summaries(self, s: Any, rows: list[StudyRow]) -> list[schemas.StudySummary]:
-        keys = [r.study_key for r in rows]
-        jobs: dict[str, list[tuple[str, str, str]]] = {}
-        if keys:
-            for key, state, route, algorithm in s.execute(
-                select(JobRow.study_key, JobRow.state, JobRow.route, JobRow.algorithm).where(JobRow.study_key.in_(keys))
-            ):
-                jobs.setdefault(key, []).append((state, route, algorithm))
-        return [
-            schemas.StudySummary(
-                study_key=r.study_key,
-                state=r.state,
-                calling_ae_title=r.calling_ae_title,
-                instances=r.instance_count,
-                generation=r.generation,
-                first_received_at=r.first_received_at,
-                last_received_at=r.last_received_at,
-                updated_at=r.updated_at,
-                reason=r.reason,
-                jobs=dict(Counter(j[0] for j in jobs.get(r.study_key, []))),
-                routes=sorted({j[1] for j in jobs.get(r.study_key, [])}),
-                algorithms=sorted({j[2] for j in jobs.get(r.study_key, [])}),
-            )
-            for r in rows
-        ]
+    def studies(self, listing: Listing) -> list[schemas.StudySummary]:
+        """Studies, most recently received first, as ``listing`` filters them."""
+        return [_summary(found) for found in self.reports.studies(listing)]
 
     def study(self, study_key: str) -> schemas.StudyDetail:
         """A study with its series and jobs.
@@ -258,58 +205,28 @@ class ConsoleService:
         NotFoundError
             No such study.
         """
-        with self.index.session() as s:
-            row = s.get(StudyRow, study_key)
-            if row is None:
-                raise NotFoundError(f"no study {study_key}")
-            (summary,) = self._summaries(s, [row])
+        found = self.reports.study(study_key)
+        if found is None:
+            raise NotFoundError(f"no study {study_key}")
         jobs = [job_summary(j) for j in self.index.jobs(study_key)]
-        return schemas.StudyDetail(**summary.model_dump(), series=self.series(study_key), job_list=jobs)
+        return schemas.StudyDetail(**_summary(found).model_dump(), series=self.series(study_key), job_list=jobs)
 
     def series(self, study_key: str | None = None, limit: int = 200) -> list[schemas.SeriesSummary]:
         """Stored series (of one study, or the most recent ``limit`` of all), for the rule tester."""
-        query = (
-            select(InstanceRow.study_key, InstanceRow.series_key, func.min(InstanceRow.sop_class_uid),
-                   func.count(), func.min(InstanceRow.received_at))
-            .group_by(InstanceRow.study_key, InstanceRow.series_key)
-            .order_by(func.min(InstanceRow.received_at).desc())
-            .limit(limit)
-        )  # fmt: skip
-        if study_key is not None:
-            query = query.where(InstanceRow.study_key == study_key)
-        with self.index.session() as s:
-            return [
-                schemas.SeriesSummary(
-                    study_key=st,
-                    series_key=se,
-                    sop_class=SOP_CLASS_NAMES.get(sop, sop),
-                    instances=n,
-                    first_received_at=first,
-                )
-                for st, se, sop, n, first in s.execute(query)
-            ]
+        return [
+            schemas.SeriesSummary(
+                study_key=st,
+                series_key=se,
+                sop_class=SOP_CLASS_NAMES.get(sop, sop),
+                instances=n,
+                first_received_at=first,
+            )
+            for st, se, sop, n, first in self.reports.series(study_key, limit)
+        ]
 
-    def jobs(
-        self,
-        state: str | None = None,
-        route: str | None = None,
-        algorithm: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 100,
-        offset: int = 0,
-    ) -> list[schemas.JobSummary]:
-        """Jobs, newest first, filtered by state, route, algorithm and creation time (epoch s)."""
-        query = select(JobRow).order_by(JobRow.id.desc())
-        for column, value in ((JobRow.state, state), (JobRow.route, route), (JobRow.algorithm, algorithm)):
-            if value:
-                query = query.where(column == value)
-        if since is not None:
-            query = query.where(JobRow.created_at >= since)
-        if until is not None:
-            query = query.where(JobRow.created_at <= until)
-        with self.index.session() as s:
-            return [job_summary(j) for j in s.scalars(query.limit(limit).offset(offset))]
+    def jobs(self, listing: Listing) -> list[schemas.JobSummary]:
+        """Jobs, newest first, as ``listing`` filters them."""
+        return [job_summary(j) for j in self.reports.jobs(listing)]
 
     def job(self, job_id: int) -> schemas.JobDetail:
         """A job with its stages and timings, its claims and what its route snapshot planned.
@@ -374,19 +291,13 @@ class ConsoleService:
         NotFoundError
             No such series.
         """
-        with self.index.session() as s:
-            first = s.scalars(select(InstanceRow).where(InstanceRow.series_key == series_key).limit(1)).first()
-            if first is None:
-                raise NotFoundError(f"no stored series {series_key}")
-            study = s.get(StudyRow, first.study_key)
-            rows = s.execute(
-                select(InstanceRow.series_key, func.min(InstanceRow.object_id), func.count())
-                .where(InstanceRow.study_key == first.study_key).group_by(InstanceRow.series_key)
-            ).all()  # fmt: skip
-        found = [(decode(self.store.get(object_id), stop_before_pixels=True), n) for _key, object_id, n in rows]
-        calling = study.calling_ae_title if study is not None else ""
-        text = explain(self.ctx.settings(), found, calling)
-        return schemas.Explanation(explanation=f"study {first.study_key}, as stored:\n{text}")
+        held = self.reports.study_of_series(series_key)
+        if held is None:
+            raise NotFoundError(f"no stored series {series_key}")
+        study, samples = held
+        found = [(decode(self.store.get(object_id), stop_before_pixels=True), n) for object_id, n in samples]
+        text = explain(self.ctx.settings(), found, study.calling_ae_title)
+        return schemas.Explanation(explanation=f"study {study.study_key}, as stored:\n{text}")
 
     def test_rules_on_upload(self, datasets: list[Dataset], calling_ae_title: str) -> schemas.Explanation:
         """The router's decision for uploaded data sets (held in memory only), explained (no values)."""
@@ -562,10 +473,9 @@ class ConsoleService:
         view (DICOM Instances Accessed) are audited."""
         user.require("lookup")
         key = self.ctx.data.secrets.lookup_key(attribute, value)
-        column = StudyRow.patient_key if attribute == "PatientID" else StudyRow.accession_key
-        with self.index.session() as s:
-            rows = list(s.scalars(select(StudyRow).where(column == key))) if key else []
-            summaries = self._summaries(s, rows)
+        found = self.reports.studies_by_lookup_key(attribute, key) if key else []
+        summaries = [_summary(f) for f in found]
+        rows = found
         self._audit(user, address, AuditEvent(QUERY, "E", description=f"console lookup by {attribute}: "
                                                                       f"{len(rows)} study(ies)"))  # fmt: skip
         matches = []
