@@ -1,8 +1,8 @@
 """Issue 23: the layers hold — no import cycle between ``node/`` subpackages, nor between modules
 of a package, nor inside the plugin SDK (``algorithms/ainode_sdk``) and the plugins, lazy imports
 (inside functions) included; only ``node/results`` imports highdicom and only ``node/network``
-pynetdicom; the SDK and the plugins import no part of the node. The graph is built from the source, so a test that cannot import a module still
-sees its imports."""
+pynetdicom; the SDK and the plugins import no part of the node. The graph is built from the
+source, so a test that cannot import a module still sees its imports."""
 
 from __future__ import annotations
 
