@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.network.scp import PeerRule, ReceivedInstance, StorageSCP
+from node.instances import ReceivedInstance
+from node.network.scp import PeerRule, StorageSCP
 
 
 def discard(instance: ReceivedInstance) -> None:

@@ -42,9 +42,10 @@ from node.jobs.models import ModelWorkers
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired, sweep_stage_outputs
 from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
-from node.receiver import Receiver, ReceiverPool, reconcile, reconcile_segments
+from node.receiver import AuditNotices, Receiver, ReceiverPool
 from node.settings import config_digest, load_settings
 from node.settings.models import Settings
+from node.storage.ingest import reconcile, reconcile_segments
 
 if TYPE_CHECKING:
     from node.console.app import ConsoleServer
@@ -231,7 +232,7 @@ class Node:
         when ``node.receivers`` > 1), serve the console, then start the job side (it waits for the
         device probe) and resume unfinished work."""
         self._application(APPLICATION_START)
-        reconcile(self.data, self.receiver.ingest)  # after a crash: store and index agree again
+        reconcile(self.receiver.ingest, AuditNotices(self.audit))  # after a crash: store and index agree again
         if self.config_path is not None:
             digest = config_digest(self.config_path)
             self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration in force: sha256 {digest}"))
@@ -310,7 +311,7 @@ class Node:
                 self.reload()
             self.data.refresh_keys()  # a key rotation reaches this process within one loop
             if self.pool is not None:
-                self.pool.supervise(lambda: reconcile_segments(self.data, self.receiver.ingest))
+                self.pool.supervise(lambda: reconcile_segments(self.receiver.ingest, AuditNotices(self.audit)))
         logger.info("shutting down")
         self.stop()
         pid_file.unlink(missing_ok=True)

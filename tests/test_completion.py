@@ -17,13 +17,13 @@ from lung_ct_density import LungCtDensityParams
 
 from node.app import check_algorithms
 from node.errors import ConfigError, PluginError, SeriesRefused
+from node.instances import ReceivedInstance
 from node.jobs.isolation import run_isolated_packed, unpack_result
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.volume import load_volume
-from node.network.scp import ReceivedInstance
-from node.receiver import Ingest
 from node.settings.models import Settings
 from node.storage.index import Index, StudyState
+from node.storage.ingest import Ingest
 from node.storage.keys import KeyringProvider
 from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore

@@ -50,10 +50,10 @@ from node.console.metrics import STAGES
 from node.datadir import DataDir, rotate_keys
 from node.dicomio import decode
 from node.errors import AinodeError, ConflictError, NotFoundError
+from node.instances import STORAGE_SOP_CLASSES
 from node.jobs import admin
 from node.jobs.models import read_status
 from node.jobs.retention import purge_study
-from node.network.scp import STORAGE_SOP_CLASSES
 from node.routing.dryrun import explain
 from node.settings.models import FileKeySource, Settings
 from node.storage import segments

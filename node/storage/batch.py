@@ -4,7 +4,7 @@ The store is the source of truth. An instance is durable in its segment before S
 answered; its index row follows, written by this thread together with every row that arrived in
 the meantime, in one transaction (one commit, one sync, however many associations are sending).
 If the process dies before, reconciliation indexes the segment's records
-(:func:`node.receiver.reconcile_segments`, at start and when a receiver is restarted). Rows the
+(:func:`node.storage.ingest.reconcile_segments`, at start and when a receiver is restarted). Rows the
 index cannot take now (locked or unreachable: transient) wait and are tried again; when too many
 wait, new instances are refused with 0xA700 rather than held without bound.
 """
