@@ -31,8 +31,8 @@ def one(folder: Path, device: str) -> dict[str, float]:
     """Run once in this process (the child side); returns the figures."""
     import pydicom
     import torch
-    from lung_ct_density import LungCtDensity, LungCtDensityParams
 
+    from lung_ct_density import LungCtDensity, LungCtDensityParams
     from node.jobs.volume import load_volume
     from tests.peers import series_files
 

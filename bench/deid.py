@@ -25,7 +25,7 @@ from bench.report import write_report  # noqa: E402
 from node.deid import InstanceDeidentifier  # noqa: E402
 from node.deid.pseudonyms import Pseudonymizer  # noqa: E402
 from node.dicomio import configure_pydicom, decode, encode  # noqa: E402
-from node.settings.models import Deidentification  # noqa: E402
+from node.settings.config import Deidentification  # noqa: E402
 from tests.peers import CT_SERIES, series_files  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 Per model (the spleen bundle; the wholeBody bundle's low-resolution path; seeded weights) and per
 runner, a fresh Python process:
 
-- ``ainode``: the model as the node's worker runs it (:class:`ainode_sdk.models.model.DeclaredModel`):
+- ``ainode``: the model as the node's worker runs it (:class:`ainode_sdk.declared.model.DeclaredModel`):
   seconds in pre-processing, inference, post-processing (``Invertd``, argmax), measurement, and
   the SEG + SR build; peak RSS of that process (VmHWM).
 - ``monai``: ``monai.bundle.run`` of the same bundle on the same volume (as NIfTI), its inferer
@@ -95,9 +95,8 @@ def one(model: str, runner: str, device: str, work: Path) -> dict[str, Any]:
         import bench.models as loaded_by_monai  # the module MONAI's config imported (this one runs as __main__)
 
         return {"total_s": time.perf_counter() - start, "inference_s": sum(loaded_by_monai.INFERER_SECONDS)}
-    from ainode_sdk.models.model import DeclaredModel
-    from ainode_sdk.models.spec import ModelDeclaration
-
+    from ainode_sdk.declared.model import DeclaredModel
+    from ainode_sdk.declared.spec import ModelDeclaration
     from node.results import build_results
 
     algorithm = DeclaredModel(model, ModelDeclaration.model_validate(declaration))

@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import pydicom  # noqa: E402
-from lung_ct_density import LungCtDensity  # noqa: E402
 
 from bench.report import write_report  # noqa: E402
+from lung_ct_density import LungCtDensity  # noqa: E402
 from node.dicomio import encode  # noqa: E402
 from node.jobs.volume import load_volume  # noqa: E402
 from node.results import RESULT_KINDS, build_results  # noqa: E402

@@ -16,11 +16,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from ainode_sdk.base import Device
 from ainode_sdk.errors import AlgorithmError
 from ainode_sdk.registry import Registry
-from pydantic import ValidationError
-
 from node.audit import (
     APPLICATION_ACTIVITY,
     APPLICATION_ROLE,
@@ -38,13 +38,13 @@ from node.health import disk_problem, index_problem, scp_problem, store_problem
 from node.jobs.devices import DeviceInfo, DevicePool
 from node.jobs.isolation import probe_devices, warm_up
 from node.jobs.leases import Heartbeat, worker_id
-from node.jobs.models import ModelWorkers
+from node.jobs.model_workers import ModelWorkers
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired, sweep_stage_outputs
 from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
 from node.receiver import AuditNotices, Receiver, ReceiverPool
 from node.settings import config_digest, load_settings
-from node.settings.models import Settings
+from node.settings.config import Settings
 from node.storage.ingest import reconcile, reconcile_segments
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from pathlib import Path
 from node.audit import AuditLog
 from node.audit.syslog import SyslogSender
 from node.errors import KeyProviderError, TamperedObjectError
-from node.settings.models import FileKeySource, Settings
+from node.settings.config import FileKeySource, Settings
 from node.storage.index import Index
 from node.storage.keys import KeyringProvider, load_key_provider, write_keyring
 from node.storage.secrets import NodeSecrets

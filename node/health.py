@@ -7,7 +7,7 @@ import os
 import socket
 
 from node.errors import AinodeError, OutOfResourcesError
-from node.settings.models import NodeSettings, Settings
+from node.settings.config import NodeSettings, Settings
 from node.storage.index import Index, JobState
 from node.storage.store import ObjectStore
 

@@ -47,7 +47,7 @@ from node.network.scp import AssociationSummary, Handover, PeerRule, StorageSCP
 from node.network.tls import server_context
 from node.network.transport import ConnectionDispatcher, SharedCount, SharedTime, connection_line
 from node.settings import load_settings
-from node.settings.models import Settings
+from node.settings.config import Settings
 from node.storage.index import Index
 from node.storage.ingest import Ingest
 from node.storage.secrets import NodeSecrets

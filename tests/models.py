@@ -118,8 +118,9 @@ def monai_reference(bundle: Path, volume: Any, workdir: Path, overrides: dict[st
     bundle's evaluator, loader and writer) on ``volume`` written as NIfTI in its RAS geometry."""
     import nibabel as nib
     import numpy as np
-    from ainode_sdk.models.geometry import from_monai, ras_affine
     from monai.bundle import run
+
+    from ainode_sdk.declared.geometry import from_monai, ras_affine
 
     workdir.mkdir(parents=True, exist_ok=True)
     image = workdir / "volume.nii.gz"

@@ -143,7 +143,7 @@ class NodeProcess:
         store: what the node holds and will analyse."""
         import pydicom
 
-        from node.settings.models import EnvKeySource
+        from node.settings.config import EnvKeySource
         from node.storage.keys import load_key_provider
         from node.storage.store import ObjectStore
 

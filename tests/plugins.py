@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import numpy as np
+
 from ainode_sdk.base import (
     AlgorithmResult,
     AlgorithmSpec,

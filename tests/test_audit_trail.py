@@ -17,7 +17,7 @@ from node.audit import INSTANCES_TRANSFERRED, SECURITY_ALERT, AuditEvent, AuditL
 from node.audit.syslog import SyslogSender
 from node.errors import ConfigError
 from node.settings import load_settings
-from node.settings.models import SyslogSettings
+from node.settings.config import SyslogSettings
 from node.storage.keys import KeyringProvider
 from node.storage.store import ObjectStore
 

@@ -11,17 +11,17 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+
 from ainode_sdk.base import NoParams
 from ainode_sdk.registry import Registry
 from lung_ct_density import LungCtDensityParams
-
 from node.app import check_algorithms
 from node.errors import ConfigError, PluginError, SeriesRefused
 from node.instances import ReceivedInstance
 from node.jobs.isolation import run_isolated_packed, unpack_result
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.volume import load_volume
-from node.settings.models import Settings
+from node.settings.config import Settings
 from node.storage.index import Index, StudyState
 from node.storage.ingest import Ingest
 from node.storage.keys import KeyringProvider
@@ -166,7 +166,7 @@ def test_backlog_cap_refuses_new_instances_with_out_of_resources(tmp_path):
 
 
 def test_a_second_analysis_replaces_the_pseudonym_map_without_orphans(tmp_path):
-    from node.settings.models import Deidentification
+    from node.settings.config import Deidentification
 
     pipeline, index, key, _clock = _pipeline(tmp_path, {"quiet_period_s": 1})
     series_key = index.instances(key)[0].series_key

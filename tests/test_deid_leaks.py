@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from node.deid.pseudonyms import Pseudonymizer
-from node.settings.models import EnvKeySource
+from node.settings.config import EnvKeySource
 from node.storage.keys import load_key_provider
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore

@@ -22,7 +22,7 @@ import yaml
 from node.cli import build_parser
 from node.jobs.distributed import BROKER_ENV
 from node.settings import load_settings
-from node.settings.models import Settings
+from node.settings.config import Settings
 
 from .peers import ROOT
 

@@ -13,8 +13,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from lung_ct_density import LungCtDensity
 
+from lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 
 from .peers import (

@@ -8,11 +8,11 @@ import random
 import numpy as np
 import pydicom
 import pytest
+
 from ainode_sdk.base import Algorithm, Volume
 from ainode_sdk.errors import PluginLoadError, SeriesRefused
 from ainode_sdk.registry import Registry
 from lung_ct_density import LungCtDensity
-
 from node.jobs.volume import load_volume
 
 from .peers import CT_SERIES, MR_SERIES, TRANSCODED, series_files
@@ -194,6 +194,7 @@ def test_two_slab_labelling_finds_the_components_of_one_pass(density):
     of the voxels as cc3d's single pass (only the numbering may differ), the same sizes, and a
     selected component's mask is that component."""
     import cc3d
+
     from lung_ct_density.segment import _Components
 
     mask = np.random.default_rng(7).random((96, 40, 48)) < density

@@ -20,9 +20,9 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from ainode_sdk.models.model import DeclaredModel
-from ainode_sdk.models.spec import ModelDeclaration
 
+from ainode_sdk.declared.model import DeclaredModel
+from ainode_sdk.declared.spec import ModelDeclaration
 from node.jobs.devices import GIB, DeviceInfo, DevicePool
 from node.jobs.volume import load_volume
 from node.settings import load_settings

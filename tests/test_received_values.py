@@ -84,7 +84,7 @@ def test_a_folder_destination_never_writes_or_deletes_outside_its_root(tmp_path,
         write_folder(root, [_result_object(study_uid)])
     assert _tree(tmp_path) == before
 
-    from node.settings.models import Settings
+    from node.settings.config import Settings
 
     settings = Settings.model_validate({
         "node": {"ae_title": "AINODE", "data_dir": str(tmp_path / "data")},

@@ -8,15 +8,15 @@ import secrets
 import numpy as np
 import pydicom
 import pytest
+
 from ainode_sdk.base import AlgorithmResult, Measurement, Segment
 from lung_ct_density import LungCtDensity
-
 from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PATIENT_STUDY_KEYWORDS, PseudonymMap, reidentify
 from node.jobs.volume import load_volume
 from node.results import build_measurement_report, build_segmentation
-from node.settings.models import Deidentification
+from node.settings.config import Deidentification
 
 from .peers import CT_SERIES, CT_SOFT_SERIES, series_files
 

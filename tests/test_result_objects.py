@@ -11,10 +11,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from ainode_sdk.base import AlgorithmResult, Measurement, Segment, bounding_box
-from lung_ct_density import LungCtDensity
 from scipy import ndimage
 
+from ainode_sdk.base import AlgorithmResult, Measurement, Segment, bounding_box
+from lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 from node.results import RESULT_KINDS, build_results, result_kind
 from node.results.air import has_air_equipment

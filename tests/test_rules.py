@@ -7,7 +7,7 @@ import pytest
 
 from node.conditions import RuleSyntaxError, evaluate, header_of, keywords_of, matches, parse_condition, prepare
 from node.routing.router import plan_routes
-from node.settings.models import Settings
+from node.settings.config import Settings
 
 from .peers import CT_SERIES, MR_SERIES, series_files
 

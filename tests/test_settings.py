@@ -120,7 +120,8 @@ def test_the_readmes_model_declarations_are_accepted_as_written(tmp_path):
     import re
 
     import yaml
-    from ainode_sdk.models.spec import LabelSpec
+
+    from ainode_sdk.declared.spec import LabelSpec
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if b.startswith("models:")]

@@ -9,7 +9,7 @@ import secrets
 import pytest
 
 from node.errors import KeyProviderError, OutOfResourcesError, StorageError, TamperedObjectError
-from node.settings.models import EnvKeySource, FileKeySource
+from node.settings.config import EnvKeySource, FileKeySource
 from node.storage.index import Index, InstanceRow, StudyState
 from node.storage.keys import KeyringProvider, generate_key_file, load_key_provider
 from node.storage.store import HEADER_BYTES, ObjectStore

@@ -17,9 +17,9 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from lung_ct_density import LungCtDensity
 from PIL import Image
 
+from lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 from node.results.air import has_air_equipment
 

@@ -16,8 +16,8 @@ from ainode_sdk.base import Algorithm, AlgorithmSpec, Device
 from ainode_sdk.errors import PluginLoadError
 
 if TYPE_CHECKING:
-    from ainode_sdk.models.model import DeclaredModel
-    from ainode_sdk.models.spec import ModelDeclaration
+    from ainode_sdk.declared.model import DeclaredModel
+    from ainode_sdk.declared.spec import ModelDeclaration
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class Registry:
         """
         if name in self._models:
             if name not in self._declared:
-                from ainode_sdk.models.model import DeclaredModel
+                from ainode_sdk.declared.model import DeclaredModel
 
                 try:
                     self._declared[name] = DeclaredModel(name, self._models[name])

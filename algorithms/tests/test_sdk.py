@@ -7,6 +7,7 @@ from importlib.metadata import EntryPoint
 
 import numpy as np
 import pytest
+
 from ainode_sdk.base import (
     AlgorithmResult,
     AlgorithmSpec,
@@ -20,9 +21,9 @@ from ainode_sdk.base import (
     check_accepts,
 )
 from ainode_sdk.codes import ANATOMICAL_STRUCTURE
+from ainode_sdk.declared.model import RUNTIMES, register_runtime
+from ainode_sdk.declared.spec import LabelSpec
 from ainode_sdk.errors import PluginLoadError, SeriesRefused
-from ainode_sdk.models.model import RUNTIMES, register_runtime
-from ainode_sdk.models.spec import LabelSpec
 from ainode_sdk.registry import Registry
 from ainode_sdk.validate import validate_result
 
@@ -106,8 +107,8 @@ def test_the_sdk_imports_no_heavy_runtime():
     import sys
 
     code = (
-        "import sys, ainode_sdk.base, ainode_sdk.registry, ainode_sdk.validate, ainode_sdk.models.model, "
-        "ainode_sdk.models.spec; print(sorted({'torch', 'monai', 'onnxruntime', 'node', 'highdicom', 'pydicom'}"
+        "import sys, ainode_sdk.base, ainode_sdk.registry, ainode_sdk.validate, ainode_sdk.declared.model, "
+        "ainode_sdk.declared.spec; print(sorted({'torch', 'monai', 'onnxruntime', 'node', 'highdicom', 'pydicom'}"
         " & set(sys.modules)))"
     )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"

@@ -21,7 +21,7 @@ import threading
 import time
 
 from node.errors import ConfigError
-from node.settings.models import SyslogSettings
+from node.settings.config import SyslogSettings
 
 logger = logging.getLogger(__name__)
 

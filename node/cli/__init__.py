@@ -39,8 +39,7 @@ from node.errors import AinodeError
 
 if TYPE_CHECKING:
     from ainode_sdk.registry import Registry
-
-    from node.settings.models import Settings
+    from node.settings.config import Settings
 
 
 def _files(paths: Sequence[str]) -> list[Path]:
@@ -132,7 +131,6 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from ainode_sdk.registry import Registry
-
     from node.app import check_algorithms
     from node.settings import load_settings
 
@@ -161,7 +159,7 @@ def cmd_config_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_config_schema(_args: argparse.Namespace) -> int:
-    from node.settings.models import Settings
+    from node.settings.config import Settings
 
     print(json.dumps(Settings.model_json_schema(), indent=2))
     return 0
@@ -179,7 +177,6 @@ def cmd_route_test(args: argparse.Namespace) -> int:
 
 def _registry(config: str | None) -> tuple[Registry, Settings | None]:
     from ainode_sdk.registry import Registry
-
     from node.settings import load_settings
 
     settings = load_settings(config) if config else None
@@ -238,7 +235,7 @@ def cmd_deidentify(args: argparse.Namespace) -> int:
     from node.errors import QuarantinedError
     from node.paths import path_under
     from node.settings import load_settings
-    from node.settings.models import Deidentification, EnvKeySource
+    from node.settings.config import Deidentification, EnvKeySource
     from node.storage.keys import load_key_provider
     from node.storage.secrets import PSEUDONYM_SECRET
     from node.uids import check_instance_uids, check_uid

@@ -14,7 +14,7 @@ from node.errors import AinodeError, NotFoundError
 
 if TYPE_CHECKING:
     from node.datadir import DataDir
-    from node.settings.models import Settings
+    from node.settings.config import Settings
     from node.storage.index import Index, StudyRow
     from node.storage.secrets import NodeSecrets
 
@@ -69,7 +69,7 @@ def secrets_of(settings: Settings) -> NodeSecrets:
 def _rotate(args: argparse.Namespace, add_key: bool) -> int:
     from node.audit import SECURITY_CONFIGURATION, security_alert
     from node.datadir import rotate_keys
-    from node.settings.models import FileKeySource
+    from node.settings.config import FileKeySource
 
     data = _open(args.config)
     if add_key and not isinstance(data.settings.keys, FileKeySource):

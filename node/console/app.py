@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 from node.console.metrics import LedgerCollector
-from node.settings.models import ConsoleSettings
+from node.settings.console import ConsoleSettings
 
 logger = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ from node.audit import (
     security_alert,
 )
 from node.errors import AccessDeniedError, AuthenticationError, ConfigError, RateLimitedError
-from node.settings.models import ConsoleSettings
+from node.settings.console import ConsoleSettings
 from node.storage.index import Index
 from node.storage.tables import Role, UserRow
 

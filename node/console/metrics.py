@@ -41,8 +41,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from node.jobs.models import read_status
-from node.settings.models import Settings
+from node.jobs.model_workers import read_status
+from node.settings.config import Settings
 from node.storage.index import Index, JobState, StudyState
 from node.storage.reports import Reports
 from node.storage.store import ObjectStore

@@ -44,7 +44,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from node.console.auth import SESSION_COOKIE, check_user_name
 from node.console.web import address, authenticator, set_cookie
 from node.errors import AuthenticationError, ConfigError
-from node.settings.models import OidcSettings
+from node.settings.console import OidcSettings
 from node.storage.tables import Role
 
 logger = logging.getLogger(__name__)

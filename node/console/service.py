@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ainode_sdk.registry import Registry
 from pydicom import Dataset
 
+from ainode_sdk.registry import Registry
 from node.audit import (
     APPLICATION_ACTIVITY,
     EXPORT,
@@ -52,10 +52,10 @@ from node.dicomio import decode
 from node.errors import AinodeError, ConflictError, NotFoundError
 from node.instances import STORAGE_SOP_CLASSES
 from node.jobs import admin
-from node.jobs.models import read_status
+from node.jobs.model_workers import read_status
 from node.jobs.retention import purge_study
 from node.routing.dryrun import explain
-from node.settings.models import FileKeySource, Settings
+from node.settings.config import FileKeySource, Settings
 from node.storage import segments
 from node.storage.index import JobRow, JobState
 from node.storage.reports import Listing, Reports, StudyListed

@@ -11,7 +11,7 @@ from node.deid.pixels import blank_regions, matching_rule, pixel_phi_risk
 from node.deid.profile import ProfileOptions, SafePrivateTag
 from node.deid.pseudonyms import Pseudonymizer
 from node.errors import DeidentificationError, QuarantinedError
-from node.settings.models import Deidentification
+from node.settings.config import Deidentification
 
 __all__ = ["InstanceDeidentifier", "Outcome", "options_from"]
 

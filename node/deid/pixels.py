@@ -15,7 +15,7 @@ import numpy as np
 from pydicom import Dataset
 
 from node.conditions import evaluate, header_of, keywords_of
-from node.settings.models import PixelRule
+from node.settings.config import PixelRule
 
 _AT_RISK_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",

@@ -17,23 +17,23 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ainode_sdk import errors as sdk
-from ainode_sdk.registry import Registry
-from ainode_sdk.validate import validate_result
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
+from ainode_sdk import errors as sdk
+from ainode_sdk.registry import Registry
+from ainode_sdk.validate import validate_result
 from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.errors import InvalidInstanceError
 from node.jobs.isolation import SharedVolume, unpack_result
-from node.jobs.models import ModelWorkers
+from node.jobs.model_workers import ModelWorkers
 from node.jobs.runner import algorithm_params, run_algorithm
 from node.jobs.volume import load_volume
 from node.paths import path_under
 from node.results import RESULT_KINDS, build_results, result_kind
 from node.results.air import has_air_equipment
-from node.settings.models import Deidentification
+from node.settings.config import Deidentification
 from node.uids import check_instance_uids, check_uid
 
 

@@ -14,7 +14,7 @@ from node.errors import DeliveryError
 from node.network.scu import send_datasets
 from node.network.tls import client_context
 from node.paths import path_under
-from node.settings.models import DicomDestination, FolderDestination, Settings
+from node.settings.config import DicomDestination, FolderDestination, Settings
 from node.uids import check_uid
 
 logger = logging.getLogger(__name__)

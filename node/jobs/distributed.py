@@ -18,7 +18,7 @@ from typing import Any
 
 from node.errors import ConfigError, ExecutorError
 from node.jobs.pipeline import HANDED_OFF, Pipeline
-from node.settings.models import Settings
+from node.settings.config import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import numpy as np
+
 from ainode_sdk import errors as sdk
 from ainode_sdk.base import AlgorithmResult, Device, Volume
-
 from node.errors import PluginError, SeriesRefused
 from node.jobs.devices import DeviceInfo
 
@@ -37,6 +37,7 @@ PROCESS_CONTEXT.set_forkserver_preload(_PRELOAD)
 
 def _device_child(conn: multiprocessing.connection.Connection) -> None:
     import torch
+
     from ainode_sdk.registry import select_device
 
     gpus = []

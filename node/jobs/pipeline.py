@@ -17,9 +17,9 @@ import time
 from collections.abc import Collection
 from typing import Any
 
-from ainode_sdk import errors as sdk
 from pydicom import Dataset
 
+from ainode_sdk import errors as sdk
 from node import faults
 from node.conditions import header_of, keywords_of, matches, prepare
 from node.dicomio import decode

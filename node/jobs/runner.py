@@ -2,7 +2,7 @@
 ``ainode algorithms check`` do it (:func:`run_algorithm`).
 
 A Python plugin runs in an isolated process of its own (:mod:`node.jobs.isolation`); a declared
-model runs in the model worker of the device it is placed on (:mod:`node.jobs.models`, placement
+model runs in the model worker of the device it is placed on (:mod:`node.jobs.model_workers`, placement
 by :class:`node.jobs.devices.DevicePool`, or the CPU when there is no pool). The volume travels
 in shared memory; the result comes back as the process sent it (masks bit-packed), with the
 seconds it took.
@@ -15,14 +15,14 @@ from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-from ainode_sdk.base import Device, Volume, check_accepts
-from ainode_sdk.registry import Registry
 from pydantic import ValidationError
 
+from ainode_sdk.base import Device, Volume, check_accepts
+from ainode_sdk.registry import Registry
 from node.errors import PluginError
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import PackedResult, SharedVolume, run_isolated_packed
-from node.jobs.models import ModelWorkers
+from node.jobs.model_workers import ModelWorkers
 
 logger = logging.getLogger(__name__)
 

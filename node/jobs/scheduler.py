@@ -21,7 +21,7 @@ from typing import Protocol
 from node.errors import AinodeError, is_transient
 from node.jobs.leases import dead_local_workers
 from node.jobs.pipeline import Pipeline
-from node.settings.models import Settings
+from node.settings.config import Settings
 from node.storage.index import Index, JobState, StudyState
 
 logger = logging.getLogger(__name__)

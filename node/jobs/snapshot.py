@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from node.errors import ConfigError
-from node.settings.models import Deidentification, Destination, ResultKind, Route, Settings
+from node.settings.config import Deidentification, Destination, ResultKind, Route, Settings
 
 _DESTINATION: TypeAdapter[Any] = TypeAdapter(Destination)
 

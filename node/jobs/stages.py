@@ -21,10 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Volume
-from ainode_sdk.registry import Registry
 from pydicom import Dataset
 
+from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Volume
+from ainode_sdk.registry import Registry
 from node import faults
 from node.audit import (
     DESTINATION_ROLE,
@@ -45,11 +45,11 @@ from node.errors import DeidentificationError, InvalidInstanceError, StorageErro
 from node.jobs.delivery import deliver, withdraw
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import SharedVolume, unpack_result
-from node.jobs.models import ModelWorkers
+from node.jobs.model_workers import ModelWorkers
 from node.jobs.runner import algorithm_params, run_algorithm
 from node.jobs.snapshot import JobPlan
 from node.jobs.volume import load_volume, sort_slices
-from node.settings.models import Deidentification, Settings
+from node.settings.config import Deidentification, Settings
 from node.storage.damage import Damage, set_aside
 from node.storage.index import Index, JobRow, JobState, stage_object_id
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets

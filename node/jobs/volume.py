@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from ainode_sdk.base import Volume
 from pydicom import Dataset
 from pydicom.pixels import get_decoder
 
+from ainode_sdk.base import Volume
 from node.errors import SeriesRefused
 
 _TOLERANCE_MM = 0.05

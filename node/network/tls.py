@@ -11,7 +11,7 @@ import ssl
 from typing import Any
 
 from node.errors import ConfigError
-from node.settings.models import TLSSettings
+from node.settings.config import TLSSettings
 
 BCP195_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Sequence
 
-from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Volume
 from pydicom import Dataset
 
+from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Volume
 from node.deid.pseudonyms import derive_uid
 from node.errors import ResultBuildError
 from node.results.gsps import build_presentation_state
@@ -21,7 +21,7 @@ from node.results.outline import has_voxels
 from node.results.sc import build_key_images
 from node.results.seg import build_segmentation
 from node.results.sr import build_measurement_report
-from node.settings.models import ResultKind
+from node.settings.config import ResultKind
 
 __all__ = [
     "RESULT_KINDS",

@@ -12,10 +12,10 @@ from __future__ import annotations
 import datetime
 
 import highdicom as hd
-from ainode_sdk.base import AlgorithmSpec
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
+from ainode_sdk.base import AlgorithmSpec
 from node.deid.pseudonyms import derive_uid
 
 PROCESSING_ALGORITHM = hd.sr.CodedConcept(value="1630", scheme_designator="99IHE", meaning="Processing Algorithm")

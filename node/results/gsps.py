@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
-from ainode_sdk.base import AlgorithmResult, AlgorithmSpec
 from pydicom import Dataset
 
+from ainode_sdk.base import AlgorithmResult, AlgorithmSpec
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
 from node.results.legend import measurement_lines

@@ -19,9 +19,10 @@ from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
-from ainode_sdk.base import AlgorithmResult, bounding_box
 from scipy import ndimage
 from skimage import measure
+
+from ainode_sdk.base import AlgorithmResult, bounding_box
 
 MIN_PART_PIXELS = 10
 """Connected parts smaller than this (pixels on the slice) get no outline."""

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from ainode_sdk.base import RGB, AlgorithmResult, AlgorithmSpec, Volume
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from scipy import ndimage
 
+from ainode_sdk.base import RGB, AlgorithmResult, AlgorithmSpec, Volume
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
 from node.results.legend import measurement_lines

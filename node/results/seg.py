@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
-from ainode_sdk.base import RGB, AlgorithmResult, AlgorithmSpec, Code, Segment
 from pydicom import Dataset
 
+from ainode_sdk.base import RGB, AlgorithmResult, AlgorithmSpec, Code, Segment
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
 

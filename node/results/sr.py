@@ -30,10 +30,10 @@ from typing import Any, Literal
 
 import highdicom as hd
 import numpy as np
-from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Code, Finding, Location, Segment
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Code, Finding, Location, Segment
 from node.deid.pseudonyms import derive_uid
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment

@@ -18,7 +18,7 @@ from pydicom.fileset import FileSet
 
 from node.conditions import evaluate, explain_tree
 from node.routing.router import Verdict, route_study
-from node.settings.models import DicomDestination, Route, Settings
+from node.settings.config import DicomDestination, Route, Settings
 
 
 def _paths(paths: Sequence[Path]) -> Iterable[Path]:

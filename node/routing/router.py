@@ -19,7 +19,7 @@ from typing import Any
 from pydicom import Dataset
 
 from node.conditions import header_of, keywords_of, matches, prepare
-from node.settings.models import Route, Settings
+from node.settings.config import Route, Settings
 
 
 @dataclass(frozen=True)

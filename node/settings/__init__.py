@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from node.conditions import RuleSyntaxError
 from node.errors import ConfigError
-from node.settings.models import (
+from node.settings.config import (
     Completion,
     DicomDestination,
     EnvKeySource,

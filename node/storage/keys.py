@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from node.errors import KeyProviderError
-from node.settings.models import EnvKeySource, FileKeySource
+from node.settings.config import EnvKeySource, FileKeySource
 
 KEY_BYTES = 32
 

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field
+
 from ainode_sdk.base import (
     AlgorithmResult,
     AlgorithmSpec,
@@ -30,8 +32,6 @@ from ainode_sdk.base import (
     check_accepts,
 )
 from ainode_sdk.codes import ANATOMICAL_STRUCTURE, ATTENUATION, HU, MEAN, ML, PERCENT, VOLUME
-from pydantic import BaseModel, ConfigDict, Field
-
 from lung_ct_density.segment import segment_lungs
 
 if TYPE_CHECKING:

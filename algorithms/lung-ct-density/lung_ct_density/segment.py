@@ -30,10 +30,11 @@ from typing import Any
 import cc3d
 import numpy as np
 import numpy.typing as npt
-from ainode_sdk.base import Volume, bounding_box
-from ainode_sdk.errors import SeriesRefused
 from scipy import ndimage as ndi
 from scipy.sparse import coo_matrix, csgraph
+
+from ainode_sdk.base import Volume, bounding_box
+from ainode_sdk.errors import SeriesRefused
 
 BoolArray = npt.NDArray[np.bool_]
 

@@ -1,6 +1,6 @@
 """A declared model as an algorithm: run by name like any plugin, loaded once per process.
 
-:class:`DeclaredModel` turns a :class:`~ainode_sdk.models.spec.ModelDeclaration` into an
+:class:`DeclaredModel` turns a :class:`~ainode_sdk.declared.spec.ModelDeclaration` into an
 :class:`~ainode_sdk.base.Algorithm`: its spec (name, version, accepted series, outputs, resources,
 weights checksum), and ``run``, which takes the loaded runtime from :class:`ModelCache` (loading it
 the first time, again when the weights file changed), infers a label map, and returns one segment
@@ -19,6 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import BaseModel
+
 from ainode_sdk.base import (
     AlgorithmResult,
     AlgorithmSpec,
@@ -44,9 +46,8 @@ from ainode_sdk.codes import (
 )
 from ainode_sdk.codes import SIGNAL_INTENSITY as INTENSITY
 from ainode_sdk.codes import STANDARD_DEVIATION as STD
+from ainode_sdk.declared.spec import ModelDeclaration, file_sha256
 from ainode_sdk.errors import ModelError
-from ainode_sdk.models.spec import ModelDeclaration, file_sha256
-from pydantic import BaseModel
 
 
 class Runtime(Protocol):
@@ -63,9 +64,9 @@ RuntimeFactory = Callable[[ModelDeclaration, Device], Runtime]
 """Loads a declared model onto a device."""
 
 RUNTIMES: dict[str, str] = {
-    "monai_bundle": "ainode_sdk.models.bundle:MonaiBundleRuntime",
-    "torchscript": "ainode_sdk.models.exported:TorchScriptRuntime",
-    "onnx": "ainode_sdk.models.exported:OnnxRuntime",
+    "monai_bundle": "ainode_sdk.declared.bundle:MonaiBundleRuntime",
+    "torchscript": "ainode_sdk.declared.exported:TorchScriptRuntime",
+    "onnx": "ainode_sdk.declared.exported:OnnxRuntime",
 }
 """The runtime registry: declaration ``type`` -> the runtime class (``module:attribute``, imported
 when first used, so that torch, MONAI or ONNX Runtime load only for the models that need them).

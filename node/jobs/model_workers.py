@@ -1,6 +1,6 @@
 """The model worker: a long-lived process per device that keeps declared models loaded.
 
-A declared model (:mod:`ainode_sdk.models`) is loaded once in its device's worker and reused for the
+A declared model (:mod:`ainode_sdk.declared`) is loaded once in its device's worker and reused for the
 next study; it is loaded again when its weights file changes. The worker is a child of the same
 forkserver as the algorithm processes and is supervised like them: a model that raises fails its
 job with the reason (its traceback goes to the node's log); one that crashes the worker, is killed
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ainode_sdk.base import Volume
 
+from ainode_sdk.base import Volume
 from node.errors import PluginError, SeriesRefused
 from node.jobs.isolation import PROCESS_CONTEXT, PackedResult, SharedVolume, pack_result, send_outcome
 
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def _worker_main(conn: multiprocessing.connection.Connection, device: str, status_path: str) -> None:
     """The worker's loop: ``("run", name, declaration_json, shm_name, geometry)`` -> result."""
-    from ainode_sdk.models.model import CACHE
+    from ainode_sdk.declared.model import CACHE
 
     if device.startswith("cuda:"):
         import torch
@@ -63,8 +63,8 @@ def _run_one(
     run_on: str,
 ) -> Any:  # fmt: skip
     """One run in the worker: the declared model (made once per declaration) on the shared voxels."""
-    from ainode_sdk.models.model import CACHE, DeclaredModel
-    from ainode_sdk.models.spec import ModelDeclaration
+    from ainode_sdk.declared.model import CACHE, DeclaredModel
+    from ainode_sdk.declared.spec import ModelDeclaration
 
     voxels = np.ndarray(geometry.pop("shape"), dtype=np.float32, buffer=shm.buf)
     key = (name, declaration_json)

@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
 from ainode_sdk.base import Device, Volume
+from ainode_sdk.declared.geometry import from_monai, to_metatensor
+from ainode_sdk.declared.spec import ModelDeclaration
 from ainode_sdk.errors import ModelError
-from ainode_sdk.models.geometry import from_monai, to_metatensor
-from ainode_sdk.models.spec import ModelDeclaration
 
 
 def _transforms(declaration: ModelDeclaration) -> tuple[Any, Any]:

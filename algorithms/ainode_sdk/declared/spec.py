@@ -17,9 +17,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
 from ainode_sdk.base import Code
 from ainode_sdk.codes import ANATOMICAL_STRUCTURE
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 KNOWN_SCHEMES = ("SCT", "DCM", "LN", "UCUM", "FMA", "RADLEX", "NCIt", "UMLS", "MDC")
 """Coding scheme designators a label code may use besides private ones (``99...``, PS3.16 8.2)."""
