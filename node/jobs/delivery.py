@@ -1,11 +1,23 @@
-"""Deliver result objects to a route's destinations: DICOM peers (C-STORE) or folders (PS3.10 files)."""
+"""Deliver result objects to a route's destinations, and withdraw the results a re-analysis replaced.
+
+Each destination type of the configuration has one class here (:data:`DESTINATION_TYPES`), with
+the same two operations: :meth:`Destination.send` and :meth:`Destination.withdraw`. A new type (a
+DICOMweb archive, say) is one class and one entry.
+
+- :class:`DicomPeer` sends by C-STORE (PS3.4 Annex B) over DICOM TLS when the peer asks for it,
+  and withdraws with an IHE IOCM Rejection Note (a KOS referencing what it replaces).
+- :class:`Folder` writes PS3.10 files ``root/<StudyInstanceUID>/<Modality>_<SOPInstanceUID>.dcm``
+  atomically, every path checked to stay under its root (:func:`node.paths.path_under`), and
+  withdraws by deleting the superseded files.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 from pydicom import Dataset
 
@@ -20,10 +32,81 @@ from node.uids import check_uid
 logger = logging.getLogger(__name__)
 
 
+class Destination(Protocol):
+    """What the deliver stage needs of a destination."""
+
+    def send(self, objects: Sequence[Dataset]) -> None:
+        """Deliver ``objects``; raises :class:`~node.errors.DeliveryError` naming what failed."""
+        ...
+
+    def withdraw(self, superseded: Sequence[Dataset], note: Dataset) -> bool:
+        """Withdraw ``superseded`` (``note``: their IOCM Rejection Note); whether anything was done."""
+        ...
+
+
+class DicomPeer:
+    """A DICOM peer (``type: dicom``), reached by C-STORE."""
+
+    def __init__(self, settings: Settings, config: DicomDestination) -> None:
+        self.settings, self.config = settings, config
+
+    def send(self, objects: Sequence[Dataset]) -> None:
+        peer = self.settings.peer(self.config.peer)  # as configured now: addresses may change
+        tls = None
+        if peer.tls:
+            if self.settings.node.tls is None:
+                raise DeliveryError(f"peer {peer.ae_title} needs TLS but node.tls is not configured")
+            tls = client_context(self.settings.node.tls)
+        outcome = send_datasets(objects, peer.host, peer.port, calling_ae_title=self.settings.node.ae_title,
+                                called_ae_title=peer.ae_title, tls=tls)  # fmt: skip
+        if outcome.failed:
+            statuses = sorted({f"0x{s:04X}" if s is not None else "none" for s in outcome.statuses.values()})
+            raise DeliveryError(f"{len(outcome.failed)} object(s) not accepted (status {', '.join(statuses)})")
+
+    def withdraw(self, superseded: Sequence[Dataset], note: Dataset) -> bool:
+        if not self.config.reject_superseded:
+            return False
+        self.send([note])
+        return True
+
+
+class Folder:
+    """A folder the node owns (``type: folder``)."""
+
+    def __init__(self, settings: Settings, config: FolderDestination) -> None:
+        self.root = config.path
+
+    def send(self, objects: Sequence[Dataset]) -> None:
+        write_folder(self.root, objects)
+
+    def withdraw(self, superseded: Sequence[Dataset], note: Dataset) -> bool:
+        for ds in superseded:
+            _folder_path(self.root, ds).unlink(missing_ok=True)
+        return True
+
+
+DESTINATION_TYPES: dict[type, Callable[[Settings, Any], Destination]] = {
+    DicomDestination: DicomPeer,
+    FolderDestination: Folder,
+}
+"""Configuration model of a destination type -> the class that delivers to it."""
+
+
+def destination(settings: Settings, name: str) -> Destination:
+    """The configured destination ``name``, ready to deliver."""
+    config = settings.destinations[name]
+    return DESTINATION_TYPES[type(config)](settings, config)
+
+
 def write_folder(root: Path, objects: Sequence[Dataset]) -> list[Path]:
     """Write each object to ``root/<StudyInstanceUID>/<Modality>_<SOPInstanceUID>.dcm`` atomically.
 
     A re-delivered object (same deterministic SOP Instance UID) replaces its earlier file.
+
+    Raises
+    ------
+    InvalidInstanceError
+        A path would not stay under ``root`` (see :func:`_folder_path`).
     """
     written = []
     for ds in objects:
@@ -57,32 +140,15 @@ def _folder_path(root: Path, ds: Dataset) -> Path:
 def withdraw(
     settings: Settings, destination_names: Sequence[str], superseded: Sequence[Dataset], note: Dataset
 ) -> list[str]:
-    """Withdraw results that a re-analysis replaced, at every named destination.
-
-    DICOM peers with ``reject_superseded`` receive ``note`` (the IOCM Rejection Note, a KOS
-    referencing ``superseded``) by C-STORE; folders, which the node owns, lose the superseded files.
-
-    Returns
-    -------
-    list of str
-        The destinations the superseded results were withdrawn from.
+    """Withdraw results that a re-analysis replaced, at every named destination (see the module
+    docstring); returns the destinations they were withdrawn from.
 
     Raises
     ------
     DeliveryError
         A peer refused the note or could not be reached.
     """
-    done = []
-    for name in destination_names:
-        dest = settings.destinations[name]
-        if isinstance(dest, FolderDestination):
-            for ds in superseded:
-                _folder_path(dest.path, ds).unlink(missing_ok=True)
-            done.append(name)
-        elif isinstance(dest, DicomDestination) and dest.reject_superseded:
-            _send(settings, dest, [note])
-            done.append(name)
-    return done
+    return [name for name in destination_names if destination(settings, name).withdraw(superseded, note)]
 
 
 def deliver(settings: Settings, destination_names: Sequence[str], objects: Sequence[Dataset]) -> None:
@@ -94,38 +160,19 @@ def deliver(settings: Settings, destination_names: Sequence[str], objects: Seque
     DeliveryError
         A destination refused an object or could not be reached (the message names which).
     """
+    from node.results import result_kind  # highdicom's package: loaded with the results
+
     errors = []
     for name in destination_names:
-        dest = settings.destinations[name]
-        kinds = dest.result_kinds()
-        from node.results import result_kind  # highdicom's package: loaded with the results
-
+        kinds = settings.destinations[name].result_kinds()
         chosen = [ds for ds in objects if result_kind(ds) in kinds]
         if not chosen:
             logger.info("destination %s receives none of the result objects built (%s)", name, sorted(kinds))
             continue
         try:
-            _send(settings, dest, chosen)
+            destination(settings, name).send(chosen)
         except (DeliveryError, OSError) as exc:
             errors.append(f"{name}: {exc}")
             logger.warning("delivery to %s failed: %s", name, exc)
     if errors:
         raise DeliveryError("; ".join(errors))
-
-
-def _send(settings: Settings, dest: DicomDestination | FolderDestination, objects: Sequence[Dataset]) -> None:
-    if isinstance(dest, FolderDestination):
-        write_folder(dest.path, objects)
-        return
-    peer = settings.peer(dest.peer)
-    tls = None
-    if peer.tls:
-        if settings.node.tls is None:
-            raise DeliveryError(f"peer {peer.ae_title} needs TLS but node.tls is not configured")
-        tls = client_context(settings.node.tls)
-    outcome = send_datasets(
-        objects, peer.host, peer.port, calling_ae_title=settings.node.ae_title, called_ae_title=peer.ae_title, tls=tls
-    )
-    if outcome.failed:
-        statuses = sorted({f"0x{s:04X}" if s is not None else "none" for s in outcome.statuses.values()})
-        raise DeliveryError(f"{len(outcome.failed)} object(s) not accepted (status {', '.join(statuses)})")
