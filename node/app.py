@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from pydantic import ValidationError
 from ainode_sdk.base import Device
 from ainode_sdk.errors import AlgorithmError
 from ainode_sdk.registry import Registry
+from node import roles
 from node.audit import (
     APPLICATION_ACTIVITY,
     APPLICATION_ROLE,
@@ -31,7 +31,7 @@ from node.audit import (
     Participant,
     security_alert,
 )
-from node.datadir import DataDir, open_data_dir
+from node.datadir import DataDir
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError, ConfigError
 from node.health import disk_problem, index_problem, scp_problem, store_problem
@@ -42,8 +42,9 @@ from node.jobs.model_workers import ModelWorkers
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired, sweep_stage_outputs
 from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
+from node.process import ProcessLoop
 from node.receiver import AuditNotices, Receiver, ReceiverPool
-from node.settings import config_digest, load_settings
+from node.settings import ActiveSettings, config_digest, load_settings
 from node.settings.config import Settings
 from node.storage.ingest import reconcile, reconcile_segments
 
@@ -82,7 +83,7 @@ def check_algorithms(settings: Settings, registry: Registry, where: str) -> None
 
 
 def job_services(
-    settings: Settings,
+    active: ActiveSettings,
     data: DataDir,
     registry: Registry,
     where: str,
@@ -104,10 +105,11 @@ def job_services(
     ConfigError
         A route names an unknown algorithm or parameters it does not accept.
     """
+    settings = active.current
     check_algorithms(settings, registry, where)
     device, gpus = probed if probed is not None else probe_devices()
     services = Services(
-        settings, data.store, data.index, data.secrets, registry, device, audit=data.audit,
+        active, data.store, data.index, data.secrets, registry, device, audit=data.audit,
         devices=DevicePool(gpus), models=ModelWorkers(settings.node.data_dir / "run"), worker=worker_id(role),
     )  # fmt: skip
     logger.info("jobs run here", extra={"device": device, "algorithms": registry.names(), "worker": services.worker})
@@ -124,7 +126,7 @@ class Node:
         config_path: Path | None = None,
         log_level: str = "INFO",
     ) -> None:
-        self.settings = settings
+        self.active = ActiveSettings(settings)
         self.config_path = config_path
         # the devices are probed in a child of the forkserver, whose imports (torch) take seconds:
         # the node receives meanwhile, and its job side starts once they are known (start)
@@ -132,7 +134,7 @@ class Node:
         self._probe = probe.submit(probe_devices)
         probe.shutdown(wait=False)  # the thread ends with the probe
         configure_pydicom()
-        data = self.data = open_data_dir(settings, role="node")
+        data = self.data = roles.node_data(settings)
         self.store, self.index, self.secrets, self.audit = data.store, data.index, data.secrets, data.audit
         self.registry = registry or Registry()
         self.where = str(config_path or "configuration")
@@ -144,7 +146,7 @@ class Node:
             if config_path is not None else None
         )  # fmt: skip
         handover = self.pool.handover if self.pool is not None else None
-        self.receiver = Receiver(settings, self.store, self.index, self.secrets, self.audit, handover=handover)
+        self.receiver = Receiver(self.active, self.store, self.index, self.secrets, self.audit, handover=handover)
         self.store.on_tamper = self.receiver.tamper_detected
         self.pipeline: Pipeline | None = None
         self.executor: JobExecutor | None = None
@@ -158,13 +160,18 @@ class Node:
         self.console = self._console() if settings.console.port is not None else None
         logger.info("node ready to receive", extra={"executor": settings.node.executor})
 
+    @property
+    def settings(self) -> Settings:
+        """The configuration in force now."""
+        return self.active.current
+
     def _start_jobs(self) -> None:
         """The job side, once the devices are known: pipeline, executor, lease heartbeat and
         scheduler; unfinished jobs of an earlier run resume."""
         device, gpus = self._probe.result()
         with self._reload_lock:
             settings = self.settings
-            services, n_gpus = job_services(settings, self.data, self.registry, self.where, "node", (device, gpus))
+            services, n_gpus = job_services(self.active, self.data, self.registry, self.where, "node", (device, gpus))
             assert services.models is not None
             self.device, self.gpus, self.models = device, gpus, services.models
             self.pipeline = pipeline = Pipeline(services)
@@ -175,7 +182,7 @@ class Node:
             else:  # one job thread per GPU (each GPU has its model worker), one on a CPU-only node
                 self.executor = InProcessExecutor(pipeline.run_job, workers=max(1, n_gpus))
             self.heartbeat = Heartbeat(self.index, services.worker, settings.node.lease_s, pipeline.running)
-            self.scheduler = scheduler = Scheduler(pipeline, self.index, settings, self.executor)
+            self.scheduler = scheduler = Scheduler(pipeline, self.index, self.active, self.executor)
         threading.Thread(target=self._warm_up, name="ainode-warm-up", daemon=True).start()
         self.heartbeat.start()
         scheduler.recover()
@@ -284,13 +291,9 @@ class Node:
             self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration reload refused: {exc}"))
             return str(exc)
         with self._reload_lock:
-            self.receiver.set_settings(new)
+            self.receiver.set_settings(new)  # its peers; and the one holder everything here reads
             if self.pool is not None:
                 self.pool.reload()
-            self.settings = new
-            if self.pipeline is not None and self.scheduler is not None:
-                self.pipeline.s.settings = new
-                self.scheduler.settings = new
         digest = config_digest(self.config_path)
         self.audit.record(security_alert(SOFTWARE_CONFIGURATION, f"configuration reloaded: sha256 {digest}"))
         logger.info("configuration reloaded", extra={"sha256": digest})
@@ -298,20 +301,15 @@ class Node:
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration. Writes ``ainode.pid``."""
-        done, reload_requested = threading.Event(), threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
-        signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         pid_file = self.settings.node.data_dir / "ainode.pid"
         pid_file.write_text(f"{os.getpid()}\n")
         self.start()
-        while not done.wait(0.2):
-            if reload_requested.is_set():
-                reload_requested.clear()
-                self.reload()
-            self.data.refresh_keys()  # a key rotation reaches this process within one loop
+
+        def supervise() -> None:
             if self.pool is not None:
                 self.pool.supervise(lambda: reconcile_segments(self.receiver.ingest, AuditNotices(self.audit)))
+
+        ProcessLoop(self.data.refresh_keys).run(supervise, self.reload)
         logger.info("shutting down")
         self.stop()
         pid_file.unlink(missing_ok=True)
@@ -323,29 +321,27 @@ class Worker:
 
     def __init__(self, settings: Settings, queues: list[str], concurrency: int = 1,
                  config_path: Path | None = None) -> None:  # fmt: skip
-        self.settings, self.queues, self.concurrency = settings, queues, concurrency
+        self.active, self.queues, self.concurrency = ActiveSettings(settings), queues, concurrency
         configure_pydicom()
-        self.data = open_data_dir(settings, role="worker")
-        services, _gpus = job_services(settings, self.data, Registry(), str(config_path or "configuration"), "worker")
+        self.data = roles.worker_data(settings)
+        services, _gpus = job_services(
+            self.active, self.data, Registry(), str(config_path or "configuration"), "worker"
+        )
         self.pipeline = Pipeline(services)
         self.heartbeat = Heartbeat(self.data.index, services.worker, settings.node.lease_s, self.pipeline.running)
-        self._stop = threading.Event()
-
-    def _refresh_keys(self) -> None:
-        while not self._stop.wait(1.0):
-            self.data.refresh_keys()  # a key rotation reaches this process within a second
 
     def serve_forever(self) -> None:
         """Consume the queues until SIGTERM (running jobs finish first)."""
         from node.jobs.distributed import run_worker
 
         self.heartbeat.start()
-        threading.Thread(target=self._refresh_keys, name="ainode-keys", daemon=True).start()
+        loop = ProcessLoop(self.data.refresh_keys)  # Celery owns the main thread and its signals
+        loop.refresh_keys_in_background()
         name = f"ainode-worker-{self.pipeline.s.worker.rsplit('/', 1)[-1]}@{os.uname().nodename}"
         try:
             run_worker(self.pipeline, self.queues, self.concurrency, name)
         finally:
-            self._stop.set()
+            loop.stop()
             self.heartbeat.stop()
             if self.pipeline.s.models is not None:
                 self.pipeline.s.models.stop()

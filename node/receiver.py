@@ -19,14 +19,13 @@ import multiprocessing
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from node import logs
+from node import logs, roles
 from node.audit import (
     APPLICATION_ACTIVITY,
     DESTINATION_ROLE,
@@ -40,13 +39,13 @@ from node.audit import (
     security_alert,
     study_event,
 )
-from node.datadir import open_data_dir
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError
 from node.network.scp import AssociationSummary, Handover, PeerRule, StorageSCP
 from node.network.tls import server_context
 from node.network.transport import ConnectionDispatcher, SharedCount, SharedTime, connection_line
-from node.settings import load_settings
+from node.process import ProcessLoop
+from node.settings import ActiveSettings, load_settings
 from node.settings.config import Settings
 from node.storage.index import Index
 from node.storage.ingest import Ingest
@@ -90,7 +89,7 @@ class Receiver:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: Settings | ActiveSettings,
         store: ObjectStore,
         index: Index,
         secrets: NodeSecrets,
@@ -98,13 +97,13 @@ class Receiver:
         *,
         handover: Handover | None = None,
     ) -> None:
-        self.settings = settings
+        self.active = ActiveSettings.of(settings)
         self.audit = audit
-        n = settings.node
+        n = self.settings.node
         self.ingest = Ingest(store, index, secrets, n.max_queued_jobs)
         self.scp = StorageSCP(
             n.ae_title,
-            peer_rules(settings),
+            peer_rules(self.settings),
             self.ingest,
             on_security_event=self._association_refused,
             on_release=self._association_ended,
@@ -172,10 +171,15 @@ class Receiver:
         logger.error("stored object failed authentication; quarantined", extra={"object_id": object_id})
         self.audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, f"tamper detected: {reason}"))
 
+    @property
+    def settings(self) -> Settings:
+        """The configuration in force now."""
+        return self.active.current
+
     def set_settings(self, settings: Settings) -> None:
         """Take a reloaded configuration (its peers; ``node`` changes need a restart)."""
         self.scp.set_peers(peer_rules(settings))
-        self.settings = settings
+        self.active.replace(settings)
 
     def start(self) -> None:
         """Listen on the configured address and port."""
@@ -208,27 +212,25 @@ def _receiver_main(
     configure_pydicom()
     path = Path(config_path)
     settings = load_settings(path)
-    data = open_data_dir(settings, role=f"receiver-{number}")
+    data = roles.receiver_data(settings, number)
     handover = Handover(inbox=inbox, ended=ended)
     receiver = Receiver(settings, data.store, data.index, data.secrets, data.audit, handover=handover)
     data.store.on_tamper = receiver.tamper_detected
-    done, reload_requested = threading.Event(), threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides (Ctrl-C reaches the group)
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+
+    def beat() -> None:  # the main process hands connections only to a receiver that beats
+        heartbeat.value = time.monotonic()
+
+    def reload() -> None:
+        try:
+            receiver.set_settings(load_settings(path))
+            logger.info("receiver %d reloaded its configuration", number)
+        except AinodeError as exc:  # the main process validated it; keep the old peers
+            logger.error("receiver %d kept its configuration: %s", number, exc)
+
     receiver.start()
-    heartbeat.value = time.monotonic()  # ready: the main process may hand it connections now
+    beat()  # ready: the main process may hand it connections now
     logger.info("receiver %d listening (connections handed over by the main process)", number)
-    while not done.wait(HEARTBEAT_S):
-        heartbeat.value = time.monotonic()  # the main process hands connections only to a receiver that beats
-        data.refresh_keys()  # a key rotation reaches this process within one loop
-        if reload_requested.is_set():
-            reload_requested.clear()
-            try:
-                receiver.set_settings(load_settings(path))
-                logger.info("receiver %d reloaded its configuration", number)
-            except AinodeError as exc:  # the main process validated it; keep the old peers
-                logger.error("receiver %d kept its configuration: %s", number, exc)
+    ProcessLoop(data.refresh_keys, HEARTBEAT_S).run(beat, reload, interrupt=False)  # Ctrl-C: the node decides
     receiver.stop()
     data.close()
 

@@ -79,14 +79,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
+    from node import roles
     from node.health import broker_problem, index_problem, scp_problem
     from node.settings import load_settings
-    from node.storage.index import Index
 
     settings = load_settings(args.config)
     checks = [broker_problem(settings)]
     try:
-        index = Index.for_data_dir(settings.node.data_dir, 5.0, settings.storage.database_url)
+        index = roles.index_only(settings)
     except AinodeError as exc:  # unreachable, or a schema this release does not know
         checks.append(f"index: {exc}")
     else:

@@ -20,24 +20,18 @@ if TYPE_CHECKING:
 
 
 def _open(config: str) -> DataDir:
-    """The data directory an admin command works on, opened as every process of the node opens it
-    (store with the disk watermark, index, secrets, audit log with its ATNA mirror)."""
-    from node.datadir import open_data_dir
-    from node.settings import load_settings
+    """The data directory an admin command works on (:func:`node.roles.cli_data`)."""
+    from node import roles
 
-    return open_data_dir(load_settings(config), role="cli")
+    return roles.cli_data(config)
 
 
 def _index_engine(config: str) -> Any:
     """The engine of the configured index, without opening (and checking) it as an Index."""
-    from sqlalchemy import create_engine
-
+    from node import roles
     from node.settings import load_settings
-    from node.storage.index import default_url
 
-    settings = load_settings(config)
-    settings.node.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return create_engine(settings.storage.database_url or default_url(settings.node.data_dir))
+    return roles.index_engine(load_settings(config))
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -61,9 +55,9 @@ def cmd_db_status(args: argparse.Namespace) -> int:
 
 
 def secrets_of(settings: Settings) -> NodeSecrets:
-    from node.datadir import open_data_dir
+    from node import roles
 
-    return open_data_dir(settings, role="cli").secrets
+    return roles.cli_data(settings).secrets
 
 
 def _rotate(args: argparse.Namespace, add_key: bool) -> int:

@@ -21,6 +21,7 @@ from typing import Protocol
 from node.errors import AinodeError, is_transient
 from node.jobs.leases import dead_local_workers
 from node.jobs.pipeline import Pipeline
+from node.settings import ActiveSettings
 from node.settings.config import Settings
 from node.storage.index import Index, JobState, StudyState
 
@@ -115,14 +116,21 @@ class InProcessExecutor:
 class Scheduler:
     """Detects complete studies and submits their jobs."""
 
-    def __init__(self, pipeline: Pipeline, index: Index, settings: Settings, executor: JobExecutor) -> None:
+    def __init__(
+        self, pipeline: Pipeline, index: Index, settings: Settings | ActiveSettings, executor: JobExecutor
+    ) -> None:
         self.pipeline = pipeline
         self.index = index
-        self.settings = settings
+        self.active = ActiveSettings.of(settings)
         self.executor = executor
         self._deferred: dict[str, tuple[float, float]] = {}
         self._planning_failures: dict[str, int] = {}
         self._pending_swept = time.monotonic()
+
+    @property
+    def settings(self) -> Settings:
+        """The configuration in force now."""
+        return self.active.current
 
     @property
     def min_quiet_period_s(self) -> float:

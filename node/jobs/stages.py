@@ -49,6 +49,7 @@ from node.jobs.model_workers import ModelWorkers
 from node.jobs.runner import algorithm_params, run_algorithm
 from node.jobs.snapshot import JobPlan
 from node.jobs.volume import load_volume, sort_slices
+from node.settings import ActiveSettings
 from node.settings.config import Deidentification, Settings
 from node.storage.damage import Damage, set_aside
 from node.storage.index import Index, JobRow, JobState, stage_object_id
@@ -163,9 +164,10 @@ def unframe_series(payload: bytes) -> Iterator[bytes]:
 class Services:
     """What the pipeline needs, passed in (no module globals).
 
+    ``active`` is the configuration in force (its holder: a reload replaces it there);
     ``worker`` is this process's worker id in the ledger (:func:`node.jobs.leases.worker_id`)."""
 
-    settings: Settings
+    active: ActiveSettings
     store: ObjectStore
     index: Index
     secrets: NodeSecrets
@@ -176,6 +178,14 @@ class Services:
     devices: DevicePool = field(default_factory=lambda: DevicePool([]))
     models: ModelWorkers | None = None
     worker: str = "node"
+
+    def __post_init__(self) -> None:
+        self.active = ActiveSettings.of(self.active)  # a plain configuration gets a holder of its own
+
+    @property
+    def settings(self) -> Settings:
+        """The configuration in force now."""
+        return self.active.current
 
 
 class Stages:

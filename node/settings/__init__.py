@@ -23,6 +23,7 @@ from node.settings.config import (
 )
 
 __all__ = [
+    "ActiveSettings",
     "Completion",
     "DicomDestination",
     "EnvKeySource",
@@ -117,3 +118,32 @@ def load_settings(path: str | Path) -> Settings:
 def config_digest(path: str | Path) -> str:
     """SHA-256 of the configuration file's bytes, for audit records of config changes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class ActiveSettings:
+    """The configuration in force: one holder that every long-lived object of a process reads
+    (receiver, scheduler, pipeline, console). A reload replaces it here, once; work that must not
+    change under a reload (a planned job) keeps its own snapshot.
+
+    Parameters
+    ----------
+    settings
+        The configuration loaded at start.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._current = settings
+
+    @property
+    def current(self) -> Settings:
+        """The configuration in force now."""
+        return self._current
+
+    def replace(self, settings: Settings) -> None:
+        """Put ``settings`` in force (validated by the caller); an atomic reference swap."""
+        self._current = settings
+
+    @classmethod
+    def of(cls, settings: Settings | ActiveSettings) -> ActiveSettings:
+        """``settings`` as a holder (a plain configuration gets a holder of its own)."""
+        return settings if isinstance(settings, ActiveSettings) else cls(settings)
