@@ -184,7 +184,7 @@ def test_the_deidentified_series_is_framed_in_one_buffer_and_read_back():
 
     from node.dicomio import encode
     from node.errors import StorageError
-    from node.jobs.stages import series_frames, unframe_series
+    from node.jobs.series import series_frames, unframe_series
 
     datasets = [pydicom.dcmread(p) for p in series_files(CT_SERIES)[:4]]
     halfway = []

@@ -13,10 +13,7 @@ import copy
 import dataclasses
 import logging
 import pickle
-import struct
-import threading
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,15 +35,17 @@ from node.audit import (
     study_event,
 )
 from node.deid import InstanceDeidentifier
+from node.deid.maps import StudyMaps
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
-from node.errors import DeidentificationError, InvalidInstanceError, StorageError
+from node.errors import InvalidInstanceError, StorageError
 from node.jobs.delivery import deliver, withdraw
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import SharedVolume, unpack_result
 from node.jobs.model_workers import ModelWorkers
 from node.jobs.runner import algorithm_params, run_algorithm
+from node.jobs.series import SeriesWrite, drop_pixel_data, unframe_series
 from node.jobs.snapshot import JobPlan
 from node.jobs.volume import load_volume, sort_slices
 from node.settings import ActiveSettings
@@ -60,104 +59,6 @@ if TYPE_CHECKING:
     from ainode_sdk.base import Device
 
 logger = logging.getLogger(__name__)
-
-
-_SERIES_MAGIC = b"AIDSER1\0"
-_FRAME = struct.Struct("<Q")
-
-
-def series_frames(
-    datasets: list[Dataset], halfway: Callable[[], None] = lambda: None, framed: Callable[[int], None] = lambda n: None
-) -> Iterator[bytes]:
-    """The PS3.10 encodings of ``datasets`` framed, part by part: a magic, then per instance its
-    length (8 bytes, little endian) and its bytes. ``framed(n)`` is told once the first ``n``
-    are out.
-
-    Raises
-    ------
-    ValueError
-        A data set cannot be encoded.
-    """
-    yield _SERIES_MAGIC
-    for number, ds in enumerate(datasets):
-        if number == len(datasets) // 2:
-            halfway()
-        encoded = encode(ds)
-        yield _FRAME.pack(len(encoded))
-        yield encoded
-        framed(number + 1)
-
-
-class SeriesWrite:
-    """The de-identified series of a job, held in memory for the next stages and framed
-    (:func:`series_frames`) into the store part by part by a background write that begins once the
-    volume is loaded (:meth:`Stages.flush` begins it otherwise): the two would take turns on the
-    interpreter. Each instance's pixel data can be dropped as soon as it is framed
-    (:meth:`drop_pixel_data`); neither the framed series nor its ciphertext is ever whole in memory.
-
-    Parameters
-    ----------
-    datasets
-        The de-identified instances; only :meth:`drop_pixel_data` changes them.
-    object_id
-        The stored object the series is written to.
-    """
-
-    def __init__(self, datasets: list[Dataset], object_id: str) -> None:
-        self.datasets = datasets
-        self.object_id = object_id
-        self.write: Future[str] | None = None  # once begun
-        self._lock = threading.Lock()
-        self._framed = 0
-        self._drop = False
-
-    def size_hint(self) -> int:
-        """About the framed series' size in bytes (its pixel data)."""
-        return sum(len(ds.PixelData) for ds in self.datasets if "PixelData" in ds)
-
-    def frames(self, halfway: Callable[[], None] = lambda: None) -> Iterator[bytes]:
-        """The framed series (in the writer thread)."""
-        return series_frames(self.datasets, halfway, self._done)
-
-    def _done(self, count: int) -> None:
-        with self._lock:
-            self._framed = count
-            if self._drop:
-                drop_pixel_data(self.datasets[count - 1])
-
-    def drop_pixel_data(self) -> None:
-        """Drop the pixel data of every instance framed so far and of each one framed from now on."""
-        with self._lock:
-            self._drop = True
-            for ds in self.datasets[: self._framed]:
-                drop_pixel_data(ds)
-
-
-def drop_pixel_data(ds: Dataset) -> None:
-    """``ds`` without its Pixel Data (the result build needs only the headers)."""
-    if "PixelData" in ds:
-        del ds.PixelData
-
-
-def unframe_series(payload: bytes) -> Iterator[bytes]:
-    """The encodings :func:`series_frames` framed (or, from an earlier release, pickled as a list).
-
-    Raises
-    ------
-    StorageError
-        The payload is truncated.
-    """
-    if not payload.startswith(_SERIES_MAGIC):
-        yield from pickle.loads(payload)  # an authenticated object only ainode writes
-        return
-    view, at = memoryview(payload), len(_SERIES_MAGIC)
-    while at < len(view):
-        (length,) = _FRAME.unpack_from(view, at)
-        at += _FRAME.size
-        if at + length > len(view):
-            raise StorageError("de-identified series: truncated frame")
-        yield bytes(view[at : at + length])
-        at += length
 
 
 @dataclass
@@ -193,6 +94,7 @@ class Stages:
 
     def __init__(self, services: Services) -> None:
         self.s = services
+        self.maps = StudyMaps(services.store, services.index)
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ainode-stage-write")
         self._series: dict[int, SeriesWrite] = {}  # job id -> its de-identified series, while here
 
@@ -268,7 +170,7 @@ class Stages:
         mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
         for ds in datasets:
             mapping.add(deid(ds).uid_map)
-        self._merge_map(study_key, mapping)
+        self.maps.merge(study_key, mapping)
         return datasets, mapping.original_study_instance_uid
 
     def _readable(self, object_id: str, study_key: str) -> Dataset | None:
@@ -285,36 +187,9 @@ class Stages:
         if self.s.audit is not None:
             self.s.audit.record(security_alert(OBJECT_SECURITY_ATTRIBUTES_CHANGED, text))
 
-    def _merge_map(self, study_key: str, mapping: PseudonymMap) -> None:
-        """Store the study's pseudonym map with ``mapping`` merged in: one map per study covering
-        every series and generation analysed (pseudonyms are deterministic, so they agree). A
-        concurrent job's merge is not lost: the map is replaced only if unchanged meanwhile."""
-        for _attempt in range(10):
-            study = self.s.index.study(study_key)
-            previous = study.map_object_id if study is not None else None
-            merged = PseudonymMap.from_bytes(self.s.store.get(previous)) if previous else mapping
-            if previous:
-                merged.add(mapping.uids)
-            map_id = self.s.store.put(merged.to_bytes())
-            if self.s.index.set_map_object(study_key, map_id, expect=previous):
-                if previous:
-                    self.s.store.delete(previous)
-                return
-            self.s.store.delete(map_id)  # another job merged first: merge into its map
-        raise StorageError("pseudonym map: could not record the merged map after concurrent updates")
-
     def stored_map(self, study_key: str) -> PseudonymMap:
-        """The study's stored pseudonym map: what re-identification uses.
-
-        Raises
-        ------
-        DeidentificationError
-            The study has no stored map (nothing of it was de-identified).
-        """
-        study = self.s.index.study(study_key)
-        if study is None or not study.map_object_id:
-            raise DeidentificationError("the study has no stored pseudonym map")
-        return PseudonymMap.from_bytes(self.s.store.get(study.map_object_id))
+        """The study's stored pseudonym map (:meth:`node.deid.maps.StudyMaps.stored`)."""
+        return self.maps.stored(study_key)
 
     # -- analyse ---------------------------------------------------------------------------------
 
@@ -357,7 +232,7 @@ class Stages:
             t["algorithm_s"] = time.perf_counter() - start
             del volume
         faults.point("stage:analyse", index=self.s.index)  # inferred, nothing stored yet
-        study_uid = self.stored_map(job.study_key).original_study_instance_uid
+        study_uid = self.maps.original_study_uid(job.study_key)
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
         # pickle of our own dataclasses, in an authenticated encrypted object only ainode writes
         payload = pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)
