@@ -39,6 +39,17 @@ class Listing:
     limit: int = 100
     offset: int = 0
 
+    def applied(self, query: Any, state: Any, ends: Any, begins: Any) -> Any:
+        """``query`` with the state and time window applied: ``state`` equals :attr:`state`, the
+        ``ends`` column at or after :attr:`since`, the ``begins`` column at or before :attr:`until`."""
+        if self.state:
+            query = query.where(state == self.state)
+        if self.since is not None:
+            query = query.where(ends >= self.since)
+        if self.until is not None:
+            query = query.where(begins <= self.until)
+        return query
+
 
 @dataclass(frozen=True)
 class StudyListed:
@@ -72,18 +83,12 @@ class Reports:
 
     def studies(self, listing: Listing) -> list[StudyListed]:
         """Studies, most recently received first, as ``listing`` filters them."""
-        query = select(StudyRow).order_by(StudyRow.last_received_at.desc())
-        if listing.state:
-            query = query.where(StudyRow.state == listing.state)
-        if listing.since is not None:
-            query = query.where(StudyRow.last_received_at >= listing.since)
-        if listing.until is not None:
-            query = query.where(StudyRow.first_received_at <= listing.until)
+        query = listing.applied(select(StudyRow).order_by(StudyRow.last_received_at.desc()), StudyRow.state,
+                                StudyRow.last_received_at, StudyRow.first_received_at)  # fmt: skip
         if listing.route or listing.algorithm:
             query = query.where(StudyRow.study_key.in_(self._job_filter(select(JobRow.study_key), listing)))
         with self.index.session() as s:
-            rows = list(s.scalars(query.limit(listing.limit).offset(listing.offset)))
-            return self._with_jobs(s, rows)
+            return self._with_jobs(s, list(s.scalars(query.limit(listing.limit).offset(listing.offset))))
 
     def study(self, study_key: str) -> StudyListed | None:
         """One study with its jobs' states, routes and algorithms."""
@@ -132,12 +137,7 @@ class Reports:
     def jobs(self, listing: Listing) -> list[JobRow]:
         """Jobs, newest first, as ``listing`` filters them."""
         query = self._job_filter(select(JobRow).order_by(JobRow.id.desc()), listing)
-        if listing.state:
-            query = query.where(JobRow.state == listing.state)
-        if listing.since is not None:
-            query = query.where(JobRow.created_at >= listing.since)
-        if listing.until is not None:
-            query = query.where(JobRow.created_at <= listing.until)
+        query = listing.applied(query, JobRow.state, JobRow.created_at, JobRow.created_at)
         with self.index.session() as s:
             return list(s.scalars(query.limit(listing.limit).offset(listing.offset)))
 
