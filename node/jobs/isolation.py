@@ -214,14 +214,27 @@ def _run_on_shared(
         kind, payload = _receive(process, receiver, timeout_s)
     finally:
         receiver.close()
+    return tuple(answer(kind, payload, "algorithm", entry_point))
+
+
+def answer(kind: str, payload: Any, what: str, name: str) -> Any:
+    """The payload of an algorithm process's answer ``(kind, payload)``.
+
+    Raises
+    ------
+    SeriesRefused
+        The algorithm declined the series (``kind`` ``refused``).
+    PluginError
+        It raised (``kind`` ``error``); its traceback is logged — it only ever saw de-identified
+        voxels, so it holds no PHI.
+    """
     if kind == "refused":
         raise SeriesRefused(payload)
     if kind == "error":
         message, trace = payload
-        # the plugin only ever saw de-identified voxels: its traceback holds no PHI
-        logger.error("algorithm %s raised %s\n%s", entry_point, message, trace)
-        raise PluginError(f"algorithm raised {message}")
-    return tuple(payload)
+        logger.error("%s %s raised %s\n%s", what, name, message, trace)
+        raise PluginError(f"{what} {name} raised {message}" if what == "model" else f"{what} raised {message}")
+    return payload
 
 
 def pack_result(result: AlgorithmResult) -> PackedResult:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from ainode_sdk.base import Volume
-from node.errors import PluginError, SeriesRefused
-from node.jobs.isolation import PROCESS_CONTEXT, PackedResult, SharedVolume, pack_result, send_outcome
+from node.errors import PluginError
+from node.jobs.isolation import PROCESS_CONTEXT, PackedResult, SharedVolume, answer, pack_result, send_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -181,13 +181,7 @@ class ModelWorker:
                 code = self._process.exitcode if self._process is not None else None
                 self._discard()
                 raise PluginError(f"model worker died (exit code {code}: crashed or killed for memory)") from None
-        if kind == "refused":
-            raise SeriesRefused(payload)
-        if kind == "error":
-            message, trace = payload
-            logger.error("model %s raised %s\n%s", name, message, trace)
-            raise PluginError(f"model {name} raised {message}")
-        packed, timings, loads = payload
+        packed, timings, loads = answer(kind, payload, "model", name)
         return packed, timings, loads
 
     def status(self, timeout_s: float = 5.0) -> dict[str, Any]:
