@@ -31,8 +31,9 @@ typecheck: setup
 
 check: lint typecheck
 
+# two workers, each file's tests on one of them (module fixtures start their peers once)
 test: check
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python bench/e2e.py
