@@ -301,6 +301,8 @@ class Node:
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT; SIGHUP reloads the configuration. Writes ``ainode.pid``."""
+        loop = ProcessLoop(self.data.refresh_keys)
+        loop.install()  # before the pid file tells `ainode config reload` where to send SIGHUP
         pid_file = self.settings.node.data_dir / "ainode.pid"
         pid_file.write_text(f"{os.getpid()}\n")
         self.start()
@@ -309,7 +311,7 @@ class Node:
             if self.pool is not None:
                 self.pool.supervise(lambda: reconcile_segments(self.receiver.ingest, AuditNotices(self.audit)))
 
-        ProcessLoop(self.data.refresh_keys).run(supervise, self.reload)
+        loop.run(supervise, self.reload)
         logger.info("shutting down")
         self.stop()
         pid_file.unlink(missing_ok=True)

@@ -1,9 +1,9 @@
 """The one main loop of every long-running ainode process: the node, its child receivers and the
 Celery workers.
 
-:class:`ProcessLoop` installs the signal handlers (the only place that does): SIGTERM — and
-SIGINT, unless the process leaves Ctrl-C to its parent — ends it, SIGHUP asks for a reload; each
-turn refreshes the master keys (a rotation reaches every process within a turn), runs the
+:class:`ProcessLoop` installs the signal handlers (the only place that does), before the process
+starts its work: SIGTERM — and SIGINT, unless the process leaves Ctrl-C to its parent — ends it,
+SIGHUP asks for a reload; each turn refreshes the master keys (a rotation reaches every process within a turn), runs the
 process's own ``tick`` and, when asked, its ``reload``. A Celery worker, whose main thread Celery
 owns, runs the key refresh alone in a thread (:meth:`ProcessLoop.refresh_keys_in_background`).
 """
@@ -34,29 +34,42 @@ class ProcessLoop:
         self.interval_s = interval_s
         self.done = threading.Event()
         self._reload = threading.Event()
+        self._installed = False
 
-    def run(
-        self, tick: Callable[[], object] = lambda: None, reload: Callable[[], object] | None = None,
-        interrupt: bool = True,
-    ) -> None:  # fmt: skip
-        """Turn until SIGTERM (or SIGINT, with ``interrupt``); call from the main thread.
+    def install(self, reload: bool = True, interrupt: bool = True) -> None:
+        """Install the signal handlers (main thread), before the process starts its work: a
+        SIGHUP that came before them would end the process (its default action).
 
         Parameters
         ----------
-        tick
-            The process's own work each turn (supervise receivers, beat a heartbeat).
         reload
-            Called once after each SIGHUP (none: SIGHUP is ignored).
+            Whether SIGHUP asks for a reload (otherwise it is ignored).
         interrupt
             Whether SIGINT ends the process (a child receiver leaves Ctrl-C to the node).
         """
         signal.signal(signal.SIGTERM, lambda *_: self.done.set())
         signal.signal(signal.SIGINT, (lambda *_: self.done.set()) if interrupt else signal.SIG_IGN)
         signal.signal(signal.SIGHUP, (lambda *_: self._reload.set()) if reload else signal.SIG_IGN)
+        self._installed = True
+
+    def run(self, tick: Callable[[], object] = lambda: None, reload: Callable[[], object] | None = None) -> None:
+        """Turn until SIGTERM (or SIGINT); call from the main thread (:meth:`install` first, or
+        it is done here with ``reload`` deciding SIGHUP).
+
+        Parameters
+        ----------
+        tick
+            The process's own work each turn (supervise receivers, beat a heartbeat).
+        reload
+            Called once after each SIGHUP.
+        """
+        if not self._installed:
+            self.install(reload=reload is not None)
         while not self.done.wait(self.interval_s):
-            if self._reload.is_set() and reload is not None:
+            if self._reload.is_set():
                 self._reload.clear()
-                reload()
+                if reload is not None:
+                    reload()
             self.refresh_keys()
             tick()
 

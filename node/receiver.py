@@ -227,10 +227,12 @@ def _receiver_main(
         except AinodeError as exc:  # the main process validated it; keep the old peers
             logger.error("receiver %d kept its configuration: %s", number, exc)
 
+    loop = ProcessLoop(data.refresh_keys, HEARTBEAT_S)
+    loop.install(interrupt=False)  # Ctrl-C reaches the group: the node decides
     receiver.start()
     beat()  # ready: the main process may hand it connections now
     logger.info("receiver %d listening (connections handed over by the main process)", number)
-    ProcessLoop(data.refresh_keys, HEARTBEAT_S).run(beat, reload, interrupt=False)  # Ctrl-C: the node decides
+    loop.run(beat, reload)
     receiver.stop()
     data.close()
 

@@ -88,6 +88,7 @@ def test_bodies_are_not_read_before_the_session_is_checked(cn):
             return list(pool.map(lambda n: _post_without_session(cn, *targets[n % 3]), range(20)))
 
     growth, answers = _peak_rss_growth(cn, flood)
+    print(f"20 concurrent 60 MiB bodies without a session: node RSS +{growth:.0f} MB")
     assert growth < 100, f"node RSS grew {growth:.0f} MB"
     assert not [a for a in answers if isinstance(a, int) and a < 300], answers  # nothing was done
     assert {a for a in answers if isinstance(a, int)} <= {303, 401}, answers
@@ -108,6 +109,7 @@ def test_concurrent_sign_ins_are_bounded(cn):
             return list(pool.map(sign_in, range(32)))
 
     growth, statuses = _peak_rss_growth(cn, storm)
+    print(f"32 concurrent sign-ins: node RSS +{growth:.0f} MB, answers {sorted(set(statuses))}")
     assert growth < 300, f"node RSS grew {growth:.0f} MB for 32 sign-ins"
     # at most max_failed_logins attempts of one user are under way at once (each counted before it is
     # verified): the others are refused unverified, as for a locked account
@@ -130,6 +132,7 @@ def test_parallel_guesses_cannot_outrun_the_lock_out(cn):
         statuses = list(pool.map(guess, range(20)))
     trail = cn.cli("audit", "show").stdout[len(trail_before) :]
     verified = trail.count("console login failed: wrong user name or password")
+    print(f"20 parallel guesses: {verified} verified, statuses {statuses}")
     assert verified <= 5, f"{verified} guesses were verified"
     assert statuses[19] == 401, "the right password is refused once the account is locked"
     assert statuses.count(401) == 20
@@ -146,6 +149,7 @@ def test_a_huge_name_never_reaches_the_audit_trail_whole(cn):
     assert huge.status_code == 413
     long = anon.post("/login", data={"name": "n" * 10_000, "password": "x", "csrf_token": token})
     assert long.status_code == 401
+    print(f"audit trail growth for a 10 000-character name: {_audit_size(cn) - before} bytes")
     assert _audit_size(cn) - before < 4096
     assert "n" * 65 not in cn.cli("audit", "show").stdout
 

@@ -19,6 +19,7 @@ from pydicom import Dataset
 from ainode_sdk.base import AlgorithmResult, AlgorithmSpec
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
+from node.results.identity import object_identity
 from node.results.legend import measurement_lines
 from node.results.outline import measured_regions, segment_regions
 from node.results.seg import cielab, content_label, segment_colour
@@ -87,14 +88,7 @@ def build_presentation_state(
             raise ResultBuildError("GSPS: nothing to draw (no segment voxel and no located finding)")
         gsps = hd.pr.GrayscaleSoftcopyPresentationState(
             referenced_images=list(sources),
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=1,
-            manufacturer="ainode",
-            manufacturer_model_name=spec.name,
-            software_versions=spec.version,
-            device_serial_number=device_serial_number,
+            **object_identity(series_instance_uid, sop_instance_uid, series_number, spec, device_serial_number),
             content_label=content_label(spec),
             content_description=f"{spec.name} {spec.version} outlines"[:64],
             graphic_annotations=annotations,

@@ -17,6 +17,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from node.errors import ResultBuildError
+from node.results.identity import object_identity
 
 KOS_SERIES_NUMBER = 9903
 REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # (113001, DCM), CID 7011
@@ -75,11 +76,7 @@ def build_rejection_note(
         note = hd.ko.KeyObjectSelectionDocument(
             evidence=list(withdrawn),
             content=content,
-            series_instance_uid=series_instance_uid,
-            series_number=KOS_SERIES_NUMBER,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=1,
-            manufacturer="ainode",
+            **object_identity(series_instance_uid, sop_instance_uid, KOS_SERIES_NUMBER),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultBuildError(f"rejection note: {type(exc).__name__}") from exc

@@ -19,6 +19,7 @@ from pydicom import Dataset
 from ainode_sdk.base import RGB, AlgorithmResult, AlgorithmSpec, Code, Segment
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
+from node.results.identity import object_identity
 
 # Display colours (sRGB) for segments that bring none: blue, green, yellow, red, magenta, cyan.
 _COLOURS: tuple[RGB, ...] = ((40, 110, 255), (40, 200, 80), (250, 215, 0), (230, 50, 50), (220, 60, 220), (0, 210, 210))
@@ -184,14 +185,7 @@ def build_segmentation(
             pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=1,
-            manufacturer="ainode",
-            manufacturer_model_name=spec.name,
-            software_versions=spec.version,
-            device_serial_number=device_serial_number,
+            **object_identity(series_instance_uid, sop_instance_uid, series_number, spec, device_serial_number),
             series_description=f"{spec.name} segmentation",
             content_label=content_label(spec),
             content_description=spec.description[:64],

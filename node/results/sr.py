@@ -37,6 +37,7 @@ from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Code, Finding, Locat
 from node.deid.pseudonyms import derive_uid
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
+from node.results.identity import object_identity
 from node.results.outline import Region, measured_regions
 from node.results.seg import algorithm_parameters, coded
 
@@ -308,11 +309,7 @@ def build_measurement_report(
         return hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
-            series_instance_uid=series_instance_uid,
-            series_number=series_number,
-            sop_instance_uid=sop_instance_uid,
-            instance_number=1,
-            manufacturer="ainode",
+            **object_identity(series_instance_uid, sop_instance_uid, series_number),
             is_complete=True,
             series_description=f"{spec.name} {title}",
             contributing_equipment=contributing_equipment(spec),
