@@ -381,3 +381,32 @@ def make_tall_series(source: Path, slices: int, out: Path, tag: str = "tall") ->
         ds.save_as(path)
         files.append(path)
     return files
+
+
+def peak_rss_growth(pid: int, action: Any, settle_s: float = 0.5) -> tuple[float, Any]:
+    """The largest growth (MB) of process ``pid``'s resident memory while ``action()`` runs (sampled
+    every 20 ms, and for ``settle_s`` after), and what ``action`` returned."""
+    import threading
+
+    import psutil
+
+    process = psutil.Process(pid)
+    time.sleep(settle_s)
+    base = process.memory_info().rss
+    peak, done = base, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        result = action()
+        time.sleep(settle_s)
+    finally:
+        done.set()
+        sampler.join()
+    return (peak - base) / 1e6, result

@@ -8,17 +8,16 @@ a password, and user names that must be refused.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 
 from .console import PASSWORDS, ConsoleNode, csrf_of, start_console_node
+from .peers import peak_rss_growth
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,26 +37,7 @@ def cn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleNode]:
 def _peak_rss_growth(cn: ConsoleNode, action: Callable[[], Any]) -> tuple[float, Any]:
     """The node's largest RSS growth (MB) while ``action`` runs, and what it returned."""
     assert cn.node.proc is not None
-    process = psutil.Process(cn.node.proc.pid)
-    time.sleep(0.5)
-    base = process.memory_info().rss
-    peak, done = base, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        result = action()
-        time.sleep(0.5)
-    finally:
-        done.set()
-        sampler.join()
-    return (peak - base) / 1e6, result
+    return peak_rss_growth(cn.node.proc.pid, action)
 
 
 def _big_body(size: int) -> Iterator[bytes]:

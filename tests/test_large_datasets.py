@@ -3,16 +3,13 @@ hold it whole (it is spooled, encrypted, then sealed into its segment part by pa
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pydicom
 import pytest
 import yaml
 
-from .peers import CT_SERIES, folder_node_config, series_files, storescu, wait_until
+from .peers import CT_SERIES, folder_node_config, peak_rss_growth, series_files, storescu, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,25 +27,8 @@ def _huge_ct(path: Path) -> pydicom.Dataset:
 
 def _send_and_watch(node, path: Path) -> tuple[float, int]:
     """Send ``path`` with DCMTK; the node's largest RSS growth (MB) meanwhile, and storescu's exit code."""
-    process = psutil.Process(node.proc.pid)
-    base = process.memory_info().rss
-    peak, done = base, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=sample)
-    watcher.start()
-    try:
-        sent = storescu(node.port, [path])
-        time.sleep(1.0)
-    finally:
-        done.set()
-        watcher.join()
-    return (peak - base) / 1e6, sent.returncode
+    growth, sent = peak_rss_growth(node.proc.pid, lambda: storescu(node.port, [path]), settle_s=1.0)
+    return growth, sent.returncode
 
 
 def _config(tmp_path: Path, **node: object) -> tuple[Path, dict]:

@@ -320,14 +320,7 @@ def test_receiver_processes_share_the_port_follow_reloads_and_die_with_the_node(
     """With node.receivers = 2 a child process receives on the same port: associations are spread
     over both, a reload that admits a new peer reaches both, and kill -9 of the node leaves no
     receiver behind."""
-    config_path, config, _results = folder_node_config(tmp_path)
-    config["node"]["receivers"] = 2
-    config_path.write_text(__import__("yaml").safe_dump(config))
-    node = start_node(config_path, config)
-    wait_until(lambda: "receiver 1 listening" in node.log(), 60)
-    assert node.proc is not None
-    children = subprocess.run(["pgrep", "-P", str(node.proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
-    (child,) = map(int, children.stdout.split())
+    node, config_path, config, child = _node_with_two_receivers(tmp_path, start_node)
 
     config["peers"].append({"ae_title": "NEWPEER"})
     config_path.write_text(__import__("yaml").safe_dump(config))
@@ -384,17 +377,24 @@ def test_concurrent_associations_are_balanced_over_the_receivers(tmp_path, start
     assert sorted(Counter(writers).values()) == [2, 2], writers
 
 
-def test_a_stopped_receiver_gets_no_connection_and_is_restarted(tmp_path, start_node):
-    """Issue 22, defect 8: a receiving process that stops making progress (SIGSTOP) is detected
-    within the network timeout, gets no new connection meanwhile, and is restarted."""
+def _node_with_two_receivers(tmp_path, start_node, **node_settings):
+    """A folder node with ``node.receivers: 2`` (and ``node_settings``), once its child receiver
+    listens: the node, its configuration path and content, and the child's pid."""
     config_path, config, _results = folder_node_config(tmp_path)
-    config["node"] |= {"receivers": 2, "network_timeout_s": 10}
+    config["node"] |= {"receivers": 2, **node_settings}
     config_path.write_text(__import__("yaml").safe_dump(config))
     node = start_node(config_path, config)
     wait_until(lambda: "receiver 1 listening" in node.log(), 60)
     assert node.proc is not None
     children = subprocess.run(["pgrep", "-P", str(node.proc.pid), "-f", "spawn_main"], capture_output=True, text=True)
     (child,) = map(int, children.stdout.split())
+    return node, config_path, config, child
+
+
+def test_a_stopped_receiver_gets_no_connection_and_is_restarted(tmp_path, start_node):
+    """Issue 22, defect 8: a receiving process that stops making progress (SIGSTOP) is detected
+    within the network timeout, gets no new connection meanwhile, and is restarted."""
+    node, _config_path, _config, child = _node_with_two_receivers(tmp_path, start_node, network_timeout_s=10)
     os.kill(child, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:

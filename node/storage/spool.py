@@ -44,15 +44,9 @@ class Spool:
         self._checked = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Append ``data`` (sealed).
-
-        Raises
-        ------
-        OutOfResourcesError
-            The disk watermark would be passed.
-        StorageError
-            The write failed.
-        """
+        """Append ``data``, sealed; :class:`~node.errors.OutOfResourcesError` once the disk would
+        pass the store's watermark (looked at every 64 MiB), :class:`~node.errors.StorageError`
+        when the write fails."""
         if self.size - self._checked > 64 * 2**20:  # look at the disk every 64 MiB
             self._checked = self.size
             if os.fstatvfs(self._fd).f_bavail * os.fstatvfs(self._fd).f_frsize < self.min_free_bytes + 64 * 2**20:
