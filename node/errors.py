@@ -14,7 +14,6 @@
     │   └── DataSetTooLargeError   over node.max_dataset_bytes (0xC000)
     ├── DeidentificationError  a data set cannot be de-identified or re-identified safely
     │   └── QuarantinedError       pixels may hold burned-in PHI and no rule cleans them
-    ├── RoutingError           a rule cannot be evaluated
     ├── PluginError            an algorithm plugin failed to load or raised
     │   └── SeriesRefused          the series is declined with a reason (not a failure)
     ├── ResultBuildError       a SEG or SR cannot be built
@@ -101,10 +100,6 @@ class DeidentificationError(AinodeError):
 
 class QuarantinedError(DeidentificationError):
     """An image may carry identifying text in its pixels and no pixel rule cleans it (PS3.15 E.3.1)."""
-
-
-class RoutingError(AinodeError):
-    """A routing rule cannot be evaluated."""
 
 
 class PluginError(AinodeError, sdk.AlgorithmError):

@@ -11,6 +11,7 @@ a Study Instance UID as its study key to everyone else.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -126,17 +127,7 @@ class ConsoleService:
 
     def _audit(self, user: CurrentUser, address: str, event: AuditEvent) -> None:
         who = Participant(user.name, requestor=True, address=address)
-        self.ctx.data.audit.record(
-            AuditEvent(
-                event.event_id,
-                event.action,
-                event.outcome,
-                event.event_type,
-                [who, *event.participants],
-                event.objects,
-                event.description,
-            )
-        )
+        self.ctx.data.audit.record(dataclasses.replace(event, participants=[who, *event.participants]))
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -198,13 +189,7 @@ class ConsoleService:
         return [_summary(found) for found in self.reports.studies(listing)]
 
     def study(self, study_key: str) -> schemas.StudyDetail:
-        """A study with its series and jobs.
-
-        Raises
-        ------
-        NotFoundError
-            No such study.
-        """
+        """A study with its series and jobs (:class:`~node.errors.NotFoundError` if unknown)."""
         found = self.reports.study(study_key)
         if found is None:
             raise NotFoundError(f"no study {study_key}")
@@ -241,17 +226,7 @@ class ConsoleService:
             raise NotFoundError(f"no job {job_id}")
         timings = json.loads(job.timings or "{}")
         snapshot = json.loads(job.route_snapshot or "{}")
-        claims = [
-            schemas.Claim(
-                worker=c.worker,
-                stage=c.stage,
-                claimed_at=c.claimed_at,
-                lease_expires_at=c.lease_expires_at,
-                released_at=c.released_at,
-                outcome=c.outcome,
-            )
-            for c in self.index.claims(job_id)
-        ]
+        claims = [schemas.Claim.model_validate(c, from_attributes=True) for c in self.index.claims(job_id)]
         return schemas.JobDetail(
             **job_summary(job).model_dump(), next_attempt_at=job.next_attempt_at,
             lease_expires_at=job.lease_expires_at, config_digest=job.config_digest,

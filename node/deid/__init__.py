@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pydicom import Dataset
 from pydicom.datadict import dictionary_description
 from pydicom.tag import Tag
@@ -23,17 +25,8 @@ def options_from(profile: Deidentification) -> ProfileOptions:
         for s in profile.safe_private
         for element in s.elements
     )
-    return ProfileOptions(
-        retain_patient_characteristics=profile.retain_patient_characteristics,
-        retain_device_identity=profile.retain_device_identity,
-        retain_institution_identity=profile.retain_institution_identity,
-        retain_uids=profile.retain_uids,
-        dates=profile.dates,
-        clean_descriptors=profile.clean_descriptors,
-        clean_structured_content=profile.clean_structured_content,
-        clean_graphics=profile.clean_graphics,
-        safe_private=safe,
-    )
+    options = {f.name: getattr(profile, f.name) for f in dataclasses.fields(ProfileOptions) if f.name != "safe_private"}
+    return ProfileOptions(**options, safe_private=safe)  # the E.3 options are named alike in both
 
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")

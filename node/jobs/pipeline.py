@@ -21,12 +21,11 @@ from pydicom import Dataset
 
 from ainode_sdk import errors as sdk
 from node import faults
-from node.conditions import header_of, keywords_of, matches, prepare
 from node.dicomio import decode
 from node.errors import AinodeError, LeaseLostError, OutOfResourcesError, QuarantinedError, is_transient
 from node.jobs.snapshot import JobPlan
 from node.jobs.stages import Services, Stages, rounded
-from node.routing.router import RoutePlan, plan_routes
+from node.routing.router import completion_due, plan_routes
 from node.storage.index import InstanceRow, JobRow, JobState, PlannedJob, Stage, StudyState
 
 __all__ = ["FINISHED_JOB_STATES", "HANDED_OFF", "Pipeline", "Services"]
@@ -82,7 +81,9 @@ class Pipeline:
         instances = self.s.index.instances(study_key)
         headers = self._headers(instances)
         plans = plan_routes(self.s.settings, headers, study.calling_ae_title, self.s.settings.node.ae_title)
-        if plans and not self._complete(plans, headers, study.first_received_at, study.last_received_at):
+        if plans and not completion_due(
+            plans, headers, study.first_received_at, study.last_received_at, self.s.clock()
+        ):
             return []
         settings = self.s.settings
         planned = [
@@ -105,25 +106,6 @@ class Pipeline:
         else:
             logger.info("study needs no analysis", extra={"study_key": study_key, "routes": len(plans)})
         return jobs
-
-    def _complete(
-        self, plans: list[RoutePlan], headers: dict[str, Dataset], first_received: float, last_received: float
-    ) -> bool:
-        """Whether the matched routes' completion rules hold (quiet period and expected series,
-        or their maximum wait has passed)."""
-        now = self.s.clock()
-        waits = [p.route.completion.max_wait_s for p in plans if p.route.completion.max_wait_s is not None]
-        if waits and now - first_received >= min(waits):
-            return True
-        if now - last_received < max(p.route.completion.quiet_period_s for p in plans):
-            return False
-        for plan in plans:
-            expected = plan.route.completion.expected_series
-            if expected is not None and not any(
-                matches(expected, prepare(header_of(ds, keywords_of(expected), "", ""))) for ds in headers.values()
-            ):
-                return False
-        return True
 
     # -- running ---------------------------------------------------------------------------------
 

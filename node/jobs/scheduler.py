@@ -2,7 +2,7 @@
 
 The scheduler polls the index for studies that have been quiet long enough, asks the pipeline to
 plan them, and hands the job ids to an executor. :class:`InProcessExecutor` (threads in the node's
-process) is the embedded default; :class:`node.jobs.celery.CeleryExecutor` sends the ids to
+process) is the embedded default; :class:`node.jobs.distributed.CeleryExecutor` sends the ids to
 ``ainode worker`` processes and implements the same ``submit``/``shutdown`` pair, since jobs are
 plain ids in a shared ledger and store. Each tick also offers again the jobs whose lease expired
 (a worker died), so no job is stranded.

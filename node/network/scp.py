@@ -21,24 +21,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
-from pydicom import Dataset, dcmread
+from pydicom import Dataset, dcmread, uid
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import Tag
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
@@ -59,20 +44,10 @@ logger = logging.getLogger(__name__)
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
 TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-)
+    uid.ExplicitVRLittleEndian, uid.ImplicitVRLittleEndian, uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian, uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit, uid.JPEGLossless, uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless, uid.JPEGLSNearLossless, uid.JPEG2000Lossless, uid.JPEG2000, uid.RLELossless,
+)  # fmt: skip
 """Transfer syntaxes accepted for storage: uncompressed, deflated and the lossless/lossy codecs
 the pylibjpeg plugins decode."""
 

@@ -92,3 +92,24 @@ def plan_routes(
 ) -> list[RoutePlan]:
     """The plans of :func:`route_study`."""
     return route_study(settings, headers, calling_ae_title, called_ae_title).plans
+
+
+def completion_due(
+    plans: list[RoutePlan], headers: Mapping[str, Dataset], first_received: float, last_received: float, now: float
+) -> bool:
+    """Whether a study the ``plans`` matched is complete by their routes' completion rules: every
+    expected series is there and the longest quiet period has passed since ``last_received``, or
+    the shortest maximum wait has passed since ``first_received`` (epoch s; ``headers``: one
+    header per series)."""
+    waits = [p.route.completion.max_wait_s for p in plans if p.route.completion.max_wait_s is not None]
+    if waits and now - first_received >= min(waits):
+        return True
+    if now - last_received < max(p.route.completion.quiet_period_s for p in plans):
+        return False
+    for plan in plans:
+        expected = plan.route.completion.expected_series
+        if expected is not None and not any(
+            matches(expected, prepare(header_of(ds, keywords_of(expected), "", ""))) for ds in headers.values()
+        ):
+            return False
+    return True

@@ -253,15 +253,8 @@ class ObjectStore:
             raise OutOfResourcesError(f"{free // 2**20} MiB free, watermark {self.min_free_bytes // 2**20} MiB")
 
     def put(self, plaintext: bytes | bytearray, object_id: str | None = None) -> str:
-        """Seal and durably write ``plaintext``; return its object id.
-
-        Raises
-        ------
-        OutOfResourcesError
-            The disk watermark would be passed.
-        StorageError
-            The write failed.
-        """
+        """Seal and durably write ``plaintext``; return its object id (as :meth:`put_stream`, which
+        names the errors)."""
         return self.put_stream((plaintext,), object_id or uuid.uuid4().hex, len(plaintext))
 
     def put_stream(self, parts: Iterable[bytes | bytearray], object_id: str, size_hint: int = 0) -> str:
