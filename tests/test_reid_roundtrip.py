@@ -16,6 +16,7 @@ from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PATIENT_STUDY_KEYWORDS, PseudonymMap, reidentify
 from node.jobs.volume import load_volume
 from node.results import build_measurement_report, build_segmentation
+from node.results.identity import ObjectIdentity
 from node.settings.config import Deidentification
 
 from .peers import CT_SERIES, CT_SOFT_SERIES, series_files
@@ -91,8 +92,7 @@ def test_round_trip_restores_every_reference_and_leaves_no_pseudonym(originals):
     result = _cheap_result(volume)
     spec = LungCtDensity.spec
     seg = build_segmentation(
-        slices, result, spec, series_instance_uid=derive_uid("s1"), sop_instance_uid=derive_uid("i1"),
-        series_number=9901, device_serial_number="T",
+        slices, result, spec, identity=ObjectIdentity(derive_uid("s1"), derive_uid("i1"), 9901, "T"),
     )  # fmt: skip
     sr = build_measurement_report(
         seg, slices, result, spec, design="segment", series_instance_uid=derive_uid("s2"),

@@ -214,13 +214,8 @@ class ConsoleService:
         return [job_summary(j) for j in self.reports.jobs(listing)]
 
     def job(self, job_id: int) -> schemas.JobDetail:
-        """A job with its stages and timings, its claims and what its route snapshot planned.
-
-        Raises
-        ------
-        NotFoundError
-            No such job.
-        """
+        """A job with its stages and timings, its claims and what its route snapshot planned
+        (:class:`~node.errors.NotFoundError` if unknown)."""
         job = self.index.job(job_id)
         if job is None:
             raise NotFoundError(f"no job {job_id}")

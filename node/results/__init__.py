@@ -16,6 +16,7 @@ from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Volume
 from node.deid.pseudonyms import derive_uid
 from node.errors import ResultBuildError
 from node.results.gsps import build_presentation_state
+from node.results.identity import ObjectIdentity
 from node.results.kos import build_rejection_note
 from node.results.outline import has_voxels
 from node.results.sc import build_key_images
@@ -98,10 +99,8 @@ def build_results(
     segments = bool(result.segments) and "SEG" in spec.outputs
     seg = None
     if segments and ({"SEG", "SR-segment"} & wanted):
-        seg = build_segmentation(
-            sources, result, spec, series_instance_uid=uid("seg-series"), sop_instance_uid=uid("seg"),
-            series_number=SEG_SERIES_NUMBER, device_serial_number=node_ae_title,
-        )  # fmt: skip
+        identity = ObjectIdentity(uid("seg-series"), uid("seg"), SEG_SERIES_NUMBER, node_ae_title)
+        seg = build_segmentation(sources, result, spec, identity=identity)
     built = [seg] if seg is not None and "SEG" in wanted else []
     device_uid = derive_uid("ainode-device", node_ae_title)
     for kind, design, number in (
@@ -120,8 +119,8 @@ def build_results(
     if "GSPS" in wanted and (voxels or any(f.location is not None for f in result.findings)):
         built.append(
             build_presentation_state(
-                sources, result, spec, series_instance_uid=uid("gsps-series"), sop_instance_uid=uid("gsps"),
-                series_number=GSPS_SERIES_NUMBER, device_serial_number=node_ae_title,
+                sources, result, spec,
+                identity=ObjectIdentity(uid("gsps-series"), uid("gsps"), GSPS_SERIES_NUMBER, node_ae_title),
             )
         )  # fmt: skip
     if "SC" in wanted and voxels and volume is not None:

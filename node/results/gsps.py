@@ -19,7 +19,7 @@ from pydicom import Dataset
 from ainode_sdk.base import AlgorithmResult, AlgorithmSpec
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
-from node.results.identity import object_identity
+from node.results.identity import ObjectIdentity
 from node.results.legend import measurement_lines
 from node.results.outline import measured_regions, segment_regions
 from node.results.seg import cielab, content_label, segment_colour
@@ -36,14 +36,7 @@ def _layer_name(prefix: str, number: int) -> str:
 
 
 def build_presentation_state(
-    sources: Sequence[Dataset],
-    result: AlgorithmResult,
-    spec: AlgorithmSpec,
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int,
-    device_serial_number: str,
+    sources: Sequence[Dataset], result: AlgorithmResult, spec: AlgorithmSpec, *, identity: ObjectIdentity
 ) -> Dataset:
     """Build the GSPS that outlines ``result``'s segments on ``sources``.
 
@@ -88,7 +81,7 @@ def build_presentation_state(
             raise ResultBuildError("GSPS: nothing to draw (no segment voxel and no located finding)")
         gsps = hd.pr.GrayscaleSoftcopyPresentationState(
             referenced_images=list(sources),
-            **object_identity(series_instance_uid, sop_instance_uid, series_number, spec, device_serial_number),
+            **identity.kwargs(spec),
             content_label=content_label(spec),
             content_description=f"{spec.name} {spec.version} outlines"[:64],
             graphic_annotations=annotations,

@@ -3,6 +3,7 @@ Equipment attributes highdicom's constructors take), in one place."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ainode_sdk.base import AlgorithmSpec
@@ -10,19 +11,25 @@ from ainode_sdk.base import AlgorithmSpec
 MANUFACTURER = "ainode"
 
 
-def object_identity(
-    series_instance_uid: str, sop_instance_uid: str, series_number: int, spec: AlgorithmSpec | None = None,
-    device_serial_number: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """The keyword arguments that identify a result object: its series and SOP instance (the
-    only instance of its series), the manufacturer and, for an algorithm's object, the algorithm
-    as model name and software version, the node (its AE title) as device serial number."""
-    identity: dict[str, Any] = {
-        "series_instance_uid": series_instance_uid, "series_number": series_number,
-        "sop_instance_uid": sop_instance_uid, "instance_number": 1, "manufacturer": MANUFACTURER,
-    }  # fmt: skip
-    if spec is not None:
-        identity |= {"manufacturer_model_name": spec.name, "software_versions": spec.version}
-    if device_serial_number is not None:
-        identity["device_serial_number"] = device_serial_number
-    return identity
+@dataclass(frozen=True)
+class ObjectIdentity:
+    """A result object's series and SOP instance (the only instance of its series) and the device
+    that made it (the node's AE title as Device Serial Number, when given)."""
+
+    series_instance_uid: str
+    sop_instance_uid: str
+    series_number: int
+    device_serial_number: str | None = None
+
+    def kwargs(self, spec: AlgorithmSpec | None = None) -> dict[str, Any]:
+        """The keyword arguments of a highdicom constructor; with ``spec``, the algorithm as
+        Manufacturer's Model Name and Software Versions."""
+        identity: dict[str, Any] = {
+            "series_instance_uid": self.series_instance_uid, "series_number": self.series_number,
+            "sop_instance_uid": self.sop_instance_uid, "instance_number": 1, "manufacturer": MANUFACTURER,
+        }  # fmt: skip
+        if spec is not None:
+            identity |= {"manufacturer_model_name": spec.name, "software_versions": spec.version}
+        if self.device_serial_number is not None:
+            identity["device_serial_number"] = self.device_serial_number
+        return identity

@@ -17,7 +17,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from node.errors import ResultBuildError
-from node.results.identity import object_identity
+from node.results.identity import ObjectIdentity
 
 KOS_SERIES_NUMBER = 9903
 REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # (113001, DCM), CID 7011
@@ -76,7 +76,7 @@ def build_rejection_note(
         note = hd.ko.KeyObjectSelectionDocument(
             evidence=list(withdrawn),
             content=content,
-            **object_identity(series_instance_uid, sop_instance_uid, KOS_SERIES_NUMBER),
+            **ObjectIdentity(series_instance_uid, sop_instance_uid, KOS_SERIES_NUMBER).kwargs(),
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ResultBuildError(f"rejection note: {type(exc).__name__}") from exc

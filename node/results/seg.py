@@ -19,7 +19,7 @@ from pydicom import Dataset
 from ainode_sdk.base import RGB, AlgorithmResult, AlgorithmSpec, Code, Segment
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
-from node.results.identity import object_identity
+from node.results.identity import ObjectIdentity
 
 # Display colours (sRGB) for segments that bring none: blue, green, yellow, red, magenta, cyan.
 _COLOURS: tuple[RGB, ...] = ((40, 110, 255), (40, 200, 80), (250, 215, 0), (230, 50, 50), (220, 60, 220), (0, 210, 210))
@@ -148,14 +148,7 @@ def _pixels(result: AlgorithmResult, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def build_segmentation(
-    sources: Sequence[Dataset],
-    result: AlgorithmResult,
-    spec: AlgorithmSpec,
-    *,
-    series_instance_uid: str,
-    sop_instance_uid: str,
-    series_number: int,
-    device_serial_number: str,
+    sources: Sequence[Dataset], result: AlgorithmResult, spec: AlgorithmSpec, *, identity: ObjectIdentity
 ) -> Dataset:
     """Build a binary SEG whose frames align with ``sources``.
 
@@ -185,7 +178,7 @@ def build_segmentation(
             pixel_array=pixels,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
-            **object_identity(series_instance_uid, sop_instance_uid, series_number, spec, device_serial_number),
+            **identity.kwargs(spec),
             series_description=f"{spec.name} segmentation",
             content_label=content_label(spec),
             content_description=spec.description[:64],

@@ -37,7 +37,7 @@ from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Code, Finding, Locat
 from node.deid.pseudonyms import derive_uid
 from node.errors import ResultBuildError
 from node.results.air import contributing_equipment
-from node.results.identity import object_identity
+from node.results.identity import ObjectIdentity
 from node.results.outline import Region, measured_regions
 from node.results.seg import algorithm_parameters, coded
 
@@ -309,7 +309,7 @@ def build_measurement_report(
         return hd.sr.Comprehensive3DSR(
             evidence=evidence,
             content=report,
-            **object_identity(series_instance_uid, sop_instance_uid, series_number),
+            **ObjectIdentity(series_instance_uid, sop_instance_uid, series_number).kwargs(),
             is_complete=True,
             series_description=f"{spec.name} {title}",
             contributing_equipment=contributing_equipment(spec),
