@@ -1,5 +1,8 @@
 """TorchScript and ONNX models with a declared pre-processing, run with MONAI's transforms.
 
+A 2D model (``preprocessing.slices``) runs slice by slice in the stored orientation with MONAI's
+``SliceInferer`` (see :meth:`_ExportedRuntime._infer_slices`); a 3D model as follows.
+
 Pre-processing (orientation, resampling to a spacing, intensity window or normalisation), MONAI's
 ``sliding_window_inference``, activation, ``Invertd`` back onto the original grid, argmax or
 threshold, and optionally the largest connected component of each label — in the same order as a
@@ -64,7 +67,9 @@ class _ExportedRuntime:
     def __init__(self, declaration: ModelDeclaration, device: Device) -> None:
         self.declaration = declaration
         self.device = device
-        self.preprocessing, self.postprocessing = _transforms(declaration)
+        assert declaration.preprocessing is not None
+        if not declaration.preprocessing.slices:
+            self.preprocessing, self.postprocessing = _transforms(declaration)
         self.memory_bytes = declaration.weights_path().stat().st_size
 
     def predict(self, batch: Any) -> Any:
@@ -77,6 +82,8 @@ class _ExportedRuntime:
 
         pre = self.declaration.preprocessing
         assert pre is not None
+        if pre.slices:
+            return self._infer_slices(volume)
         t: dict[str, float] = {}
         start = time.perf_counter()
         data = self.preprocessing({"image": to_metatensor(volume)})
@@ -94,6 +101,47 @@ class _ExportedRuntime:
         array = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
         t["postprocess_s"] = time.perf_counter() - start
         return from_monai(np.rint(array[0]).astype(np.int32)), t
+
+    def _infer_slices(self, volume: Volume) -> tuple[npt.NDArray[np.int32], dict[str, float]]:
+        """A 2D model (``preprocessing.slices``): the volume's axial slices in stored orientation,
+        intensities scaled, resampled in-plane to the declared matrix, ``slice_batch`` slices per
+        call (MONAI's ``SliceInferer``), the output resampled back and discretized."""
+        import torch
+        from monai import transforms as mt
+        from monai.inferers import SliceInferer
+
+        pre, post = self.declaration.preprocessing, self.declaration.postprocessing
+        assert pre is not None
+        t: dict[str, float] = {}
+        start = time.perf_counter()
+        image: Any = torch.from_numpy(np.ascontiguousarray(volume.voxels, dtype=np.float32))[None]  # (1, slices, r, c)
+        if pre.scale_intensity is not None:
+            s = pre.scale_intensity
+            image = mt.ScaleIntensityRange(s.a_min, s.a_max, s.b_min, s.b_max, clip=s.clip)(image)
+        slices, rows, columns = volume.voxels.shape
+        matrix = tuple(pre.matrix) if pre.matrix is not None else (rows, columns)
+        if matrix != (rows, columns):
+            image = mt.Resize((slices, *matrix), mode="bilinear")(image)
+        t["preprocess_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        inferer = SliceInferer(spatial_dim=0, roi_size=matrix, sw_batch_size=pre.slice_batch, progress=False)
+        with torch.no_grad():
+            pred: Any = inferer(torch.as_tensor(image)[None], self.predict)[0]  # (channels, slices, *matrix)
+        t["inference_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        if post.activation != "none":
+            pred = mt.Activations(sigmoid=post.activation == "sigmoid", softmax=post.activation == "softmax")(pred)
+        if matrix != (rows, columns):
+            pred = mt.Resize((slices, rows, columns), mode="bilinear")(pred)
+        if post.discretize == "argmax":
+            labels = mt.AsDiscrete(argmax=True)(pred)
+        else:
+            labels = mt.AsDiscrete(threshold=post.threshold)(pred[:1])
+        if post.largest_component:
+            labels = mt.KeepLargestConnectedComponent(applied_labels=sorted(self.declaration.labels) or None)(labels)
+        array = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
+        t["postprocess_s"] = time.perf_counter() - start
+        return np.rint(array[0]).astype(np.int32), t
 
 
 class TorchScriptRuntime(_ExportedRuntime):

@@ -101,10 +101,31 @@ class ModelResources(_Model):
     )
 
 
+class ScaleIntensity(_Model):
+    """MONAI's ``ScaleIntensityRange``: ``[a_min, a_max]`` mapped linearly onto ``[b_min, b_max]``
+    (HU in; e.g. HU + 1024 is ``a_min: -1024, a_max: 3071, b_min: 0, b_max: 4095``), clipped to
+    that range with ``clip``."""
+
+    a_min: float
+    a_max: float
+    b_min: float
+    b_max: float
+    clip: bool = True
+
+
 class Preprocessing(_Model):
     """Declared pre-processing of a TorchScript or ONNX model (what its training used), in MONAI's
-    conventions: the image is oriented to ``orientation``, resampled to ``spacing_mm`` (x, y, z),
-    its intensities windowed to ``[window_min, window_max]`` and scaled to ``[0, 1]``."""
+    conventions.
+
+    A 3D model (the default): the image is oriented to ``orientation``, resampled to ``spacing_mm``
+    (x, y, z), its intensities windowed to ``[window_min, window_max]`` and scaled to ``[0, 1]``,
+    and the network runs over it by sliding window (``roi_size``).
+
+    A 2D model (``slices: true``): the network sees axial slices in their stored orientation (rows,
+    columns as in the DICOM frames), ``slice_batch`` at a time (MONAI's ``SliceInferer``), each
+    resampled in-plane to ``matrix`` (rows, columns) and its output back (MONAI's ``Resize``),
+    intensities as ``scale_intensity`` says.
+    """
 
     spacing_mm: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)] | None = None
     orientation: str = "RAS"
@@ -116,12 +137,19 @@ class Preprocessing(_Model):
     overlap: Annotated[float, Field(ge=0, lt=1)] = 0.5
     sw_batch_size: Annotated[int, Field(ge=1)] = 4
     mode: Literal["constant", "gaussian"] = "constant"
+    slices: bool = Field(default=False, description="a 2D model: axial slices in stored orientation")
+    matrix: Annotated[list[Annotated[int, Field(ge=8)]], Field(min_length=2, max_length=2)] | None = Field(
+        default=None, description="2D: the in-plane size (rows, columns) the network expects; slices are resampled"
+    )
+    slice_batch: Annotated[int, Field(ge=1)] = Field(default=8, description="2D: slices per network call")
+    scale_intensity: ScaleIntensity | None = None
 
 
 class Postprocessing(_Model):
     """How a model's output becomes labels: ``argmax`` over channels (softmax first), or
-    ``threshold`` of a single sigmoid channel; optionally only the largest connected component of
-    each label is kept."""
+    ``threshold`` of a single channel (after a sigmoid, or ``activation: none`` when the network
+    already gives probabilities); optionally only the largest connected component of each label
+    is kept."""
 
     activation: Literal["softmax", "sigmoid", "none"] = "softmax"
     discretize: Literal["argmax", "threshold"] = "argmax"
