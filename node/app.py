@@ -70,16 +70,20 @@ def check_algorithms(settings: Settings, registry: Registry, where: str) -> None
     for i, route in enumerate(settings.routes):
         for j, ref in enumerate(route.algorithms):
             key = f"{where}: routes[{i}].algorithms[{j}]"
-            try:
-                algorithm = registry.get(ref.name)
-            except AlgorithmError as exc:
-                raise ConfigError(f"{key}: {exc}") from None
-            try:
-                algorithm.Params.model_validate(ref.parameters)
-            except ValidationError as exc:
-                err = exc.errors()[0]
-                field = ".".join(str(x) for x in err["loc"])
-                raise ConfigError(f"{key}.parameters.{field}: {err['msg']}") from None
+            served = [(key, ref.name, ref.parameters)]
+            if ref.canary is not None:
+                served.append((f"{key}.canary", ref.canary.algorithm, ref.canary.parameters))
+            for at, name, parameters in served:
+                try:
+                    algorithm = registry.get(name)
+                except AlgorithmError as exc:
+                    raise ConfigError(f"{at}: {exc}") from None
+                try:
+                    algorithm.Params.model_validate(parameters)
+                except ValidationError as exc:
+                    err = exc.errors()[0]
+                    field = ".".join(str(x) for x in err["loc"])
+                    raise ConfigError(f"{at}.parameters.{field}: {err['msg']}") from None
 
 
 def job_services(

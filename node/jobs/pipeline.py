@@ -25,6 +25,7 @@ from node.dicomio import decode
 from node.errors import AinodeError, LeaseLostError, OutOfResourcesError, QuarantinedError, is_transient
 from node.jobs.snapshot import JobPlan
 from node.jobs.stages import Services, Stages, rounded
+from node.routing.canary import CANARY_SECRET, serving
 from node.routing.router import completion_due, plan_routes
 from node.storage.index import InstanceRow, JobRow, JobState, PlannedJob, Stage, StudyState
 
@@ -86,14 +87,16 @@ class Pipeline:
         ):
             return []
         settings = self.s.settings
+        canary_key = self.s.secrets.get(CANARY_SECRET)
         planned = [
             PlannedJob(
-                plan.route.name, algorithm.name, series_key,
-                JobPlan.of(settings, plan.route, algorithm.name).to_json(), settings.digest,
+                plan.route.name, served, series_key, JobPlan.of(settings, plan.route, served).to_json(),
+                settings.digest,
             )
             for plan in plans
             for series_key in plan.series_keys
             for algorithm in plan.route.algorithms
+            for served in [serving(canary_key, study_key, plan.route.name, algorithm)]
         ]  # fmt: skip
         faults.point("plan:routed", index=self.s.index)
         done_reason = f"matched {', '.join(p.route.name for p in plans)}: nothing to run" if plans else None

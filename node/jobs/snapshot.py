@@ -51,10 +51,12 @@ class JobPlan:
     def of(cls, settings: Settings, route: Route, algorithm: str) -> JobPlan:
         """The plan of ``algorithm`` of ``route`` under ``settings``."""
         ref = next((a for a in route.algorithms if a.name == algorithm), None)
+        canary = next((a.canary for a in route.algorithms if a.canary and a.canary.algorithm == algorithm), None)
+        parameters = ref.parameters if ref is not None else canary.parameters if canary is not None else {}
         return cls(
             route=route.name,
             algorithm=algorithm,
-            parameters=dict(ref.parameters) if ref is not None else {},
+            parameters=dict(parameters),
             priority=route.priority,
             deidentification=settings.deidentification[route.deidentification],
             destinations={name: settings.destinations[name] for name in route.destinations},

@@ -199,11 +199,23 @@ class Completion(_Model):
     ] = None
 
 
+class Canary(_Model):
+    """A new version rolled out to part of a route's studies: ``algorithm`` (another declared model
+    or plugin) serves ``share`` of them, chosen by a keyed hash of the study key (the same studies
+    after a restart and on every worker); the rest keep the route's algorithm."""
+
+    algorithm: str
+    share: Annotated[float, Field(gt=0, le=1)]
+    parameters: dict[str, Any] = {}
+
+
 class AlgorithmRef(_Model):
-    """An algorithm of a route with the parameters it runs with (checked against its ``Params``)."""
+    """An algorithm of a route with the parameters it runs with (checked against its ``Params``),
+    and optionally a canary of a new version."""
 
     name: str
     parameters: dict[str, Any] = {}
+    canary: Canary | None = None
 
 
 def _algorithm_ref(value: Any) -> Any:
