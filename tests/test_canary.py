@@ -86,3 +86,29 @@ def test_a_canary_naming_an_unknown_algorithm_is_refused():
     }]})  # fmt: skip
     with pytest.raises(ConfigError, match=r"routes\[0\]\.algorithms\[0\]\.canary: no algorithm named 'no-such'"):
         check_algorithms(settings, Registry(), "x.yaml")
+
+
+def test_algorithms_list_shows_how_routes_use_each_version(tmp_path):
+    import subprocess
+
+    import yaml
+
+    from .peers import AINODE, ROOT
+
+    config = yaml.safe_load((ROOT / "config" / "lung-unet.example.yaml").read_text())
+    config["routes"] = [
+        {
+            "name": "lung",
+            "match": {"Modality": "CT"},
+            "algorithms": [{"name": "lung-unet", "canary": {"algorithm": "lung-unet-ts", "share": 0.25}}],
+        }
+    ]
+    path = tmp_path / "ainode.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**__import__("os").environ, "AINODE_KEY": "unused"}
+    listed = subprocess.run([AINODE, "algorithms", "list", "--config", str(path)], capture_output=True, text=True,
+                            cwd=ROOT, env=env, check=False)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert "used by: route lung: live" in listed.stdout
+    assert "used by: route lung: canary 25 % (of lung-unet)" in listed.stdout
+    assert "lung-ct-density 1.0.0 [plugin]" in listed.stdout and "used by: no route" in listed.stdout

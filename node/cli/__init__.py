@@ -187,8 +187,10 @@ def cmd_algorithms_list(args: argparse.Namespace) -> int:
     import json as json_
 
     from ainode_sdk.registry import select_device
+    from node.routing.canary import algorithm_roles
 
     registry, settings = _registry(args.config)
+    roles = algorithm_roles(settings) if settings is not None else {}
     for spec in registry.specs():
         accepts = spec.accepts
         declared = registry.declaration(spec.name)
@@ -199,6 +201,7 @@ def cmd_algorithms_list(args: argparse.Namespace) -> int:
             + (f", <= {accepts.max_slice_thickness_mm:g} mm" if accepts.max_slice_thickness_mm else "")
             + f"; outputs {', '.join(spec.outputs)}; ~{spec.resources.memory_gib:g} GiB, GPU {spec.resources.gpu}"
         )
+        print(f"    used by: {'; '.join(roles.get(spec.name, [])) or 'no route'}")
     if settings is not None:
         for status in sorted((settings.node.data_dir / "run").glob("models-*.json")):
             held = json_.loads(status.read_text())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from node.settings.config import AlgorithmRef
+from node.settings.config import AlgorithmRef, Settings
 
 CANARY_SECRET = "canary"
 
@@ -30,3 +30,16 @@ def serving(key: bytes, study_key: str, route: str, ref: AlgorithmRef) -> str:
     if ref.canary is not None and canary_point(key, study_key, route, ref.name) < ref.canary.share:
         return ref.canary.algorithm
     return ref.name
+
+
+def algorithm_roles(settings: Settings) -> dict[str, list[str]]:
+    """For each algorithm, how routes use it: ``"route R: live"``, or ``"route R: canary 25 %
+    (of A)"`` for a new version rolled out beside the live ``A``."""
+    roles: dict[str, list[str]] = {}
+    for route in settings.routes:
+        for ref in route.algorithms:
+            roles.setdefault(ref.name, []).append(f"route {route.name}: live")
+            if ref.canary is not None:
+                share = f"{ref.canary.share * 100:g} %"
+                roles.setdefault(ref.canary.algorithm, []).append(f"route {route.name}: canary {share} (of {ref.name})")
+    return roles
