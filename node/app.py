@@ -44,6 +44,7 @@ from node.jobs.retention import purge_expired, sweep_stage_outputs
 from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
 from node.process import ProcessLoop
 from node.receiver import AuditNotices, Receiver, ReceiverPool
+from node.routing.canary import CANARY_SECRET
 from node.settings import ActiveSettings, config_digest, load_settings
 from node.settings.config import Settings
 from node.storage.ingest import reconcile, reconcile_segments
@@ -144,6 +145,7 @@ class Node:
         self.where = str(config_path or "configuration")
         check_algorithms(settings, self.registry, self.where)  # a bad configuration is refused at once
         self.secrets.get("index")  # created now, before any other receiving process needs it
+        self.secrets.get(CANARY_SECRET)  # and before a full disk could stop a canary from being planned
         receivers = settings.node.receivers if config_path is not None else 1
         self.pool = (
             ReceiverPool(config_path, receivers, log_level, settings.node.network_timeout_s)

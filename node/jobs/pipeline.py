@@ -87,7 +87,8 @@ class Pipeline:
         ):
             return []
         settings = self.s.settings
-        canary_key = self.s.secrets.get(CANARY_SECRET)
+        canaries = any(ref.canary is not None for plan in plans for ref in plan.route.algorithms)
+        canary_key = self.s.secrets.get(CANARY_SECRET) if canaries else b""  # no write when none is needed
         planned = [
             PlannedJob(
                 plan.route.name, served, series_key, JobPlan.of(settings, plan.route, served).to_json(),
