@@ -58,6 +58,8 @@ MAX_UPLOAD_FILES = 32
 PUBLIC_BODIES = frozenset({"/login", "/api/login"})
 """The only paths whose body is read without a session."""
 UPLOAD_PATHS = frozenset({"/routing/test", "/api/routing/test-upload"})
+_USER = "ainode_user"
+"""Where :class:`RequestGuard` keeps the signed-in user of a request (its ASGI scope's state)."""
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
@@ -109,6 +111,9 @@ def signed_in(request: Request) -> CurrentUser:
     AuthenticationError
         No valid session.
     """
+    known = request.scope.get("state", {}).get(_USER)
+    if isinstance(known, CurrentUser):  # resolved by RequestGuard for this request already
+        return known
     return authenticator(request).user_of(request.cookies.get(SESSION_COOKIE))
 
 
@@ -245,10 +250,11 @@ class RequestGuard:
         request = Request(scope)
         if path not in PUBLIC_BODIES:
             try:
-                await run_in_threadpool(signed_in, request)
+                user = await run_in_threadpool(signed_in, request)
             except AinodeError as exc:  # no session: answered without reading the body
                 await self._refuse(path, exc, scope, receive, send)
                 return
+            scope.setdefault("state", {})[_USER] = user  # the endpoint does not look it up again
         cap = body_cap(path)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from node.errors import OutOfResourcesError, StorageError
+from node.errors import StorageError
 
 _LENGTH = struct.Struct("<I")
 _TAG = 16
+_CHECK_EVERY = 64 * 2**20
 
 
 class Spool:
@@ -31,26 +32,26 @@ class Spool:
     ----------
     folder
         Where the (unlinked) file is made: the store's ``tmp/``.
-    min_free_bytes
-        Writes that would leave less free disk are refused (the store's watermark).
+    check_space
+        Raises :class:`~node.errors.OutOfResourcesError` when writing that many bytes would pass
+        the disk watermark (:meth:`node.storage.store.ObjectStore.check_space`).
     """
 
-    def __init__(self, folder: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, folder: Path, check_space: Callable[[int], None] = lambda _n: None) -> None:
         self._fd = os.open(folder, os.O_RDWR | os.O_TMPFILE | os.O_EXCL, 0o600)
         self._aead = AESGCM(AESGCM.generate_key(bit_length=256))
         self._count = 0
         self.size = 0
-        self.min_free_bytes = min_free_bytes
+        self.check_space = check_space
         self._checked = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``, sealed; :class:`~node.errors.OutOfResourcesError` once the disk would
         pass the store's watermark (looked at every 64 MiB), :class:`~node.errors.StorageError`
         when the write fails."""
-        if self.size - self._checked > 64 * 2**20:  # look at the disk every 64 MiB
+        if self.size - self._checked > _CHECK_EVERY:  # look at the disk every 64 MiB
             self._checked = self.size
-            if os.fstatvfs(self._fd).f_bavail * os.fstatvfs(self._fd).f_frsize < self.min_free_bytes + 64 * 2**20:
-                raise OutOfResourcesError("the disk watermark would be passed while spooling a data set")
+            self.check_space(_CHECK_EVERY)
         sealed = self._aead.encrypt(self._count.to_bytes(12, "little"), bytes(data), None)
         self._count += 1
         try:

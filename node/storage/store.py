@@ -172,7 +172,7 @@ class ObjectStore:
 
     def spool(self) -> Spool:
         """A new encrypted spool for a large data set arriving (:mod:`node.storage.spool`)."""
-        return Spool(self.root / "tmp", self.min_free_bytes)
+        return Spool(self.root / "tmp", self.check_space)
 
     def _segment_dek(self, object_id: str, slots: tuple[Slot, Slot]) -> tuple[bytes, Slot, int]:
         """The data key of a segment record, from its newest slot that authenticates, with that
