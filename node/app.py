@@ -74,6 +74,9 @@ def check_algorithms(settings: Settings, registry: Registry, where: str) -> None
             served = [(key, ref.name, ref.parameters)]
             if ref.canary is not None:
                 served.append((f"{key}.canary", ref.canary.algorithm, ref.canary.parameters))
+            if j == 0:
+                served += [(f"{where}: routes[{i}].shadow[{k}]", s.algorithm, s.parameters)
+                           for k, s in enumerate(route.shadow)]  # fmt: skip
             for at, name, parameters in served:
                 try:
                     algorithm = registry.get(name)

@@ -41,6 +41,8 @@ from node.audit import (
 )
 from node.dicomio import configure_pydicom
 from node.errors import AinodeError
+from node.instances import STORAGE_SOP_CLASSES, ReceivedInstance
+from node.monitoring.feedback import KOS_SOP_CLASS, ReaderFeedback
 from node.network.scp import AssociationSummary, Handover, PeerRule, StorageSCP
 from node.network.tls import server_context
 from node.network.transport import ConnectionDispatcher, SharedCount, SharedTime, connection_line
@@ -101,10 +103,11 @@ class Receiver:
         self.audit = audit
         n = self.settings.node
         self.ingest = Ingest(store, index, secrets, n.max_queued_jobs)
+        self.feedback = ReaderFeedback(index, secrets, audit, n.ae_title)
         self.scp = StorageSCP(
             n.ae_title,
             peer_rules(self.settings),
-            self.ingest,
+            self._receive,
             on_security_event=self._association_refused,
             on_release=self._association_ended,
             on_refused_instance=self._instance_refused,
@@ -117,7 +120,16 @@ class Receiver:
             handover=handover,
             max_dataset_bytes=n.max_dataset_bytes,
             spool=store.spool,
+            sop_classes=(*STORAGE_SOP_CLASSES.values(), KOS_SOP_CLASS),
         )
+
+    def _receive(self, instance: ReceivedInstance) -> None:
+        """One C-STORE: a reader's rejection note is feedback (counted, never stored as a study),
+        anything else is stored (:class:`~node.storage.ingest.Ingest`)."""
+        if instance.sop_class_uid == KOS_SOP_CLASS:
+            self.feedback(instance)
+        else:
+            self.ingest(instance)
 
     def _logged_title(self, calling: str) -> str:
         """The calling AE title as the association log keeps it: a configured peer's, else

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from node.cli import admin
+from node.cli import admin, models
 from node.errors import AinodeError
 
 if TYPE_CHECKING:
@@ -186,22 +186,27 @@ def _registry(config: str | None) -> tuple[Registry, Settings | None]:
 def cmd_algorithms_list(args: argparse.Namespace) -> int:
     import json as json_
 
+    from ainode_sdk.errors import AlgorithmError
     from ainode_sdk.registry import select_device
     from node.routing.canary import algorithm_roles
 
     registry, settings = _registry(args.config)
     roles = algorithm_roles(settings) if settings is not None else {}
-    for spec in registry.specs():
+    for key in registry.names():
+        try:
+            spec = registry.get(key).spec
+        except AlgorithmError:
+            continue  # logged by the registry
         accepts = spec.accepts
-        declared = registry.declaration(spec.name)
+        declared = registry.declaration(key)
         kind = f"model ({declared.type}, {declared.path})" if declared else "plugin"
         print(
-            f"{spec.name} {spec.version} [{kind}]: {spec.description}\n"
+            f"{key}: {spec.name} {spec.version} [{kind}]: {spec.description}\n"
             f"    accepts {'/'.join(accepts.modalities)}, >= {accepts.min_slices} slices"
             + (f", <= {accepts.max_slice_thickness_mm:g} mm" if accepts.max_slice_thickness_mm else "")
             + f"; outputs {', '.join(spec.outputs)}; ~{spec.resources.memory_gib:g} GiB, GPU {spec.resources.gpu}"
         )
-        print(f"    used by: {'; '.join(roles.get(spec.name, [])) or 'no route'}")
+        print(f"    used by: {'; '.join(roles.get(key, [])) or 'no route'}")
     if settings is not None:
         for status in sorted((settings.node.data_dir / "run").glob("models-*.json")):
             held = json_.loads(status.read_text())
@@ -357,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deidentify)
 
     admin.register(sub)
+    models.register(sub)
     return parser
 
 

@@ -24,6 +24,12 @@ Metrics (``ainode_`` prefix)::
     model_load_seconds{model,device}             how long the model's last load took in its worker
     model_memory_bytes{model,device}             memory of a loaded model's weights
     gpu_memory_bytes{device}                     GPU memory reserved by the device's model worker
+    model_drift{model,version,feature}           PSI of an input or output feature, recent vs reference window
+    model_runs_total{model,version,role,outcome} jobs of a model version (live, canary, shadow) by outcome
+    model_outcome_ratio{model,version,outcome}   share of the recent window failed, refused, timed out, quarantined
+    model_inference_seconds_median{model,version,window}   median seconds per run, reference and recent window
+    model_window_studies{model,version,window}   jobs in each drift window
+    model_rejections_total{model,version,reason_code}      results rejected by readers (IOCM rejection notes)
 
 ``stage_seconds`` has the stages ``receive_to_complete`` (the study's last instance -> its jobs
 planned), ``deidentify``, ``load_volume``, ``inference``, ``build`` and ``deliver``. A calling AE
@@ -42,6 +48,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from node.jobs.model_workers import read_status
+from node.monitoring.summary import ModelSummary, model_summaries
 from node.settings.config import Settings
 from node.storage.index import Index, JobState, StudyState
 from node.storage.reports import Reports
@@ -138,6 +145,38 @@ class LedgerCollector(Collector):
         yield GaugeMetricFamily("ainode_store_objects", "Encrypted objects the index names", value=stored)
         yield from _association_metrics(associations, refusals)
         yield from _model_metrics(read_status(settings.node.data_dir / "run"))
+        yield from monitoring_metrics(model_summaries(self.index, settings.monitoring))
+
+
+def monitoring_metrics(summaries: Iterable[ModelSummary]) -> Iterator[Metric]:
+    """The models' monitoring metrics (:mod:`node.monitoring`), per model and version."""
+    labels = ["model", "version"]
+    drift = GaugeMetricFamily("ainode_model_drift", "PSI of a feature, recent window vs reference window",
+                              labels=[*labels, "feature"])  # fmt: skip
+    runs = CounterMetricFamily("ainode_model_runs", "Jobs of the model version by role and outcome",
+                               labels=[*labels, "role", "outcome"])  # fmt: skip
+    ratio = GaugeMetricFamily("ainode_model_outcome_ratio", "Share of the recent window's jobs with this outcome",
+                              labels=[*labels, "outcome"])  # fmt: skip
+    seconds = GaugeMetricFamily("ainode_model_inference_seconds_median", "Median seconds per run in the window",
+                                labels=[*labels, "window"])  # fmt: skip
+    window = GaugeMetricFamily("ainode_model_window_studies", "Jobs in the drift window", labels=[*labels, "window"])
+    rejections = CounterMetricFamily("ainode_model_rejections", "Results rejected by readers (IOCM rejection notes)",
+                                     labels=[*labels, "reason_code"])  # fmt: skip
+    for m in summaries:
+        for d in m.drift:
+            drift.add_metric([m.model, m.version, d.feature], d.psi)
+        for (role, outcome), count in m.role_outcomes.items():
+            runs.add_metric([m.model, m.version, role, outcome], float(count))
+        for outcome, share in m.recent_ratios.items():
+            ratio.add_metric([m.model, m.version, outcome], share)
+        for name, value in m.inference_s.items():
+            if value is not None:
+                seconds.add_metric([m.model, m.version, name], value)
+        window.add_metric([m.model, m.version, "reference"], float(m.reference_n))
+        window.add_metric([m.model, m.version, "recent"], float(m.recent_n))
+        for (code, _reason), count in m.rejections.items():
+            rejections.add_metric([m.model, m.version, code], float(count))
+    yield from (drift, runs, ratio, seconds, window, rejections)
 
 
 def _association_metrics(associations: Iterable[Any], refusals: Iterable[Any]) -> Iterator[Metric]:

@@ -22,9 +22,10 @@ from pydicom import Dataset
 from ainode_sdk import errors as sdk
 from node import faults
 from node.dicomio import decode
-from node.errors import AinodeError, LeaseLostError, OutOfResourcesError, QuarantinedError, is_transient
+from node.errors import AinodeError, ConfigError, LeaseLostError, OutOfResourcesError, QuarantinedError, is_transient
 from node.jobs.snapshot import JobPlan
 from node.jobs.stages import Services, Stages, rounded
+from node.monitoring.compare import compare_shadows
 from node.routing.canary import CANARY_SECRET, serving
 from node.routing.router import completion_due, plan_routes
 from node.storage.index import InstanceRow, JobRow, JobState, PlannedJob, Stage, StudyState
@@ -96,8 +97,10 @@ class Pipeline:
             )
             for plan in plans
             for series_key in plan.series_keys
-            for algorithm in plan.route.algorithms
-            for served in [serving(canary_key, study_key, plan.route.name, algorithm)]
+            for served in [
+                *(serving(canary_key, study_key, plan.route.name, ref) for ref in plan.route.algorithms),
+                *(shadow.algorithm for shadow in plan.route.shadow),
+            ]
         ]  # fmt: skip
         faults.point("plan:routed", index=self.s.index)
         done_reason = f"matched {', '.join(p.route.name for p in plans)}: nothing to run" if plans else None
@@ -217,12 +220,28 @@ class Pipeline:
             self._close(job, state, reason=reason, timings=timings, stage=stage)
         except LeaseLostError:
             return JobState.RUNNING
+        outcome = "timeout" if state == JobState.FAILED and "past its timeout" in reason else str(state)
+        try:
+            plan: JobPlan | None = self._plan(job)
+        except ConfigError:  # its route is gone: recorded without its role
+            plan = None
+        self.stages.record_outcome(job, plan, outcome, reason)
         return state
 
-    def _run_stages(self, job: JobRow, t: dict[str, float], queues: Collection[str] | None) -> str:
-        plan = JobPlan.from_json(job.route_snapshot) if job.route_snapshot else (
+    def _plan(self, job: JobRow) -> JobPlan:
+        """The job's plan: its snapshot, or (jobs of releases without one) its route as now.
+
+        Raises
+        ------
+        ConfigError
+            The snapshot cannot be read, or (no snapshot) the route is no longer configured.
+        """
+        return JobPlan.from_json(job.route_snapshot) if job.route_snapshot else (
             JobPlan.current(self.s.settings, job.route, job.algorithm)
         )  # fmt: skip
+
+    def _run_stages(self, job: JobRow, t: dict[str, float], queues: Collection[str] | None) -> str:
+        plan = self._plan(job)
         if self._supersede_if_stale(job):
             return JobState.SUPERSEDED
         outputs = job.stage_outputs
@@ -257,6 +276,7 @@ class Pipeline:
         self.stages.withdraw_superseded(job, plan, objects[0])
         t["delivered_at"] = time.time()
         self._close(job, JobState.DELIVERED, stage=Stage.DONE, reason=None, timings=t)
+        self.stages.record_outcome(job, plan, "delivered", None)
         logger.info("results delivered", extra={"job_id": job.id, **rounded(t)})
         return JobState.DELIVERED
 
@@ -298,6 +318,7 @@ class Pipeline:
         jobs = [j for j in self.s.index.jobs(study_key) if j.generation == study.generation]
         if any(j.state in (JobState.PENDING, JobState.RUNNING) for j in jobs):
             return
+        compare_shadows(self.s.index, self.s.store, jobs)  # once every job of the generation ended
         failed = [j for j in jobs if j.state == JobState.FAILED]
         if failed:
             self.s.index.set_study_state(study_key, StudyState.FAILED, reason=f"{len(failed)} job(s) failed")

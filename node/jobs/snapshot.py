@@ -11,7 +11,7 @@ delivers: they say where, not what.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
@@ -37,7 +37,12 @@ class JobPlan:
     deidentification
         The de-identification profile (PS3.15 Annex E options) the series is de-identified with.
     destinations
-        Destination name -> its definition (type, peer or folder, result objects).
+        Destination name -> its definition (type, peer or folder, result objects): the route's
+        clinical destinations for a live or canary job, its research ones for a shadow.
+    role
+        ``live``, ``canary`` (a new version serving part of the route) or ``shadow`` (a silent
+        trial, compared with the live algorithm ``against``; ``segments`` pairs its segments
+        with the reference's, see :class:`node.settings.config.Shadow`).
     """
 
     route: str
@@ -46,20 +51,36 @@ class JobPlan:
     priority: str
     deidentification: Deidentification
     destinations: dict[str, Any]
+    role: str = "live"
+    against: str | None = None
+    segments: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, settings: Settings, route: Route, algorithm: str) -> JobPlan:
-        """The plan of ``algorithm`` of ``route`` under ``settings``."""
+        """The plan of ``algorithm`` of ``route`` under ``settings`` (its role on the route decides
+        its destinations)."""
         ref = next((a for a in route.algorithms if a.name == algorithm), None)
         canary = next((a.canary for a in route.algorithms if a.canary and a.canary.algorithm == algorithm), None)
+        shadow = next((s for s in route.shadow if s.algorithm == algorithm), None)
         parameters = ref.parameters if ref is not None else canary.parameters if canary is not None else {}
+        role = "live" if ref is not None else "canary" if canary is not None else "shadow" if shadow else "live"
+        if shadow is not None and ref is None and canary is None:
+            parameters = shadow.parameters
+        research = role == "shadow"
         return cls(
             route=route.name,
             algorithm=algorithm,
             parameters=dict(parameters),
             priority=route.priority,
             deidentification=settings.deidentification[route.deidentification],
-            destinations={name: settings.destinations[name] for name in route.destinations},
+            destinations={
+                name: settings.destinations[name]
+                for name in route.destinations
+                if settings.destinations[name].research == research
+            },
+            role=role,
+            against=route.reference_of(shadow) if role == "shadow" and shadow is not None else None,
+            segments=dict(shadow.segments) if role == "shadow" and shadow is not None else {},
         )
 
     def to_json(self) -> str:
@@ -73,6 +94,9 @@ class JobPlan:
                 "deidentification": self.deidentification.model_dump(mode="json"),
                 # a list: the route's order of destinations is the order of delivery
                 "destinations": [[n, _DESTINATION.dump_python(d, mode="json")] for n, d in self.destinations.items()],
+                "role": self.role,
+                "against": self.against,
+                "segments": self.segments,
             },
             sort_keys=True,
         )
@@ -95,6 +119,9 @@ class JobPlan:
                 priority=data["priority"],
                 deidentification=Deidentification.model_validate(data["deidentification"]),
                 destinations={n: _DESTINATION.validate_python(d) for n, d in data["destinations"]},
+                role=data.get("role", "live"),
+                against=data.get("against"),
+                segments=data.get("segments") or {},
             )
         except (ValueError, KeyError, ValidationError) as exc:
             raise ConfigError(f"the job's route snapshot cannot be read: {exc}") from None
@@ -114,9 +141,11 @@ class JobPlan:
         return cls.of(settings, route, algorithm)
 
     def result_kinds(self) -> set[ResultKind]:
-        """The kinds of result object the plan's destinations receive (SEG and SR when none is named)."""
+        """The kinds of result object the plan's destinations receive (SEG and SR when none is
+        named; a shadow's always include the SEG its comparison reads)."""
         kinds: set[ResultKind] = set().union(*(d.result_kinds() for d in self.destinations.values()))
-        return kinds or {"SEG", "SR"}
+        kinds = kinds or {"SEG", "SR"}
+        return kinds | {"SEG"} if self.role == "shadow" else kinds
 
     def settings_for_delivery(self, settings: Settings) -> Settings:
         """``settings`` with this plan's destinations (peers, their addresses and TLS as now).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import pickle
 import time
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom import Dataset
 
 from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Volume
+from ainode_sdk.errors import AlgorithmError
 from ainode_sdk.registry import Registry
 from node import faults
 from node.audit import (
@@ -48,6 +50,7 @@ from node.jobs.runner import algorithm_params, run_algorithm
 from node.jobs.series import SeriesWrite, drop_pixel_data, unframe_series
 from node.jobs.snapshot import JobPlan
 from node.jobs.volume import load_volume, sort_slices
+from node.monitoring.describe import describe_inputs, describe_outputs
 from node.settings import ActiveSettings
 from node.settings.config import Deidentification, Settings
 from node.storage.damage import Damage, set_aside
@@ -210,6 +213,7 @@ class Stages:
             start = time.perf_counter()
             datasets = self.deidentified_series(job, deidentified)
             volume, _slices = load_volume(datasets, allocate=shared.allocate)
+            inputs = describe_inputs(datasets)
             series = self._series.get(job.id)
             if series is not None:
                 self._begin_write(series)  # framed and written while the algorithm runs
@@ -230,7 +234,14 @@ class Stages:
             )  # fmt: skip
             t.update(seconds)
             t["algorithm_s"] = time.perf_counter() - start
+            outputs = describe_outputs(unpack_result(packed), volume)
             del volume
+        self.s.index.record_model_run(
+            job.id, route=plan.route, algorithm=plan.algorithm, model=spec.name, version=spec.version, role=plan.role,
+            against=plan.against, outcome="analysed", reason=None, inference_s=round(t["algorithm_s"], 3),
+            inputs=json.dumps(inputs, sort_keys=True), outputs=json.dumps(outputs, sort_keys=True),
+            comparison=None, recorded_at=self.s.clock(),
+        )  # fmt: skip
         faults.point("stage:analyse", index=self.s.index)  # inferred, nothing stored yet
         study_uid = self.maps.original_study_uid(job.study_key)
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"algorithm {spec.name} {spec.version} ran on {self.s.device}")
@@ -280,15 +291,35 @@ class Stages:
         built = build_results(slices, result, spec, uid, node_title, kinds, volume)
         del volume
         pseudo_study = {str(slices[0].StudyInstanceUID)}
-        ids = []
+        ids: list[str] = []
+        keys: list[str] = []  # a reader's rejection note references these (re-identified) UIDs
         for number, obj in enumerate(built):
             obj = copy.deepcopy(obj)  # highdicom shares data elements between SEG and SR
             reidentify(obj, mapping, pseudo_study)
             ids.append(self.s.store.put(encode(obj), object_id=stage_object_id(job, "result", number)))
+            keys.append(self.s.secrets.index_key(str(obj.SOPInstanceUID)))
             if number == 0:
                 faults.point("stage:build", index=self.s.index)  # one result object stored
+        self.s.index.add_result_keys(job.id, keys)
         t["build_results_s"] = time.perf_counter() - start
         return ids
+
+    def record_outcome(self, job: JobRow, plan: JobPlan | None, outcome: str, reason: str | None) -> None:
+        """Record how the job's model run ended (``delivered``, ``refused``, ``failed``,
+        ``timeout``, ``quarantined``) in its monitoring record."""
+        values: dict[str, Any] = {"outcome": outcome, "reason": reason[:300] if reason else None}
+        if self.s.index.model_record(job.id) is None:  # it ended before its model ran
+            try:
+                spec = self.s.registry.get(job.algorithm).spec
+                model, version = spec.name, spec.version
+            except AlgorithmError:
+                model, version = job.algorithm, "?"
+            values.update(
+                route=job.route, algorithm=job.algorithm, model=model, version=version,
+                role=plan.role if plan else "live", against=plan.against if plan else None,
+                recorded_at=self.s.clock(),
+            )  # fmt: skip
+        self.s.index.record_model_run(job.id, **values)
 
     # -- deliver ---------------------------------------------------------------------------------
 

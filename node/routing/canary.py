@@ -33,8 +33,9 @@ def serving(key: bytes, study_key: str, route: str, ref: AlgorithmRef) -> str:
 
 
 def algorithm_roles(settings: Settings) -> dict[str, list[str]]:
-    """For each algorithm, how routes use it: ``"route R: live"``, or ``"route R: canary 25 %
-    (of A)"`` for a new version rolled out beside the live ``A``."""
+    """For each algorithm, how routes use it: ``"route R: live"``, ``"route R: canary 25 %
+    (of A)"`` for a new version rolled out beside the live ``A``, or ``"route R: shadow (against
+    A)"`` for one in a silent trial."""
     roles: dict[str, list[str]] = {}
     for route in settings.routes:
         for ref in route.algorithms:
@@ -42,4 +43,8 @@ def algorithm_roles(settings: Settings) -> dict[str, list[str]]:
             if ref.canary is not None:
                 share = f"{ref.canary.share * 100:g} %"
                 roles.setdefault(ref.canary.algorithm, []).append(f"route {route.name}: canary {share} (of {ref.name})")
+        for shadow in route.shadow:
+            roles.setdefault(shadow.algorithm, []).append(
+                f"route {route.name}: shadow (against {route.reference_of(shadow)})"
+            )
     return roles

@@ -137,6 +137,11 @@ class _ResultObjects(_Model):
         description="planar: each group outlined on its representative slice (OHIF displays it); segment: groups "
         "referencing the SEG's segments (3D Slicer QuantitativeReporting, dcmqi; OHIF 3.13 cannot open it); both",
     )
+    research: bool = Field(
+        False,
+        description="a research destination: it receives the results of shadow (silent) trials and nothing else; "
+        "the others (clinical) never receive a shadow's results",
+    )
 
     @model_validator(mode="after")
     def _check_objects(self) -> _ResultObjects:
@@ -218,6 +223,20 @@ class AlgorithmRef(_Model):
     canary: Canary | None = None
 
 
+class Shadow(_Model):
+    """An algorithm in a silent trial on a route: it runs on the same series as the live ones, its
+    results are built and kept (sent only to research destinations), and each is compared with the
+    results of ``against`` (one of the route's live algorithms; default: the first) — per segment
+    Dice, volume difference and the difference of each measurement. Segments are paired by label;
+    ``segments`` pairs a shadow segment with the union of several of the reference's
+    (``{Lung: [Left lung, Right lung]}``)."""
+
+    algorithm: str
+    parameters: dict[str, Any] = {}
+    against: str | None = None
+    segments: dict[str, list[str]] = {}
+
+
 def _algorithm_ref(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
@@ -231,10 +250,31 @@ class Route(_Model):
     level: Literal["series", "study"] = "series"
     match: Annotated[Condition, BeforeValidator(_parse_match), WithJsonSchema(CONDITION_JSON_SCHEMA)]
     algorithms: list[Annotated[AlgorithmRef, BeforeValidator(_algorithm_ref)]] = []
+    shadow: list[Shadow] = Field(default=[], description="algorithms in a silent trial beside the live ones")
     destinations: list[str] = []
     completion: Completion = Completion()
     deidentification: str = "default"
     priority: Literal["stat", "routine", "background"] = "routine"
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> Route:
+        live = [a.name for a in self.algorithms]
+        canaries = [a.canary.algorithm for a in self.algorithms if a.canary is not None]
+        for i, shadow in enumerate(self.shadow):
+            if shadow.algorithm in live or shadow.algorithm in canaries:
+                raise ValueError(f"shadow[{i}].algorithm: {shadow.algorithm!r} already serves this route")
+            if shadow.against is not None and shadow.against not in live:
+                raise ValueError(f"shadow[{i}].against: {shadow.against!r} is not a live algorithm of this route")
+            if shadow.against is None and not live:
+                raise ValueError(f"shadow[{i}]: a shadow needs a live algorithm on its route to be compared with")
+        named = [s.algorithm for s in self.shadow]
+        if len(set(named)) != len(named):
+            raise ValueError("shadow: an algorithm is listed twice")
+        return self
+
+    def reference_of(self, shadow: Shadow) -> str:
+        """The live algorithm a shadow's results are compared with."""
+        return shadow.against or self.algorithms[0].name
 
 
 class Routing(_Model):
@@ -387,6 +427,18 @@ class CelerySettings(_Model):
         return sorted({self.queue, *self.analyse_queues.values()})
 
 
+class Monitoring(_Model):
+    """What the node watches of each model and version (post-market monitoring).
+
+    Drift compares a reference window — the first ``reference_studies`` jobs of a model version,
+    or the dates set with ``ainode models baseline`` — with the most recent ``recent_studies``:
+    the population stability index (PSI) of each input descriptor and output value."""
+
+    reference_studies: Annotated[int, Field(ge=5)] = 50
+    recent_studies: Annotated[int, Field(ge=5)] = 50
+    bins: Annotated[int, Field(ge=2, le=50)] = 10
+
+
 class Settings(_Model):
     """The whole configuration file."""
 
@@ -405,6 +457,7 @@ class Settings(_Model):
     storage: StorageSettings = StorageSettings()
     celery: CelerySettings = CelerySettings()
     console: ConsoleSettings = ConsoleSettings()
+    monitoring: Monitoring = Monitoring()
     _digest: str = PrivateAttr(default="")
 
     def set_digest(self, digest: str) -> None:

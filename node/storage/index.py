@@ -26,6 +26,7 @@ from node.errors import IndexUnavailableError, StorageError
 from node.storage import schema
 from node.storage.accounts import Accounts
 from node.storage.ledger import Ledger
+from node.storage.records import ModelRecords
 from node.storage.tables import (
     STAGE_PREFIX,
     Base,
@@ -103,7 +104,7 @@ def _sqlite_pragmas(busy_timeout_s: float) -> Any:
     return on_connect
 
 
-class Index(Ledger, Accounts):
+class Index(Ledger, Accounts, ModelRecords):
     """Access to the index database.
 
     Parameters

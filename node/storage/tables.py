@@ -24,7 +24,7 @@ import enum
 import json
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import BigInteger, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -202,6 +202,68 @@ class AssociationRow(Base):
     refused_statuses: Mapped[str] = mapped_column(Text, default="{}")
     """JSON: DIMSE status name -> instances refused with it."""
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class ModelRecordRow(Base):
+    """What one job's model saw and said (post-market monitoring, :mod:`node.monitoring`), kept
+    after the study is purged: the model (name, version) and how the route used it (role), the
+    outcome, the input's descriptors and the outputs' summaries (JSON, no PHI), and for a shadow
+    its comparison with the reference algorithm's results."""
+
+    __tablename__ = "model_records"
+    job_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    route: Mapped[str] = mapped_column(String(64))
+    algorithm: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    against: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    recorded_at: Mapped[float] = mapped_column(Float, index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    """``analysed`` (then ``delivered``), ``refused``, ``failed``, ``timeout``, ``quarantined``."""
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    inference_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    inputs: Mapped[str] = mapped_column(Text, default="{}")
+    outputs: Mapped[str] = mapped_column(Text, default="{}")
+    comparison: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class ResultKeyRow(Base):
+    """Which job built a result object, by the keyed digest of its SOP Instance UID (the
+    re-identified UID a PACS's rejection note references; the UID itself is not kept)."""
+
+    __tablename__ = "result_keys"
+    sop_key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class RejectionRow(Base):
+    """A reader's rejection of a job's results: an IHE IOCM rejection note (KOS) that referenced
+    them, with its title (CID 7011). One per job and note (a note sent twice counts once)."""
+
+    __tablename__ = "model_rejections"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+    note_key: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str] = mapped_column(String(64))
+    reason_code: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(64))
+    calling_ae_title: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[float] = mapped_column(Float)
+    __table_args__ = (UniqueConstraint("job_id", "note_key", name="uq_model_rejections_job_note"),)
+
+
+class BaselineRow(Base):
+    """The reference window of a model version's drift, set by ``ainode models baseline``."""
+
+    __tablename__ = "model_baselines"
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    start: Mapped[float] = mapped_column(Float)
+    end: Mapped[float] = mapped_column(Float)
+    set_at: Mapped[float] = mapped_column(Float)
 
 
 STAGE_PREFIX = "s"

@@ -173,7 +173,7 @@ class DeclaredModel:
         description = declaration.description or str(metadata.get("name") or f"{declaration.type} model")
         accepts = declaration.accepts
         self.spec = AlgorithmSpec(
-            name=name,
+            name=declaration.name or name,
             version=version,
             description=description[:64],
             accepts=SeriesRequirements(

@@ -162,6 +162,11 @@ class ModelDeclaration(_Model):
 
     type: Literal["monai_bundle", "torchscript", "onnx"]
     path: Path
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = Field(
+        default=None,
+        description="the model's name, shared by its versions declared side by side (TID 4019 Algorithm Name); "
+        "default: the declaration's key",
+    )
     version: str | None = Field(default=None, description="default: the bundle's metadata.json version")
     description: str = ""
     manufacturer: str = Field(
