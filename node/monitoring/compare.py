@@ -42,18 +42,25 @@ def seg_masks(seg: Dataset) -> SegMasks:
 
     Raises
     ------
-    ValueError
-        The SEG lacks the per-frame source references or pixel measures this reads.
+    TypeError, AttributeError
+        The SEG lacks the source references or pixel measures this reads.
     """
     labels = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
     pixels = seg.pixel_array
     pixels = pixels.reshape((-1, int(seg.Rows), int(seg.Columns))).astype(bool)
     frames: dict[str, dict[str, np.ndarray]] = {label: {} for label in labels.values()}
+    shared = seg.SharedFunctionalGroupsSequence[0]
+
+    def item(group: Dataset, keyword: str) -> Dataset:
+        """A functional group's macro: the frame's own, else the one shared by every frame."""
+        return (group.get(keyword) or shared.get(keyword))[0]
+
     for number, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        segment = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        source = str(group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        segment = int(item(group, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        derivation = item(group, "DerivationImageSequence")
+        source = str(derivation.SourceImageSequence[0].ReferencedSOPInstanceUID)
         frames[labels[segment]][source] = pixels[number]
-    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    measures = item(seg.PerFrameFunctionalGroupsSequence[0], "PixelMeasuresSequence")
     dy, dx = (float(v) for v in measures.PixelSpacing)
     thickness = float(measures.get("SpacingBetweenSlices") or measures.SliceThickness)
     return SegMasks(frames, dy * dx * thickness / 1000.0)
@@ -162,7 +169,7 @@ def _compare(index: Index, store: ObjectStore, job: JobRow, reference: JobRow, a
         if mine is None or theirs is None:
             return {"error": "no SEG among the results of " + ("the shadow" if mine is None else "the reference")}
         segments = compare_masks(seg_masks(mine), seg_masks(theirs), plan.get("segments") or {})
-    except (AinodeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+    except (AinodeError, ValueError, KeyError, AttributeError, IndexError, TypeError) as exc:
         logger.warning("shadow comparison failed: %s", exc, extra={"job_id": job.id})
         return {"error": f"comparison failed: {type(exc).__name__}: {exc}"[:300]}
     ours, ref_record = index.model_record(job.id), index.model_record(reference.id)

@@ -31,6 +31,7 @@ def build_rejection_note(
     device_name: str,
     device_uid: str,
     description: str,
+    title: hd.sr.CodedConcept | None = None,
 ) -> Dataset:
     """Build the IOCM Rejection Note that withdraws ``withdrawn`` (results of an earlier analysis).
 
@@ -45,6 +46,8 @@ def build_rejection_note(
         Name and UID of the observer device (the node), PS3.16 TID 1004.
     description
         Key Object Description, e.g. which analysis superseded the withdrawn objects.
+    title
+        The Document Title from CID 7011 (default (113001, DCM, "Rejected for Quality Reasons")).
 
     Returns
     -------
@@ -63,7 +66,7 @@ def build_rejection_note(
         raise ResultBuildError("withdrawn objects belong to more than one study")
     try:
         content = hd.ko.KeyObjectSelection(
-            document_title=REJECTED_FOR_QUALITY_REASONS,
+            document_title=title or REJECTED_FOR_QUALITY_REASONS,
             referenced_objects=list(withdrawn),
             observer_device_context=hd.sr.ObserverContext(
                 observer_type=codes.DCM.Device,
