@@ -237,7 +237,7 @@ def test_no_phi_in_any_page_or_api_response_for_a_viewer(console_node):
     cn, sent = console_node
     phi = _phi_of([f for files in sent.values() for f in files])
     viewer = cn.client("viewer")
-    bodies = _crawl(viewer, ["/", "/studies", "/jobs", "/routing", "/audit", "/keys"])
+    bodies = _crawl(viewer, ["/", "/studies", "/jobs", "/routing", "/models", "/audit", "/keys"])
     crawled = set(bodies)
     assert {p for p in crawled if p.startswith("/jobs/")} and {p for p in crawled if p.startswith("/studies/")}
     assert {"/audit/export?format=xml", "/audit/export?format=json", "/jobs?state=failed"} <= crawled, crawled

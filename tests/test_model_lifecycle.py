@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
 import secrets
 import subprocess
@@ -26,8 +27,10 @@ from pydicom.uid import generate_uid
 
 from node.results import build_rejection_note
 
+from .console import PASSWORDS
 from .peers import (
     AINODE,
+    CT_PATIENT_NAME,
     CT_SERIES,
     ROOT,
     NodeProcess,
@@ -42,6 +45,7 @@ from .peers import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+ARTEFACTS = Path(os.environ.get("AINODE_TEST_ARTEFACTS", ROOT / "test-artefacts")) / "models"
 SHARED_MODELS = ROOT.parent / "shared" / "models" / "lung_unet_small"
 ROUTES = [
     {"name": "unet", "match": {"Modality": "CT", "StudyDescription": "UNET"}, "completion": {"quiet_period_s": 1},
@@ -121,10 +125,17 @@ def site(tmp_path_factory) -> Any:
         "destinations": {"pacs": {"type": "dicom", "peer": "PACS"},
                          "research": {"type": "folder", "path": str(tmp / "research"), "research": True}},
         "routes": ROUTES, "models": _models(),
+        "console": {"host": "127.0.0.1", "port": free_port()},
+        "monitoring": {"reference_studies": 2, "recent_studies": 2},  # a few studies make a window here
     }  # fmt: skip
     path = tmp / "ainode.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {"AINODE_TEST_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
+    for name, password in PASSWORDS.items():
+        added = subprocess.run([AINODE, "users", "add", name, "--role", name, "--password-stdin", "--config",
+                                str(path)], input=password + "\n", capture_output=True, text=True,
+                               env={**os.environ, **env}, check=False)  # fmt: skip
+        assert added.returncode == 0, added.stderr
     node = start_node_process(path, config, env, tmp / "node.log")
     yield Site(pacs, node, tmp, config)
     node.stop()
@@ -285,3 +296,45 @@ def test_promotion_by_config_reload_serves_the_next_study_with_the_promoted_vers
     study_id, _sent = site.send("TRIAL")
     objects = _by_algorithm(site.results(study_id, 2))
     assert set(objects) == {("SEG", "lung-unet"), ("SR", "lung-unet")}
+
+
+def test_the_models_page_shows_versions_roles_comparisons_drift_and_rejections(site):
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    from .viewer import CHROMIUM
+
+    url = f"http://127.0.0.1:{site.config['console']['port']}"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(url + "/models")
+            page.fill("input[name=name]", "viewer")
+            page.fill("input[name=password]", PASSWORDS["viewer"])
+            page.click("button:has-text('Sign in')")
+            page.wait_for_url(url + "/models")
+            ARTEFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTEFACTS / "models-page.png"), full_page=True)
+            text = page.inner_text("main")
+            unet = page.inner_text("section#model-lung-unet-4e64091")
+            density = page.inner_text("section#model-lung-ct-density-1\\.0\\.0")
+            html = page.content()
+        finally:
+            browser.close()
+    # versions and how each route uses them (the trial was promoted: lung-unet is live on both routes)
+    assert "lung-unet-ts" in text and "lung-unet version 4e64091" in unet
+    assert "lung-unet: route unet: live" in unet and "lung-unet: route trial: live" in unet
+    # the shadow trial's comparison, the readers' rejections, drift with its charts
+    assert "Shadow comparison" in unet and "Lung vs Left lung + Right lung" in unet
+    assert "113001" in density and "Rejected for Quality Reasons" in density and "113037" in density
+    assert "PSI" in density and "output.Left lung.mean" in density
+    assert html.count("<polyline") >= 6
+    # no PHI for a viewer
+    assert CT_PATIENT_NAME not in html and not re.search(r"\d+\.\d+\.\d+\.\d+\.\d+\.\d+", text)
+    # an operator may look but not change routing: no form on the page, a reload is refused
+    client = httpx.Client(base_url=url, timeout=60)
+    login = client.post("/api/login", json={"name": "operator", "password": PASSWORDS["operator"]})
+    client.headers["X-CSRF-Token"] = login.json()["csrf_token"]
+    assert "<form" not in client.get("/models").text.split("<main>", 1)[1]
+    assert client.post("/api/routing/reload", json={"confirm": True}).status_code == 403

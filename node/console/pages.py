@@ -27,6 +27,7 @@ from node.console.auth import (
     new_token,
     tokens_equal,
 )
+from node.console.models import models_page
 from node.console.views import render
 from node.console.web import (
     LOGIN_REASONS,
@@ -166,6 +167,13 @@ def routing(request: Request) -> Response:
     user = signed_in(request)
     service = console(request)
     return render(request, "routing.html", title="Routing", user=user, r=service.routing(), series=service.series())
+
+
+@router.get("/models")
+def models(request: Request) -> Response:
+    user = signed_in(request)
+    ctx = console(request).ctx
+    return render(request, "models.html", title="Models", user=user, **models_page(ctx.data.index, ctx.settings()))
 
 
 @router.get("/audit")

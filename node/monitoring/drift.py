@@ -22,6 +22,8 @@ import numpy as np
 
 from node.storage.tables import ModelRecordRow
 
+DRIFT_ALERT = 0.25
+"""The PSI above which a feature counts as drifted: the shipped alert rule's threshold."""
 ANALYSED = ("analysed", "delivered")
 """Outcomes of a record whose model ran to the end (its outputs are summarised)."""
 

@@ -434,8 +434,8 @@ class Monitoring(_Model):
     or the dates set with ``ainode models baseline`` — with the most recent ``recent_studies``:
     the population stability index (PSI) of each input descriptor and output value."""
 
-    reference_studies: Annotated[int, Field(ge=5)] = 50
-    recent_studies: Annotated[int, Field(ge=5)] = 50
+    reference_studies: Annotated[int, Field(ge=1)] = 50
+    recent_studies: Annotated[int, Field(ge=1)] = 50
     bins: Annotated[int, Field(ge=2, le=50)] = 10
 
 
