@@ -117,3 +117,40 @@ def test_algorithms_list_shows_how_routes_use_each_version(tmp_path):
     assert "used by: route lung: live" in listed.stdout
     assert "used by: route lung: canary 25 % (of lung-unet)" in listed.stdout
     assert "lung-ct-density 1.0.0 [plugin]" in listed.stdout and "used by: no route" in listed.stdout
+
+
+def test_two_versions_of_one_model_side_by_side(tmp_path):
+    """``name`` and ``version``: two declarations of one model; the list shows each version and
+    how the routes use it (live, shadow)."""
+    import os
+    import subprocess
+
+    import yaml
+
+    from .peers import AINODE, ROOT
+
+    config = yaml.safe_load((ROOT / "config" / "lung-unet.example.yaml").read_text())
+    config["models"]["lung-unet-v2"] = {**config["models"]["lung-unet"], "name": "lung-unet", "version": "5"}
+    config["routes"] = [{"name": "lung", "match": {"Modality": "CT"}, "algorithms": ["lung-unet"],
+                         "shadow": [{"algorithm": "lung-unet-v2"}]}]  # fmt: skip
+    path = tmp_path / "ainode.yaml"
+    path.write_text(yaml.safe_dump(config))
+    settings = Settings.model_validate(config)
+    registry = Registry(models=settings.models)
+    one, two = registry.get("lung-unet").spec, registry.get("lung-unet-v2").spec
+    assert (one.name, one.version, two.name, two.version) == ("lung-unet", "4e64091", "lung-unet", "5")
+    assert one.weights_sha256 == two.weights_sha256
+    listed = subprocess.run([AINODE, "algorithms", "list", "--config", str(path)], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "AINODE_KEY": "unused"}, check=False)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert "lung-unet-v2: lung-unet 5 [model (onnx" in listed.stdout
+    assert "used by: route lung: shadow (against lung-unet)" in listed.stdout
+
+
+def test_a_shadow_must_name_a_live_algorithm_to_be_compared_with():
+    route = {**ROUTE, "shadow": [{"algorithm": "lung-unet-ts", "against": "no-such"}]}
+    with pytest.raises(ValueError, match=r"shadow\[0\]\.against: 'no-such' is not a live algorithm of this route"):
+        Settings.model_validate({"keys": {"provider": "env"}, "routes": [route]})
+    route = {**ROUTE, "shadow": [{"algorithm": "lung-ct-density"}]}
+    with pytest.raises(ValueError, match=r"shadow\[0\]\.algorithm: 'lung-ct-density' already serves this route"):
+        Settings.model_validate({"keys": {"provider": "env"}, "routes": [route]})

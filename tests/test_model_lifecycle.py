@@ -199,6 +199,10 @@ def test_the_lung_unet_runs_end_to_end_as_onnx_and_torchscript(site):
     assert volume == pytest.approx(int(onnx.sum()) * voxel_ml, rel=1e-4)
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert algorithm.AlgorithmVersion == "4e64091" and "weights_sha256" in str(algorithm.AlgorithmParameters)
+    tid4019 = {i.ConceptNameCodeSequence[0].CodeValue: str(i.get("TextValue", ""))
+               for i in _items(objects[("SR", "lung-unet")])}  # fmt: skip
+    assert tid4019["111001"] == "lung-unet" and tid4019["111003"] == "4e64091"  # Algorithm Name, Version
+    assert "weights_sha256=374b4942d649" in tid4019["111002"]  # Algorithm Parameters
 
 
 def test_a_shadow_reaches_no_clinical_destination_and_its_comparison_is_right(site):

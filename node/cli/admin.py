@@ -213,6 +213,12 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
         "worker", "lease_expires_at", "config_digest", "created_at", "updated_at",
     )  # fmt: skip
     info = {f: getattr(job, f) for f in fields} | {"timings": json.loads(job.timings), "results": job.result_ids}
+    record = _index(args.config).model_record(job.id)
+    if record is not None:  # what its model saw and said, and a shadow's comparison
+        info["model"] = {"name": record.model, "version": record.version, "role": record.role,
+                         "outcome": record.outcome, "inputs": json.loads(record.inputs),
+                         "outputs": json.loads(record.outputs),
+                         "comparison": json.loads(record.comparison) if record.comparison else None}  # fmt: skip
     print(json.dumps(info, indent=2))
     return 0
 

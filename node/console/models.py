@@ -65,8 +65,16 @@ def models_page(index: Index, settings: Settings) -> dict[str, Any]:
         used = [f"{key}: {role}" for key in summary.algorithms for role in roles.get(key, [])]
         view = VersionView(summary, used or ["no route now"])
         psi = {d.feature: d.psi for d in summary.drift}
-        varying = [f for f, v in summary.series.items() if len({y for _t, y in v}) > 1]  # a flat line says nothing
-        ranked = sorted(varying, key=lambda f: (-psi.get(f, 0), not f.startswith("output."), f))
+        # drifting first, then outputs that vary; a flat line (a constant) says least
+        ranked = sorted(
+            (f for f, v in summary.series.items() if len(v) > 1),
+            key=lambda f: (
+                -psi.get(f, 0),
+                len({y for _t, y in summary.series[f]}) == 1,
+                not f.startswith("output."),
+                f,
+            ),
+        )
         view.charts = [_chart(f, psi.get(f, 0.0), summary.series[f], summary.reference_end)
                        for f in ranked[:CHARTS_PER_MODEL]]  # fmt: skip
         if summary.roles.get("shadow"):
