@@ -11,8 +11,11 @@ another convolution kernel in their headers.
 
 from __future__ import annotations
 
+import base64
+import datetime
 import io
 import json
+import os
 import re
 import secrets
 import shutil
@@ -37,7 +40,7 @@ from node.storage.keys import KeyringProvider
 from node.storage.secrets import NodeSecrets
 from node.storage.store import ObjectStore
 
-from .peers import CT_PATIENT_NAME, CT_SERIES, ROOT, series_files
+from .peers import AINODE, CT_PATIENT_NAME, CT_SERIES, ROOT, series_files
 
 pytestmark = [pytest.mark.slow]
 
@@ -89,7 +92,13 @@ def monitored(tmp_path_factory) -> tuple[Index, Settings, ObjectStore, Path]:
                     "destinations": ["folder"], "completion": {"quiet_period_s": 1}}],
         "monitoring": {"reference_studies": 15, "recent_studies": 15, "bins": 5},
     })  # fmt: skip
-    store = ObjectStore(tmp / "data" / "store", KeyringProvider([secrets.token_bytes(32)]))
+    key = secrets.token_bytes(32)
+    (tmp / "ainode.yaml").write_text(yaml.safe_dump({  # for the ainode commands a test runs on this node
+        "node": {"data_dir": str(tmp / "data")}, "keys": {"provider": "env", "variable": "AINODE_TEST_KEY"},
+        "monitoring": {"reference_studies": 15, "recent_studies": 15, "bins": 5},
+    }))  # fmt: skip
+    (tmp / "key").write_text(base64.b64encode(key).decode())
+    store = ObjectStore(tmp / "data" / "store", KeyringProvider([key]))
     index = Index.for_data_dir(tmp / "data")
     node_secrets = NodeSecrets(store)
     clock = Clock()
@@ -195,3 +204,30 @@ def _annotations(labels: dict[str, str], scraped: str) -> dict[str, str]:
         "summary": f"{labels['model']} {labels['version']}: {labels['feature']} has drifted (PSI {value:.2f})",
         "description": rule["annotations"]["description"],
     }
+
+
+def test_a_baseline_set_by_dates_is_the_reference_window(monitored):
+    index, _settings, _store, tmp = monitored
+    records = index.model_records("lung-ct-density")
+
+    def iso(epoch: float) -> str:
+        return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat()
+
+    env = {**os.environ, "AINODE_TEST_KEY": (tmp / "key").read_text()}
+    config = str(tmp / "ainode.yaml")
+    # the first ten studies are the baseline: the recent window is what came after
+    baseline = subprocess.run([AINODE, "models", "baseline", "lung-ct-density", "--version", "1.0.0", "--from",
+                               iso(records[0].recorded_at - 1), "--until", iso(records[9].recorded_at + 1),
+                               "--config", config], capture_output=True, text=True, env=env, check=False)  # fmt: skip
+    assert baseline.returncode == 0, baseline.stderr
+    drift = subprocess.run([AINODE, "models", "drift", "lung-ct-density", "--config", config], capture_output=True,
+                           text=True, env=env, check=False)  # fmt: skip
+    assert drift.returncode == 0, drift.stderr
+    print(drift.stdout)
+    assert "lung-ct-density 1.0.0: reference 10 jobs (baseline dates), recent 15;" in drift.stdout
+    assert re.search(r"input.kernel\s+PSI\s+[0-9.]+  DRIFT", drift.stdout)
+    assert re.search(r"input.slices\s+PSI\s+0.000\n", drift.stdout)
+    wrong = subprocess.run([AINODE, "models", "baseline", "lung-ct-density", "--version", "1.0.0", "--from",
+                            "last week", "--until", "now", "--config", config], capture_output=True, text=True,
+                           env=env, check=False)  # fmt: skip
+    assert wrong.returncode != 0 and "'last week' is no ISO 8601 date" in wrong.stderr
