@@ -220,7 +220,8 @@ def test_a_baseline_set_by_dates_is_the_reference_window(monitored):
                                iso(records[0].recorded_at - 1), "--until", iso(records[9].recorded_at + 1),
                                "--config", config], capture_output=True, text=True, env=env, check=False)  # fmt: skip
     assert baseline.returncode == 0, baseline.stderr
-    drift = subprocess.run([AINODE, "models", "drift", "lung-ct-density", "--config", config], capture_output=True,
+    drift = subprocess.run([AINODE, "models", "drift", "lung-ct-density", "--top", "100", "--config", config],
+                           capture_output=True,
                            text=True, env=env, check=False)  # fmt: skip
     assert drift.returncode == 0, drift.stderr
     print(drift.stdout)
