@@ -1,7 +1,8 @@
 """An OpenID Connect provider for the console's single sign-on tests, on loopback: discovery,
 authorization endpoint (the user is already signed in: ``user`` holds their claims), token endpoint
 (client secret, PKCE S256 checked; refresh-token grants answered with the user's current
-claims), JWKS; ID tokens signed RS256 with joserfc. No pytest here."""
+claims; client-credentials grants give access tokens it can check), JWKS; ID tokens signed
+RS256 with joserfc. No pytest here."""
 
 from __future__ import annotations
 
@@ -40,6 +41,13 @@ class Provider:
     """How many refresh-token grants were answered (the console's role re-checks)."""
     nonce_override: str | None = None
     """Sign the next token with this nonce instead of the request's (a replayed or forged token)."""
+    access_tokens: dict[str, float] = field(default_factory=dict)
+    """Access tokens issued to clients (client-credentials grant) -> when each expires."""
+    token_lifetime_s: int = 300
+
+    def valid(self, token: str) -> bool:
+        """Whether ``token`` is an access token this provider issued and has not expired."""
+        return self.access_tokens.get(token, 0) > time.time()
 
 
 def _app(provider: Provider) -> FastAPI:
@@ -73,6 +81,10 @@ def _app(provider: Provider) -> FastAPI:
         if request.headers.get("authorization") != expected:
             raise HTTPException(401, "client authentication failed")
         now = int(time.time())
+        if grant_type == "client_credentials":  # a machine client (a DICOMweb destination's auth)
+            issued = secrets.token_urlsafe(16)
+            provider.access_tokens[issued] = time.time() + provider.token_lifetime_s
+            return {"access_token": issued, "token_type": "Bearer", "expires_in": provider.token_lifetime_s}
         if grant_type == "refresh_token":  # the user's claims as they are now at the provider
             if refresh_token not in provider.refresh_tokens:
                 raise HTTPException(400, "invalid_grant")

@@ -4,6 +4,7 @@ No pytest here, so ``bench/`` scripts can use it too."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -255,11 +256,16 @@ class Orthanc:
     http_port: int
     ae_title: str
     proc: subprocess.Popen[bytes]
+    credentials: tuple[str, str] | None = None
+    """A registered user when Orthanc's HTTP authentication is on."""
 
     def rest(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
         """Call Orthanc's REST API; JSON in and out (bytes out for ``/file``)."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if self.credentials is not None:
+            token = base64.b64encode(":".join(self.credentials).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(request, timeout=120) as response:
             payload = response.read()
         return payload if path.endswith("/file") else json.loads(payload or b"null")
@@ -282,6 +288,7 @@ def start_orthanc(
     http_port: int | None = None,
     lua_scripts: list[Path] | None = None,
     plugins: list[Path] | None = None,
+    users: dict[str, str] | None = None,
 ) -> Orthanc:
     """Start Orthanc in ``root`` knowing ainode as modality ``ainode`` at ``node_port`` (with
     ``plugins``, e.g. DICOMweb, served at ``/dicom-web/``)."""
@@ -293,7 +300,8 @@ def start_orthanc(
         "DicomPort": dicom_port,
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": users or {},
         "StorageDirectory": str(root / "storage"),
         "IndexDirectory": str(root / "index"),
         "DicomAlwaysAllowStore": True,
@@ -308,7 +316,7 @@ def start_orthanc(
     proc = subprocess.Popen(["/usr/sbin/Orthanc", str(root / "orthanc.json")], stdout=log, stderr=log, env=TOOL_ENV)
     wait_for_port(http_port, 60, proc)
     wait_for_port(dicom_port, 60, proc)
-    return Orthanc(dicom_port, http_port, "PACS", proc)
+    return Orthanc(dicom_port, http_port, "PACS", proc, next(iter(users.items())) if users else None)
 
 
 def start_node_process(config_path: Path, config: dict[str, Any], env: dict[str, str], log_path: Path) -> NodeProcess:

@@ -6,6 +6,8 @@ DICOMweb archive, say) is one class and one entry.
 
 - :class:`DicomPeer` sends by C-STORE (PS3.4 Annex B) over DICOM TLS when the peer asks for it,
   and withdraws with an IHE IOCM Rejection Note (a KOS referencing what it replaces).
+- :class:`DicomwebArchive` sends by STOW-RS (PS3.18) with the configured HTTP authentication, and
+  withdraws with the same rejection note, by STOW-RS.
 - :class:`Folder` writes PS3.10 files ``root/<StudyInstanceUID>/<Modality>_<SOPInstanceUID>.dcm``
   atomically, every path checked to stay under its root (:func:`node.paths.path_under`), and
   withdraws by deleting the superseded files.
@@ -23,10 +25,11 @@ from pydicom import Dataset
 
 from node.dicomio import encode
 from node.errors import DeliveryError
+from node.network.dicomweb import http_session, stow
 from node.network.scu import send_datasets
 from node.network.tls import client_context
 from node.paths import path_under
-from node.settings.config import DicomDestination, FolderDestination, Settings
+from node.settings.config import DicomDestination, DicomwebDestination, FolderDestination, Settings
 from node.uids import check_uid
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,38 @@ class DicomPeer:
         return True
 
 
+class DicomwebArchive:
+    """A DICOMweb service (``type: dicomweb``), reached by STOW-RS. A partial failure (PS3.18
+    Failed SOP Sequence) is sent again once, only what failed; what still fails is the error,
+    each object's failure reason named."""
+
+    def __init__(self, settings: Settings, config: DicomwebDestination) -> None:
+        self.config = config
+
+    def send(self, objects: Sequence[Dataset]) -> None:
+        session = http_session(self.config.auth, self.config.ca_certificates)
+        pending = list(objects)
+        for attempt in (1, 2):
+            outcome = stow(self.config.url, session, pending, self.config.timeout_s)
+            if not outcome.failed:
+                return
+            pending = [ds for ds in pending if str(ds.SOPInstanceUID) in outcome.failed]
+            reasons = sorted(set(outcome.failed.values()))
+            logger.warning("STOW-RS stored %d, %d failed (%s), attempt %d", len(outcome.stored),
+                           len(outcome.failed), ", ".join(reasons), attempt)  # fmt: skip
+            if not pending:  # the service named objects we did not send
+                break
+        kinds = ", ".join(f"{ds.Modality}" for ds in pending)
+        raise DeliveryError(f"STOW-RS: {len(outcome.failed)} object(s) not stored ({kinds}): failure reason "
+                            f"{', '.join(sorted(set(outcome.failed.values())))}")  # fmt: skip
+
+    def withdraw(self, superseded: Sequence[Dataset], note: Dataset) -> bool:
+        if not self.config.reject_superseded:
+            return False
+        self.send([note])
+        return True
+
+
 class Folder:
     """A folder the node owns (``type: folder``)."""
 
@@ -88,6 +123,7 @@ class Folder:
 DESTINATION_TYPES: dict[type, Callable[[Settings, Any], Destination]] = {
     DicomDestination: DicomPeer,
     FolderDestination: Folder,
+    DicomwebDestination: DicomwebArchive,
 }
 """Configuration model of a destination type -> the class that delivers to it."""
 

@@ -18,7 +18,7 @@ from pydicom.fileset import FileSet
 
 from node.conditions import evaluate, explain_tree
 from node.routing.router import Verdict, route_study
-from node.settings.config import DicomDestination, Route, Settings
+from node.settings.config import DicomDestination, DicomwebDestination, Route, Settings
 
 
 def _paths(paths: Sequence[Path]) -> Iterable[Path]:
@@ -99,7 +99,9 @@ def _explain(settings: Settings, route: Route, verdict: Verdict, header: dict[st
     where = []
     for name in route.destinations:
         dest = settings.destinations[name]
-        where.append(f"{name} (C-STORE to {dest.peer})" if isinstance(dest, DicomDestination) else f"{name} (folder)")
+        kind = (f"C-STORE to {dest.peer}" if isinstance(dest, DicomDestination)
+                else "STOW-RS" if isinstance(dest, DicomwebDestination) else "folder")  # fmt: skip
+        where.append(f"{name} ({kind})")
     lines.append(f"    -> runs {runs}; results to {', '.join(where) or 'nowhere'}")
     quiet = route.completion.quiet_period_s
     lines.append(f"    -> de-identification profile {route.deidentification!r}, quiet period {quiet:g} s")

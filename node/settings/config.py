@@ -176,7 +176,48 @@ class FolderDestination(_ResultObjects):
     path: Path
 
 
-Destination = Annotated[DicomDestination | FolderDestination, Field(discriminator="type")]
+class HttpAuth(_Model):
+    """How ainode authenticates to an HTTP (DICOMweb) peer. Secrets are never in the file: they
+    are read from the named environment variables when a request is made.
+
+    ``none``; ``basic`` (``username``, password from ``password_env``); ``bearer`` (a token from
+    ``token_env``); ``oauth2`` (OAuth 2.0 client credentials: ``token_url``, ``client_id``, the
+    secret from ``client_secret_env``, optional ``scope``; tokens are cached and renewed)."""
+
+    type: Literal["none", "basic", "bearer", "oauth2"] = "none"
+    username: str | None = None
+    password_env: str | None = None
+    token_env: str | None = None
+    token_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    scope: str | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> HttpAuth:
+        needed = {"basic": ("username", "password_env"), "bearer": ("token_env",),
+                  "oauth2": ("token_url", "client_id", "client_secret_env")}.get(self.type, ())  # fmt: skip
+        missing = [name for name in needed if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"auth type {self.type} needs {', '.join(missing)}")
+        return self
+
+
+class DicomwebDestination(_ResultObjects):
+    """Send results by STOW-RS (PS3.18 10.5) to a DICOMweb service: ``url`` is its base (the one
+    whose ``/studies`` takes the POST, e.g. ``https://pacs.example.org/dicom-web``)."""
+
+    type: Literal["dicomweb"]
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    auth: HttpAuth = HttpAuth()
+    ca_certificates: Path | None = Field(default=None, description="CA bundle (PEM) to verify an https url with")
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    reject_superseded: bool = Field(
+        True, description="after a re-analysis, send an IHE IOCM Rejection Note for what it replaced (by STOW-RS)"
+    )
+
+
+Destination = Annotated[DicomDestination | FolderDestination | DicomwebDestination, Field(discriminator="type")]
 
 
 def _parse_match(value: Any) -> Condition:

@@ -1,0 +1,201 @@
+"""Issue 25 (DICOMweb destinations): results delivered by STOW-RS to a real Orthanc with its
+DICOMweb plugin — with Orthanc's HTTP basic authentication, and with a bearer token through a
+small authenticating proxy; a wrong credential dead-letters with the HTTP status as its reason; a
+superseded result is withdrawn by a rejection note sent by STOW-RS too."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from .peers import (
+    CT_SERIES,
+    LUNG_ROUTE,
+    ROOT,
+    Orthanc,
+    free_port,
+    node_config,
+    series_files,
+    start_orthanc,
+    storescu,
+    wait_until,
+)
+from .viewer import DICOMWEB_PLUGIN
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+USER, PASSWORD, TOKEN = "ainode", "stow-secret-1234", "bearer-token-5678"
+
+
+@pytest.fixture
+def pacs(tmp_path) -> Iterator[Orthanc]:
+    """Orthanc with DICOMweb and HTTP basic authentication on (and the IOCM script that acts on
+    rejection notes)."""
+    orthanc = start_orthanc(tmp_path / "orthanc", "AINODE", free_port(), plugins=[DICOMWEB_PLUGIN],
+                            users={USER: PASSWORD},
+                            lua_scripts=[ROOT / "deploy" / "orthanc" / "iocm-rejection.lua"])  # fmt: skip
+    yield orthanc
+    orthanc.stop()
+
+
+class _BearerProxy(http.server.BaseHTTPRequestHandler):
+    """Lets a request through to Orthanc (with Orthanc's own credentials) only with the bearer token."""
+
+    upstream = ""
+    accept: Any = staticmethod(lambda token: token == TOKEN)
+
+    def _body(self) -> bytes:
+        """The request body (dicomweb-client streams it: chunked transfer coding)."""
+        if self.headers.get("Transfer-Encoding", "").lower() != "chunked":
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        parts = []
+        while size := int(self.rfile.readline().split(b";")[0], 16):
+            parts.append(self.rfile.read(size))
+            self.rfile.readline()
+        self.rfile.readline()
+        return b"".join(parts)
+
+    def do_POST(self) -> None:
+        body = self._body()  # read before answering: the client is still sending
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme != "Bearer" or not self.accept(token):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", "Bearer")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        request = urllib.request.Request(self.upstream + self.path, data=body, method="POST")
+        for name in ("Content-Type", "Accept"):
+            if self.headers.get(name):
+                request.add_header(name, self.headers[name])
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                status, payload, kind = response.status, response.read(), response.headers.get("Content-Type")
+        except urllib.error.HTTPError as exc:
+            status, payload, kind = exc.code, exc.read(), exc.headers.get("Content-Type")
+        self.send_response(status)
+        if kind:
+            self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@contextmanager
+def _proxy(pacs: Orthanc, accept: Any = None) -> Iterator[str]:
+    """The authenticating proxy in front of Orthanc's DICOMweb; yields its DICOMweb URL."""
+    attributes: dict[str, Any] = {"upstream": f"http://127.0.0.1:{pacs.http_port}"}
+    if accept is not None:
+        attributes["accept"] = staticmethod(accept)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Proxy", (_BearerProxy,), attributes))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def bearer_proxy(pacs) -> Iterator[str]:
+    with _proxy(pacs) as url:
+        yield url
+
+
+def _node(tmp_path: Path, start_node: Any, destination: dict[str, Any]) -> Any:
+    config_path, config = node_config(
+        tmp_path, peers=[{"ae_title": "STORESCU"}], destinations={"web": destination},
+        routes=[{**LUNG_ROUTE, "destinations": ["web"], "completion": {"quiet_period_s": 2.0}}],
+    )  # fmt: skip
+    config["delivery"] = {"max_attempts": 1}
+    config_path.write_text(__import__("yaml").safe_dump(config, sort_keys=False))
+    return start_node(config_path, config)
+
+
+def _files() -> list[Path]:
+    return sorted(series_files(CT_SERIES), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True)
+                                                             .ImagePositionPatient[2]))  # fmt: skip
+
+
+def _modalities(pacs: Orthanc) -> list[str]:
+    return sorted(s["MainDicomTags"]["Modality"] for s in pacs.rest("GET", "/series?expand"))
+
+
+def test_stow_rs_with_basic_authentication_and_a_withdrawal_by_stow(pacs, tmp_path, start_node, monkeypatch):
+    monkeypatch.setenv("ORTHANC_PASSWORD", PASSWORD)  # the node's environment (start_node passes it on)
+    url = f"http://127.0.0.1:{pacs.http_port}/dicom-web"
+    auth = {"type": "basic", "username": USER, "password_env": "ORTHANC_PASSWORD"}
+    node = _node(tmp_path, start_node, {"type": "dicomweb", "url": url, "objects": ["SEG", "SR"], "auth": auth})
+    files = _files()
+    assert storescu(node.port, files[:40]).returncode == 0
+    wait_until(lambda: node.job_state(1) == "delivered" or None, 180)
+    assert _modalities(pacs) == ["SEG", "SR"]  # Orthanc holds only what ainode stored: the results
+    first = {i["MainDicomTags"]["SOPInstanceUID"] for i in pacs.rest("GET", "/instances?expand")}
+
+    assert storescu(node.port, files[40:]).returncode == 0  # a late burst: re-analysis, withdrawal
+    wait_until(lambda: node.job_state(2) == "delivered" or None, 180)
+    assert "withdrawn from web" in (node.index().job(1).reason or "")
+    assert _modalities(pacs) == ["KO", "SEG", "SR"]  # the superseding results and the note
+    for uid in first:  # Orthanc acted on the note it received by STOW-RS
+        assert pacs.rest("POST", "/tools/lookup", raw=uid.encode()) == []
+    (kos,) = [i for i in pacs.rest("GET", "/instances?expand") if i["MainDicomTags"].get("SOPInstanceUID")
+              and pacs.rest("GET", f"/instances/{i['ID']}/simplified-tags").get("Modality") == "KO"]  # fmt: skip
+    tags = pacs.rest("GET", f"/instances/{kos['ID']}/tags?simplify")
+    assert tags["ConceptNameCodeSequence"][0]["CodeValue"] == "113001"
+
+
+def test_stow_rs_with_a_bearer_token_through_a_proxy(pacs, bearer_proxy, tmp_path, start_node, monkeypatch):
+    monkeypatch.setenv("STOW_TOKEN", TOKEN)
+    node = _node(tmp_path, start_node, {"type": "dicomweb", "url": bearer_proxy,
+                                        "auth": {"type": "bearer", "token_env": "STOW_TOKEN"}})  # fmt: skip
+    assert storescu(node.port, _files()).returncode == 0
+    wait_until(lambda: node.job_state(1) == "delivered" or None, 180)
+    assert _modalities(pacs) == ["SEG", "SR"]
+
+
+def test_a_wrong_credential_dead_letters_with_the_http_status(pacs, bearer_proxy, tmp_path, start_node, monkeypatch):
+    monkeypatch.setenv("STOW_TOKEN", "not-the-token")
+    node = _node(tmp_path, start_node, {"type": "dicomweb", "url": bearer_proxy,
+                                        "auth": {"type": "bearer", "token_env": "STOW_TOKEN"}})  # fmt: skip
+    assert storescu(node.port, _files()).returncode == 0
+    wait_until(lambda: node.job_state(1) == "failed" or None, 180)
+    reason = node.index().job(1).reason
+    print("dead letter:", reason)
+    assert "dead letter after 1 attempt(s)" in reason and "HTTP 401" in reason
+    assert TOKEN not in node.log() and "not-the-token" not in node.log()
+    assert pacs.rest("GET", "/series") == []
+
+
+def test_stow_rs_with_oauth2_client_credentials_renews_its_token(pacs, tmp_path, start_node, monkeypatch):
+    from .oidc_provider import oidc_provider
+
+    with oidc_provider() as provider, _proxy(pacs, provider.valid) as url:
+        provider.token_lifetime_s = 63  # Authlib renews a minute before expiry: this one is stale in 3 s
+        monkeypatch.setenv("STOW_CLIENT_SECRET", provider.client_secret)
+        auth = {"type": "oauth2", "token_url": f"{provider.issuer}/token", "client_id": provider.client_id,
+                "client_secret_env": "STOW_CLIENT_SECRET"}  # fmt: skip
+        node = _node(tmp_path, start_node, {"type": "dicomweb", "url": url, "auth": auth})
+        files = _files()
+        assert storescu(node.port, files[:40]).returncode == 0
+        wait_until(lambda: node.job_state(1) == "delivered" or None, 180)
+        assert len(provider.access_tokens) == 1
+        time.sleep(4)
+        assert storescu(node.port, files[40:]).returncode == 0  # re-analysis: results and a note, sent again
+        wait_until(lambda: node.job_state(2) == "delivered" or None, 180)
+        assert len(provider.access_tokens) == 2  # a new token was fetched for the expired one
+        assert "KO" in _modalities(pacs)
+        assert provider.client_secret not in node.log()
