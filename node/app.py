@@ -229,7 +229,15 @@ class Node:
             devices=lambda: (self.device, self.gpus), config_path=self.config_path,
         )  # fmt: skip
         console = self.settings.console
-        app = create_app(collector, checks, ConsoleService(context), console)
+        stow = None
+        if self.settings.dicomweb.clients:
+            from node.instances import STORAGE_SOP_CLASSES
+            from node.monitoring.feedback import KOS_SOP_CLASS
+            from node.network.stow import StowApp
+
+            accepted = frozenset([*STORAGE_SOP_CLASSES.values(), KOS_SOP_CLASS])
+            stow = StowApp(lambda: self.settings, self.receiver, self.store.spool, accepted)
+        app = create_app(collector, checks, ConsoleService(context), console, stow)
         return ConsoleServer(app, console.host, console.port or 0, console.tls, console.trusted_proxies)
 
     def _application(self, event_type: tuple[str, str]) -> None:

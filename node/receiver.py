@@ -107,7 +107,7 @@ class Receiver:
         self.scp = StorageSCP(
             n.ae_title,
             peer_rules(self.settings),
-            self._receive,
+            self.receive,
             on_security_event=self._association_refused,
             on_release=self._association_ended,
             on_refused_instance=self._instance_refused,
@@ -123,9 +123,9 @@ class Receiver:
             sop_classes=(*STORAGE_SOP_CLASSES.values(), KOS_SOP_CLASS),
         )
 
-    def _receive(self, instance: ReceivedInstance) -> None:
-        """One C-STORE: a reader's rejection note is feedback (counted, never stored as a study),
-        anything else is stored (:class:`~node.storage.ingest.Ingest`)."""
+    def receive(self, instance: ReceivedInstance) -> None:
+        """One received instance (C-STORE or STOW-RS): a reader's rejection note is feedback
+        (counted, never stored as a study), anything else is stored (:class:`~node.storage.ingest.Ingest`)."""
         if instance.sop_class_uid == KOS_SOP_CLASS:
             self.feedback(instance)
         else:
@@ -164,9 +164,12 @@ class Receiver:
         self.audit.record(AuditEvent(INSTANCES_TRANSFERRED, "C", 4, participants=who, description=text))
 
     def _association_ended(self, summary: AssociationSummary) -> None:
-        calling, address = summary.calling_ae_title, summary.address
-        self._log_association(calling, summary)
-        for study_uid, count in self.ingest.take_received(summary.association_id).items():
+        self._log_association(summary.calling_ae_title, summary)
+        self.transfer_ended(summary.calling_ae_title, summary.address, summary.association_id)
+
+    def transfer_ended(self, calling: str, address: str, transfer_id: int) -> None:
+        """Audit what one association (or one STOW-RS request) stored: one record per study."""
+        for study_uid, count in self.ingest.take_received(transfer_id).items():
             participants = [
                 Participant(calling, SOURCE_ROLE, requestor=True, address=address),
                 Participant(self.settings.node.ae_title, DESTINATION_ROLE),

@@ -289,6 +289,7 @@ def start_orthanc(
     lua_scripts: list[Path] | None = None,
     plugins: list[Path] | None = None,
     users: dict[str, str] | None = None,
+    dicomweb_servers: dict[str, Any] | None = None,
 ) -> Orthanc:
     """Start Orthanc in ``root`` knowing ainode as modality ``ainode`` at ``node_port`` (with
     ``plugins``, e.g. DICOMweb, served at ``/dicom-web/``)."""
@@ -308,7 +309,7 @@ def start_orthanc(
         "DicomCheckCalledAet": False,
         "DicomModalities": {"ainode": {"AET": node_ae_title, "Host": "127.0.0.1", "Port": node_port}},
         "Plugins": [str(p) for p in plugins or []],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": dicomweb_servers or {}},
         "LuaScripts": [str(p) for p in lua_scripts or []],
     }
     (root / "orthanc.json").write_text(json.dumps(config))

@@ -34,10 +34,15 @@ Check = Callable[[], str | None]
 
 
 def create_app(
-    collector: LedgerCollector, checks: dict[str, Check], console: Any = None, settings: ConsoleSettings | None = None
+    collector: LedgerCollector,
+    checks: dict[str, Check],
+    console: Any = None,
+    settings: ConsoleSettings | None = None,
+    stow: Any = None,
 ) -> FastAPI:
     """The console application over ``collector`` (metrics) and readiness ``checks`` (name -> check);
-    with a :class:`~node.console.service.ConsoleService` ``console``, the pages and the API too."""
+    with a :class:`~node.console.service.ConsoleService` ``console``, the pages and the API too;
+    with a :class:`~node.network.stow.StowApp` ``stow``, STOW-RS at ``/dicomweb/studies``."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     app = FastAPI(
@@ -61,6 +66,9 @@ def create_app(
         install_common(app, error_page)
         api.install(app)
         pages.install(app)
+
+    if stow is not None:
+        app.mount("/dicomweb", stow)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

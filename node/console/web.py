@@ -235,6 +235,11 @@ class _Part:
         self.name, self.is_file, self.data = "", False, bytearray()
 
 
+OWN_AUTHENTICATION = ("/dicomweb/",)
+"""Paths whose application authenticates each request itself before reading its body
+(:mod:`node.network.stow`), with its own size caps."""
+
+
 class RequestGuard:
     """ASGI middleware: a body is read only from a signed-in user (or on a sign-in form), and never
     beyond its path's cap (see the module docstring)."""
@@ -247,6 +252,9 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        if path.startswith(OWN_AUTHENTICATION):  # STOW-RS: a bearer token checked before the body
+            await self.app(scope, receive, send)
+            return
         request = Request(scope)
         if path not in PUBLIC_BODIES:
             try:

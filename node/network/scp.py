@@ -85,7 +85,7 @@ _HEADER_TAGS = [
 ]  # fmt: skip
 
 
-def _header(encoded: bytes) -> Dataset:
+def read_header(encoded: bytes) -> Dataset:
     """The four UIDs the SCP checks (and the Patient ID and Accession Number the lookup keys are
     made of), parsed from the PS3.10 bytes without touching pixel data."""
     try:
@@ -312,7 +312,7 @@ class StorageSCP:
                 encoded = event.encoded_dataset(include_meta=True)
                 if not isinstance(buffer, DataSetBuffer):
                     summary.bytes_received += len(encoded)
-            ds = _header(encoded)
+            ds = read_header(encoded)
             sop_class_uid = str(request.AffectedSOPClassUID)
             instance = ReceivedInstance.from_header(
                 ds, encoded, sop_class_uid=sop_class_uid, transfer_syntax_uid=str(event.context.transfer_syntax),

@@ -468,6 +468,24 @@ class CelerySettings(_Model):
         return sorted({self.queue, *self.analyse_queues.values()})
 
 
+class StowClient(_Model):
+    """A peer that may store into ainode by STOW-RS: its name (the calling AE title routes and the
+    audit see) and the SHA-256 of its bearer token (``printf %s "$TOKEN" | sha256sum``: the
+    token itself is never in the file)."""
+
+    name: AETitle
+    token_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class DicomwebServer(_Model):
+    """STOW-RS ingest at ``/dicomweb/studies`` on the console's port (served when a client is
+    configured and the console has a port)."""
+
+    clients: list[StowClient] = []
+    max_request_bytes: Annotated[int, Field(ge=2**20)] = Field(default=8 * 2**30, description="per request")
+    max_instance_bytes: Annotated[int, Field(ge=2**20)] = Field(default=2 * 2**30, description="per instance")
+
+
 class Monitoring(_Model):
     """What the node watches of each model and version (post-market monitoring).
 
@@ -499,6 +517,7 @@ class Settings(_Model):
     celery: CelerySettings = CelerySettings()
     console: ConsoleSettings = ConsoleSettings()
     monitoring: Monitoring = Monitoring()
+    dicomweb: DicomwebServer = DicomwebServer()
     _digest: str = PrivateAttr(default="")
 
     def set_digest(self, digest: str) -> None:
