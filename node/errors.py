@@ -123,6 +123,13 @@ class DeliveryError(AinodeError):
     transient = True
 
 
+class RetrieveError(AinodeError):
+    """A source could not be queried or did not deliver what was asked (C-FIND, C-MOVE, C-GET,
+    QIDO-RS, WADO-RS)."""
+
+    transient = True
+
+
 class LeaseLostError(AinodeError):
     """This worker's lease on a job expired and another worker took the job over (the ledger
     refused a fenced write); this worker stops working on it and writes nothing more."""

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from node.cli import admin, models
+from node.cli import admin, models, retrieve
 from node.errors import AinodeError
 
 if TYPE_CHECKING:
@@ -363,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin.register(sub)
     models.register(sub)
+    retrieve.register(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
-from node.errors import DeliveryError
+from node.errors import ConfigError, DeliveryError
 from node.settings.config import HttpAuth
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ _OAUTH_LOCK = threading.Lock()
 def _secret(variable: str | None) -> str:
     value = os.environ.get(variable or "")
     if not value:
-        raise DeliveryError(f"environment variable {variable} (named by the destination's auth) is not set")
+        raise ConfigError(f"environment variable {variable} (named by an auth setting) is not set")
     return value
 
 
@@ -42,8 +42,10 @@ def http_session(auth: HttpAuth, ca_certificates: Path | None = None) -> request
 
     Raises
     ------
+    ConfigError
+        A secret's environment variable is not set.
     DeliveryError
-        A secret's environment variable is not set, or the OAuth token endpoint refused.
+        The OAuth token endpoint refused the client credentials.
     """
     session: requests.Session
     if auth.type == "oauth2":

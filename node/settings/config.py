@@ -468,6 +468,29 @@ class CelerySettings(_Model):
         return sorted({self.queue, *self.analyse_queues.values()})
 
 
+class DimseSource(_Model):
+    """A peer to query (C-FIND, Study Root) and retrieve from: by C-MOVE to this node's AE title
+    (the peer must know it as a destination) or by C-GET on the same association."""
+
+    type: Literal["dimse"]
+    peer: AETitle
+    retrieve: Literal["move", "get"] = "move"
+
+
+class DicomwebSource(_Model):
+    """A DICOMweb service to query (QIDO-RS) and retrieve from (WADO-RS), with the same
+    authentication options as a DICOMweb destination."""
+
+    type: Literal["dicomweb"]
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$")]
+    auth: HttpAuth = HttpAuth()
+    ca_certificates: Path | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 120.0
+
+
+Source = Annotated[DimseSource | DicomwebSource, Field(discriminator="type")]
+
+
 class StowClient(_Model):
     """A peer that may store into ainode by STOW-RS: its name (the calling AE title routes and the
     audit see) and the SHA-256 of its bearer token (``printf %s "$TOKEN" | sha256sum``: the
@@ -518,6 +541,9 @@ class Settings(_Model):
     console: ConsoleSettings = ConsoleSettings()
     monitoring: Monitoring = Monitoring()
     dicomweb: DicomwebServer = DicomwebServer()
+    sources: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], Source] = Field(
+        default={}, description="archives studies and priors are fetched from (ainode retrieve, routes' priors)"
+    )
     _digest: str = PrivateAttr(default="")
 
     def set_digest(self, digest: str) -> None:
@@ -543,6 +569,9 @@ class Settings(_Model):
         for name, dest in self.destinations.items():
             if isinstance(dest, DicomDestination) and dest.peer not in titles:
                 raise ValueError(f"destinations.{name}.peer: {dest.peer!r} is not in peers")
+        for name, source in self.sources.items():
+            if isinstance(source, DimseSource) and source.peer not in titles:
+                raise ValueError(f"sources.{name}.peer: {source.peer!r} is not in peers")
         if "default" not in self.deidentification:
             raise ValueError("deidentification: a profile named 'default' is required")
         names = [r.name for r in self.routes]
