@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -43,8 +44,10 @@ from node.dicomio import configure_pydicom
 from node.errors import AinodeError
 from node.instances import STORAGE_SOP_CLASSES, ReceivedInstance
 from node.monitoring.feedback import KOS_SOP_CLASS, ReaderFeedback
+from node.network.association import Peer
+from node.network.commitment import Commitment, send_report
 from node.network.scp import AssociationSummary, Handover, PeerRule, StorageSCP
-from node.network.tls import server_context
+from node.network.tls import client_context, server_context
 from node.network.transport import ConnectionDispatcher, SharedCount, SharedTime, connection_line
 from node.process import ProcessLoop
 from node.settings import ActiveSettings, load_settings
@@ -60,6 +63,8 @@ _PR_SET_PDEATHSIG = 1
 HEARTBEAT_S = 0.2
 """How often a child receiver shows the main process that it runs."""
 UNKNOWN_CALLER = "(unknown)"
+COMMIT_WAIT_S = 5.0
+"""How long a storage commitment waits for instances whose index rows are still queued."""
 
 
 class AuditNotices:
@@ -121,7 +126,10 @@ class Receiver:
             max_dataset_bytes=n.max_dataset_bytes,
             spool=store.spool,
             sop_classes=(*STORAGE_SOP_CLASSES.values(), KOS_SOP_CLASS),
+            on_commitment=self._commit,
+            on_commitment_report=self._commitment_reported,
         )
+        self._secrets = secrets
 
     def receive(self, instance: ReceivedInstance) -> None:
         """One received instance (C-STORE or STOW-RS): a reader's rejection note is feedback
@@ -180,6 +188,46 @@ class Receiver:
                     {"NumberOfInstances": str(count)},
                 )
             )  # fmt: skip
+
+    def _commit(self, calling: str, address: str, commitment: Commitment) -> None:
+        """A peer asks the node to commit what it sent: answered now, reported from a thread."""
+        threading.Thread(target=self._report_commitment, args=(calling, address, commitment),
+                         name="ainode-commitment", daemon=True).start()  # fmt: skip
+
+    def _report_commitment(self, calling: str, address: str, commitment: Commitment) -> None:
+        """Report which of the instances are stored encrypted and durably (PS3.4 J.3.3); an
+        instance whose index row is still queued is waited for briefly."""
+        keys = {uid: self._secrets.index_key(uid) for _c, uid in commitment.references}
+        deadline = time.monotonic() + COMMIT_WAIT_S
+        while True:
+            held = self.ingest.index.held_sop_keys(list(keys.values()))
+            if len(held) == len(keys) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        committed = {uid for uid, key in keys.items() if key in held}
+        settings = self.settings
+        try:
+            peer = settings.peer(calling)
+            tls = client_context(settings.node.tls) if peer.tls and settings.node.tls is not None else None
+            event = send_report(Peer(peer.ae_title, peer.host, peer.port, tls), settings.node.ae_title, commitment,
+                                committed)  # fmt: skip
+        except (AinodeError, KeyError) as exc:
+            logger.error("storage commitment report not sent: %s", exc, extra={"calling_ae": calling})
+            return
+        text = (f"storage commitment reported to {calling}: {len(committed)} committed, "
+                f"{len(keys) - len(committed)} failed (event type {event})")  # fmt: skip
+        logger.info(text)
+        who = [Participant(calling, SOURCE_ROLE, requestor=True, address=address),
+               Participant(settings.node.ae_title, DESTINATION_ROLE)]  # fmt: skip
+        self.audit.record(AuditEvent(INSTANCES_TRANSFERRED, "R", participants=who, description=text))
+
+    def _commitment_reported(self, calling: str, address: str, report: Commitment) -> None:
+        """A destination's report on a commitment a delivery asked for: recorded for the delivery."""
+        failures = [f"0x{reason:04X}" for _c, _uid, reason in report.failed]
+        committed = len(report.references)
+        if not self.ingest.index.record_commitment_report(report.transaction_uid, calling, committed, failures):
+            logger.warning("storage commitment report for a transaction not asked of this peer: ignored",
+                           extra={"calling_ae": calling})  # fmt: skip
 
     def tamper_detected(self, object_id: str, reason: str) -> None:
         """Log and audit an object that failed authentication (the store has quarantined it)."""

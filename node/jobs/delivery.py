@@ -15,21 +15,27 @@ DICOMweb archive, say) is one class and one entry.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import Dataset
+from pydicom.uid import generate_uid
 
 from node.dicomio import encode
 from node.errors import DeliveryError
+from node.network.association import Peer
+from node.network.commitment import Commitment, request_commitment
 from node.network.dicomweb import http_session, stow
 from node.network.scu import send_datasets
 from node.network.tls import client_context
 from node.paths import path_under
 from node.settings.config import DicomDestination, DicomwebDestination, FolderDestination, Settings
+from node.storage.index import Index
 from node.uids import check_uid
 
 logger = logging.getLogger(__name__)
@@ -48,10 +54,11 @@ class Destination(Protocol):
 
 
 class DicomPeer:
-    """A DICOM peer (``type: dicom``), reached by C-STORE."""
+    """A DICOM peer (``type: dicom``), reached by C-STORE; with ``commitment``, a delivery is done
+    only once the peer's storage commitment report confirms every object (PS3.4 Annex J)."""
 
-    def __init__(self, settings: Settings, config: DicomDestination) -> None:
-        self.settings, self.config = settings, config
+    def __init__(self, settings: Settings, config: DicomDestination, index: Index | None = None) -> None:
+        self.settings, self.config, self.index = settings, config, index
 
     def send(self, objects: Sequence[Dataset]) -> None:
         peer = self.settings.peer(self.config.peer)  # as configured now: addresses may change
@@ -65,6 +72,32 @@ class DicomPeer:
         if outcome.failed:
             statuses = sorted({f"0x{s:04X}" if s is not None else "none" for s in outcome.statuses.values()})
             raise DeliveryError(f"{len(outcome.failed)} object(s) not accepted (status {', '.join(statuses)})")
+        if self.config.commitment:
+            self._commit(objects, Peer(peer.ae_title, peer.host, peer.port, tls))
+
+    def _commit(self, objects: Sequence[Dataset], peer: Peer) -> None:
+        """Ask ``peer`` to commit ``objects`` and wait for its report (it arrives at this node's
+        Storage SCP, in whichever receiving process, and is recorded in the index)."""
+        if self.index is None:
+            raise DeliveryError("storage commitment needs the index (not available here)")
+        transaction = generate_uid()
+        self.index.add_commitment(transaction, peer.ae_title, len(objects))
+        references = [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in objects]
+        request_commitment(peer, self.settings.node.ae_title, Commitment(transaction, references))
+        deadline = time.monotonic() + self.config.commitment_timeout_s
+        while time.monotonic() < deadline:
+            row = self.index.commitment(transaction)
+            if row is not None and row.reported_at is not None:
+                failures = json.loads(row.failures or "[]")
+                if failures or (row.committed or 0) < row.requested:
+                    reasons = ", ".join(sorted(set(failures))) or "none given"
+                    raise DeliveryError(f"{peer.ae_title} committed {row.committed} of {row.requested} object(s) "
+                                        f"(failure reason {reasons})")  # fmt: skip
+                logger.info("storage commitment confirmed", extra={"peer": peer.ae_title, "objects": row.committed})
+                return
+            time.sleep(0.2)
+        raise DeliveryError(f"no storage commitment report from {peer.ae_title} within "
+                            f"{self.config.commitment_timeout_s:g} s")  # fmt: skip
 
     def withdraw(self, superseded: Sequence[Dataset], note: Dataset) -> bool:
         if not self.config.reject_superseded:
@@ -78,7 +111,7 @@ class DicomwebArchive:
     Failed SOP Sequence) is sent again once, only what failed; what still fails is the error,
     each object's failure reason named."""
 
-    def __init__(self, settings: Settings, config: DicomwebDestination) -> None:
+    def __init__(self, settings: Settings, config: DicomwebDestination, index: Index | None = None) -> None:
         self.config = config
 
     def send(self, objects: Sequence[Dataset]) -> None:
@@ -108,7 +141,7 @@ class DicomwebArchive:
 class Folder:
     """A folder the node owns (``type: folder``)."""
 
-    def __init__(self, settings: Settings, config: FolderDestination) -> None:
+    def __init__(self, settings: Settings, config: FolderDestination, index: Index | None = None) -> None:
         self.root = config.path
 
     def send(self, objects: Sequence[Dataset]) -> None:
@@ -120,7 +153,7 @@ class Folder:
         return True
 
 
-DESTINATION_TYPES: dict[type, Callable[[Settings, Any], Destination]] = {
+DESTINATION_TYPES: dict[type, Callable[[Settings, Any, Index | None], Destination]] = {
     DicomDestination: DicomPeer,
     FolderDestination: Folder,
     DicomwebDestination: DicomwebArchive,
@@ -128,10 +161,11 @@ DESTINATION_TYPES: dict[type, Callable[[Settings, Any], Destination]] = {
 """Configuration model of a destination type -> the class that delivers to it."""
 
 
-def destination(settings: Settings, name: str) -> Destination:
-    """The configured destination ``name``, ready to deliver."""
+def destination(settings: Settings, name: str, index: Index | None = None) -> Destination:
+    """The configured destination ``name``, ready to deliver (``index``: where storage
+    commitment reports are found)."""
     config = settings.destinations[name]
-    return DESTINATION_TYPES[type(config)](settings, config)
+    return DESTINATION_TYPES[type(config)](settings, config, index)
 
 
 def write_folder(root: Path, objects: Sequence[Dataset]) -> list[Path]:
@@ -174,7 +208,11 @@ def _folder_path(root: Path, ds: Dataset) -> Path:
 
 
 def withdraw(
-    settings: Settings, destination_names: Sequence[str], superseded: Sequence[Dataset], note: Dataset
+    settings: Settings,
+    destination_names: Sequence[str],
+    superseded: Sequence[Dataset],
+    note: Dataset,
+    index: Index | None = None,
 ) -> list[str]:
     """Withdraw results that a re-analysis replaced, at every named destination (see the module
     docstring); returns the destinations they were withdrawn from.
@@ -184,10 +222,12 @@ def withdraw(
     DeliveryError
         A peer refused the note or could not be reached.
     """
-    return [name for name in destination_names if destination(settings, name).withdraw(superseded, note)]
+    return [name for name in destination_names if destination(settings, name, index).withdraw(superseded, note)]
 
 
-def deliver(settings: Settings, destination_names: Sequence[str], objects: Sequence[Dataset]) -> None:
+def deliver(
+    settings: Settings, destination_names: Sequence[str], objects: Sequence[Dataset], index: Index | None = None
+) -> None:
     """Send every named destination the ``objects`` of the kinds it receives (its ``objects`` and
     ``sr`` settings); a destination that receives none of them is skipped with a log line.
 
@@ -206,7 +246,7 @@ def deliver(settings: Settings, destination_names: Sequence[str], objects: Seque
             logger.info("destination %s receives none of the result objects built (%s)", name, sorted(kinds))
             continue
         try:
-            destination(settings, name).send(chosen)
+            destination(settings, name, index).send(chosen)
         except (DeliveryError, OSError) as exc:
             errors.append(f"{name}: {exc}")
             logger.warning("delivery to %s failed: %s", name, exc)

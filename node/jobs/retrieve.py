@@ -30,8 +30,9 @@ from node.datadir import DataDir
 from node.dicomio import encode
 from node.errors import AinodeError, ConfigError, RetrieveError
 from node.instances import STORAGE_SOP_CLASSES, ReceivedInstance
+from node.network.association import Peer
 from node.network.dicomweb import http_session
-from node.network.query import Peer, find_studies, get_study, move_study
+from node.network.query import find_studies, get_study, move_study
 from node.network.tls import client_context
 from node.settings.config import DicomwebSource, DimseSource
 from node.storage.ingest import Ingest

@@ -337,7 +337,7 @@ class Stages:
         settings = plan.settings_for_delivery(self.s.settings)
         destinations = list(plan.destinations)
         objects = [decode(self.s.store.get(oid)) for oid in result_ids]
-        deliver(settings, destinations, objects)
+        deliver(settings, destinations, objects, self.s.index)
         faults.point("stage:deliver", index=self.s.index)  # sent, not yet recorded
         t["send_s"] = time.perf_counter() - start
         receivers = [Participant(name, DESTINATION_ROLE) for name in destinations]
@@ -375,7 +375,7 @@ class Stages:
             device_uid=derive_uid("ainode-device", settings.node.ae_title),
             description=f"superseded by the re-analysis of generation {job.generation}",
         )
-        done = withdraw(settings, list(plan.destinations), withdrawn, note)
+        done = withdraw(settings, list(plan.destinations), withdrawn, note, self.s.index)
         receivers = [Participant(name, DESTINATION_ROLE) for name in done]
         self._audit(INSTANCES_TRANSFERRED, "U", str(note.StudyInstanceUID), "superseded results withdrawn", receivers)
         reason = f"superseded by job {job.id} (generation {job.generation}); withdrawn from {', '.join(done) or 'none'}"

@@ -6,17 +6,16 @@ association, PS3.4 C.4.3, with this side in the SCP role for the storage SOP cla
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import AE, build_role, evt
 
 from node.errors import AinodeError, RetrieveError
 from node.instances import ReceivedInstance
-from node.network.scp import TRANSFER_SYNTAXES, read_header, set_tcp_nodelay
+from node.network.association import Peer, associate
+from node.network.scp import TRANSFER_SYNTAXES, read_header
 from node.network.status import StoreStatus, status_for
 
 logger = logging.getLogger(__name__)
@@ -27,33 +26,12 @@ StudyRootQueryRetrieveInformationModelGet = "1.2.840.10008.5.1.4.1.2.2.3"
 
 
 @dataclass(frozen=True)
-class Peer:
-    """Where a source listens: its AE title, host and port, and TLS (``None``: none)."""
-
-    ae_title: str
-    host: str
-    port: int
-    tls: ssl.SSLContext | None = None
-
-
-@dataclass(frozen=True)
 class Transfer:
     """How a C-MOVE or C-GET ended: sub-operations completed, failed and with a warning."""
 
     completed: int
     failed: int
     warning: int
-
-
-def _associate(ae: AE, peer: Peer, handlers: list[Any] | None = None, roles: list[Any] | None = None) -> Any:
-    ae.acse_timeout = ae.network_timeout = 60
-    ae.dimse_timeout = 600  # a C-MOVE's final response comes when the whole study has been sent
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=roles,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay), *(handlers or [])],
-                         tls_args=(peer.tls, peer.host) if peer.tls is not None else None)  # fmt: skip
-    if not assoc.is_established:
-        raise RetrieveError(f"association with {peer.ae_title} at {peer.host}:{peer.port} not established")
-    return assoc
 
 
 def find_studies(peer: Peer, calling_ae_title: str, query: Dataset) -> list[Dataset]:
@@ -67,7 +45,7 @@ def find_studies(peer: Peer, calling_ae_title: str, query: Dataset) -> list[Data
     query.QueryRetrieveLevel = "STUDY"
     ae = AE(ae_title=calling_ae_title)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = _associate(ae, peer)
+    assoc = associate(ae, peer)
     found: list[Dataset] = []
     try:
         for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
@@ -118,7 +96,7 @@ def move_study(peer: Peer, calling_ae_title: str, destination_ae_title: str, stu
     """
     ae = AE(ae_title=calling_ae_title)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = _associate(ae, peer)
+    assoc = associate(ae, peer)
     try:
         responses = assoc.send_c_move(_study_query(study_instance_uid), destination_ae_title,
                                       StudyRootQueryRetrieveInformationModelMove)  # fmt: skip
@@ -164,7 +142,7 @@ def get_study(
             return int(status_for(exc))
         return int(StoreStatus.SUCCESS)
 
-    assoc = _associate(ae, peer, [(evt.EVT_C_STORE, store)], roles)
+    assoc = associate(ae, peer, [(evt.EVT_C_STORE, store)], roles)
     try:
         responses = assoc.send_c_get(_study_query(study_instance_uid), StudyRootQueryRetrieveInformationModelGet)
         return _transfer(responses, peer, "C-GET")

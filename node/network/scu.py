@@ -22,7 +22,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
 
 from node.errors import DeliveryError
-from node.network.scp import set_tcp_nodelay
+from node.network.association import set_tcp_nodelay
 
 logger = logging.getLogger(__name__)
 

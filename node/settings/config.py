@@ -167,6 +167,12 @@ class DicomDestination(_ResultObjects):
         description="after a re-analysis, send an IHE IOCM Rejection Note (KOS, 113001 'Rejected for Quality "
         "Reasons') for the results it replaced",
     )
+    commitment: bool = Field(
+        False,
+        description="ask the peer for storage commitment (PS3.4 Annex J): a delivery counts as done only when its "
+        "N-EVENT-REPORT confirms every result object (else it is retried, then dead-lettered)",
+    )
+    commitment_timeout_s: Annotated[float, Field(gt=0)] = 60.0
 
 
 class FolderDestination(_ResultObjects):

@@ -376,6 +376,13 @@ class Index(Ledger, Accounts, ModelRecords):
             s.delete(study)
             return ids
 
+    def held_sop_keys(self, sop_keys: Sequence[str]) -> set[str]:
+        """Which of these keyed SOP Instance UIDs the index names (instances stored durably)."""
+        if not sop_keys:
+            return set()
+        with self.session() as s:
+            return set(s.scalars(select(InstanceRow.sop_key).where(InstanceRow.sop_key.in_(list(sop_keys)))))
+
     def all_instances(self) -> list[InstanceRow]:
         """Every received instance the index names (for the integrity check)."""
         with self.session() as s:

@@ -8,6 +8,7 @@ and result objects and rejection notes only as keyed digests of their SOP Instan
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from node.storage.tables import BaselineRow, ModelRecordRow, RejectionRow, ResultKeyRow
+from node.storage.tables import BaselineRow, CommitmentRow, ModelRecordRow, RejectionRow, ResultKeyRow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -109,6 +110,27 @@ class ModelRecords:
                 s.add(BaselineRow(model=model, version=version, start=start, end=end, set_at=time.time()))
             else:
                 row.start, row.end, row.set_at = start, end, time.time()
+
+    def add_commitment(self, transaction_uid: str, peer: str, requested: int) -> None:
+        """Remember a storage commitment asked of ``peer`` for ``requested`` instances."""
+        with self.session() as s:
+            s.add(CommitmentRow(transaction_uid=transaction_uid, peer=peer, requested=requested,
+                                requested_at=time.time()))  # fmt: skip
+
+    def record_commitment_report(self, transaction_uid: str, peer: str, committed: int, failures: list[str]) -> bool:
+        """Record ``peer``'s report on a transaction; ``False`` when no such transaction was asked
+        of that peer (a stray or forged report changes nothing)."""
+        with self.session() as s:
+            row = s.get(CommitmentRow, transaction_uid)
+            if row is None or row.peer != peer:
+                return False
+            row.reported_at, row.committed, row.failures = time.time(), committed, json.dumps(failures)
+            return True
+
+    def commitment(self, transaction_uid: str) -> CommitmentRow | None:
+        """A storage commitment asked for, with its report once it came."""
+        with self.session() as s:
+            return s.get(CommitmentRow, transaction_uid)
 
     def baselines(self) -> dict[tuple[str, str], tuple[float, float]]:
         """(model, version) -> the reference window set for it."""

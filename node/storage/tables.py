@@ -266,6 +266,21 @@ class BaselineRow(Base):
     set_at: Mapped[float] = mapped_column(Float)
 
 
+class CommitmentRow(Base):
+    """A storage commitment a delivery asked a destination for (PS3.4 Annex J, this node the
+    SCU): how many instances, and the peer's report when it came (counts and failure reasons)."""
+
+    __tablename__ = "commitments"
+    transaction_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    peer: Mapped[str] = mapped_column(String(16))
+    requested: Mapped[int] = mapped_column(Integer)
+    requested_at: Mapped[float] = mapped_column(Float)
+    reported_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    committed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    failures: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """JSON: the Failure Reason of each instance the peer did not commit."""
+
+
 STAGE_PREFIX = "s"
 """Object ids of stage outputs start with this (random object ids are hex): a crash sweep can tell
 them from received instances."""

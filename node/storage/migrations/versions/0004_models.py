@@ -1,5 +1,6 @@
 """Models in clinical use: what each job's model saw and said, the result objects' keys (to match
-readers' rejection notes), the rejections, and the drift baselines.
+readers' rejection notes), the rejections, and the drift baselines; the storage commitments that
+deliveries ask destinations for.
 
 Revision ID: 0004
 Revises: 0003
@@ -67,8 +68,20 @@ def upgrade() -> None:
         sa.Column("set_at", sa.Float, nullable=False),
     )
 
+    op.create_table(
+        "commitments",
+        sa.Column("transaction_uid", sa.String(64), primary_key=True),
+        sa.Column("peer", sa.String(16), nullable=False),
+        sa.Column("requested", sa.Integer, nullable=False),
+        sa.Column("requested_at", sa.Float, nullable=False),
+        sa.Column("reported_at", sa.Float, nullable=True),
+        sa.Column("committed", sa.Integer, nullable=True),
+        sa.Column("failures", sa.Text, nullable=True),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("commitments")
     op.drop_table("model_baselines")
     op.drop_table("model_rejections")
     op.drop_table("result_keys")
