@@ -58,6 +58,9 @@ class Volume:
     affine: npt.NDArray[np.float64]
     modality: str
     slice_thickness_mm: float | None = None
+    priors: tuple[Prior, ...] = ()
+    """Earlier studies of the same patient, most recent first, when the route asks for them
+    (``priors:``); empty otherwise."""
 
     @property
     def voxel_volume_ml(self) -> float:
@@ -70,6 +73,24 @@ class Volume:
         idx = np.asarray(index, dtype=np.float64).reshape(-1, 3)
         homogeneous = np.concatenate([idx, np.ones((idx.shape[0], 1))], axis=1)
         return (homogeneous @ self.affine.T)[:, :3]
+
+
+@dataclass(frozen=True)
+class Prior:
+    """An earlier study of the same patient, de-identified like the current one (the same patient
+    pseudonym and date offset): its series as a :class:`Volume` and how many days before the
+    current study it was made. No date itself reaches an algorithm, only the interval.
+
+    Attributes
+    ----------
+    volume
+        The prior's series (same conventions: HU for CT, ``(slices, rows, columns)``, LPS).
+    interval_days
+        Days from the prior's Study Date to the current study's (positive: earlier).
+    """
+
+    volume: Volume
+    interval_days: float
 
 
 @dataclass(frozen=True)

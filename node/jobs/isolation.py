@@ -205,7 +205,7 @@ def _run_on_shared(
         geometry = {
             "shape": voxels.shape, "spacing_mm": volume.spacing_mm, "affine": volume.affine,
             "modality": volume.modality, "slice_thickness_mm": volume.slice_thickness_mm,
-            "device": device, "params_json": params.model_dump_json(),
+            "device": device, "params_json": params.model_dump_json(), "priors": volume.priors,
         }  # fmt: skip
         args = (sender, entry_point, shared.shm.name, geometry)
         process = PROCESS_CONTEXT.Process(target=_child, args=args, daemon=True)

@@ -20,22 +20,25 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
-from node.audit import DESTINATION_ROLE, INSTANCES_TRANSFERRED, SOURCE_ROLE, Participant, study_event
+from node.audit import DESTINATION_ROLE, INSTANCES_TRANSFERRED, SOURCE_ROLE, AuditLog, Participant, study_event
 from node.datadir import DataDir
-from node.dicomio import encode
+from node.dicomio import decode, encode
 from node.errors import AinodeError, ConfigError, RetrieveError
 from node.instances import STORAGE_SOP_CLASSES, ReceivedInstance
 from node.network.association import Peer
 from node.network.dicomweb import http_session
 from node.network.query import find_studies, get_study, move_study
 from node.network.tls import client_context
-from node.settings.config import DicomwebSource, DimseSource
+from node.settings.config import DicomwebSource, DimseSource, Settings
+from node.storage.index import Index
 from node.storage.ingest import Ingest
+from node.storage.secrets import NodeSecrets
+from node.storage.store import ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +86,23 @@ class StudyMatch:
     held: bool
 
 
+class Holdings(Protocol):
+    """What a retrieval works with: the node's configuration, store, index, secrets and audit
+    trail (a :class:`~node.datadir.DataDir`, or a job's services)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    store: ObjectStore
+    index: Index
+    secrets: NodeSecrets
+    audit: AuditLog | None
+
+
 class Retriever:
     """Queries and retrieves from the source ``name`` into the node's data directory ``data``."""
 
-    def __init__(self, data: DataDir, name: str) -> None:
+    def __init__(self, data: Holdings | DataDir, name: str) -> None:
         settings = data.settings
         if name not in settings.sources:
             raise ConfigError(f"no source named {name!r} (configured: {', '.join(settings.sources) or 'none'})")
@@ -212,14 +228,46 @@ class Retriever:
     def _instances(self, uid: str) -> Iterator[Dataset]:
         yield from self._client().iter_study(uid)
 
+    def datasets(self, study: StudyMatch) -> list[Dataset]:
+        """The study's instances in memory, not stored (a prior for a job): by C-GET or WADO-RS.
+
+        Raises
+        ------
+        RetrieveError
+            The source did not send the study.
+        ConfigError
+            A DIMSE source that retrieves by C-MOVE (it would send the study to the Storage SCP).
+        """
+        import requests
+
+        uid = study.study_instance_uid
+        if isinstance(self.source, DimseSource):
+            if self.source.retrieve != "get":
+                raise ConfigError(f"source {self.name} retrieves by C-MOVE; a prior needs C-GET (retrieve: get)")
+            got: list[Dataset] = []
+            me = self.data.settings.node.ae_title
+            get_study(
+                self._peer(), me, uid, list(STORAGE_SOP_CLASSES.values()), lambda i: got.append(decode(i.encoded))
+            )
+            self._audit(uid, len(got), "prior retrieved from source")
+            return got
+        try:
+            found = list(self._instances(uid))
+        except requests.RequestException as exc:
+            raise RetrieveError(f"WADO-RS at source {self.name} failed: {type(exc).__name__}") from None
+        self._audit(uid, len(found), "prior retrieved from source")
+        return found
+
     def _calling(self) -> str:
         """How a study fetched over DICOMweb records where it came from (an AE title's length)."""
         return self.name.upper()[:16]
 
-    def _audit(self, study_uid: str, count: int) -> None:
+    def _audit(self, study_uid: str, count: int, what: str = "retrieved from source") -> None:
+        if self.data.audit is None:
+            return
         who = [Participant(self.name, SOURCE_ROLE), Participant(self.data.settings.node.ae_title, DESTINATION_ROLE,
                                                                 requestor=True)]  # fmt: skip
-        self.data.audit.record(study_event(INSTANCES_TRANSFERRED, "C", study_uid, f"retrieved from source {self.name}",
+        self.data.audit.record(study_event(INSTANCES_TRANSFERRED, "C", study_uid, f"{what} {self.name}",
                                            who, {"NumberOfInstances": str(count)}))  # fmt: skip
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from node.errors import ConfigError
-from node.settings.config import Deidentification, Destination, ResultKind, Route, Settings
+from node.settings.config import Deidentification, Destination, Priors, ResultKind, Route, Settings
 
 _DESTINATION: TypeAdapter[Any] = TypeAdapter(Destination)
 
@@ -39,6 +39,8 @@ class JobPlan:
     destinations
         Destination name -> its definition (type, peer or folder, result objects): the route's
         clinical destinations for a live or canary job, its research ones for a shadow.
+    priors
+        The patient's earlier studies the algorithm gets (:class:`node.settings.config.Priors`).
     role
         ``live``, ``canary`` (a new version serving part of the route) or ``shadow`` (a silent
         trial, compared with the live algorithm ``against``; ``segments`` pairs its segments
@@ -54,6 +56,7 @@ class JobPlan:
     role: str = "live"
     against: str | None = None
     segments: dict[str, list[str]] = field(default_factory=dict)
+    priors: Priors | None = None
 
     @classmethod
     def of(cls, settings: Settings, route: Route, algorithm: str) -> JobPlan:
@@ -81,6 +84,7 @@ class JobPlan:
             role=role,
             against=route.reference_of(shadow) if role == "shadow" and shadow is not None else None,
             segments=dict(shadow.segments) if role == "shadow" and shadow is not None else {},
+            priors=route.priors,
         )
 
     def to_json(self) -> str:
@@ -97,6 +101,7 @@ class JobPlan:
                 "role": self.role,
                 "against": self.against,
                 "segments": self.segments,
+                "priors": self.priors.model_dump(mode="json") if self.priors else None,
             },
             sort_keys=True,
         )
@@ -122,6 +127,7 @@ class JobPlan:
                 role=data.get("role", "live"),
                 against=data.get("against"),
                 segments=data.get("segments") or {},
+                priors=Priors.model_validate(data["priors"]) if data.get("priors") else None,
             )
         except (ValueError, KeyError, ValidationError) as exc:
             raise ConfigError(f"the job's route snapshot cannot be read: {exc}") from None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom import Dataset
 
-from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Volume
+from ainode_sdk.base import AlgorithmResult, AlgorithmSpec, Prior, Volume
 from ainode_sdk.errors import AlgorithmError
 from ainode_sdk.registry import Registry
 from node import faults
@@ -46,6 +46,7 @@ from node.jobs.delivery import deliver, withdraw
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import SharedVolume, unpack_result
 from node.jobs.model_workers import ModelWorkers
+from node.jobs.priors import fetch_priors
 from node.jobs.runner import algorithm_params, run_algorithm
 from node.jobs.series import SeriesWrite, drop_pixel_data, unframe_series
 from node.jobs.snapshot import JobPlan
@@ -214,6 +215,10 @@ class Stages:
             datasets = self.deidentified_series(job, deidentified)
             volume, _slices = load_volume(datasets, allocate=shared.allocate)
             inputs = describe_inputs(datasets)
+            if plan.priors is not None:
+                begun = time.perf_counter()
+                volume = dataclasses.replace(volume, priors=self._priors(job, plan, datasets[0]))
+                t["priors_s"] = time.perf_counter() - begun
             series = self._series.get(job.id)
             if series is not None:
                 self._begin_write(series)  # framed and written while the algorithm runs
@@ -248,6 +253,15 @@ class Stages:
         # pickle of our own dataclasses, in an authenticated encrypted object only ainode writes
         payload = pickle.dumps(packed, protocol=pickle.HIGHEST_PROTOCOL)
         return [self.s.store.put(payload, object_id=stage_object_id(job, "analysis", 0))]
+
+    def _priors(self, job: JobRow, plan: JobPlan, deidentified: Dataset) -> tuple[Prior, ...]:
+        """The patient's priors for the job (:mod:`node.jobs.priors`)."""
+        if plan.priors is None:
+            return ()
+        row = next(r for r in self.s.index.instances(job.study_key) if r.series_key == job.series_key)
+        original = decode(self.s.store.get(row.object_id), stop_before_pixels=True)
+        deid = InstanceDeidentifier(self._pseudonymizer(), plan.deidentification)
+        return fetch_priors(self.s, plan.priors, original, deidentified, deid)
 
     # -- build results ---------------------------------------------------------------------------
 

@@ -288,6 +288,17 @@ def _algorithm_ref(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
+class Priors(_Model):
+    """The patient's earlier studies a route's algorithms get beside the current one: up to
+    ``count`` of them, the most recent first, no older than ``max_age_days``, of the current
+    series' modality, fetched from ``source`` (C-GET or WADO-RS: into the job, not stored as
+    studies) and de-identified with the same patient pseudonym and date offset."""
+
+    source: str
+    count: Annotated[int, Field(ge=1, le=5)] = 1
+    max_age_days: Annotated[int, Field(ge=1)] = 1825
+
+
 class Route(_Model):
     """A routing rule: when ``match`` holds, run ``algorithms`` and send results to ``destinations``."""
 
@@ -298,6 +309,7 @@ class Route(_Model):
     match: Annotated[Condition, BeforeValidator(_parse_match), WithJsonSchema(CONDITION_JSON_SCHEMA)]
     algorithms: list[Annotated[AlgorithmRef, BeforeValidator(_algorithm_ref)]] = []
     shadow: list[Shadow] = Field(default=[], description="algorithms in a silent trial beside the live ones")
+    priors: Priors | None = None
     destinations: list[str] = []
     completion: Completion = Completion()
     deidentification: str = "default"
@@ -578,6 +590,17 @@ class Settings(_Model):
         for name, source in self.sources.items():
             if isinstance(source, DimseSource) and source.peer not in titles:
                 raise ValueError(f"sources.{name}.peer: {source.peer!r} is not in peers")
+        for i, route in enumerate(self.routes):
+            if route.priors is None:
+                continue
+            prior_source = self.sources.get(route.priors.source)
+            if prior_source is None:
+                raise ValueError(f"routes[{i}].priors.source: {route.priors.source!r} is not in sources")
+            if isinstance(prior_source, DimseSource) and prior_source.retrieve != "get":
+                raise ValueError(
+                    f"routes[{i}].priors.source: {route.priors.source!r} retrieves by C-MOVE; priors "
+                    "come into the job by C-GET (retrieve: get) or from a DICOMweb source"
+                )
         if "default" not in self.deidentification:
             raise ValueError("deidentification: a profile named 'default' is required")
         names = [r.name for r in self.routes]

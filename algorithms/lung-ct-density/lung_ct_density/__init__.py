@@ -89,6 +89,28 @@ class LungCtDensityParams(BaseModel):
     min_lung_ml: Annotated[float, Field(gt=0, le=2000)] = 200.0
 
 
+CHANGE_IN_VOLUME = ("99LCD001", "99AINODE", "Change in volume since prior")
+CHANGE_IN_LAA = ("99LCD002", "99AINODE", "Change in %LAA-950 since prior")
+INTERVAL = ("99LCD003", "99AINODE", "Interval since prior study")
+DAYS = ("d", "UCUM", "day")
+
+
+def _lungs_and_figures(
+    volume: Volume, p: LungCtDensityParams, device: Device
+) -> tuple[Any, dict[str, tuple[float, float, float, float]]]:
+    """The lungs of ``volume`` and, per lung and both, (volume ml, mean HU, %LAA, Perc15 HU)."""
+    lungs = segment_lungs(volume, air_threshold_hu=p.air_threshold_hu, min_lung_ml=p.min_lung_ml)
+    import torch  # here, not at import: the node process loads plugins to check parameters only
+
+    torch_device = torch.device(device)
+    hu = torch.from_numpy(volume.voxels).to(torch_device)
+    both = lungs.left | lungs.right
+    figures = {}
+    for label, mask in (("Left lung", lungs.left), ("Right lung", lungs.right), ("Both lungs", both)):
+        figures[label] = _density_measures(hu, mask, volume.voxel_volume_ml, torch_device, p.laa_threshold_hu)
+    return lungs, figures
+
+
 class LungCtDensity:
     """The ``lung-ct-density`` plugin (see the module docstring)."""
 
@@ -124,7 +146,8 @@ class LungCtDensity:
         AlgorithmResult
             Segments "Left lung", "Right lung" and "Low attenuation area" (masks of the volume's
             shape) and, per lung and for both lungs, volume (ml), mean density (HU), %LAA-950 (%)
-            and Perc15 (HU).
+            and Perc15 (HU); with a prior (``volume.priors``), also the change since it of the
+            volume (ml) and of %LAA-950 (percentage points) and the interval (days).
 
         Raises
         ------
@@ -134,24 +157,28 @@ class LungCtDensity:
         """
         check_accepts(self.spec, volume)
         p = params if isinstance(params, LungCtDensityParams) else LungCtDensityParams()
-        lungs = segment_lungs(volume, air_threshold_hu=p.air_threshold_hu, min_lung_ml=p.min_lung_ml)
-        import torch  # here, not at import: the node process loads plugins to check parameters only
-
-        torch_device = torch.device(device)
-        hu = torch.from_numpy(volume.voxels).to(torch_device)
-        both = lungs.left | lungs.right
-        laa_mask = both & (volume.voxels <= p.laa_threshold_hu)
+        lungs, figures = _lungs_and_figures(volume, p, device)
         measurements: list[Measurement] = []
-        for label, mask in (("Left lung", lungs.left), ("Right lung", lungs.right), ("Both lungs", both)):
-            vol, mean, laa, perc15 = _density_measures(
-                hu, mask, volume.voxel_volume_ml, torch_device, p.laa_threshold_hu
-            )
+        for label, (vol, mean, laa, perc15) in figures.items():
             measurements += [
                 Measurement(label, VOLUME, round(vol, 1), ML),
                 Measurement(label, ATTENUATION, round(mean, 1), HU, derivation=MEAN),
                 Measurement(label, laa_percent(p.laa_threshold_hu), round(laa, 2), PERCENT),
                 Measurement(label, PERC15, round(perc15, 1), HU),
             ]
+        if volume.priors:  # the change since the most recent prior, each study measured the same way
+            prior = volume.priors[0]
+            check_accepts(self.spec, prior.volume)
+            _prior_lungs, before = _lungs_and_figures(prior.volume, p, device)
+            for label in figures:
+                now, then = figures[label], before[label]
+                measurements += [
+                    Measurement(label, CHANGE_IN_VOLUME, round(round(now[0], 1) - round(then[0], 1), 1), ML),
+                    Measurement(label, CHANGE_IN_LAA, round(round(now[2], 2) - round(then[2], 2), 2), PERCENT),
+                    Measurement(label, INTERVAL, round(prior.interval_days), DAYS),
+                ]
+        both = lungs.left | lungs.right
+        laa_mask = both & (volume.voxels <= p.laa_threshold_hu)
         segments = [
             Segment("Left lung", lungs.left, ANATOMICAL_STRUCTURE, LEFT_LUNG),
             Segment("Right lung", lungs.right, ANATOMICAL_STRUCTURE, RIGHT_LUNG),
