@@ -77,6 +77,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "retry": frozenset({Role.OPERATOR, Role.ADMIN}),
     "rerun": frozenset({Role.OPERATOR, Role.ADMIN}),
     "lookup": frozenset({Role.OPERATOR, Role.ADMIN}),
+    "fetch": frozenset({Role.OPERATOR, Role.ADMIN}),
     "purge": frozenset({Role.ADMIN}),
     "reload": frozenset({Role.ADMIN}),
     "rotate_keys": frozenset({Role.ADMIN}),

@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from node.console import oidc
+from node.console import fetching, oidc
 from node.console.auth import (
     CSRF_FIELD,
     LOGIN_CSRF_COOKIE,
@@ -204,7 +204,27 @@ def lookup_page(request: Request) -> Response:
     return render(request, "lookup.html", title="Lookup", user=user, matches=None, attribute="AccessionNumber")
 
 
+@router.get("/fetch")
+def fetch_page(request: Request) -> Response:
+    user = signed_in(request)
+    user.require("fetch")
+    return render(request, "fetch.html", title="Fetch and analyse", user=user, sources=console(request).sources())
+
+
 # -- actions -------------------------------------------------------------------------------------
+
+
+@router.post("/fetch")
+async def fetch(request: Request) -> Response:
+    user, form = await _post(request)
+    user.require("fetch")
+    fields = form.fields
+    done = await run_in_threadpool(
+        fetching.fetch_and_analyse, console(request).ctx, user, address(request), fields.get("source", ""),
+        fields.get("attribute", ""), fields.get("value", ""),
+    )  # fmt: skip
+    return render(request, "fetch.html", title="Fetch and analyse", user=user, sources=console(request).sources(),
+                  message=done)  # fmt: skip
 
 
 @router.post("/jobs/{job_id}/retry")

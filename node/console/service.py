@@ -232,6 +232,10 @@ class ConsoleService:
             parameters=dict(snapshot.get("parameters", {})), results=len(job.result_ids),
         )  # fmt: skip
 
+    def sources(self) -> list[str]:
+        """The names of the configured sources (``ainode retrieve``, fetch and analyse)."""
+        return sorted(self.ctx.settings().sources)
+
     def routing(self) -> schemas.Routing:
         """The routes in force, each condition as YAML."""
         settings = self.ctx.settings()
