@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import http.server
+import io
+import json
 import threading
 import time
 import urllib.error
@@ -14,7 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pydicom
 import pytest
@@ -199,3 +201,67 @@ def test_stow_rs_with_oauth2_client_credentials_renews_its_token(pacs, tmp_path,
         assert len(provider.access_tokens) == 2  # a new token was fetched for the expired one
         assert "KO" in _modalities(pacs)
         assert provider.client_secret not in node.log()
+
+
+class _PartialStow(http.server.BaseHTTPRequestHandler):
+    """A STOW-RS service that refuses the SR of the first request (0xA700) and takes everything
+    after: what a partial failure looks like (PS3.18 Failed SOP Sequence, HTTP 202)."""
+
+    requests: ClassVar[list[list[str]]] = []
+    refuse_always = False
+
+    def do_POST(self) -> None:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+
+        body = _BearerProxy._body(self)  # type: ignore[arg-type]
+        _kind, options = parse_options_header(self.headers["Content-Type"])
+        parts: list[bytearray] = []
+        parser = MultipartParser(options[b"boundary"], {
+            "on_part_begin": lambda: parts.append(bytearray()),
+            "on_part_data": lambda data, start, end: parts[-1].extend(data[start:end]),
+        })  # fmt: skip
+        parser.write(body)
+        datasets = [pydicom.dcmread(io.BytesIO(bytes(p))) for p in parts]
+        self.requests.append([str(ds.Modality) for ds in datasets])
+        refuse = self.refuse_always or len(self.requests) == 1
+        stored, failed = pydicom.Dataset(), []
+        stored.ReferencedSOPSequence = []
+        for ds in datasets:
+            item = pydicom.Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+            if refuse and ds.Modality == "SR":
+                item.FailureReason = 0xA700
+                failed.append(item)
+            else:
+                stored.ReferencedSOPSequence.append(item)
+        if failed:
+            stored.FailedSOPSequence = failed
+        payload = json.dumps(stored.to_json_dict()).encode()
+        self.send_response(202 if failed else 200)
+        self.send_header("Content-Type", "application/dicom+json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("refuse_always", [False, True])
+def test_a_partial_stow_failure_sends_again_only_what_failed(tmp_path, start_node, refuse_always):
+    handler = type("Stow", (_PartialStow,), {"requests": [], "refuse_always": refuse_always})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        node = _node(tmp_path, start_node, {"type": "dicomweb", "url": url})
+        assert storescu(node.port, _files()).returncode == 0
+        state = "failed" if refuse_always else "delivered"
+        wait_until(lambda: node.job_state(1) == state or None, 180)
+        assert sorted(handler.requests[0]) == ["SEG", "SR"] and handler.requests[1] == ["SR"]  # only what failed
+        if refuse_always:
+            reason = node.index().job(1).reason
+            print("dead letter:", reason)
+            assert "1 object(s) not stored (SR): failure reason 0xA700" in reason
+    finally:
+        server.shutdown()
