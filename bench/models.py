@@ -6,6 +6,10 @@ runner, a fresh Python process:
 - ``ainode``: the model as the node's worker runs it (:class:`ainode_sdk.declared.model.DeclaredModel`):
   seconds in pre-processing, inference, post-processing (``Invertd``, argmax), measurement, and
   the SEG + SR build; peak RSS of that process (VmHWM).
+- ``ainode-auto``: the same with ``runtime: auto`` (the network compiled by OpenVINO or ONNX
+  Runtime, whichever is faster and agrees with PyTorch): loaded (and compiled) first, as the node's
+  model worker keeps it, then timed on the study; its labels compared voxel by voxel with the
+  PyTorch path's.
 - ``monai``: ``monai.bundle.run`` of the same bundle on the same volume (as NIfTI), its inferer
   timed by a subclass of the bundle's own inferer class; total seconds and peak RSS.
 
@@ -95,18 +99,64 @@ def one(model: str, runner: str, device: str, work: Path) -> dict[str, Any]:
         import bench.models as loaded_by_monai  # the module MONAI's config imported (this one runs as __main__)
 
         return {"total_s": time.perf_counter() - start, "inference_s": sum(loaded_by_monai.INFERER_SECONDS)}
+    import os
+
+    import numpy as np
+
     from ainode_sdk.declared.model import DeclaredModel
     from ainode_sdk.declared.spec import ModelDeclaration
     from node.results import build_results
 
+    os.environ["AINODE_MODEL_CACHE"] = str(work / "compiled")
+    if runner == "ainode-auto":
+        declaration = {**declaration, "runtime": "auto"}
     algorithm = DeclaredModel(model, ModelDeclaration.model_validate(declaration))
+    load_s = 0.0
+    if runner == "ainode-auto":  # the node loads (and compiles) a model once, then keeps it for every study
+        start = time.perf_counter()
+        algorithm.cache.get(model, algorithm.declaration, device)  # type: ignore[arg-type]
+        load_s = time.perf_counter() - start
     start = time.perf_counter()
     result = algorithm.run(volume, device)  # type: ignore[arg-type]
     total = time.perf_counter() - start
+    labels = np.zeros(volume.voxels.shape, np.uint16)
+    if result.label_map is not None:
+        labels = result.label_map.astype(np.uint16)
+    else:
+        for number, segment in enumerate(result.segments, 1):
+            labels[segment.mask] = number
+    np.save(work / f"labels-{model}-{device}-{runner}.npy", labels)
     start = time.perf_counter()
     build_results(slices, result, algorithm.spec, lambda kind: pydicom.uid.generate_uid(), "AINODE")
+    held = algorithm.cache.loaded.get(model)
+    used = getattr(held.runtime, "runtime_used", "torch") if held is not None else "?"
     return {**algorithm.last_timings, "build_s": time.perf_counter() - start, "total_s": total,
-            "segments": len(result.segments)}  # fmt: skip
+            "load_s": load_s, "segments": len(result.segments), "runtime": used}  # fmt: skip
+
+
+def _ratios(rows: list[dict[str, Any]], work: Path, model: str, device: str) -> dict[str, Any]:
+    """Per model and device: inference and whole-job time against MONAI's own runner, and how many
+    voxels the compiled runtime labels as the PyTorch path does."""
+    import numpy as np
+
+    def best(runner: str, key: str) -> float:
+        return float(min(r[key] for r in rows if (r["model"], r["device"], r["runner"]) == (model, device, runner)))
+
+    same = np.load(work / f"labels-{model}-{device}-ainode.npy") == np.load(
+        work / f"labels-{model}-{device}-ainode-auto.npy"
+    )
+    auto = next(r for r in rows if (r["model"], r["device"], r["runner"]) == (model, device, "ainode-auto"))
+    return {
+        "torch_inference_vs_monai": round(best("ainode", "inference_s") / best("monai", "inference_s"), 3),
+        "auto_inference_vs_monai": round(best("ainode-auto", "inference_s") / best("monai", "inference_s"), 3),
+        "auto_total_vs_monai": round(best("ainode-auto", "total_s") / best("monai", "total_s"), 3),
+        "auto_voxels_identical_to_torch": round(float(same.mean()), 6),
+        "auto_runtime": auto["runtime"],
+        "auto_peak_rss_mb": auto["peak_rss_mb"],
+        "torch_peak_rss_mb": min(
+            r["peak_rss_mb"] or 0 for r in rows if (r["model"], r["device"], r["runner"]) == (model, device, "ainode")
+        ),
+    }
 
 
 def main() -> int:
@@ -128,7 +178,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             for device in devices:
-                for runner in ("ainode", "monai"):
+                for runner in ("ainode", "ainode-auto", "monai"):
                     for run in range(args.runs):
                         done = subprocess.run(
                             [sys.executable, __file__, "--child", model, runner, device, tmp],
@@ -136,26 +186,18 @@ def main() -> int:
                         )  # fmt: skip
                         figures = json.loads(done.stdout.strip().splitlines()[-1])
                         rows.append({"model": model, "device": device, "runner": runner, "run": run, **figures})
-    print(f"{'model':<10} {'device':<6} {'runner':<7} {'pre s':>7} {'infer s':>8} {'post s':>7} {'build s':>8} "
-          f"{'total s':>8} {'peak MB':>8}")  # fmt: skip
-    for r in rows:
-        print(
-            f"{r['model']:<10} {r['device']:<6} {r['runner']:<7} {r.get('preprocess_s', 0):>7.2f} "
-            f"{r['inference_s']:>8.2f} {r.get('postprocess_s', 0):>7.2f} {r.get('build_s', 0):>8.2f} "
-            f"{r['total_s']:>8.2f} {r['peak_rss_mb'] or 0:>8.0f}"
-        )
-    ratios = {}
-    for model in args.models:
-        for device in devices:
-            ours = min(
-                r["inference_s"] for r in rows if (r["model"], r["device"], r["runner"]) == (model, device, "ainode")
+        print(f"{'model':<10} {'device':<6} {'runner':<11} {'pre s':>7} {'infer s':>8} {'post s':>7} "
+              f"{'build s':>8} {'total s':>8} {'peak MB':>8}")  # fmt: skip
+        for r in rows:
+            print(
+                f"{r['model']:<10} {r['device']:<6} {r['runner']:<11} {r.get('preprocess_s', 0):>7.2f} "
+                f"{r['inference_s']:>8.2f} {r.get('postprocess_s', 0):>7.2f} {r.get('build_s', 0):>8.2f} "
+                f"{r['total_s']:>8.2f} {r['peak_rss_mb'] or 0:>8.0f}"
             )
-            theirs = min(
-                r["inference_s"] for r in rows if (r["model"], r["device"], r["runner"]) == (model, device, "monai")
-            )
-            ratios[f"{model}/{device}"] = round(ours / theirs, 3)
-            print(f"{model} on {device}: ainode inference / MONAI's own = {ours / theirs:.3f}")
-    write_report(ROOT / "bench" / "results" / "models.json", "models", rows=rows, inference_ratio=ratios)
+        ratios = {f"{m}/{d}": _ratios(rows, Path(tmp), m, d) for m in args.models for d in devices}
+    for key, figures in ratios.items():
+        print(f"{key}: {json.dumps(figures)}")
+    write_report(ROOT / "bench" / "results" / "models.json", "models", rows=rows, ratios=ratios)
     return 0
 
 

@@ -68,3 +68,24 @@ class Finds:
                         probability=0.1),
             ],
         )  # fmt: skip
+
+
+class BranchyNet:
+    """A 3D network whose forward pass branches on its input in Python: an ONNX export (a trace)
+    keeps only the branch the export's example took, so the export disagrees with PyTorch on other
+    inputs — the conversion the node must refuse (issue 26). Built by MONAI's config parser as a
+    bundle's ``network_def``."""
+
+    def __new__(cls) -> Any:
+        import torch
+
+        class _Net(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                y = self.conv(x)
+                return y if float(x.mean()) > 0.25 else -y
+
+        return _Net()

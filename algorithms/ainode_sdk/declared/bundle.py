@@ -10,6 +10,7 @@ Nothing of MONAI's transforms is re-implemented here.
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from typing import Any
 
@@ -20,6 +21,8 @@ from ainode_sdk.base import Device, Volume
 from ainode_sdk.declared.geometry import from_monai, to_metatensor
 from ainode_sdk.declared.spec import ModelDeclaration
 from ainode_sdk.errors import ModelError
+
+logger = logging.getLogger(__name__)
 
 _FILE_IO = ("LoadImaged", "LoadImage", "SaveImaged", "SaveImage")
 
@@ -80,6 +83,31 @@ class MonaiBundleRuntime:
         except (RuntimeError, KeyError, ValueError, TypeError, OSError) as exc:
             raise ModelError(f"bundle {declaration.path.name}: {exc}") from exc
         self.memory_bytes = sum(p.numel() * p.element_size() for p in self.network.parameters())
+        self.predictor: Any = self.network
+        self.runtime_used = f"torch ({'declared' if declaration.runtime == 'native' else 'kept'})"
+        if declaration.runtime != "native" and device == "cpu":
+            self._compile()
+
+    def _compile(self) -> None:
+        """Run the network by the declared runtime when it agrees with PyTorch (:mod:`.compiled`)."""
+        from ainode_sdk.declared.compiled import compile_network
+        from ainode_sdk.declared.spec import file_sha256
+
+        roi = tuple(int(v) for v in getattr(self.inferer, "roi_size", ()) or ())
+        if len(roi) != 3:
+            self.runtime_used = "torch (the inferer has no 3D window to compile for)"
+            return
+        channels = int(self.declaration.bundle_metadata().get("network_data_format", {}).get("inputs", {})
+                       .get("image", {}).get("num_channels", 1))  # fmt: skip
+        batch = int(getattr(self.inferer, "sw_batch_size", 1) or 1)
+        sha = self.declaration.sha256 or file_sha256(self.declaration.weights_path())
+        compiled, why = compile_network(self.network, (batch, channels, *roi), self.declaration.runtime, sha)
+        if compiled is None:
+            logger.warning("model %s runs on PyTorch: %s", self.declaration.path.name, why)
+            self.runtime_used = f"torch ({why})"
+            return
+        logger.info("model %s runs on %s", self.declaration.path.name, why)
+        self.predictor, self.runtime_used = compiled, why
 
     def infer(self, volume: Volume) -> tuple[npt.NDArray[np.int32], dict[str, float]]:
         """Labels ``(slices, rows, columns)`` on the volume's own grid, and seconds per stage."""
@@ -99,7 +127,7 @@ class MonaiBundleRuntime:
         )
         with torch.no_grad(), autocast:
             image = data["image"].to(_torch_device(self.device))
-            data["pred"] = self.inferer(image[None], self.network)[0]
+            data["pred"] = self.inferer(image[None], self.predictor)[0]
         t["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
         data["pred"] = data["pred"].float()

@@ -168,6 +168,11 @@ class ModelDeclaration(_Model):
         "default: the declaration's key",
     )
     version: str | None = Field(default=None, description="default: the bundle's metadata.json version")
+    runtime: Literal["native", "onnxruntime", "openvino", "auto"] = Field(
+        default="native",
+        description="monai_bundle on the CPU: run the network by ONNX Runtime or OpenVINO (exported once, cached, "
+        "checked against PyTorch at load; refused if it disagrees), or auto: the fastest that agrees",
+    )
     description: str = ""
     manufacturer: str = Field(
         default="", description="who made the model (IHE AIR Contributing Equipment); default: the bundle's authors"
