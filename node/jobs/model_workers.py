@@ -34,6 +34,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, device: str, statu
     """The worker's loop: ``("run", name, declaration_json, shm_name, geometry)`` -> result."""
     from ainode_sdk.declared.model import CACHE
 
+    # compiled networks (runtime: onnxruntime | openvino | auto) are kept beside the status file
+    os.environ.setdefault("AINODE_MODEL_CACHE", str(Path(status_path).parent / "compiled"))
     if device.startswith("cuda:"):
         import torch
 
