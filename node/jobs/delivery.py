@@ -53,7 +53,23 @@ class Destination(Protocol):
         ...
 
 
-class DicomPeer:
+class _SendsRejectionNotes:
+    """Withdraws superseded results by sending their IOCM Rejection Note like any result object
+    (C-STORE or STOW-RS), unless the destination says ``reject_superseded: false``."""
+
+    config: Any  # DicomDestination or DicomwebDestination: both have reject_superseded
+
+    def send(self, objects: Sequence[Dataset]) -> None:
+        raise NotImplementedError
+
+    def withdraw(self, superseded: Sequence[Dataset], note: Dataset) -> bool:
+        if not self.config.reject_superseded:
+            return False
+        self.send([note])
+        return True
+
+
+class DicomPeer(_SendsRejectionNotes):
     """A DICOM peer (``type: dicom``), reached by C-STORE; with ``commitment``, a delivery is done
     only once the peer's storage commitment report confirms every object (PS3.4 Annex J)."""
 
@@ -99,14 +115,8 @@ class DicomPeer:
         raise DeliveryError(f"no storage commitment report from {peer.ae_title} within "
                             f"{self.config.commitment_timeout_s:g} s")  # fmt: skip
 
-    def withdraw(self, superseded: Sequence[Dataset], note: Dataset) -> bool:
-        if not self.config.reject_superseded:
-            return False
-        self.send([note])
-        return True
 
-
-class DicomwebArchive:
+class DicomwebArchive(_SendsRejectionNotes):
     """A DICOMweb service (``type: dicomweb``), reached by STOW-RS. A partial failure (PS3.18
     Failed SOP Sequence) is sent again once, only what failed; what still fails is the error,
     each object's failure reason named."""
@@ -130,12 +140,6 @@ class DicomwebArchive:
         kinds = ", ".join(f"{ds.Modality}" for ds in pending)
         raise DeliveryError(f"STOW-RS: {len(outcome.failed)} object(s) not stored ({kinds}): failure reason "
                             f"{', '.join(sorted(set(outcome.failed.values())))}")  # fmt: skip
-
-    def withdraw(self, superseded: Sequence[Dataset], note: Dataset) -> bool:
-        if not self.config.reject_superseded:
-            return False
-        self.send([note])
-        return True
 
 
 class Folder:
