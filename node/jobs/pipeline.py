@@ -318,7 +318,10 @@ class Pipeline:
         jobs = [j for j in self.s.index.jobs(study_key) if j.generation == study.generation]
         if any(j.state in (JobState.PENDING, JobState.RUNNING) for j in jobs):
             return
-        compare_shadows(self.s.index, self.s.store, jobs)  # once every job of the generation ended
+        try:  # once every job of the generation ended; monitoring never holds the study up
+            compare_shadows(self.s.index, self.s.store, jobs)
+        except AinodeError as exc:
+            logger.warning("shadow comparison not stored: %s", exc, extra={"study_key": study_key})
         failed = [j for j in jobs if j.state == JobState.FAILED]
         if failed:
             self.s.index.set_study_state(study_key, StudyState.FAILED, reason=f"{len(failed)} job(s) failed")

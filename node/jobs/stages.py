@@ -41,7 +41,7 @@ from node.deid.maps import StudyMaps
 from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
-from node.errors import InvalidInstanceError, StorageError
+from node.errors import AinodeError, InvalidInstanceError, StorageError
 from node.jobs.delivery import deliver, withdraw
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import SharedVolume, unpack_result
@@ -320,7 +320,14 @@ class Stages:
 
     def record_outcome(self, job: JobRow, plan: JobPlan | None, outcome: str, reason: str | None) -> None:
         """Record how the job's model run ended (``delivered``, ``refused``, ``failed``,
-        ``timeout``, ``quarantined``) in its monitoring record."""
+        ``timeout``, ``quarantined``) in its monitoring record. The job has ended already: a
+        record that cannot be written is logged, never the job's failure."""
+        try:
+            self._record_outcome(job, plan, outcome, reason)
+        except AinodeError as exc:
+            logger.warning("monitoring record not written: %s", exc, extra={"job_id": job.id})
+
+    def _record_outcome(self, job: JobRow, plan: JobPlan | None, outcome: str, reason: str | None) -> None:
         values: dict[str, Any] = {"outcome": outcome, "reason": reason[:300] if reason else None}
         if self.s.index.model_record(job.id) is None:  # it ended before its model ran
             try:

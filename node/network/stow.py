@@ -26,9 +26,8 @@ import json
 import logging
 import re
 import secrets as _secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Protocol
 
 from pydicom import Dataset
@@ -72,7 +71,6 @@ def token_digest(token: str) -> str:
 class _Part:
     headers: dict[str, str] = field(default_factory=dict)
     buffer: DataSetBuffer | None = None
-    problem: str | None = None
 
 
 @dataclass
@@ -80,10 +78,8 @@ class _Outcome:
     stored: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str, int]] = field(default_factory=list)
 
-    def body(self, retrieve_url: str | None) -> bytes:
+    def body(self) -> bytes:
         ds = Dataset()
-        if retrieve_url:
-            ds.RetrieveURL = retrieve_url
         if self.stored:
             ds.ReferencedSOPSequence = [_item(c, i) for c, i in self.stored]
         if self.failed:
@@ -93,8 +89,10 @@ class _Outcome:
 
 def _item(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:
     item = Dataset()
-    item.ReferencedSOPClassUID = sop_class or "1.2.840.10008.5.1.4.1.1.7"
-    item.ReferencedSOPInstanceUID = sop_instance or "0"
+    if sop_class:  # a part that could not be read has neither: its Failure Reason says so
+        item.ReferencedSOPClassUID = sop_class
+    if sop_instance:
+        item.ReferencedSOPInstanceUID = sop_instance
     if reason is not None:
         item.FailureReason = reason
     return item
@@ -241,7 +239,7 @@ class StowApp:
         status = 200 if not outcome.failed else 202 if outcome.stored else 409
         logger.info("STOW-RS: %d stored, %d failed", len(outcome.stored), len(outcome.failed),
                     extra={"calling_ae": calling})  # fmt: skip
-        await _send(send, status, outcome.body(None), "application/dicom+json")
+        await _send(send, status, outcome.body(), "application/dicom+json")
 
     async def _one(self, part: _Part, calling: str, transfer_id: int, study: str | None, outcome: _Outcome) -> None:
         """Store one part (in a worker thread: the store's fsync must not hold the event loop)."""
@@ -271,7 +269,7 @@ class StowApp:
             instance = ReceivedInstance.from_header(
                 ds, encoded, sop_class_uid=sop_class, transfer_syntax_uid=syntax, calling_ae_title=calling,
                 association_id=transfer_id, size=buffer.received,
-                parts=partial(_parts, buffer) if buffer.spooled else None,
+                parts=buffer.parts if buffer.spooled else None,
             )  # fmt: skip
             await run_in_threadpool(self.receiver.receive, instance)
             outcome.stored.append((sop_class, sop_instance))
@@ -281,10 +279,6 @@ class StowApp:
             outcome.failed.append((sop_class, sop_instance, int(status)))
         finally:
             buffer.discard()
-
-
-def _parts(buffer: DataSetBuffer) -> Iterator[bytes]:
-    yield from buffer.parts()
 
 
 async def _answer(send: Any, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
