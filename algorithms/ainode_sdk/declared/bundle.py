@@ -51,6 +51,26 @@ def bundle_parser(declaration: ModelDeclaration, device: Device) -> Any:
     return parser
 
 
+def load_bundle_network(declaration: ModelDeclaration, parser: Any = None) -> Any:
+    """The bundle's ``network_def`` with its weights loaded, in eval mode, on the CPU.
+
+    Raises
+    ------
+    RuntimeError, KeyError, ValueError, TypeError, OSError
+        The configuration does not build, or the weights do not fit its network (PyTorch's and
+        MONAI's own errors).
+    """
+    import torch
+
+    parser = parser if parser is not None else bundle_parser(declaration, "cpu")
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(declaration.weights_path(), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    network.load_state_dict(state)
+    return network.eval()
+
+
 def _torch_device(device: Device) -> str:
     return "cuda:0" if device == "cuda" else device
 
@@ -65,18 +85,11 @@ class MonaiBundleRuntime:
     """
 
     def __init__(self, declaration: ModelDeclaration, device: Device) -> None:
-        import torch
-
         self.declaration = declaration
         self.device = device
         try:
             parser = bundle_parser(declaration, device)
-            self.network = parser.get_parsed_content("network_def")
-            state = torch.load(declaration.weights_path(), map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-                state = state["model"]
-            self.network.load_state_dict(state)
-            self.network.to(_torch_device(device)).eval()
+            self.network = load_bundle_network(declaration, parser).to(_torch_device(device))
             self.preprocessing = parser.get_parsed_content("preprocessing")
             self.inferer = parser.get_parsed_content("inferer")
             self.postprocessing = parser.get_parsed_content("postprocessing")
@@ -90,7 +103,7 @@ class MonaiBundleRuntime:
 
     def _compile(self) -> None:
         """Run the network by the declared runtime when it agrees with PyTorch (:mod:`.compiled`)."""
-        from ainode_sdk.declared.compiled import compile_network
+        from ainode_sdk.declared.compiled import compile_model
         from ainode_sdk.declared.spec import file_sha256
 
         roi = tuple(int(v) for v in getattr(self.inferer, "roi_size", ()) or ())
@@ -101,7 +114,7 @@ class MonaiBundleRuntime:
                        .get("image", {}).get("num_channels", 1))  # fmt: skip
         batch = int(getattr(self.inferer, "sw_batch_size", 1) or 1)
         sha = self.declaration.sha256 or file_sha256(self.declaration.weights_path())
-        compiled, why = compile_network(self.network, (batch, channels, *roi), self.declaration.runtime, sha)
+        compiled, why = compile_model(self.declaration, (batch, channels, *roi), sha)
         if compiled is None:
             logger.warning("model %s runs on PyTorch: %s", self.declaration.path.name, why)
             self.runtime_used = f"torch ({why})"
@@ -128,6 +141,8 @@ class MonaiBundleRuntime:
         with torch.no_grad(), autocast:
             image = data["image"].to(_torch_device(self.device))
             data["pred"] = self.inferer(image[None], self.predictor)[0]
+        if self.predictor is not self.network:
+            self.predictor.release()  # the compiled runtime's working memory, not held through post-processing
         t["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
         data["pred"] = data["pred"].float()

@@ -1,34 +1,61 @@
-"""Compiled inference for declared models: the network of a MONAI bundle or a TorchScript export
-run by ONNX Runtime or OpenVINO instead of PyTorch, with the same pre- and post-processing (only
-the network call changes).
+"""Compiled inference for declared models: the network of a MONAI bundle, a TorchScript export or
+an ONNX file run by OpenVINO or ONNX Runtime instead of its own framework, with the same pre- and
+post-processing (only the network call changes).
 
-The network is exported once to ONNX (``torch.onnx.export``, the batch axis dynamic) and kept in
-a cache directory under a name made of the weights' SHA-256, the runtime and the versions of torch
-and the runtime: changed weights or another release mean another file. Before it is used, the
-compiled network is checked against PyTorch on a fixed input of the network's window (a seeded
-uniform volume): when fewer than ``min_agreement`` of the voxels' labels agree (argmax over
-channels, or a 0.5 threshold of one channel), it is refused with that reason and the model runs on
-PyTorch. ``auto`` tries OpenVINO and ONNX Runtime, keeps those that agree, and picks the faster
-on the check input — or PyTorch, when neither is faster than it.
+Conversion and check run once, in a child process (``python -m ainode_sdk.declared.compiled``),
+so the model worker never holds the original framework's activations, the export and the
+candidate runtimes at once:
+
+1. the original network (the bundle's ``network_def`` with its weights, the TorchScript module, or
+   the ONNX file in ONNX Runtime) is run on a fixed input of the network's window (a seeded uniform
+   batch) — twice, the second call timed;
+2. a PyTorch network is exported to ONNX (``torch.onnx.export``, batch axis dynamic) into the cache
+   directory under a name made of the weights' SHA-256, the window and torch's version;
+3. each candidate — OpenVINO in bfloat16 where the CPU computes it natively, OpenVINO in float32,
+   ONNX Runtime — is compiled for the window batch, timed the same way and compared with the
+   original: the share of voxels both give the same label (argmax over channels, or a 0.5
+   threshold of one channel); below :data:`MIN_AGREEMENT` it is refused with that reason (on this
+   input, a network whose outputs are near ties — e.g. one with untrained weights — loses labels
+   in bfloat16 as it does on a real study, and runs in float32 instead);
+4. the verdict (the chosen runtime and precision, or why none) is written beside the export as
+   JSON; ``auto`` picks the fastest that agrees, or keeps the original when none is faster.
+
+The worker then loads only the chosen runtime from the cached export (a later start reads the
+verdict and converts nothing). Changed weights, another window or another release of torch,
+ONNX Runtime or OpenVINO mean other file names, so a new conversion and check.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ainode_sdk.declared.spec import ModelDeclaration
 
 logger = logging.getLogger(__name__)
 
 MIN_AGREEMENT = 0.999
-"""Share of voxel labels a compiled network must give as PyTorch does (argmax or threshold)."""
+"""Share of voxel labels a compiled network must give as the original framework does."""
+
+CHECK_TIMEOUT_S = 1800
+"""The conversion and check of one model take at most this long (a large network on a slow CPU)."""
+
+
+Runner = Callable[[np.ndarray], np.ndarray]
+"""A compiled network: a float32 batch in, its output out."""
 
 
 def cache_dir() -> Path:
@@ -43,22 +70,42 @@ def _threads() -> int:
 
 @dataclass
 class Compiled:
-    """A compiled network: called like the PyTorch module on a ``(batch, channels, ...)`` tensor."""
+    """A compiled network, called like the original module on a ``(batch, channels, *window)``
+    tensor; batches are padded (or split) to the batch it was compiled for."""
 
     runtime: str
-    run: Callable[[np.ndarray], np.ndarray]
+    precision: str
+    run: Runner
+    batch: int
     agreement: float
     seconds: float
+    release: Callable[[], None] = lambda: None
+    """Gives the runtime's working memory back between studies (OpenVINO's ``release_memory``)."""
 
     def __call__(self, batch: Any) -> Any:
         import torch
 
-        out = self.run(batch.detach().cpu().numpy().astype(np.float32, copy=False))
+        array = batch.detach().cpu().numpy().astype(np.float32, copy=False)
+        n = array.shape[0]
+        outs = []
+        for first in range(0, n, self.batch):
+            part = array[first : first + self.batch]
+            if part.shape[0] < self.batch:
+                pad = np.zeros((self.batch - part.shape[0], *part.shape[1:]), np.float32)
+                part = np.concatenate([part, pad])
+            outs.append(self.run(np.ascontiguousarray(part)))
+        out = np.concatenate(outs)[:n] if len(outs) > 1 else outs[0][:n]
         return torch.from_numpy(np.ascontiguousarray(out))
 
 
-def _labels(out: np.ndarray) -> np.ndarray:
-    return out.argmax(axis=1) if out.shape[1] > 1 else out[:, 0] > (0.5 if out.min() >= 0 else 0.0)
+def agreement(reference: np.ndarray, got: np.ndarray) -> float:
+    """Share of voxels labelled alike by ``reference`` and ``got``, outputs
+    ``(batch, channels, *window)``: argmax over channels, or one channel's 0.5 threshold (0 for
+    logits)."""
+    if reference.shape[1] > 1:
+        return float((reference.argmax(axis=1) == got.argmax(axis=1)).mean())
+    cut = 0.5 if reference.min() >= 0 and reference.max() <= 1 else 0.0
+    return float(((reference[:, 0] > cut) == (got[:, 0] > cut)).mean())
 
 
 def export_onnx(network: Any, example_shape: tuple[int, ...], path: Path) -> None:
@@ -74,7 +121,7 @@ def export_onnx(network: Any, example_shape: tuple[int, ...], path: Path) -> Non
     os.replace(tmp, path)
 
 
-def _onnxruntime(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _onnxruntime(path: Path, shape: tuple[int, ...], precision: str) -> Runner:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -84,71 +131,195 @@ def _onnxruntime(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def _openvino(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+def _openvino(path: Path, shape: tuple[int, ...], precision: str) -> Runner:
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(str(path))
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": _threads()})
+    model.reshape({model.input(0).get_any_name(): list(shape)})  # a static window batch compiles faster code
+    config = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+    compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
-    return lambda x: np.asarray(request.infer({0: x})[compiled.output(0)])
+    output = compiled.output(0)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return np.asarray(request.infer({0: x})[output])
+
+    run.release = compiled.release_memory  # type: ignore[attr-defined]
+    return run
 
 
-LOADERS: dict[str, Callable[[Path], Callable[[np.ndarray], np.ndarray]]] = {
+LOADERS: dict[str, Callable[[Path, tuple[int, ...], str], Runner]] = {
     "onnxruntime": _onnxruntime,
     "openvino": _openvino,
 }
 
 
-def _version(runtime: str) -> str:
-    import torch
-
-    module = __import__(runtime)
-    text = f"torch{torch.__version__}-{runtime}{getattr(module, '__version__', '?')}"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)  # a file name: OpenVINO's version holds slashes
-
-
-def compile_network(
-    network: Any, example_shape: tuple[int, ...], runtime: str, weights_sha256: str, where: Path | None = None
-) -> tuple[Compiled | None, str]:
-    """``network`` compiled for ``runtime`` (``onnxruntime``, ``openvino`` or ``auto``) and why,
-    or ``None`` and why not (it disagrees with PyTorch, or the runtime is missing): then the
-    caller keeps PyTorch."""
-    import torch
-
-    candidates = ["openvino", "onnxruntime"] if runtime == "auto" else [runtime]
-    generator = torch.Generator().manual_seed(0)
-    check = torch.rand(example_shape, generator=generator)
-    with torch.no_grad():
-        start = time.perf_counter()
-        expected = _labels(network(check).float().cpu().numpy())
-        torch_seconds = time.perf_counter() - start
-    usable: list[Compiled] = []
-    reasons = []
-    for name in candidates:
+def _candidates(runtime: str) -> list[tuple[str, str]]:
+    """(runtime, precision) to try: OpenVINO in bfloat16 only where the CPU has it natively."""
+    found: list[tuple[str, str]] = []
+    if runtime in ("openvino", "auto"):
         try:
-            path = (where or cache_dir()) / f"{weights_sha256[:32]}-{_version(name)}.onnx"
-            if not path.exists():
-                export_onnx(network, example_shape, path)
-            run = LOADERS[name](path)
-            run(check.numpy())  # the first call compiles and warms up
-            start = time.perf_counter()
-            got = run(check.numpy())
-            seconds = time.perf_counter() - start
-        except Exception as exc:  # the runtimes' own untyped errors: this runtime is not usable, PyTorch stays
-            reasons.append(f"{name}: not usable ({type(exc).__name__}: {str(exc)[:120]})")
+            import openvino as ov
+
+            if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                found.append(("openvino", "bf16"))
+        except (ImportError, RuntimeError) as exc:
+            logger.info("OpenVINO's CPU plugin is not usable: %s", exc)
+        found.append(("openvino", "f32"))
+    if runtime in ("onnxruntime", "auto"):
+        found.append(("onnxruntime", "f32"))
+    return found
+
+
+def _versions() -> str:
+    parts = []
+    for name in ("torch", "onnxruntime", "openvino"):
+        try:
+            parts.append(f"{name}{__import__(name).__version__}")
+        except ImportError:
+            parts.append(f"{name}-")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts))  # a file name: OpenVINO's version holds slashes
+
+
+def _timed(call: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
+    call()  # the first call compiles and warms up
+    start = time.perf_counter()
+    out = call()
+    return out, time.perf_counter() - start
+
+
+def _original(declaration: ModelDeclaration) -> tuple[Any, Runner]:
+    """The declared network as its own framework runs it: (the module to export or ``None`` for
+    ONNX, a function of a float32 batch)."""
+    if declaration.type == "onnx":
+        return None, _onnxruntime(declaration.weights_path(), (), "f32")
+    import torch
+
+    if declaration.type == "torchscript":
+        network = torch.jit.load(str(declaration.weights_path()), map_location="cpu").eval()
+    else:
+        from ainode_sdk.declared.bundle import load_bundle_network
+
+        network = load_bundle_network(declaration)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return np.asarray(network(torch.from_numpy(x)).float().numpy())
+
+    return network, run
+
+
+def check(request: dict[str, Any]) -> dict[str, Any]:
+    """The conversion and check (the child process's work): the verdict written to
+    ``request["verdict"]`` and returned."""
+    from ainode_sdk.declared.spec import ModelDeclaration
+
+    declaration = ModelDeclaration.model_validate(request["declaration"])
+    shape = tuple(int(v) for v in request["shape"])
+    network, original = _original(declaration)
+    low, high = request.get("input_range", (0.0, 1.0))
+    sample = (low + (high - low) * np.random.default_rng(0).random(shape, dtype=np.float32)).astype(np.float32)
+    expected, original_s = _timed(lambda: original(sample))
+    source = Path(request["onnx"])
+    if network is not None and not source.exists():
+        export_onnx(network, shape, source)
+    del network
+    verdict: dict[str, Any] = {"original_s": original_s, "tried": []}
+    for name, precision in _candidates(request["runtime"]):
+        entry: dict[str, Any] = {"runtime": name, "precision": precision}
+        try:
+            candidate = LOADERS[name](source, shape, precision)
+            got, entry["seconds"] = _timed(partial(candidate, sample))
+            del candidate  # one candidate's compiled network in memory at a time
+        except Exception as exc:  # the runtimes' own untyped errors: this candidate is not usable
+            entry["reason"] = f"not usable ({type(exc).__name__}: {str(exc)[:120]})"
+            verdict["tried"].append(entry)
             continue
-        agreement = float((_labels(got) == expected).mean())
-        if agreement < MIN_AGREEMENT:
-            reasons.append(f"{name}: refused, {agreement:.2%} of labels agree with PyTorch (< {MIN_AGREEMENT:.1%})")
-            continue
-        usable.append(Compiled(name, run, agreement, seconds))
-    if not usable:
-        return None, "; ".join(reasons) or "no runtime"
-    best = min(usable, key=lambda c: c.seconds)
-    if runtime == "auto" and best.seconds >= torch_seconds:
-        return (
-            None,
-            f"auto: PyTorch is as fast ({torch_seconds:.3f} s per window batch; {best.runtime} {best.seconds:.3f} s)",
+        entry["agreement"] = agreement(expected, got)
+        if entry["agreement"] < MIN_AGREEMENT:
+            entry["reason"] = (
+                f"refused, {entry['agreement']:.2%} of labels agree with {_framework(declaration)} "
+                f"(< {MIN_AGREEMENT:.1%})"
+            )
+        verdict["tried"].append(entry)
+    usable = [e for e in verdict["tried"] if "reason" not in e]
+    best = min(usable, key=lambda e: e["seconds"]) if usable else None
+    if best is not None and request["runtime"] == "auto" and best["seconds"] >= original_s:
+        verdict["kept"] = (
+            f"auto: {_framework(declaration)} is as fast ({original_s:.3f} s per window batch; "
+            f"{best['runtime']} {best['seconds']:.3f} s)"
         )
-    return best, f"{best.runtime} ({best.agreement:.4%} of labels agree, {best.seconds:.3f} s per window batch)"
+        best = None
+    verdict["chosen"] = best
+    path = Path(request["verdict"])
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(verdict, indent=1))
+    os.replace(tmp, path)
+    return verdict
+
+
+def _framework(declaration: ModelDeclaration) -> str:
+    return "ONNX Runtime" if declaration.type == "onnx" else "PyTorch"
+
+
+def _why_not(verdict: dict[str, Any]) -> str:
+    if "kept" in verdict:
+        return str(verdict["kept"])
+    reasons = [f"{e['runtime']} {e['precision']}: {e['reason']}" for e in verdict["tried"] if "reason" in e]
+    return "; ".join(reasons) or "no runtime"
+
+
+def compile_model(
+    declaration: ModelDeclaration,
+    example_shape: tuple[int, ...],
+    weights_sha256: str,
+    input_range: tuple[float, float] = (0.0, 1.0),
+) -> tuple[Compiled | None, str]:
+    """The declared model's network compiled for its ``runtime`` (``onnxruntime``, ``openvino``
+    or ``auto``) on the window batch ``example_shape`` (``(batch, channels, *window)``; the check
+    input uniform in ``input_range``, the network's input after pre-processing), and why;
+    or ``None`` and why not (it disagrees with the original, no runtime is faster, the runtime is
+    missing, or the check failed): then the caller keeps the original framework."""
+    where = cache_dir()
+    where.mkdir(parents=True, exist_ok=True)
+    window = "x".join(str(v) for v in example_shape)
+    stem = f"{weights_sha256[:32]}-{window}"
+    source = declaration.weights_path() if declaration.type == "onnx" else where / f"{stem}-{_versions()}.onnx"
+    verdict_path = where / f"{stem}-{declaration.runtime}-{_versions()}.json"
+    if not verdict_path.exists():
+        request = {"declaration": declaration.model_dump(mode="json"), "shape": list(example_shape),
+                   "runtime": declaration.runtime, "onnx": str(source), "verdict": str(verdict_path),
+                   "input_range": list(input_range)}  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        try:
+            done = subprocess.run([sys.executable, "-m", "ainode_sdk.declared.compiled"], input=json.dumps(request),
+                                  capture_output=True, text=True, env=env, timeout=CHECK_TIMEOUT_S)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return None, f"the conversion check did not finish in {CHECK_TIMEOUT_S} s"
+        if done.returncode != 0 or not verdict_path.exists():
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+            return None, f"the conversion check failed (exit {done.returncode}: {tail})"
+    verdict = json.loads(verdict_path.read_text())
+    best = verdict.get("chosen")
+    if not best:
+        return None, _why_not(verdict)
+    try:
+        run = LOADERS[best["runtime"]](source, example_shape, best["precision"])
+        run(np.zeros(example_shape, np.float32))  # the first call's warm-up, here rather than in the first study
+    except Exception as exc:  # the runtime's own untyped errors: the original framework stays
+        return None, f"{best['runtime']}: not usable ({type(exc).__name__}: {str(exc)[:120]})"
+    release = getattr(run, "release", lambda: None)
+    release()  # the working memory is taken again by each study and given back after its inference
+    compiled = Compiled(best["runtime"], best["precision"], run, example_shape[0], best["agreement"], best["seconds"],
+                        release)  # fmt: skip
+    why = (
+        f"{best['runtime']} {best['precision']} ({best['agreement']:.4%} of labels agree; {best['seconds']:.3f} s "
+        f"per window batch, {_framework(declaration)} {verdict['original_s']:.3f} s)"
+    )
+    return compiled, why
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    check(json.loads(sys.stdin.read()))

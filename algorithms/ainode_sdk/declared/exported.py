@@ -12,6 +12,7 @@ pre-processing gives the bundle's masks.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -22,6 +23,8 @@ from ainode_sdk.base import Device, Volume
 from ainode_sdk.declared.geometry import from_monai, to_metatensor
 from ainode_sdk.declared.spec import ModelDeclaration
 from ainode_sdk.errors import ModelError
+
+logger = logging.getLogger(__name__)
 
 
 def _transforms(declaration: ModelDeclaration) -> tuple[Any, Any]:
@@ -71,6 +74,39 @@ class _ExportedRuntime:
         if not declaration.preprocessing.slices:
             self.preprocessing, self.postprocessing = _transforms(declaration)
         self.memory_bytes = declaration.weights_path().stat().st_size
+        self.compiled: Any = None
+        self.runtime_used = "onnxruntime" if declaration.type == "onnx" else "torch"
+
+    def _compile(self) -> None:
+        """Run the network by the declared ``runtime`` when the conversion agrees with the
+        original (:mod:`.compiled`); the window batch is the declared one (a 2D model's
+        ``slice_batch`` slices of ``matrix``; a 3D model's ``sw_batch_size`` windows of ``roi_size``)."""
+        from ainode_sdk.declared.compiled import compile_model
+        from ainode_sdk.declared.spec import file_sha256
+
+        pre = self.declaration.preprocessing
+        assert pre is not None
+        if self.declaration.runtime == "native" or self.device != "cpu":
+            return
+        if pre.slices and pre.matrix is None:
+            self.runtime_used += " (no declared matrix: no fixed window to compile for)"
+            return
+        window = (pre.sw_batch_size, 1, *pre.roi_size)
+        if pre.slices and pre.matrix:
+            window = (pre.slice_batch, 1, *pre.matrix)
+        scale = pre.scale_intensity if pre.slices else None
+        sha = self.declaration.sha256 or file_sha256(self.declaration.weights_path())
+        compiled, why = compile_model(self.declaration, window, sha, (scale.b_min, scale.b_max) if scale else (0, 1))
+        if compiled is None:
+            logger.warning("model %s runs on %s: %s", self.declaration.path.name, self.runtime_used, why)
+            self.runtime_used += f" ({why})"
+            return
+        logger.info("model %s runs on %s", self.declaration.path.name, why)
+        self.compiled, self.runtime_used = compiled, why
+
+    def _release(self) -> None:
+        if self.compiled is not None:
+            self.compiled.release()  # the compiled runtime's working memory, not held through post-processing
 
     def predict(self, batch: Any) -> Any:
         raise NotImplementedError
@@ -95,6 +131,7 @@ class _ExportedRuntime:
                 predictor=self.predict, overlap=pre.overlap, mode=pre.mode,
             )  # fmt: skip
         data["pred"] = pred[0]
+        self._release()
         t["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
         labels = self.postprocessing(data)["pred"]
@@ -127,6 +164,7 @@ class _ExportedRuntime:
         inferer = SliceInferer(spatial_dim=0, roi_size=matrix, sw_batch_size=pre.slice_batch, progress=False)
         with torch.no_grad():
             pred: Any = inferer(torch.as_tensor(image)[None], self.predict)[0]  # (channels, slices, *matrix)
+        self._release()
         t["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
         if post.activation != "none":
@@ -155,10 +193,14 @@ class TorchScriptRuntime(_ExportedRuntime):
             self.module = torch.jit.load(str(declaration.weights_path()), map_location=_torch_device(device)).eval()
         except (RuntimeError, ValueError) as exc:
             raise ModelError(f"TorchScript {declaration.path.name}: {exc}") from exc
+        self._compile()
 
     def predict(self, batch: Any) -> Any:
         """The module's output for a batch ``(n, channels, x, y, z)``."""
         import torch
+
+        if self.compiled is not None:
+            return self.compiled(batch)
 
         batch = batch.to(_torch_device(self.device))
         if self.declaration.half_precision and self.device == "cuda":
@@ -182,10 +224,14 @@ class OnnxRuntime(_ExportedRuntime):
         except Exception as exc:  # onnxruntime raises its own untyped errors for a bad model
             raise ModelError(f"ONNX {declaration.path.name}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
+        self._compile()
 
     def predict(self, batch: Any) -> Any:
         """The model's output for a batch ``(n, channels, x, y, z)``."""
         import torch
+
+        if self.compiled is not None:
+            return self.compiled(batch)
 
         out = self.session.run(None, {self.input_name: batch.detach().cpu().numpy().astype(np.float32)})[0]
         return torch.from_numpy(out)

@@ -170,8 +170,8 @@ class ModelDeclaration(_Model):
     version: str | None = Field(default=None, description="default: the bundle's metadata.json version")
     runtime: Literal["native", "onnxruntime", "openvino", "auto"] = Field(
         default="native",
-        description="monai_bundle on the CPU: run the network by ONNX Runtime or OpenVINO (exported once, cached, "
-        "checked against PyTorch at load; refused if it disagrees), or auto: the fastest that agrees",
+        description="on the CPU: run the network by ONNX Runtime or OpenVINO (converted once, cached, checked "
+        "against the original framework at load; refused if it disagrees), or auto: the fastest that agrees",
     )
     description: str = ""
     manufacturer: str = Field(
