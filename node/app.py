@@ -246,7 +246,11 @@ class Node:
 
     def _warm_up(self) -> None:
         warm_up()
-        import node.results  # noqa: F401 - highdicom, loaded now rather than by the first study
+        if self.pipeline is not None:
+            self.pipeline.stages.deid_pool.start()
+        from node.results.warmup import warm_up as warm_up_results  # highdicom and its tables, now
+
+        warm_up_results(self.settings.node.ae_title)
 
         self._algorithms_ready.set()
         logger.info("algorithm process server ready")
@@ -281,6 +285,8 @@ class Node:
             self.heartbeat.stop()
         if self.models is not None:
             self.models.stop()
+        if self.pipeline is not None:
+            self.pipeline.stages.deid_pool.shutdown()
         self._application(APPLICATION_STOP)
         self.data.close()
 
@@ -364,4 +370,5 @@ class Worker:
             self.heartbeat.stop()
             if self.pipeline.s.models is not None:
                 self.pipeline.s.models.stop()
+            self.pipeline.stages.deid_pool.shutdown()
             self.data.close()

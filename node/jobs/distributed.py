@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,4 +144,7 @@ def run_worker(pipeline: Pipeline, queues: Sequence[str], concurrency: int, name
         without_mingle=True, without_gossip=True, optimization="fair",
     )  # fmt: skip
     logger.info("worker consuming %s", ", ".join(served), extra={"worker": pipeline.s.worker})
+    from node.results.warmup import warm_up  # highdicom's tables, loaded while the worker connects
+
+    threading.Thread(target=warm_up, args=(settings.node.ae_title,), name="ainode-warm-up", daemon=True).start()
     worker.start()

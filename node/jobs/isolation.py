@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import forkserver
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -242,6 +242,13 @@ def pack_result(result: AlgorithmResult) -> PackedResult:
     bare = [dataclasses.replace(s, mask=np.empty(0, dtype=bool)) for s in result.segments]
     bits = [(np.packbits(s.mask), s.mask.shape) for s in result.segments]
     return bare, bits, dataclasses.replace(result, segments=[])
+
+
+def packed_masks(payload: PackedResult) -> Iterator[np.ndarray]:
+    """The segment masks of a packed result, unpacked one at a time (a summary of each segment
+    holds one mask in memory, not all of them)."""
+    for packed, shape in payload[1]:
+        yield np.unpackbits(packed, count=int(np.prod(shape))).view(bool).reshape(shape)
 
 
 def unpack_result(payload: PackedResult) -> AlgorithmResult:

@@ -10,10 +10,11 @@ findings.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
@@ -66,8 +67,11 @@ def describe_inputs(headers: Sequence[Dataset]) -> dict[str, Any]:
     }
 
 
-def describe_outputs(result: AlgorithmResult, volume: Volume) -> dict[str, Any]:
-    """Summaries of an algorithm's result on ``volume``.
+def describe_outputs(
+    result: AlgorithmResult, volume: Volume, masks: Iterable[npt.NDArray[np.bool_]] | None = None
+) -> dict[str, Any]:
+    """Summaries of an algorithm's result on ``volume``; the segments' masks are ``masks`` when
+    given (one at a time, e.g. :func:`node.jobs.isolation.packed_masks`), else their own.
 
     Returns
     -------
@@ -79,8 +83,11 @@ def describe_outputs(result: AlgorithmResult, volume: Volume) -> dict[str, Any]:
     """
     segments: dict[str, dict[str, float]] = {}
     voxels = volume.voxels
+    given = iter(masks) if masks is not None else None
     for number, segment in enumerate(result.segments, 1):
-        mask = result.label_map == number if result.label_map is not None else segment.mask
+        mask = segment.mask if given is None else next(given)
+        if result.label_map is not None:
+            mask = result.label_map == number
         values = voxels[mask]
         stats: dict[str, float] = {
             "voxels": int(values.size),

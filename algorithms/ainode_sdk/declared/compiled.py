@@ -2,7 +2,7 @@
 an ONNX file run by OpenVINO or ONNX Runtime instead of its own framework, with the same pre- and
 post-processing (only the network call changes).
 
-Conversion and check run once, in a child process (``python -m ainode_sdk.declared.compiled``),
+Conversion and check run once, in a child process (:mod:`ainode_sdk.declared.convert`),
 so the model worker never holds the original framework's activations, the export and the
 candidate runtimes at once:
 
@@ -33,10 +33,8 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,7 +153,7 @@ LOADERS: dict[str, Callable[[Path, tuple[int, ...], str], Runner]] = {
 }
 
 
-def _candidates(runtime: str) -> list[tuple[str, str]]:
+def candidates(runtime: str) -> list[tuple[str, str]]:
     """(runtime, precision) to try: OpenVINO in bfloat16 only where the CPU has it natively."""
     found: list[tuple[str, str]] = []
     if runtime in ("openvino", "auto"):
@@ -182,84 +180,7 @@ def _versions() -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts))  # a file name: OpenVINO's version holds slashes
 
 
-def _timed(call: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
-    call()  # the first call compiles and warms up
-    start = time.perf_counter()
-    out = call()
-    return out, time.perf_counter() - start
-
-
-def _original(declaration: ModelDeclaration) -> tuple[Any, Runner]:
-    """The declared network as its own framework runs it: (the module to export or ``None`` for
-    ONNX, a function of a float32 batch)."""
-    if declaration.type == "onnx":
-        return None, _onnxruntime(declaration.weights_path(), (), "f32")
-    import torch
-
-    if declaration.type == "torchscript":
-        network = torch.jit.load(str(declaration.weights_path()), map_location="cpu").eval()
-    else:
-        from ainode_sdk.declared.bundle import load_bundle_network
-
-        network = load_bundle_network(declaration)
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return np.asarray(network(torch.from_numpy(x)).float().numpy())
-
-    return network, run
-
-
-def check(request: dict[str, Any]) -> dict[str, Any]:
-    """The conversion and check (the child process's work): the verdict written to
-    ``request["verdict"]`` and returned."""
-    from ainode_sdk.declared.spec import ModelDeclaration
-
-    declaration = ModelDeclaration.model_validate(request["declaration"])
-    shape = tuple(int(v) for v in request["shape"])
-    network, original = _original(declaration)
-    low, high = request.get("input_range", (0.0, 1.0))
-    sample = (low + (high - low) * np.random.default_rng(0).random(shape, dtype=np.float32)).astype(np.float32)
-    expected, original_s = _timed(lambda: original(sample))
-    source = Path(request["onnx"])
-    if network is not None and not source.exists():
-        export_onnx(network, shape, source)
-    del network
-    verdict: dict[str, Any] = {"original_s": original_s, "tried": []}
-    for name, precision in _candidates(request["runtime"]):
-        entry: dict[str, Any] = {"runtime": name, "precision": precision}
-        try:
-            candidate = LOADERS[name](source, shape, precision)
-            got, entry["seconds"] = _timed(partial(candidate, sample))
-            del candidate  # one candidate's compiled network in memory at a time
-        except Exception as exc:  # the runtimes' own untyped errors: this candidate is not usable
-            entry["reason"] = f"not usable ({type(exc).__name__}: {str(exc)[:120]})"
-            verdict["tried"].append(entry)
-            continue
-        entry["agreement"] = agreement(expected, got)
-        if entry["agreement"] < MIN_AGREEMENT:
-            entry["reason"] = (
-                f"refused, {entry['agreement']:.2%} of labels agree with {_framework(declaration)} "
-                f"(< {MIN_AGREEMENT:.1%})"
-            )
-        verdict["tried"].append(entry)
-    usable = [e for e in verdict["tried"] if "reason" not in e]
-    best = min(usable, key=lambda e: e["seconds"]) if usable else None
-    if best is not None and request["runtime"] == "auto" and best["seconds"] >= original_s:
-        verdict["kept"] = (
-            f"auto: {_framework(declaration)} is as fast ({original_s:.3f} s per window batch; "
-            f"{best['runtime']} {best['seconds']:.3f} s)"
-        )
-        best = None
-    verdict["chosen"] = best
-    path = Path(request["verdict"])
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(verdict, indent=1))
-    os.replace(tmp, path)
-    return verdict
-
-
-def _framework(declaration: ModelDeclaration) -> str:
+def framework(declaration: ModelDeclaration) -> str:
     return "ONNX Runtime" if declaration.type == "onnx" else "PyTorch"
 
 
@@ -293,7 +214,7 @@ def compile_model(
                    "input_range": list(input_range)}  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
-            done = subprocess.run([sys.executable, "-m", "ainode_sdk.declared.compiled"], input=json.dumps(request),
+            done = subprocess.run([sys.executable, "-m", "ainode_sdk.declared.convert"], input=json.dumps(request),
                                   capture_output=True, text=True, env=env, timeout=CHECK_TIMEOUT_S)  # fmt: skip
         except subprocess.TimeoutExpired:
             return None, f"the conversion check did not finish in {CHECK_TIMEOUT_S} s"
@@ -315,11 +236,6 @@ def compile_model(
                         release)  # fmt: skip
     why = (
         f"{best['runtime']} {best['precision']} ({best['agreement']:.4%} of labels agree; {best['seconds']:.3f} s "
-        f"per window batch, {_framework(declaration)} {verdict['original_s']:.3f} s)"
+        f"per window batch, {framework(declaration)} {verdict['original_s']:.3f} s)"
     )
     return compiled, why
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    check(json.loads(sys.stdin.read()))
