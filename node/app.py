@@ -246,8 +246,6 @@ class Node:
 
     def _warm_up(self) -> None:
         warm_up()
-        if self.pipeline is not None:
-            self.pipeline.stages.deid_pool.start()
         from node.results.warmup import warm_up as warm_up_results  # highdicom and its tables, now
 
         warm_up_results(self.settings.node.ae_title)
@@ -285,8 +283,6 @@ class Node:
             self.heartbeat.stop()
         if self.models is not None:
             self.models.stop()
-        if self.pipeline is not None:
-            self.pipeline.stages.deid_pool.shutdown()
         self._application(APPLICATION_STOP)
         self.data.close()
 
@@ -370,5 +366,4 @@ class Worker:
             self.heartbeat.stop()
             if self.pipeline.s.models is not None:
                 self.pipeline.s.models.stop()
-            self.pipeline.stages.deid_pool.shutdown()
             self.data.close()

@@ -21,15 +21,11 @@ _FRAME = struct.Struct("<Q")
 
 
 def series_frames(
-    datasets: list[Dataset],
-    halfway: Callable[[], None] = lambda: None,
-    framed: Callable[[int], None] = lambda n: None,
-    encoded: list[bytes | None] | None = None,
+    datasets: list[Dataset], halfway: Callable[[], None] = lambda: None, framed: Callable[[int], None] = lambda n: None
 ) -> Iterator[bytes]:
     """The PS3.10 encodings of ``datasets`` framed, part by part: a magic, then per instance its
     length (8 bytes, little endian) and its bytes. ``framed(n)`` is told once the first ``n``
-    are out. ``encoded[i]``, where given, is the encoding of ``datasets[i]`` made already (it is
-    dropped from the list once framed).
+    are out.
 
     Raises
     ------
@@ -40,13 +36,9 @@ def series_frames(
     for number, ds in enumerate(datasets):
         if number == len(datasets) // 2:
             halfway()
-        made = encoded[number] if encoded is not None else None
-        if encoded is not None and made is not None:
-            encoded[number] = None
-        data = made if made is not None else encode(ds)
-        yield _FRAME.pack(len(data))
-        yield data
-        del data, made
+        encoded = encode(ds)
+        yield _FRAME.pack(len(encoded))
+        yield encoded
         framed(number + 1)
 
 
@@ -63,14 +55,11 @@ class SeriesWrite:
         The de-identified instances; only :meth:`drop_pixel_data` changes them.
     object_id
         The stored object the series is written to.
-    encoded
-        The instances' encodings where they were made already (by the de-identification pool).
     """
 
-    def __init__(self, datasets: list[Dataset], object_id: str, encoded: list[bytes | None] | None = None) -> None:
+    def __init__(self, datasets: list[Dataset], object_id: str) -> None:
         self.datasets = datasets
         self.object_id = object_id
-        self.encoded = encoded
         self.write: Future[str] | None = None  # once begun
         self._lock = threading.Lock()
         self._framed = 0
@@ -80,13 +69,9 @@ class SeriesWrite:
         """About the framed series' size in bytes (its pixel data)."""
         return sum(len(ds.PixelData) for ds in self.datasets if "PixelData" in ds)
 
-    def encoded_already(self) -> bool:
-        """Whether every instance's encoding was made already (writing costs no encoding)."""
-        return self.encoded is not None and all(e is not None for e in self.encoded)
-
     def frames(self, halfway: Callable[[], None] = lambda: None) -> Iterator[bytes]:
         """The framed series (in the writer thread)."""
-        return series_frames(self.datasets, halfway, self._done, self.encoded)
+        return series_frames(self.datasets, halfway, self._done)
 
     def _done(self, count: int) -> None:
         with self._lock:

@@ -15,7 +15,6 @@ import json
 import logging
 import pickle
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,7 +42,6 @@ from node.deid.pseudonyms import Pseudonymizer, derive_uid
 from node.deid.reid import PseudonymMap, reidentify
 from node.dicomio import decode, encode
 from node.errors import AinodeError, InvalidInstanceError, StorageError
-from node.jobs.deidentify import DeidentificationPool, PoolBroken, deidentify_here
 from node.jobs.delivery import deliver, withdraw
 from node.jobs.devices import DevicePool
 from node.jobs.isolation import SharedVolume, packed_masks, unpack_result
@@ -103,7 +101,6 @@ class Stages:
         self.maps = StudyMaps(services.store, services.index)
         self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ainode-stage-write")
         self._series: dict[int, SeriesWrite] = {}  # job id -> its de-identified series, while here
-        self.deid_pool = DeidentificationPool()
 
     def _begin_write(self, series: SeriesWrite) -> Future[str]:
         """The series' write to the store, begun now unless it was already."""
@@ -142,15 +139,13 @@ class Stages:
     def deidentify(self, job: JobRow, plan: JobPlan) -> list[str]:
         """De-identify the job's series (PS3.15 Annex E, the plan's profile), merge its pseudonyms
         into the study's stored map and store the de-identified instances; returns the object id."""
-        datasets, encoded, study_uid = self._deidentify_series(job.study_key, job.series_key, plan.deidentification)
+        datasets, study_uid = self._deidentify_series(job.study_key, job.series_key, plan.deidentification)
         # one object for the series (one durable write, not one per instance): the encoded
         # instances framed inside the authenticated encryption, written in the background while the
         # next stage runs here on the datasets in memory (SeriesWrite; the stage is recorded as
         # done only once the write is durable: see flush)
         object_id = stage_object_id(job, "deid", 0)
-        series = self._series[job.id] = SeriesWrite(datasets, object_id, encoded)
-        if series.encoded_already():
-            self._begin_write(series)  # nothing to encode: written now, each encoding dropped once written
+        self._series[job.id] = SeriesWrite(datasets, object_id)
         ids = [object_id]
         self._audit(INSTANCES_ACCESSED, "R", study_uid, f"series de-identified for {plan.algorithm}")
         return ids
@@ -167,43 +162,30 @@ class Stages:
 
     def _deidentify_series(
         self, study_key: str, series_key: str, profile: Deidentification
-    ) -> tuple[list[Dataset], list[bytes | None], str]:
-        """The series de-identified (by the de-identification pool, :mod:`node.jobs.deidentify`),
-        the instances' encodings where the pool made them, and the original Study Instance UID;
-        its pseudonyms are merged into the study's stored map."""
+    ) -> tuple[list[Dataset], str]:
+        """The series de-identified (in place) and the original Study Instance UID; its pseudonyms
+        are merged into the study's stored map."""
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
         pseudonyms = self._pseudonymizer()
-        originals: list[Dataset] = []  # the first readable instance's header: the map's identity
-
-        def payloads() -> Iterator[bytes | None]:
-            for row in rows:
-                try:
-                    payload = self.s.store.get(row.object_id)
-                    if not originals:
-                        originals.append(decode(payload, stop_before_pixels=True))
-                except (StorageError, InvalidInstanceError) as exc:
-                    self._set_aside(row.object_id, row.study_key, exc)
-                    payload = None
-                yield payload
-
-        def unreadable(position: int, exc: AinodeError) -> None:
-            self._set_aside(rows[position].object_id, study_key, exc)
-
-        try:
-            done = [d for d in self.deid_pool.deidentify(payloads(), len(rows), pseudonyms, profile, unreadable) if d]
-        except PoolBroken:
-            originals.clear()
-            done = [d for d in deidentify_here(payloads(), pseudonyms, profile, unreadable) if d]
-        if not done or not originals:
+        deid = InstanceDeidentifier(pseudonyms, profile)
+        datasets = [ds for r in rows if (ds := self._readable(r.object_id, r.study_key)) is not None]
+        if not datasets:
             raise StorageError(f"series {series_key}: no instance of it can be read (each set aside, see the audit)")
-        mapping = PseudonymMap.capture(pseudonyms.key_id, originals[0])
-        for instance in done:
-            mapping.add(instance.uid_map)
+        mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
+        for ds in datasets:
+            mapping.add(deid(ds).uid_map)
         self.maps.merge(study_key, mapping)
-        return [d.dataset for d in done], [d.encoded for d in done], mapping.original_study_instance_uid
+        return datasets, mapping.original_study_instance_uid
 
-    def _set_aside(self, object_id: str, study_key: str, exc: AinodeError) -> None:
-        set_aside(self.s.index, self.s.store, Damage(object_id, study_key, str(exc)), lambda text: self._alert(text))
+    def _readable(self, object_id: str, study_key: str) -> Dataset | None:
+        """A received instance decoded, or ``None`` when its record is damaged or missing: it is
+        then set aside (:func:`node.storage.damage.set_aside`) and the series analysed without it."""
+        try:
+            return decode(self.s.store.get(object_id))
+        except (StorageError, InvalidInstanceError) as exc:  # tampered ones are already quarantined
+            damage = Damage(object_id, study_key, str(exc))
+            set_aside(self.s.index, self.s.store, damage, lambda text: self._alert(text))
+            return None
 
     def _alert(self, text: str) -> None:
         if self.s.audit is not None:
