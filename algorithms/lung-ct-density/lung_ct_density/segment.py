@@ -135,6 +135,22 @@ def _in_slabs(fill: Callable[[slice, np.ndarray], None], out: np.ndarray) -> np.
     return out
 
 
+def _step6(operation: Callable[..., BoolArray], mask: BoolArray) -> BoolArray:
+    """One 6-connected binary erosion or dilation (``operation``: SciPy's) of ``mask``, over slabs
+    of axial slices in :data:`_THREADS` threads, each slab with the slice either side of it: the
+    voxels are those of one call over the whole mask (the volume's own first and last slices keep
+    SciPy's border)."""
+    depth = mask.shape[0]
+    if depth < 32:
+        return operation(mask, structure=_STRUCTURE_6)
+
+    def fill(slab: slice, out: BoolArray) -> None:
+        low, high = max(slab.start - 1, 0), min(slab.stop + 1, depth)
+        out[...] = operation(mask[low:high], structure=_STRUCTURE_6)[slab.start - low : slab.stop - low]
+
+    return _in_slabs(fill, np.empty_like(mask))
+
+
 @dataclass(frozen=True)
 class _Components:
     """The 6-connected components of a 3D mask, numbered 1..n (0: background).
@@ -249,7 +265,7 @@ def _split_joined(mask: BoolArray, min_voxels: int, max_erosions: int = 8) -> li
 def _split_joined_cropped(mask: BoolArray, min_voxels: int, max_erosions: int) -> list[BoolArray]:
     eroded = mask
     for erosions in range(1, max_erosions + 1):
-        eroded = ndi.binary_erosion(eroded, structure=_STRUCTURE_6)
+        eroded = _step6(ndi.binary_erosion, eroded)
         components = _Components.of(eroded)
         if components.n < 2:
             continue
@@ -271,16 +287,16 @@ def _grow_seeds(a: BoolArray, b: BoolArray, mask: BoolArray, steps: int) -> tupl
     by connected piece to the seed it touches most.
     """
     for _ in range(steps):
-        a = ndi.binary_dilation(a, structure=_STRUCTURE_6) & mask & ~b
-        b = ndi.binary_dilation(b, structure=_STRUCTURE_6) & mask & ~a
+        a = _step6(ndi.binary_dilation, a) & mask & ~b
+        b = _step6(ndi.binary_dilation, b) & mask & ~a
     rest = mask & ~a & ~b
     components = _Components.of(rest)
     if n := components.n:
         touch_a = np.bincount(
-            components.numbers(ndi.binary_dilation(a, structure=_STRUCTURE_6) & rest), minlength=n + 1
+            components.numbers(_step6(ndi.binary_dilation, a) & rest), minlength=n + 1
         )
         touch_b = np.bincount(
-            components.numbers(ndi.binary_dilation(b, structure=_STRUCTURE_6) & rest), minlength=n + 1
+            components.numbers(_step6(ndi.binary_dilation, b) & rest), minlength=n + 1
         )
         to_a = touch_a >= touch_b
         to_a[0] = False
