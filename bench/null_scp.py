@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from node.dicomio import configure_pydicom
 from node.instances import ReceivedInstance
 from node.network.scp import PeerRule, StorageSCP
 
@@ -22,6 +23,7 @@ def discard(instance: ReceivedInstance) -> None:
 
 
 def main() -> None:
+    configure_pydicom()  # as the node's receiving processes (pydicom's value validation off)
     scp = StorageSCP("AINODE", [PeerRule("STORESCU")], discard)
     scp.start("127.0.0.1", int(sys.argv[1]))
     print("listening", flush=True)
