@@ -79,6 +79,11 @@ class SeriesWrite:
             if self._drop:
                 drop_pixel_data(self.datasets[count - 1])
 
+    def dropping(self) -> bool:
+        """Whether the pixel data of framed instances is dropped (:meth:`drop_pixel_data`)."""
+        with self._lock:
+            return self._drop
+
     def drop_pixel_data(self) -> None:
         """Drop the pixel data of every instance framed so far and of each one framed from now on."""
         with self._lock:

@@ -52,6 +52,7 @@ from node.jobs.series import SeriesWrite, drop_pixel_data, unframe_series
 from node.jobs.snapshot import JobPlan
 from node.jobs.volume import load_volume, sort_slices
 from node.monitoring.describe import describe_inputs, describe_outputs
+from node.process import give_back_freed_memory
 from node.settings import ActiveSettings
 from node.settings.config import Deidentification, Settings
 from node.storage.damage import Damage, set_aside
@@ -108,7 +109,10 @@ class Stages:
 
             def write() -> str:
                 frames = series.frames(lambda: faults.point("stage:deidentify", index=self.s.index))  # half
-                return self.s.store.put_stream(frames, series.object_id, size_hint=series.size_hint())
+                object_id = self.s.store.put_stream(frames, series.object_id, size_hint=series.size_hint())
+                if series.dropping():
+                    give_back_freed_memory()  # the framed instances' pixel data, dropped as they went
+                return object_id
 
             series.write = self._writer.submit(write)
         return series.write

@@ -67,6 +67,19 @@ def describe_inputs(headers: Sequence[Dataset]) -> dict[str, Any]:
     }
 
 
+def _sample(voxels: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_]) -> tuple[int, npt.NDArray[np.float32]]:
+    """How many voxels ``mask`` holds, and every ``n``-th of their values in C order (``n`` the
+    count over :data:`MAX_SAMPLES`, plus one): ``voxels[mask][::n]``, gathered a slab of slices at
+    a time so the masked values are never all copied out at once."""
+    size = int(np.count_nonzero(mask))
+    step, taken, parts = size // MAX_SAMPLES + 1, 0, []
+    for first in range(0, mask.shape[0], 16):
+        values = voxels[first : first + 16][mask[first : first + 16]]
+        parts.append(values[(-taken) % step :: step])
+        taken += values.size
+    return size, np.concatenate(parts) if parts else np.empty(0, np.float32)
+
+
 def describe_outputs(
     result: AlgorithmResult, volume: Volume, masks: Iterable[npt.NDArray[np.bool_]] | None = None
 ) -> dict[str, Any]:
@@ -88,17 +101,14 @@ def describe_outputs(
         mask = segment.mask if given is None else next(given)
         if result.label_map is not None:
             mask = result.label_map == number
-        values = voxels[mask]
-        stats: dict[str, float] = {
-            "voxels": int(values.size),
-            "volume_ml": round(values.size * volume.voxel_volume_ml, 3),
-        }
-        if values.size:
-            sample = values[:: values.size // MAX_SAMPLES + 1]
+        size, sample = _sample(voxels, mask)
+        stats: dict[str, float] = {"voxels": size, "volume_ml": round(size * volume.voxel_volume_ml, 3)}
+        if size:
             stats["mean"] = round(float(sample.mean()), 2)
             for q, v in zip(PERCENTILES, np.percentile(sample, PERCENTILES), strict=True):
                 stats[f"p{q:02d}"] = round(float(v), 2)
         segments[segment.label] = stats
+        del mask, sample  # one mask at a time: this one is gone before the next is unpacked
     measurements = {}
     for m in result.measurements:
         name = f"{m.segment_label} / {m.concept[2]}" + (f" ({m.derivation[2]})" if m.derivation else "")

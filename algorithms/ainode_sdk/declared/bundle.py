@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ainode_sdk.base import Device, Volume
+from ainode_sdk.declared.compiled import Compiled
 from ainode_sdk.declared.geometry import from_monai, to_metatensor
 from ainode_sdk.declared.spec import ModelDeclaration
 from ainode_sdk.errors import ModelError
@@ -89,7 +90,7 @@ class MonaiBundleRuntime:
         self.device = device
         try:
             parser = bundle_parser(declaration, device)
-            self.network = load_bundle_network(declaration, parser).to(_torch_device(device))
+            self.network: Any = load_bundle_network(declaration, parser).to(_torch_device(device))
             self.preprocessing = parser.get_parsed_content("preprocessing")
             self.inferer = parser.get_parsed_content("inferer")
             self.postprocessing = parser.get_parsed_content("postprocessing")
@@ -121,6 +122,7 @@ class MonaiBundleRuntime:
             return
         logger.info("model %s runs on %s", self.declaration.path.name, why)
         self.predictor, self.runtime_used = compiled, why
+        self.network = None  # the compiled runtime holds its own weights: PyTorch's copy is not kept
 
     def infer(self, volume: Volume) -> tuple[npt.NDArray[np.int32], dict[str, float]]:
         """Labels ``(slices, rows, columns)`` on the volume's own grid, and seconds per stage."""
@@ -141,7 +143,7 @@ class MonaiBundleRuntime:
         with torch.no_grad(), autocast:
             image = data["image"].to(_torch_device(self.device))
             data["pred"] = self.inferer(image[None], self.predictor)[0]
-        if self.predictor is not self.network:
+        if isinstance(self.predictor, Compiled):
             self.predictor.release()  # the compiled runtime's working memory, not held through post-processing
         t["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()

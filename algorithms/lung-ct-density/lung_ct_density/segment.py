@@ -292,12 +292,8 @@ def _grow_seeds(a: BoolArray, b: BoolArray, mask: BoolArray, steps: int) -> tupl
     rest = mask & ~a & ~b
     components = _Components.of(rest)
     if n := components.n:
-        touch_a = np.bincount(
-            components.numbers(_step6(ndi.binary_dilation, a) & rest), minlength=n + 1
-        )
-        touch_b = np.bincount(
-            components.numbers(_step6(ndi.binary_dilation, b) & rest), minlength=n + 1
-        )
+        touch_a = np.bincount(components.numbers(_step6(ndi.binary_dilation, a) & rest), minlength=n + 1)
+        touch_b = np.bincount(components.numbers(_step6(ndi.binary_dilation, b) & rest), minlength=n + 1)
         to_a = touch_a >= touch_b
         to_a[0] = False
         to_b = ~to_a
