@@ -167,6 +167,11 @@ class NodeProcess:
         """Everything the node logged so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def wait_warm(self, timeout_s: float = 60) -> None:
+        """Wait until the node's start-up warm-up is over (the algorithm process server and the
+        result build's tables loaded): what a memory figure measures from here is the test's own."""
+        wait_until(lambda: "algorithm process server ready" in self.log() or None, timeout_s)
+
     def kill(self) -> None:
         """SIGKILL (a crash): no shutdown code runs."""
         if self.proc is not None and self.proc.poll() is None:

@@ -37,6 +37,7 @@ def cn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleNode]:
 def _peak_rss_growth(cn: ConsoleNode, action: Callable[[], Any]) -> tuple[float, Any]:
     """The node's largest RSS growth (MB) while ``action`` runs, and what it returned."""
     assert cn.node.proc is not None
+    cn.node.wait_warm()  # the growth measured is the action's own
     return peak_rss_growth(cn.node.proc.pid, action)
 
 

@@ -27,6 +27,7 @@ def _huge_ct(path: Path) -> pydicom.Dataset:
 
 def _send_and_watch(node, path: Path) -> tuple[float, int]:
     """Send ``path`` with DCMTK; the node's largest RSS growth (MB) meanwhile, and storescu's exit code."""
+    node.wait_warm()  # the growth measured is the data set's own
     growth, sent = peak_rss_growth(node.proc.pid, lambda: storescu(node.port, [path]), settle_s=1.0)
     return growth, sent.returncode
 

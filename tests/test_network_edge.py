@@ -38,7 +38,9 @@ def _node(tmp_path, start_node, tls=None):
     if tls is not None:
         config["node"]["tls"] = tls
     config_path.write_text(yaml.safe_dump(config))
-    return start_node(config_path, config)
+    node = start_node(config_path, config)
+    node.wait_warm()  # the memory figures below are the connections' own
+    return node
 
 
 def _connect(port: int) -> socket.socket:

@@ -131,6 +131,7 @@ def test_a_huge_request_is_refused_early_and_memory_stays_flat(stow_node):
             return 413
         return response.status_code
 
+    node.wait_warm()  # the growth measured is the request's own
     growth, status = peak_rss_growth(node.proc.pid, declared_2gb)
     print(f"2 GB declared: HTTP {status}, node RSS +{growth:.1f} MB")
     assert status == 413 and growth < 50
