@@ -10,6 +10,7 @@ owns, runs the key refresh alone in a thread (:meth:`ProcessLoop.refresh_keys_in
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
@@ -96,14 +97,19 @@ def give_back_freed_memory() -> None:
     (glibc raises its mmap threshold after such frees, so later ones come from the heap), which the
     process keeps as resident memory until trimmed. Nothing happens where glibc is not the C library.
     """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once; ``None`` where the C library has none."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if name is None:
-        return
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        return ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):  # not glibc
-        return
-    trim(0)
+        return None

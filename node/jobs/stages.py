@@ -260,9 +260,8 @@ class Stages:
         return [self.s.store.put(payload, object_id=stage_object_id(job, "analysis", 0))]
 
     def _priors(self, job: JobRow, plan: JobPlan, deidentified: Dataset) -> tuple[Prior, ...]:
-        """The patient's priors for the job (:mod:`node.jobs.priors`)."""
-        if plan.priors is None:
-            return ()
+        """The patient's priors for the job (:mod:`node.jobs.priors`); the plan asks for them."""
+        assert plan.priors is not None
         row = next(r for r in self.s.index.instances(job.study_key) if r.series_key == job.series_key)
         original = decode(self.s.store.get(row.object_id), stop_before_pixels=True)
         deid = InstanceDeidentifier(self._pseudonymizer(), plan.deidentification)

@@ -98,9 +98,10 @@ def describe_outputs(
     voxels = volume.voxels
     given = iter(masks) if masks is not None else None
     for number, segment in enumerate(result.segments, 1):
-        mask = segment.mask if given is None else next(given)
-        if result.label_map is not None:
+        if result.label_map is not None:  # a declared model's labels: the masks are not needed
             mask = result.label_map == number
+        else:
+            mask = segment.mask if given is None else next(given)
         size, sample = _sample(voxels, mask)
         stats: dict[str, float] = {"voxels": size, "volume_ml": round(size * volume.voxel_volume_ml, 3)}
         if size:

@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -54,6 +54,14 @@ CHECK_TIMEOUT_S = 1800
 
 Runner = Callable[[np.ndarray], np.ndarray]
 """A compiled network: a float32 batch in, its output out."""
+
+
+class Loaded(NamedTuple):
+    """A network loaded by a runtime: its runner, and what gives the runtime's working memory
+    back between studies (OpenVINO's ``release_memory``; nothing for ONNX Runtime)."""
+
+    run: Runner
+    release: Callable[[], None]
 
 
 def cache_dir() -> Path:
@@ -78,7 +86,7 @@ class Compiled:
     agreement: float
     seconds: float
     release: Callable[[], None] = lambda: None
-    """Gives the runtime's working memory back between studies (OpenVINO's ``release_memory``)."""
+    """Gives the runtime's working memory back between studies (:class:`Loaded`)."""
 
     def __call__(self, batch: Any) -> Any:
         import torch
@@ -119,17 +127,17 @@ def export_onnx(network: Any, example_shape: tuple[int, ...], path: Path) -> Non
     os.replace(tmp, path)
 
 
-def _onnxruntime(path: Path, shape: tuple[int, ...], precision: str) -> Runner:
+def _onnxruntime(path: Path, shape: tuple[int, ...], precision: str) -> Loaded:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = _threads()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    return Loaded(lambda x: session.run(None, {name: x})[0], lambda: None)
 
 
-def _openvino(path: Path, shape: tuple[int, ...], precision: str) -> Runner:
+def _openvino(path: Path, shape: tuple[int, ...], precision: str) -> Loaded:
     import openvino as ov
 
     core = ov.Core()
@@ -143,11 +151,10 @@ def _openvino(path: Path, shape: tuple[int, ...], precision: str) -> Runner:
     def run(x: np.ndarray) -> np.ndarray:
         return np.asarray(request.infer({0: x})[output])
 
-    run.release = compiled.release_memory  # type: ignore[attr-defined]
-    return run
+    return Loaded(run, compiled.release_memory)
 
 
-LOADERS: dict[str, Callable[[Path, tuple[int, ...], str], Runner]] = {
+LOADERS: dict[str, Callable[[Path, tuple[int, ...], str], Loaded]] = {
     "onnxruntime": _onnxruntime,
     "openvino": _openvino,
 }
@@ -170,9 +177,9 @@ def candidates(runtime: str) -> list[tuple[str, str]]:
     return found
 
 
-def _versions() -> str:
+def _versions(names: tuple[str, ...] = ("torch", "onnxruntime", "openvino")) -> str:
     parts = []
-    for name in ("torch", "onnxruntime", "openvino"):
+    for name in names:
         try:
             parts.append(f"{name}{__import__(name).__version__}")
         except ImportError:
@@ -206,7 +213,10 @@ def compile_model(
     where.mkdir(parents=True, exist_ok=True)
     window = "x".join(str(v) for v in example_shape)
     stem = f"{weights_sha256[:32]}-{window}"
-    source = declaration.weights_path() if declaration.type == "onnx" else where / f"{stem}-{_versions()}.onnx"
+    # the export depends on torch alone; the verdict on every runtime it compared
+    source = (
+        declaration.weights_path() if declaration.type == "onnx" else where / f"{stem}-{_versions(('torch',))}.onnx"
+    )
     verdict_path = where / f"{stem}-{declaration.runtime}-{_versions()}.json"
     if not verdict_path.exists():
         request = {"declaration": declaration.model_dump(mode="json"), "shape": list(example_shape),
@@ -226,14 +236,13 @@ def compile_model(
     if not best:
         return None, _why_not(verdict)
     try:
-        run = LOADERS[best["runtime"]](source, example_shape, best["precision"])
-        run(np.zeros(example_shape, np.float32))  # the first call's warm-up, here rather than in the first study
+        loaded = LOADERS[best["runtime"]](source, example_shape, best["precision"])
+        loaded.run(np.zeros(example_shape, np.float32))  # the first call's warm-up, not the first study's
     except Exception as exc:  # the runtime's own untyped errors: the original framework stays
         return None, f"{best['runtime']}: not usable ({type(exc).__name__}: {str(exc)[:120]})"
-    release = getattr(run, "release", lambda: None)
-    release()  # the working memory is taken again by each study and given back after its inference
-    compiled = Compiled(best["runtime"], best["precision"], run, example_shape[0], best["agreement"], best["seconds"],
-                        release)  # fmt: skip
+    loaded.release()  # the working memory is taken again by each study and given back after its inference
+    compiled = Compiled(best["runtime"], best["precision"], loaded.run, example_shape[0], best["agreement"],
+                        best["seconds"], loaded.release)  # fmt: skip
     why = (
         f"{best['runtime']} {best['precision']} ({best['agreement']:.4%} of labels agree; {best['seconds']:.3f} s "
         f"per window batch, {framework(declaration)} {verdict['original_s']:.3f} s)"

@@ -33,7 +33,7 @@ def _original(declaration: ModelDeclaration) -> tuple[Any, Runner]:
     """The declared network as its own framework runs it: (the module to export or ``None`` for
     ONNX, a function of a float32 batch)."""
     if declaration.type == "onnx":
-        return None, LOADERS["onnxruntime"](declaration.weights_path(), (), "f32")
+        return None, LOADERS["onnxruntime"](declaration.weights_path(), (), "f32").run
     import torch
 
     if declaration.type == "torchscript":
@@ -67,7 +67,7 @@ def check(request: dict[str, Any]) -> dict[str, Any]:
     for name, precision in candidates(request["runtime"]):
         entry: dict[str, Any] = {"runtime": name, "precision": precision}
         try:
-            candidate = LOADERS[name](source, shape, precision)
+            candidate = LOADERS[name](source, shape, precision).run
             got, entry["seconds"] = _timed(partial(candidate, sample))
             del candidate  # one candidate's compiled network in memory at a time
         except Exception as exc:  # the runtimes' own untyped errors: this candidate is not usable
