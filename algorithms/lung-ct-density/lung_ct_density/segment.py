@@ -38,8 +38,6 @@ from ainode_sdk.errors import SeriesRefused
 
 BoolArray = npt.NDArray[np.bool_]
 
-_STRUCTURE_6 = ndi.generate_binary_structure(3, 1)
-
 
 @dataclass(frozen=True)
 class LungMasks:
@@ -113,12 +111,14 @@ def _component_sizes(labels: npt.NDArray[np.integer], n: int) -> npt.NDArray[np.
 
 
 def _centroid(mask: BoolArray) -> npt.NDArray[np.float64]:
-    """Mean voxel index (slice, row, column) of ``mask``'s true voxels."""
-    total = float(np.count_nonzero(mask))
-    axes = ((1, 2), (0, 2), (0, 1))
-    return np.array(
-        [(mask.sum(axis=a, dtype=np.int64) * np.arange(n)).sum() / total for a, n in zip(axes, mask.shape, strict=True)]
-    )
+    """Mean voxel index (slice, row, column) of ``mask``'s true voxels: from the count per slice
+    and the counts per (row, column) summed over slices (exact integer sums)."""
+    per_slice = np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1)
+    # Counts over slices as bytes into int32: a slice holds far fewer than 2**31 voxels.
+    plane = np.add.reduce(mask.view(np.uint8), axis=0, dtype=np.int32)
+    marginals = (per_slice, plane.sum(axis=1, dtype=np.int64), plane.sum(axis=0, dtype=np.int64))
+    total = float(per_slice.sum())
+    return np.array([(counts * np.arange(len(counts))).sum() / total for counts in marginals])
 
 
 _THREADS = 2
@@ -135,20 +135,33 @@ def _in_slabs(fill: Callable[[slice, np.ndarray], None], out: np.ndarray) -> np.
     return out
 
 
-def _step6(operation: Callable[..., BoolArray], mask: BoolArray) -> BoolArray:
-    """One 6-connected binary erosion or dilation (``operation``: SciPy's) of ``mask``, over slabs
-    of axial slices in :data:`_THREADS` threads, each slab with the slice either side of it: the
-    voxels are those of one call over the whole mask (the volume's own first and last slices keep
-    SciPy's border)."""
-    depth = mask.shape[0]
-    if depth < 32:
-        return operation(mask, structure=_STRUCTURE_6)
+def _dilate6(mask: BoolArray) -> BoolArray:
+    """One 6-connected binary dilation of ``mask`` (``bool``, any number of axes): the voxels of
+    SciPy's ``binary_dilation`` with the cross structure (outside the array is ``False``), made as
+    the mask ORed with itself shifted one voxel either way along each axis (about twenty times
+    faster than SciPy's general structuring-element loop on this host)."""
+    out = mask.copy()
+    for axis in range(mask.ndim):
+        ahead = (slice(None),) * axis + (slice(1, None),)
+        behind = (slice(None),) * axis + (slice(None, -1),)
+        out[ahead] |= mask[behind]
+        out[behind] |= mask[ahead]
+    return out
 
-    def fill(slab: slice, out: BoolArray) -> None:
-        low, high = max(slab.start - 1, 0), min(slab.stop + 1, depth)
-        out[...] = operation(mask[low:high], structure=_STRUCTURE_6)[slab.start - low : slab.stop - low]
 
-    return _in_slabs(fill, np.empty_like(mask))
+def _erode6(mask: BoolArray) -> BoolArray:
+    """One 6-connected binary erosion of ``mask``: the voxels of SciPy's ``binary_erosion`` with the
+    cross structure and its ``border_value`` of 0 (a voxel on the array's border is eroded), made as
+    the mask ANDed with itself shifted one voxel either way along each axis."""
+    out = mask.copy()
+    for axis in range(mask.ndim):
+        ahead = (slice(None),) * axis + (slice(1, None),)
+        behind = (slice(None),) * axis + (slice(None, -1),)
+        out[ahead] &= mask[behind]
+        out[behind] &= mask[ahead]
+        out[(slice(None),) * axis + (0,)] = False
+        out[(slice(None),) * axis + (-1,)] = False
+    return out
 
 
 @dataclass(frozen=True)
@@ -184,8 +197,11 @@ class _Components:
         a, b = upper[-1], lower[0]
         facing = (a > 0) & (b > 0)
         total = n_upper + n_lower + 1  # index 0, the upper slab's labels, then the lower's (shifted by n_upper)
-        edges = np.unique(np.stack([a[facing].astype(np.int64), b[facing].astype(np.int64) + n_upper]), axis=1)
-        graph = coo_matrix((np.ones(edges.shape[1], dtype=np.int8), (edges[0], edges[1])), shape=(total, total))
+        # Each facing pair as one integer key (upper * total + lower): a 1-D unique is a plain sort,
+        # where NumPy's unique along an axis sorts structured rows, ten times slower.
+        keys = np.unique(a[facing].astype(np.int64) * total + (b[facing].astype(np.int64) + n_upper))
+        pairs = np.divmod(keys, total)
+        graph = coo_matrix((np.ones(keys.size, dtype=np.int8), pairs), shape=(total, total))
         _count, component = csgraph.connected_components(graph, directed=False)
         joined, number = np.unique(component[1:], return_inverse=True)
         table = np.zeros(total, dtype=np.int64)
@@ -199,7 +215,10 @@ class _Components:
         total = np.zeros(self.n + 1, dtype=np.int64)
 
         def count(labels: npt.NDArray[np.unsignedinteger[Any]]) -> npt.NDArray[np.int64]:
-            return np.asarray(cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"], dtype=np.int64)
+            counts = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int64)
+            for k in range(0, labels.shape[0], 8):  # bincount indexes with intp: a few slices at a time
+                counts += np.bincount(labels[k : k + 8].ravel(), minlength=counts.size)
+            return counts
 
         with ThreadPoolExecutor(len(self.slabs)) as pool:
             for (_labels, table), counts in zip(
@@ -219,6 +238,12 @@ class _Components:
 
         def one(job: tuple[npt.NDArray[np.unsignedinteger[Any]], BoolArray, BoolArray]) -> None:
             labels, keep, into = job
+            (few,) = np.nonzero(keep)
+            if len(few) <= 2:  # one component (a lung): comparisons, far cheaper than a lookup per voxel
+                np.equal(labels, few[0] if len(few) else -1, out=into)
+                for label in few[1:]:
+                    into |= labels == label
+                return
             for k in range(0, labels.shape[0], 8):  # NumPy indexes with intp: 8 bytes a voxel, a few slices at a time
                 into[k : k + 8] = keep[labels[k : k + 8]]
 
@@ -265,7 +290,7 @@ def _split_joined(mask: BoolArray, min_voxels: int, max_erosions: int = 8) -> li
 def _split_joined_cropped(mask: BoolArray, min_voxels: int, max_erosions: int) -> list[BoolArray]:
     eroded = mask
     for erosions in range(1, max_erosions + 1):
-        eroded = _step6(ndi.binary_erosion, eroded)
+        eroded = _erode6(eroded)
         components = _Components.of(eroded)
         if components.n < 2:
             continue
@@ -287,13 +312,13 @@ def _grow_seeds(a: BoolArray, b: BoolArray, mask: BoolArray, steps: int) -> tupl
     by connected piece to the seed it touches most.
     """
     for _ in range(steps):
-        a = _step6(ndi.binary_dilation, a) & mask & ~b
-        b = _step6(ndi.binary_dilation, b) & mask & ~a
+        a = _dilate6(a) & mask & ~b
+        b = _dilate6(b) & mask & ~a
     rest = mask & ~a & ~b
     components = _Components.of(rest)
     if n := components.n:
-        touch_a = np.bincount(components.numbers(_step6(ndi.binary_dilation, a) & rest), minlength=n + 1)
-        touch_b = np.bincount(components.numbers(_step6(ndi.binary_dilation, b) & rest), minlength=n + 1)
+        touch_a = np.bincount(components.numbers(_dilate6(a) & rest), minlength=n + 1)
+        touch_b = np.bincount(components.numbers(_dilate6(b) & rest), minlength=n + 1)
         to_a = touch_a >= touch_b
         to_a[0] = False
         to_b = ~to_a
@@ -359,7 +384,7 @@ def segment_lungs(
     pixel_area = volume.spacing_mm[1] * volume.spacing_mm[2]
     airway = _airway_mask(candidate, pixel_area, max_airway_area_mm2, centre, min(rows, cols) / 6)
     near = _box(airway, margin=2)  # the airway grown by one voxel, computed around the airway only
-    candidate[near] &= ~ndi.binary_dilation(airway[near], iterations=1)
+    candidate[near] &= ~_dilate6(airway[near])
     components = _Components.of(candidate)
     if (n := components.n) == 0:
         raise SeriesRefused("no air-filled region inside the body: no lungs found")
