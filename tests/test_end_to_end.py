@@ -197,8 +197,24 @@ def test_storescu_to_folder_destination_valid_objects(start_node, tmp_path, ct_o
     )
     jobs = node.cli("jobs", "list")
     assert "delivered" in jobs.stdout
+    # the algorithm processes come from a forkserver started with glibc's huge-page tunable
+    forkservers = [p for p in _children(node.proc.pid) if b"forkserver" in (p / "cmdline").read_bytes()]
+    assert forkservers and all(b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in (p / "environ").read_bytes().split(b"\0")
+                               for p in forkservers)  # fmt: skip
     node.stop()
     _assert_no_phi(node.data_dir, [CT_PATIENT_NAME.encode()])
+
+
+def _children(pid: int) -> list[Path]:
+    """The /proc entries of ``pid``'s child processes."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(entry)
+        except OSError:  # it ended meanwhile
+            continue
+    return found
 
 
 def test_mr_study_matches_no_route_and_unknown_ae_is_rejected(start_node, tmp_path):
