@@ -107,7 +107,9 @@ def test_reidentify_restores_uids_and_patient_study_modules(ct, pseudonyms):
     series.ReferencedInstanceSequence = [item]
     result.ReferencedSeriesSequence = [series]
     result.SOPInstanceUID = derive_uid("new-object")
-    reidentify(result, restored, {ds.StudyInstanceUID})
+    before = copy.deepcopy(result)
+    built, result = result, reidentify(result, restored, {ds.StudyInstanceUID})
+    assert built == before, "re-identification changed the object it was given"
     assert result.StudyInstanceUID == ct.StudyInstanceUID
     assert result.PatientID == ct.PatientID and str(result.PatientName) == str(ct.PatientName)
     assert result.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.SeriesInstanceUID

@@ -104,8 +104,7 @@ def test_round_trip_restores_every_reference_and_leaves_no_pseudonym(originals):
     }
     pseudonyms = set(uid_map)
     for built in (seg, sr):
-        obj = copy.deepcopy(built)
-        reidentify(obj, mapping, {str(slices[0].StudyInstanceUID)})
+        obj = reidentify(built, mapping, {str(slices[0].StudyInstanceUID)})
         values = [str(v) for e in obj.iterall() if e.VR == "UI" for v in (e.value if e.VM > 1 else [e.value])]
         assert not pseudonyms & set(values), "a pseudonym survived re-identification"
         referenced = {
@@ -119,4 +118,10 @@ def test_round_trip_restores_every_reference_and_leaves_no_pseudonym(originals):
         assert obj.PatientIdentityRemoved == "NO"
         assert "DeidentificationMethodCodeSequence" not in obj
         assert not any(str(e.value).startswith("ANONYMIZED") for e in obj.iterall() if e.VR in ("LO", "SH", "PN"))
+    # the objects re-identified, and the de-identified sources they share elements with, are left
+    # as they were: pseudonyms only
+    restored = set(uid_map.values())
+    for ds in (seg, sr, *slices):
+        values = {str(v) for e in ds.iterall() if e.VR == "UI" for v in (e.value if e.VM > 1 else [e.value])}
+        assert not restored & values and ds.PatientIdentityRemoved == "YES"
     assert np.array_equal(volume.voxels[0], load_volume(originals)[0].voxels[0])  # pixels untouched by de-id

@@ -9,11 +9,13 @@ are restored, and the de-identification marks are removed (PS3.15 E.1.1).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
+from pydicom.tag import BaseTag, Tag
 
 from node.errors import DeidentificationError
 
@@ -34,6 +36,8 @@ PATIENT_STUDY_KEYWORDS = (
     "StudyDescription",
 )
 """Attributes restored from the originals (Patient module C.7.1.1, General Study module C.7.2.1)."""
+
+_PATIENT_IDENTITY_REMOVED = Tag("PatientIdentityRemoved")
 
 MARK_KEYWORDS = (
     "PatientIdentityRemoved",
@@ -80,27 +84,58 @@ class PseudonymMap:
         return str(Dataset.from_json(self.originals).StudyInstanceUID)
 
 
-def _restore_uids(ds: Dataset, uids: dict[str, str]) -> None:
-    for elem in ds.iterall():
-        if elem.VR != "UI" or not elem.value:
-            continue
-        if isinstance(elem.value, str):
-            elem.value = uids.get(elem.value, elem.value)
-        else:
-            elem.value = [uids.get(str(v), str(v)) for v in elem.value]
+def _restored(ds: Dataset, uids: dict[str, str]) -> Dataset | None:
+    """``ds`` with every UID that ``uids`` maps (at any depth) restored, as a new data set that
+    shares every element and item left as it was; ``None`` when nothing under ``ds`` changes.
+    ``ds`` itself is never changed."""
+    changed: dict[BaseTag, DataElement] = {}
+    for elem in ds:
+        if elem.VR == "UI" and elem.value:
+            if isinstance(elem.value, str):
+                if (original := uids.get(elem.value)) is not None:
+                    changed[elem.tag] = DataElement(elem.tag, "UI", original)
+            elif any(str(v) in uids for v in elem.value):
+                changed[elem.tag] = DataElement(elem.tag, "UI", [uids.get(str(v), str(v)) for v in elem.value])
+        elif elem.VR == "SQ" and elem.value:
+            items = [_restored(item, uids) for item in elem.value]
+            if any(item is not None for item in items):
+                kept = [new if new is not None else item for new, item in zip(items, elem.value, strict=True)]
+                changed[elem.tag] = DataElement(elem.tag, "SQ", kept)
+    return _replaced(ds, changed) if changed else None
 
 
-def reidentify(result: Dataset, mapping: PseudonymMap, pseudonym_study_uids: Iterable[str]) -> None:
-    """Put ``result`` (a SEG or SR built on de-identified inputs) back into the original study.
+def _replaced(ds: Dataset, elements: dict[BaseTag, DataElement]) -> Dataset:
+    """A new data set of ``ds``'s elements with ``elements`` put in their place (the others and
+    the file meta information shared with ``ds``)."""
+    out = Dataset({**dict(ds.items()), **elements})
+    if (meta := getattr(ds, "file_meta", None)) is not None:
+        out.file_meta = meta
+    if (preamble := getattr(ds, "preamble", None)) is not None:
+        out.preamble = preamble
+    return out
+
+
+def reidentify(result: Dataset, mapping: PseudonymMap, pseudonym_study_uids: Iterable[str]) -> Dataset:
+    """``result`` (a SEG or SR built on de-identified inputs) put back into the original study.
+
+    ``result`` is left as it is: the re-identified object is a new data set that shares the
+    elements and sequence items re-identification does not change (highdicom shares data elements
+    between the objects it builds and with their source images, so changing any in place would
+    change those too), which costs far less than a deep copy of a SEG's per-frame items.
 
     Parameters
     ----------
     result
-        The object to re-identify, changed in place.
+        The object to re-identify.
     mapping
         The study's pseudonym map.
     pseudonym_study_uids
         The Study Instance UIDs the map knows as pseudonyms.
+
+    Returns
+    -------
+    Dataset
+        The re-identified object, with its own file meta information.
 
     Raises
     ------
@@ -109,16 +144,20 @@ def reidentify(result: Dataset, mapping: PseudonymMap, pseudonym_study_uids: Ite
     """
     if str(result.get("StudyInstanceUID", "")) not in set(pseudonym_study_uids):
         raise DeidentificationError("result's Study Instance UID is not a known pseudonym")
-    _restore_uids(result, mapping.uids)
+    out = _restored(result, mapping.uids) or _replaced(result, {})
     originals = Dataset.from_json(mapping.originals)
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in originals:
-            result[keyword] = originals[keyword]
-        elif keyword in result and keyword != "SpecificCharacterSet":
-            result[keyword].value = None
+            out[keyword] = originals[keyword]
+        elif keyword in out and keyword != "SpecificCharacterSet":
+            empty = out[keyword]
+            out[empty.tag] = DataElement(empty.tag, empty.VR, None)
     for keyword in MARK_KEYWORDS:
-        if keyword in result:
-            del result[keyword]
-    result.PatientIdentityRemoved = "NO"
-    if "SOPInstanceUID" in result and getattr(result, "file_meta", None) is not None:
-        result.file_meta.MediaStorageSOPInstanceUID = result.SOPInstanceUID
+        if keyword in out:
+            del out[keyword]
+    out.add_new(_PATIENT_IDENTITY_REMOVED, "CS", "NO")
+    if (meta := getattr(result, "file_meta", None)) is not None:
+        out.file_meta = copy.deepcopy(meta)
+        if "SOPInstanceUID" in out:
+            out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
+    return out

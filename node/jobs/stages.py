@@ -9,7 +9,6 @@ configuration as it is now, except for the network addresses of peers.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -312,8 +311,7 @@ class Stages:
         ids: list[str] = []
         keys: list[str] = []  # a reader's rejection note references these (re-identified) UIDs
         for number, obj in enumerate(built):
-            obj = copy.deepcopy(obj)  # highdicom shares data elements between SEG and SR
-            reidentify(obj, mapping, pseudo_study)
+            obj = reidentify(obj, mapping, pseudo_study)  # a new data set: highdicom shares elements
             ids.append(self.s.store.put(encode(obj), object_id=stage_object_id(job, "result", number)))
             keys.append(self.s.secrets.index_key(str(obj.SOPInstanceUID)))
             if number == 0:
