@@ -5,7 +5,7 @@ node (empty data directory) on loopback ports. Figures per run:
 
 - ``ingest_s`` / ``ingest_mb_s``: Orthanc's C-STORE of the study to ainode (encrypted, fsync'd);
 - ``end_to_end_s``: last instance received -> results accepted by Orthanc, quiet period excluded
-  (includes up to one 0.25 s scheduler poll);
+  (the scheduler wakes when the quiet period ends);
 - the job's stages: de-identify, load volume, algorithm, build SEG/SR, send;
 - ``peak_rss_mb``: the node process's peak resident set (VmHWM).
 

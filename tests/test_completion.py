@@ -195,3 +195,18 @@ def test_the_deidentified_series_is_framed_in_one_buffer_and_read_back():
     assert list(unframe_series(pickle.dumps(encoded))) == encoded  # what an earlier release stored
     with pytest.raises(StorageError, match="truncated"):
         list(unframe_series(bytes(framed[:-10])))
+
+
+def test_the_scheduler_wakes_when_a_quiet_period_ends(tmp_path):
+    """Between polls, the scheduler's next tick comes when the receiving study's quiet period ends
+    (not at the next poll), and at the poll interval once no study is still receiving."""
+    from node.jobs.scheduler import QUIET_MARGIN_S, Scheduler
+
+    pipeline, index, key, _clock = _pipeline(tmp_path, {"quiet_period_s": 0.2})
+    scheduler = Scheduler(pipeline, index, pipeline.s.settings, executor=None)  # type: ignore[arg-type]
+    last = index.study(key).last_received_at
+    assert scheduler.next_wait_s(0.25, now=last + 0.05) == pytest.approx(0.15 + QUIET_MARGIN_S)
+    assert scheduler.next_wait_s(0.25, now=last - 1.0) == 0.25  # quiet only after the next poll
+    assert scheduler.next_wait_s(0.25, now=last + 0.3) == 0.25  # already quiet: the tick plans it
+    index.set_study_state(key, StudyState.PROCESSING)
+    assert scheduler.next_wait_s(0.25, now=last + 0.05) == 0.25

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 DEFER_S = 1.0
+QUIET_MARGIN_S = 0.002
+"""Woken this long after a study's quiet period ends (its last instance's time, read back from the
+index, compares as quiet)."""
 RERUN_LIMIT = 10
 MAX_PLANNING_BACKOFF_S = 60.0
 PRIORITY_RANK = {"stat": 0, "routine": 1, "background": 2}
@@ -233,14 +236,28 @@ class Scheduler:
             submitted += len(job_ids)
         return submitted
 
+    def next_wait_s(self, interval_s: float, now: float | None = None) -> float:
+        """Seconds until the next tick: ``interval_s``, or less when a study still receiving
+        becomes quiet sooner (the shortest quiet period of any route), so its planning does not wait
+        for the next poll."""
+        now = time.time() if now is None else now
+        quiet_at = self.index.next_quiet_at(self.min_quiet_period_s, now)
+        if quiet_at is None:
+            return interval_s
+        return min(interval_s, max(quiet_at - now + QUIET_MARGIN_S, QUIET_MARGIN_S))
+
     def run(
         self, stop: threading.Event, interval_s: float = 0.25, housekeeping: Callable[[], object] | None = None
     ) -> None:
-        """Tick until ``stop`` is set; run ``housekeeping`` (retention) about once a minute."""
+        """Tick until ``stop`` is set, every ``interval_s`` seconds and, sooner, when a study's
+        quiet period ends (:meth:`next_wait_s`); run ``housekeeping`` (retention) about once a minute."""
         last_housekeeping = 0.0
-        while not stop.wait(interval_s):
+        wait_s = interval_s
+        while not stop.wait(wait_s):
+            wait_s = interval_s
             try:
                 self.tick()
+                wait_s = self.next_wait_s(interval_s)
                 if housekeeping is not None and time.monotonic() - last_housekeeping > 60:
                     last_housekeeping = time.monotonic()
                     housekeeping()

@@ -275,6 +275,18 @@ class Index(Ledger, Accounts, ModelRecords):
             )
             return list(rows)
 
+    def next_quiet_at(self, quiet_s: float, now: float | None = None) -> float | None:
+        """When (``time.time()`` seconds) the next study still receiving, and not yet quiet, will
+        have been quiet for ``quiet_s`` seconds; ``None`` when there is none."""
+        now = time.time() if now is None else now
+        with self.session() as s:
+            last = s.scalar(
+                select(func.min(StudyRow.last_received_at)).where(
+                    StudyRow.state == StudyState.RECEIVING, StudyRow.last_received_at > now - quiet_s
+                )
+            )
+        return None if last is None else float(last) + quiet_s
+
     def receiving_since(self, first_before: float) -> list[str]:
         """Keys of studies still receiving whose first instance came before ``first_before``."""
         with self.session() as s:
