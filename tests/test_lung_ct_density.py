@@ -215,11 +215,11 @@ def test_two_slab_labelling_finds_the_components_of_one_pass(density):
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 4), (40, 33, 21)])
 def test_six_connected_steps_are_scipys(shape):
     """The 6-connected dilation and erosion by shifted copies give SciPy's voxels (cross
-    structure; erosion with SciPy's border of 0), borders included, and a centroid from marginals
-    is the mean voxel index."""
+    structure; erosion with SciPy's border of 0), borders included, a slice's holes are filled as
+    SciPy fills them, and a centroid from marginals is the mean voxel index."""
     from scipy import ndimage
 
-    from lung_ct_density.segment import _centroid, _dilate6, _erode6
+    from lung_ct_density.segment import _centroid, _dilate6, _erode6, _fill_holes_2d
 
     cross = ndimage.generate_binary_structure(3, 1)
     for density in (0.2, 0.5, 0.9):
@@ -228,3 +228,5 @@ def test_six_connected_steps_are_scipys(shape):
         assert np.array_equal(_erode6(mask), ndimage.binary_erosion(mask, structure=cross))
         if mask.any():
             assert np.allclose(_centroid(mask), np.argwhere(mask).mean(axis=0), rtol=0, atol=1e-9)
+        for plane in mask:  # holes filled per slice as SciPy fills them
+            assert np.array_equal(_fill_holes_2d(plane), ndimage.binary_fill_holes(plane))

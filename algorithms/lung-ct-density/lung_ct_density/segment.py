@@ -328,6 +328,17 @@ def _grow_seeds(a: BoolArray, b: BoolArray, mask: BoolArray, steps: int) -> tupl
     return a, b
 
 
+def _fill_holes_2d(mask: BoolArray) -> BoolArray:
+    """``mask`` (2D) with its holes filled: the pixels of SciPy's ``binary_fill_holes`` (background
+    4-connected to the image border stays background), found by one cc3d labelling of the
+    background instead of SciPy's iterated dilation (about twice as fast)."""
+    background, n = cc3d.connected_components(~mask, connectivity=4, return_N=True)
+    hole = np.ones(int(n) + 1, dtype=bool)
+    hole[0] = False
+    hole[background[0]] = hole[background[-1]] = hole[background[:, 0]] = hole[background[:, -1]] = False
+    return mask | hole[background]
+
+
 def _fill_holes_per_slice(mask: BoolArray) -> BoolArray:
     """Fill holes (vessels, airways inside the lung, nodules) in each axial slice."""
     filled = _zeros(mask)
@@ -337,7 +348,7 @@ def _fill_holes_per_slice(mask: BoolArray) -> BoolArray:
     def fill(slab: slice, out: BoolArray) -> None:
         for k in range(slab.start, slab.stop):
             if inside[k].any():
-                out[k - slab.start] = ndi.binary_fill_holes(inside[k])
+                out[k - slab.start] = _fill_holes_2d(inside[k])
 
     _in_slabs(fill, filled[box])
     return filled
