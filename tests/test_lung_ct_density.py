@@ -191,8 +191,8 @@ def test_parameters_change_the_measurement(ct_volume, result):
 @pytest.mark.parametrize("density", [0.2, 0.45, 0.6])
 def test_two_slab_labelling_finds_the_components_of_one_pass(density):
     """The labelling in two threads joins components across the seam exactly: the same partition
-    of the voxels as cc3d's single pass (only the numbering may differ), the same sizes, and a
-    selected component's mask is that component."""
+    of the voxels as cc3d's single pass (only the numbering may differ), the same sizes, and the
+    mask of one component, of all but one, or of many is theirs."""
     import cc3d
 
     from lung_ct_density.segment import _Components
@@ -210,6 +210,15 @@ def test_two_slab_labelling_finds_the_components_of_one_pass(density):
     largest = int(np.argmax(components.sizes())) + 1
     (same,) = pairs[1][pairs[0] == largest]
     assert np.array_equal(components.select(np.arange(n + 1) == largest), theirs == same)
+    all_but = np.arange(n + 1) != largest  # a few left out: selected by comparisons
+    all_but[0] = False
+    assert np.array_equal(components.select(all_but), (theirs != 0) & (theirs != same))
+    half = np.random.default_rng(1).random(n + 1) < 0.5  # many of each: by table lookup
+    half[0] = False
+    mine_to_theirs = dict(zip(pairs[0], pairs[1], strict=True))
+    chosen_theirs = np.zeros(m + 1, dtype=bool)
+    chosen_theirs[[mine_to_theirs[i] for i in np.flatnonzero(half)]] = True
+    assert np.array_equal(components.select(half), chosen_theirs[theirs])
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 4), (40, 33, 21)])

@@ -238,14 +238,21 @@ class _Components:
 
         def one(job: tuple[npt.NDArray[np.unsignedinteger[Any]], BoolArray, BoolArray]) -> None:
             labels, keep, into = job
-            (few,) = np.nonzero(keep)
-            if len(few) <= 2:  # one component (a lung): comparisons, far cheaper than a lookup per voxel
-                np.equal(labels, few[0] if len(few) else -1, out=into)
-                for label in few[1:]:
+            # A few labels chosen (a lung) or a few left out (the air around the body): comparisons,
+            # far cheaper than a table lookup per voxel.
+            (taken,) = np.nonzero(keep)
+            (left_out,) = np.nonzero(~keep[1:])
+            if len(taken) <= 2:
+                into.fill(False)
+                for label in taken:
                     into |= labels == label
-                return
-            for k in range(0, labels.shape[0], 8):  # NumPy indexes with intp: 8 bytes a voxel, a few slices at a time
-                into[k : k + 8] = keep[labels[k : k + 8]]
+            elif len(left_out) <= 2:
+                np.not_equal(labels, 0, out=into)
+                for label in left_out + 1:
+                    into &= labels != label
+            else:
+                for k in range(0, labels.shape[0], 8):  # NumPy indexes with intp: a few slices at a time
+                    into[k : k + 8] = keep[labels[k : k + 8]]
 
         with ThreadPoolExecutor(len(jobs)) as pool:
             list(pool.map(one, jobs))
