@@ -107,8 +107,9 @@ DAYS = ("d", "UCUM", "day")
 
 def _lungs_and_figures(
     volume: Volume, p: LungCtDensityParams, device: Device
-) -> tuple[Any, dict[str, tuple[float, float, float, float]]]:
-    """The lungs of ``volume`` and, per lung and both, (volume ml, mean HU, %LAA, Perc15 HU)."""
+) -> tuple[Any, npt.NDArray[np.bool_], dict[str, tuple[float, float, float, float]]]:
+    """The lungs of ``volume``, both lungs' mask and, per lung and both, (volume ml, mean HU,
+    %LAA, Perc15 HU)."""
     lungs = segment_lungs(volume, air_threshold_hu=p.air_threshold_hu, min_lung_ml=p.min_lung_ml)
     import torch  # here, not at import: the node process loads plugins to check parameters only
 
@@ -118,7 +119,7 @@ def _lungs_and_figures(
     figures = {}
     for label, mask in (("Left lung", lungs.left), ("Right lung", lungs.right), ("Both lungs", both)):
         figures[label] = _density_measures(hu, mask, volume.voxel_volume_ml, torch_device, p.laa_threshold_hu)
-    return lungs, figures
+    return lungs, both, figures
 
 
 class LungCtDensity:
@@ -167,7 +168,7 @@ class LungCtDensity:
         """
         check_accepts(self.spec, volume)
         p = params if isinstance(params, LungCtDensityParams) else LungCtDensityParams()
-        lungs, figures = _lungs_and_figures(volume, p, device)
+        lungs, both, figures = _lungs_and_figures(volume, p, device)
         measurements: list[Measurement] = []
         for label, (vol, mean, laa, perc15) in figures.items():
             measurements += [
@@ -179,7 +180,7 @@ class LungCtDensity:
         if volume.priors:  # the change since the most recent prior, each study measured the same way
             prior = volume.priors[0]
             check_accepts(self.spec, prior.volume)
-            _prior_lungs, before = _lungs_and_figures(prior.volume, p, device)
+            _prior_lungs, _prior_both, before = _lungs_and_figures(prior.volume, p, device)
             for label in figures:
                 now, then = figures[label], before[label]
                 measurements += [
@@ -187,8 +188,8 @@ class LungCtDensity:
                     Measurement(label, CHANGE_IN_LAA, round(round(now[2], 2) - round(then[2], 2), 2), PERCENT),
                     Measurement(label, INTERVAL, round(prior.interval_days), DAYS),
                 ]
-        both = lungs.left | lungs.right
-        laa_mask = both & (volume.voxels <= p.laa_threshold_hu)
+        laa_mask = np.less_equal(volume.voxels, p.laa_threshold_hu)
+        laa_mask &= both
         segments = [
             Segment("Left lung", lungs.left, ANATOMICAL_STRUCTURE, LEFT_LUNG),
             Segment("Right lung", lungs.right, ANATOMICAL_STRUCTURE, RIGHT_LUNG),

@@ -346,9 +346,9 @@ def _fill_holes_2d(mask: BoolArray) -> BoolArray:
     return mask | hole[background]
 
 
-def _fill_holes_per_slice(mask: BoolArray) -> BoolArray:
-    """Fill holes (vessels, airways inside the lung, nodules) in each axial slice."""
-    filled = _zeros(mask)
+def _fill_holes_per_slice(mask: BoolArray, filled: BoolArray) -> BoolArray:
+    """Fill holes (vessels, airways inside the lung, nodules) in each axial slice of ``mask`` into
+    ``filled`` (``False`` everywhere, of ``mask``'s shape); returns ``filled``."""
     box = _box(mask)
     inside = mask[box]
 
@@ -421,6 +421,6 @@ def segment_lungs(
     # LPS: +x is towards the patient's left.
     left_i = int(np.argmax([c[0] for c in centroids_lps]))
     left, right = _zeros(air), _zeros(air)
-    left[box] = _fill_holes_per_slice(parts[left_i])
-    right[box] = _fill_holes_per_slice(parts[1 - left_i]) & ~left[box]
+    _fill_holes_per_slice(parts[left_i], left[box])
+    _fill_holes_per_slice(parts[1 - left_i], right[box])[left[box]] = False
     return LungMasks(left=left, right=right)
