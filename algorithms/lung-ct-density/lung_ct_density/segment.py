@@ -49,14 +49,15 @@ class LungMasks:
 
 def _drop_border_air(air: BoolArray) -> BoolArray:
     """Remove air components that touch the in-plane border (outside the body): one labelling
-    pass, then every component with a voxel on a slice's first or last row or column is dropped."""
+    pass, then every component with a voxel on a slice's first or last row or column is dropped.
+    The air left is written over ``air`` (no second volume-sized mask) and returned."""
     components = _Components.of(air)
     keep = np.ones(components.n + 1, dtype=bool)
     keep[0] = False
     for labels, table in components.slabs:
         faces = np.concatenate([labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]], axis=None)
         keep[table[np.unique(faces)]] = False
-    return components.select(keep)
+    return components.select(keep, out=air)  # the labels hold what air said
 
 
 def _airway_mask(
@@ -227,10 +228,11 @@ class _Components:
                 np.add.at(total, table[: len(counts)], counts)
         return total[1:]
 
-    def select(self, chosen: BoolArray) -> BoolArray:
+    def select(self, chosen: BoolArray, out: BoolArray | None = None) -> BoolArray:
         """The voxels of the components ``chosen`` marks (``bool`` of length ``n + 1``; index 0,
-        the background, is never chosen), as a mask of the labelled shape."""
-        out = np.empty(self.shape, dtype=bool)
+        the background, is never chosen), as a mask of the labelled shape (written into ``out``
+        when given: it may be the labelled mask itself)."""
+        out = np.empty(self.shape, dtype=bool) if out is None else out
         jobs, start = [], 0
         for labels, table in self.slabs:
             jobs.append((labels, chosen[table] & (table > 0), out[start : start + labels.shape[0]]))
@@ -393,8 +395,7 @@ def segment_lungs(
         When no lung of at least ``min_lung_ml`` is found.
     """
     hu = volume.voxels
-    air = hu < air_threshold_hu
-    inside = _drop_border_air(air)
+    inside = _drop_border_air(hu < air_threshold_hu)
     box = _box(inside, margin=2)  # everything below works on the box around the air inside the body
     candidate = inside[box]
     rows, cols = hu.shape[1:]
@@ -420,7 +421,7 @@ def segment_lungs(
     centroids_lps = [volume.index_to_lps(_centroid(p) + offset)[0] for p in parts]
     # LPS: +x is towards the patient's left.
     left_i = int(np.argmax([c[0] for c in centroids_lps]))
-    left, right = _zeros(air), _zeros(air)
+    left, right = _zeros(inside), _zeros(inside)
     _fill_holes_per_slice(parts[left_i], left[box])
     _fill_holes_per_slice(parts[1 - left_i], right[box])[left[box]] = False
     return LungMasks(left=left, right=right)
