@@ -136,3 +136,24 @@ def huge_pages_for_children() -> None:
     current = os.environ.get("GLIBC_TUNABLES", "")
     if "hugetlb" not in current:
         os.environ["GLIBC_TUNABLES"] = f"{current}:{HUGE_PAGES_TUNABLE}" if current else HUGE_PAGES_TUNABLE
+
+
+BACKGROUND_NICENESS = 10
+"""Nice value of threads whose work can wait for the CPU (a de-identified series' write)."""
+
+
+def lower_thread_priority() -> None:
+    """Give the calling thread a lower CPU priority (nice :data:`BACKGROUND_NICENESS`, or its own
+    if higher): on Linux a thread has its own nice value (``setpriority`` on its thread id).
+
+    A pool's ``initializer``: its threads then take the CPU that the job's critical path (the
+    algorithm's process, the next stage) leaves, instead of a fair share of it. A thread cannot
+    lower its nice value again without privilege, so only threads kept for such work use it.
+    """
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        if current < BACKGROUND_NICENESS:
+            os.setpriority(os.PRIO_PROCESS, tid, BACKGROUND_NICENESS)
+    except OSError as exc:  # not permitted here (or not Linux): the work runs at normal priority
+        logger.debug("thread priority unchanged: %s", exc)

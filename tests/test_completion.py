@@ -210,3 +210,24 @@ def test_the_scheduler_wakes_when_a_quiet_period_ends(tmp_path):
     assert scheduler.next_wait_s(0.25, now=last + 0.3) == 0.25  # already quiet: the tick plans it
     index.set_study_state(key, StudyState.PROCESSING)
     assert scheduler.next_wait_s(0.25, now=last + 0.05) == 0.25
+
+
+def test_the_series_writer_runs_at_background_priority(tmp_path):
+    """The de-identified series is written by threads with a lower CPU priority (their own nice
+    value), so the algorithm's process takes the CPU first; other threads keep theirs."""
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from node.process import BACKGROUND_NICENESS, lower_thread_priority
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = nice()
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority) as pool:
+        assert pool.submit(nice).result() == max(before, BACKGROUND_NICENESS)
+    assert nice() == before
+    pipeline, _index, _key, _clock = _pipeline(tmp_path, {"quiet_period_s": 1})
+    writer = pipeline.stages._writer  # what Stages writes the series with
+    assert writer.submit(nice).result() == max(before, BACKGROUND_NICENESS)

@@ -51,7 +51,7 @@ from node.jobs.series import SeriesWrite, drop_pixel_data, unframe_series
 from node.jobs.snapshot import JobPlan
 from node.jobs.volume import load_volume, sort_slices
 from node.monitoring.describe import describe_inputs, describe_outputs
-from node.process import give_back_freed_memory
+from node.process import give_back_freed_memory, lower_thread_priority
 from node.settings import ActiveSettings
 from node.settings.config import Deidentification, Settings
 from node.storage.damage import Damage, set_aside
@@ -99,7 +99,10 @@ class Stages:
     def __init__(self, services: Services) -> None:
         self.s = services
         self.maps = StudyMaps(services.store, services.index)
-        self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ainode-stage-write")
+        # the de-identified series is written beside the algorithm's process, in the CPU it leaves
+        self._writer = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="ainode-stage-write", initializer=lower_thread_priority
+        )
         self._series: dict[int, SeriesWrite] = {}  # job id -> its de-identified series, while here
 
     def _begin_write(self, series: SeriesWrite) -> Future[str]:
