@@ -231,3 +231,38 @@ def test_the_series_writer_runs_at_background_priority(tmp_path):
     pipeline, _index, _key, _clock = _pipeline(tmp_path, {"quiet_period_s": 1})
     writer = pipeline.stages._writer  # what Stages writes the series with
     assert writer.submit(nice).result() == max(before, BACKGROUND_NICENESS)
+
+
+def test_a_prepared_volume_block_is_used_for_its_shape_and_never_left_behind():
+    """A shared block prepared (its pages touched in the background) while the series is
+    de-identified is the one the volume fills when the shape matches; a block of another shape is
+    released and a new one made; one never used is freed on exit: no block stays in /dev/shm."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from node.jobs.isolation import SharedVolume
+
+    def exists(volume: SharedVolume) -> bool:
+        return volume.shm is not None and Path("/dev/shm", volume.shm.name.lstrip("/")).exists()
+
+    with ThreadPoolExecutor(1) as pool:
+        with SharedVolume() as same:
+            same.prepare((3, 4, 5), pool)
+            prepared = same.shm.name if same.shm else None
+            array = same.allocate((3, 4, 5))
+            assert same.shm is not None and same.shm.name == prepared and not array.any() and exists(same)
+            del array
+        assert not Path("/dev/shm", str(prepared).lstrip("/")).exists()
+        with SharedVolume() as other:
+            other.prepare((3, 4, 5), pool)
+            first = other.shm.name if other.shm else ""
+            array = other.allocate((2, 4, 5))
+            assert array.shape == (2, 4, 5) and other.shm is not None and other.shm.name != first
+            assert not Path("/dev/shm", first.lstrip("/")).exists() and exists(other)
+            array[...] = np.float32(1)
+            del array
+        with SharedVolume() as unused:
+            unused.prepare((3, 4, 5), pool)
+            name = unused.shm.name if unused.shm else ""
+        assert not Path("/dev/shm", name.lstrip("/")).exists()

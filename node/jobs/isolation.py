@@ -16,6 +16,7 @@ import multiprocessing
 import multiprocessing.connection
 import traceback
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, wait
 from multiprocessing import forkserver
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -133,9 +134,25 @@ class SharedVolume:
     def __init__(self) -> None:
         self.shm: SharedMemory | None = None
         self.array: np.ndarray | None = None
+        self._touched: Future[None] | None = None
+
+    def prepare(self, shape: tuple[int, ...], executor: Executor) -> None:
+        """Create the block for ``shape`` now and have ``executor`` touch its pages, so that the
+        kernel's work of supplying them (about half of loading a 500-slice volume) is done on a core
+        that is idle meanwhile (the de-identification runs on one); :meth:`allocate` of the same
+        shape then returns it."""
+        array = self.allocate(shape)
+        self._touched = executor.submit(array.fill, 0.0)
 
     def allocate(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float32 array of ``shape`` (slices, rows, columns) in a new shared memory block."""
+        """A float32 array of ``shape`` (slices, rows, columns) in a new shared memory block (the
+        prepared one, if it has that shape; one of another shape is released)."""
+        if self._touched is not None:
+            touched, self._touched = self._touched, None
+            touched.result()
+            if self.array is not None and self.array.shape == tuple(shape):
+                return self.array
+            self._release()
         if self.shm is not None:
             raise PluginError("a SharedVolume holds one volume")
         self.shm = SharedMemory(create=True, size=max(1, int(np.prod(shape)) * 4))
@@ -150,6 +167,12 @@ class SharedVolume:
         return self
 
     def __exit__(self, *_: object) -> None:
+        if self._touched is not None:  # prepared, never used: wait for its pages before freeing them
+            wait([self._touched])
+            self._touched = None
+        self._release()
+
+    def _release(self) -> None:
         self.array = None
         if self.shm is not None:
             try:

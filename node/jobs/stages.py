@@ -14,6 +14,7 @@ import json
 import logging
 import pickle
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -104,6 +105,7 @@ class Stages:
             max_workers=2, thread_name_prefix="ainode-stage-write", initializer=lower_thread_priority
         )
         self._series: dict[int, SeriesWrite] = {}  # job id -> its de-identified series, while here
+        self._volumes: dict[int, SharedVolume] = {}  # job id -> the shared block its volume will fill
 
     def _begin_write(self, series: SeriesWrite) -> Future[str]:
         """The series' write to the store, begun now unless it was already."""
@@ -134,6 +136,9 @@ class Stages:
     def forget(self, job_id: int) -> list[str]:
         """Drop what this process keeps of a job whose run ended here; returns the ids of stage
         outputs it wrote that may not be recorded (to delete with the job's other outputs)."""
+        volume = self._volumes.pop(job_id, None)
+        if volume is not None:  # prepared, not analysed here
+            volume.__exit__(None, None, None)
         series = self._series.pop(job_id, None)
         if series is None or series.write is None:
             return []
@@ -145,7 +150,15 @@ class Stages:
     def deidentify(self, job: JobRow, plan: JobPlan) -> list[str]:
         """De-identify the job's series (PS3.15 Annex E, the plan's profile), merge its pseudonyms
         into the study's stored map and store the de-identified instances; returns the object id."""
-        datasets, study_uid = self._deidentify_series(job.study_key, job.series_key, plan.deidentification)
+        volume = SharedVolume()  # its pages touched on the idle core while the series is de-identified
+        try:
+            datasets, study_uid = self._deidentify_series(
+                job.study_key, job.series_key, plan.deidentification, lambda read: self._prepare(volume, read)
+            )
+        except BaseException:
+            volume.__exit__(None, None, None)
+            raise
+        self._volumes[job.id] = volume
         # one object for the series (one durable write, not one per instance): the encoded
         # instances framed inside the authenticated encryption, written in the background while the
         # next stage runs here on the datasets in memory (SeriesWrite; the stage is recorded as
@@ -166,17 +179,27 @@ class Stages:
     def _pseudonymizer(self) -> Pseudonymizer:
         return Pseudonymizer(self.s.secrets.get(PSEUDONYM_SECRET), PSEUDONYM_SECRET)
 
+    def _prepare(self, volume: SharedVolume, datasets: list[Dataset]) -> None:
+        """Prepare ``volume`` for the single-frame images ``datasets`` (one slice each)."""
+        first = datasets[0]
+        rows, columns = first.get("Rows"), first.get("Columns")
+        if rows and columns and int(first.get("NumberOfFrames", 1) or 1) == 1:
+            volume.prepare((len(datasets), int(rows), int(columns)), self._writer)
+
     def _deidentify_series(
-        self, study_key: str, series_key: str, profile: Deidentification
-    ) -> tuple[list[Dataset], str]:
+        self, study_key: str, series_key: str, profile: Deidentification,
+        read: Callable[[list[Dataset]], None] = lambda _datasets: None,
+    ) -> tuple[list[Dataset], str]:  # fmt: skip
         """The series de-identified (in place) and the original Study Instance UID; its pseudonyms
-        are merged into the study's stored map."""
+        are merged into the study's stored map. ``read`` is given the instances once they are
+        read, before they are de-identified."""
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
         pseudonyms = self._pseudonymizer()
         deid = InstanceDeidentifier(pseudonyms, profile)
         datasets = [ds for r in rows if (ds := self._readable(r.object_id, r.study_key)) is not None]
         if not datasets:
             raise StorageError(f"series {series_key}: no instance of it can be read (each set aside, see the audit)")
+        read(datasets)
         mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
         for ds in datasets:
             mapping.add(deid(ds).uid_map)
@@ -216,7 +239,8 @@ class Stages:
         """
         spec = self.s.registry.get(plan.algorithm).spec
         params = algorithm_params(self.s.registry, plan.algorithm, plan.parameters, f"route {plan.route}")
-        with SharedVolume() as shared:  # the voxels go to the algorithm's process without a copy
+        # the voxels go to the algorithm's process without a copy (in the block prepared for them)
+        with self._volumes.pop(job.id, None) or SharedVolume() as shared:
             start = time.perf_counter()
             datasets = self.deidentified_series(job, deidentified)
             volume, _slices = load_volume(datasets, allocate=shared.allocate)
