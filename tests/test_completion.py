@@ -236,7 +236,9 @@ def test_the_series_writer_runs_at_background_priority(tmp_path):
 def test_a_prepared_volume_block_is_used_for_its_shape_and_never_left_behind():
     """A shared block prepared (its pages touched in the background) while the series is
     de-identified is the one the volume fills when the shape matches; a block of another shape is
-    released and a new one made; one never used is freed on exit: no block stays in /dev/shm."""
+    released and a new one made; one never used is freed on exit: no block stays in /dev/shm. A
+    touch still queued behind other work is cancelled rather than waited for."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
@@ -266,3 +268,10 @@ def test_a_prepared_volume_block_is_used_for_its_shape_and_never_left_behind():
             unused.prepare((3, 4, 5), pool)
             name = unused.shm.name if unused.shm else ""
         assert not Path("/dev/shm", name.lstrip("/")).exists()
+        busy = threading.Event()
+        blocker = pool.submit(busy.wait, 30)  # the pool is busy (another job's write): the touch queues
+        with SharedVolume() as queued:
+            queued.prepare((3, 4, 5), pool)
+            assert queued.allocate((3, 4, 5)).shape == (3, 4, 5)
+            assert not blocker.done()  # returned without waiting for the pool: the queued touch cancelled
+            busy.set()

@@ -149,7 +149,8 @@ class SharedVolume:
         prepared one, if it has that shape; one of another shape is released)."""
         if self._touched is not None:
             touched, self._touched = self._touched, None
-            touched.result()
+            if not touched.cancel():  # not begun (its pool is busy): the caller's writes touch the pages
+                touched.result()
             if self.array is not None and self.array.shape == tuple(shape):
                 return self.array
             self._release()
@@ -167,8 +168,9 @@ class SharedVolume:
         return self
 
     def __exit__(self, *_: object) -> None:
-        if self._touched is not None:  # prepared, never used: wait for its pages before freeing them
-            wait([self._touched])
+        if self._touched is not None:  # prepared, never used: its pages touched, or never, before freeing
+            if not self._touched.cancel():
+                wait([self._touched])
             self._touched = None
         self._release()
 

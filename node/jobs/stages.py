@@ -184,7 +184,10 @@ class Stages:
         first = datasets[0]
         rows, columns = first.get("Rows"), first.get("Columns")
         if rows and columns and int(first.get("NumberOfFrames", 1) or 1) == 1:
-            volume.prepare((len(datasets), int(rows), int(columns)), self._writer)
+            try:
+                volume.prepare((len(datasets), int(rows), int(columns)), self._writer)
+            except OSError as exc:  # no room in shared memory now: the analysis allocates (or fails) then
+                logger.warning("volume block not prepared: %s", exc, extra={"slices": len(datasets)})
 
     def _deidentify_series(
         self, study_key: str, series_key: str, profile: Deidentification,
