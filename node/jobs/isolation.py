@@ -168,6 +168,10 @@ class SharedVolume:
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the block (what leaving the context does)."""
         if self._touched is not None:  # prepared, never used: its pages touched, or never, before freeing
             if not self._touched.cancel():
                 wait([self._touched])

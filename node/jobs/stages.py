@@ -138,7 +138,7 @@ class Stages:
         outputs it wrote that may not be recorded (to delete with the job's other outputs)."""
         volume = self._volumes.pop(job_id, None)
         if volume is not None:  # prepared, not analysed here
-            volume.__exit__(None, None, None)
+            volume.close()
         series = self._series.pop(job_id, None)
         if series is None or series.write is None:
             return []
@@ -156,7 +156,7 @@ class Stages:
                 job.study_key, job.series_key, plan.deidentification, lambda read: self._prepare(volume, read)
             )
         except BaseException:
-            volume.__exit__(None, None, None)
+            volume.close()
             raise
         self._volumes[job.id] = volume
         # one object for the series (one durable write, not one per instance): the encoded

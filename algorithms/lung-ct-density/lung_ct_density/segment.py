@@ -57,7 +57,7 @@ def _drop_border_air(air: BoolArray) -> BoolArray:
     for labels, table in components.slabs:
         faces = np.concatenate([labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]], axis=None)
         keep[table[np.unique(faces)]] = False
-    return components.select(keep, out=air)  # the labels hold what air said
+    return components.select(keep, out=air)  # air is read no more: the labels say what it said
 
 
 def _airway_mask(
@@ -80,7 +80,7 @@ def _airway_mask(
             if previous is not None:
                 break
             continue
-        sizes = _component_sizes(labels, n)
+        sizes = _label_counts(labels, n)[1:]
         if previous is None:
             # Start: the small component closest to the image centre, if any.
             centres = ndi.center_of_mass(np.ones_like(labels), labels, index=np.arange(1, n + 1))
@@ -105,10 +105,13 @@ def _airway_mask(
     return airway
 
 
-def _component_sizes(labels: npt.NDArray[np.integer], n: int) -> npt.NDArray[np.int64]:
-    """Voxel count of components ``1..n`` of a label image."""
-    counts = np.asarray(cc3d.statistics(labels, no_slice_conversion=True)["voxel_counts"], dtype=np.int64)
-    return np.pad(counts, (0, max(0, n + 1 - len(counts))))[1 : n + 1]
+def _label_counts(labels: npt.NDArray[np.integer], n: int) -> npt.NDArray[np.int64]:
+    """Voxel count of each label ``0..n`` of a label image (any number of axes); a few slices at a
+    time, since ``bincount`` converts to ``intp`` (8 bytes a voxel)."""
+    counts = np.zeros(n + 1, dtype=np.int64)
+    for k in range(0, labels.shape[0], 8):
+        counts += np.bincount(labels[k : k + 8].ravel(), minlength=n + 1)
+    return counts
 
 
 def _centroid(mask: BoolArray) -> npt.NDArray[np.float64]:
@@ -215,17 +218,10 @@ class _Components:
         """Voxel count of components ``1..n``."""
         total = np.zeros(self.n + 1, dtype=np.int64)
 
-        def count(labels: npt.NDArray[np.unsignedinteger[Any]]) -> npt.NDArray[np.int64]:
-            counts = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.int64)
-            for k in range(0, labels.shape[0], 8):  # bincount indexes with intp: a few slices at a time
-                counts += np.bincount(labels[k : k + 8].ravel(), minlength=counts.size)
-            return counts
-
-        with ThreadPoolExecutor(len(self.slabs)) as pool:
-            for (_labels, table), counts in zip(
-                self.slabs, pool.map(count, [lab for lab, _t in self.slabs]), strict=True
-            ):
-                np.add.at(total, table[: len(counts)], counts)
+        with ThreadPoolExecutor(len(self.slabs)) as pool:  # a slab's labels are 0..len(table) - 1
+            counts = pool.map(lambda slab: _label_counts(slab[0], len(slab[1]) - 1), self.slabs)
+            for (_labels, table), slab_counts in zip(self.slabs, counts, strict=True):
+                np.add.at(total, table, slab_counts)
         return total[1:]
 
     def select(self, chosen: BoolArray, out: BoolArray | None = None) -> BoolArray:
