@@ -145,13 +145,24 @@ def _openvino(path: Path, shape: tuple[int, ...], precision: str) -> Loaded:
     model.reshape({model.input(0).get_any_name(): list(shape)})  # a static window batch compiles faster code
     config = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
     compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-    output = compiled.output(0)
+    out_shape = tuple(compiled.output(0).get_shape())
+    held: list[Any] = []  # the infer request, made on first use and dropped by release()
 
     def run(x: np.ndarray) -> np.ndarray:
-        return np.asarray(request.infer({0: x})[output])
+        if not held:
+            held.append(compiled.create_infer_request())
+        # the output is written straight into an array of ours (no copy out of the request's own
+        # tensor, which would hold another window's output between studies)
+        out = np.empty(out_shape, np.float32)
+        held[0].set_output_tensor(ov.Tensor(out, shared_memory=True))
+        held[0].infer({0: x}, share_inputs=True)
+        return out
 
-    return Loaded(run, compiled.release_memory)
+    def release() -> None:
+        held.clear()
+        compiled.release_memory()
+
+    return Loaded(run, release)
 
 
 LOADERS: dict[str, Callable[[Path, tuple[int, ...], str], Loaded]] = {
