@@ -20,6 +20,7 @@ import numpy.typing as npt
 from ainode_sdk.base import Device, Volume
 from ainode_sdk.declared.compiled import Compiled
 from ainode_sdk.declared.geometry import from_monai, to_metatensor
+from ainode_sdk.declared.postprocess import run_postprocessing
 from ainode_sdk.declared.spec import ModelDeclaration
 from ainode_sdk.errors import ModelError
 
@@ -148,7 +149,7 @@ class MonaiBundleRuntime:
         t["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
         data["pred"] = data["pred"].float()
-        out = self.postprocessing(data)
+        out = run_postprocessing(self.postprocessing, data)
         labels = out["pred"]
         labels = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
         if labels.ndim == 4:  # (channel, x, y, z) after AsDiscreted(argmax)

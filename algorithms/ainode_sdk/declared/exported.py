@@ -21,6 +21,7 @@ import numpy.typing as npt
 
 from ainode_sdk.base import Device, Volume
 from ainode_sdk.declared.geometry import from_monai, to_metatensor
+from ainode_sdk.declared.postprocess import channels_innermost, run_postprocessing
 from ainode_sdk.declared.spec import ModelDeclaration
 from ainode_sdk.errors import ModelError
 
@@ -134,7 +135,7 @@ class _ExportedRuntime:
         self._release()
         t["inference_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        labels = self.postprocessing(data)["pred"]
+        labels = run_postprocessing(self.postprocessing, data)["pred"]
         array = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
         t["postprocess_s"] = time.perf_counter() - start
         return from_monai(np.rint(array[0]).astype(np.int32)), t
@@ -172,7 +173,7 @@ class _ExportedRuntime:
         if matrix != (rows, columns):
             pred = mt.Resize((slices, rows, columns), mode="bilinear")(pred)
         if post.discretize == "argmax":
-            labels = mt.AsDiscrete(argmax=True)(pred)
+            labels = mt.AsDiscrete(argmax=True)(channels_innermost(pred))
         else:
             labels = mt.AsDiscrete(threshold=post.threshold)(pred[:1])
         if post.largest_component:
