@@ -63,6 +63,7 @@ def one_run(work: Path, quiet_period_s: float, files: list[Path]) -> dict[str, f
         )
         key = {"AINODE_TEST_KEY": base64.b64encode(secrets.token_bytes(32)).decode()}
         node = start_node_process(config_path, config, key, work / "node.log")
+        node.wait_warm()  # a running node's turnaround: its start-up warm-up is not the study's
         for f in files:
             pacs.rest("POST", "/instances", raw=f.read_bytes())
         (study_id,) = pacs.rest("GET", "/studies")
