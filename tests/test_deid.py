@@ -132,3 +132,39 @@ def test_derived_uids_are_deterministic_and_valid():
     assert uid == derive_uid("1.2.3", "lung-ct-density", "1.0.0", "seg")
     assert uid != derive_uid("1.2.3", "lung-ct-density", "1.0.1", "seg")
     assert len(uid) <= 64 and pydicom.uid.UID(uid).is_valid
+
+
+def test_kept_and_swept_elements_are_settled_without_reading_their_values(pseudonyms):
+    """Kept elements (K, or C of a VR cleaning keeps) stay as received, unconverted; swept
+    text that is not vocabulary is emptied without being read; the result is what the walk with
+    every value converted gives (the same encoding)."""
+    from pydicom.dataelem import RawDataElement
+
+    from node.deid.engine import SAFE_TEXT_KEYWORDS, TEXT_VRS
+    from node.dicomio import encode
+
+    instance = pydicom.dcmread(series_files(CT_SERIES)[0])
+    instance.ContrastBolusRoute = "IV line placed by Dr Smith"  # LO without an action: swept
+    raw = encode(instance)
+    deidentifier = Deidentifier(pseudonyms, ProfileOptions())
+    received = pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw))
+    kept = [e.tag for e in received if deidentifier.table.action_for(e.tag) == "K" and e.VR != "SQ"]
+    swept = [
+        e.tag for e in received
+        if not e.tag.is_private and deidentifier.table.action_for(e.tag) is None and e.VR in TEXT_VRS
+        and e.keyword not in SAFE_TEXT_KEYWORDS and e.value
+    ]  # fmt: skip
+    assert kept and swept
+    lazy = pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw))
+    as_read = {tag: lazy.get_item(tag) for tag in kept}
+    assert any(isinstance(element, RawDataElement) for element in as_read.values())
+    deidentifier.deidentify(lazy)
+    for tag in kept:
+        assert lazy.get_item(tag) is as_read[tag], tag  # neither converted nor replaced
+    for tag in swept:
+        assert not lazy[tag].value, tag
+    eager = pydicom.dcmread(pydicom.filebase.DicomBytesIO(raw))
+    for element in eager.iterall():  # every value converted before the walk
+        _ = element.value
+    deidentifier.deidentify(eager)
+    assert encode(lazy) == encode(eager)

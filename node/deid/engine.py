@@ -23,11 +23,12 @@ Longitudinal Temporal Information Modified.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom import Dataset, FileMetaDataset
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_has_tag, dictionary_keyword, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
@@ -78,6 +79,17 @@ SWEPT_VRS = frozenset({"SQ", "PN", "DA", "DT", "UI", "UN", *TEXT_VRS})
 HARVESTED_TAGS = frozenset(tag_for_keyword(k) for k in IDENTIFYING_KEYWORDS)
 
 
+CLEANED_VRS = frozenset({"DA", "DT", "PN", "UI", *TEXT_VRS})
+"""VRs whose value the Clean action (C) changes; the others it keeps as received."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _keyword(tag: int) -> str:
+    """The keyword of a tag as ``DataElement.keyword`` gives it (``""`` for one outside the
+    dictionary), looked up once."""
+    return str(dictionary_keyword(tag)) if dictionary_has_tag(tag) else ""
+
+
 def _raw_vr(ds: Dataset, tag: BaseTag) -> str:
     """The VR of an element without converting its value (implicit VR: from the dictionary)."""
     raw = ds.get_item(tag)
@@ -110,7 +122,7 @@ def _harvest(elem: DataElement, needles: set[str]) -> None:
     """Collect identifying values of one original element (names and their parts, IDs,
     institution, dates in common spellings), case-folded; text holding any of them is not clean."""
     vr = elem.VR
-    if vr not in ("PN", "DA") and elem.keyword not in IDENTIFYING_KEYWORDS:
+    if vr not in ("PN", "DA") and _keyword(elem.tag) not in IDENTIFYING_KEYWORDS:
         return
     value = elem.value
     if value in (None, "", b""):
@@ -215,7 +227,7 @@ class Deidentifier:
     def _pseudonym(self, elem: DataElement, ctx: _Context) -> Any:
         if not elem.value:
             return elem.value
-        kind = elem.keyword
+        kind = _keyword(elem.tag)
         original = ctx.patient_id if kind == "PatientID" else str(elem.value)
         return self.pseudonyms.identifier(kind, original or "unknown", 16)
 
@@ -244,8 +256,15 @@ class Deidentifier:
             if action == "X" and tag not in HARVESTED_TAGS:
                 del ds[tag]
                 continue
-            if action is None and tag not in HARVESTED_TAGS and _raw_vr(ds, tag) not in SWEPT_VRS:
+            vr = _raw_vr(ds, tag)
+            if action is None and tag not in HARVESTED_TAGS and vr not in SWEPT_VRS:
                 continue  # nothing to do: leave the value unconverted (pixel data, numbers, codes)
+            if (
+                tag not in HARVESTED_TAGS
+                and vr not in ("PN", "DA", "SQ", "UN")
+                and self._decided_unread(ds, tag, vr, action)
+            ):
+                continue
             if action == "X":
                 _harvest(ds[tag], ctx.needles)
                 del ds[tag]
@@ -257,19 +276,33 @@ class Deidentifier:
             else:
                 self._apply(ds, elem, action, ctx)
 
+    @staticmethod
+    def _decided_unread(ds: Dataset, tag: BaseTag, vr: str, action: Action | None) -> bool:
+        """Settle an element that gives no identifying value whose outcome needs no value either —
+        kept (K, or C of a VR that cleaning keeps) or swept text emptied — without converting its
+        value (:meth:`_apply` and :meth:`_sweep` do the same with it converted); ``False`` when
+        its value is needed."""
+        if action == "K" or (action == "C" and vr not in CLEANED_VRS):
+            return True  # kept as received
+        if action is None and vr in TEXT_VRS:
+            if _keyword(tag) not in SAFE_TEXT_KEYWORDS:
+                ds[tag] = DataElement(tag, vr, None)
+            return True
+        return False
+
     def _apply(self, ds: Dataset, elem: DataElement, action: Action, ctx: _Context) -> None:
         if action == "X":
             del ds[elem.tag]
         elif elem.VR == "SQ":
             if action == "Z":
-                if elem.tag in self.table.removable and elem.keyword not in TYPE_2_SEQUENCES:
+                if elem.tag in self.table.removable and _keyword(elem.tag) not in TYPE_2_SEQUENCES:
                     del ds[elem.tag]  # an empty Type 3 sequence is invalid; removal is the safer choice
                 else:
                     elem.value = DicomSequence()
                 return
             for item in elem.value:  # D, K, C, U: the sequence stays and its content is processed
                 self._walk(item, ctx)
-        elif elem.keyword in PSEUDONYM_KEYWORDS and action in ("Z", "D"):
+        elif _keyword(elem.tag) in PSEUDONYM_KEYWORDS and action in ("Z", "D"):
             elem.value = self._pseudonym(elem, ctx)
         elif action == "Z":
             elem.value = None
@@ -302,10 +335,10 @@ class Deidentifier:
         elif vr in ("DA", "DT"):
             elem.value = self._shift(elem, ctx)
         elif vr == "UI":
-            if elem.keyword not in KEEP_UI_KEYWORDS:
+            if _keyword(elem.tag) not in KEEP_UI_KEYWORDS:
                 elem.value = self._map_uids(elem.value, ctx)
         elif vr in TEXT_VRS:
-            if elem.keyword not in SAFE_TEXT_KEYWORDS:
+            if _keyword(elem.tag) not in SAFE_TEXT_KEYWORDS:
                 elem.value = None
         elif vr == "UN":
             del ds[elem.tag]
