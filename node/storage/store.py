@@ -202,7 +202,8 @@ class ObjectStore:
         _length, slots, body = segments.read_record(where.path, where.offset)
         dek = self._segment_dek(object_id, slots)[0]
         try:
-            return AESGCM(dek).decrypt(body[:_NONCE], body[_NONCE:], object_id.encode())
+            # the ciphertext as a view of the record (not a copy of half a megabyte)
+            return AESGCM(dek).decrypt(body[:_NONCE], memoryview(body)[_NONCE:], object_id.encode())
         except InvalidTag:
             raise TamperedObjectError(f"object {object_id}: authentication failed (tampered)") from None
 
@@ -220,7 +221,7 @@ class ObjectStore:
         aad = object_id.encode()
         dek = self._unwrap(object_id, key_id, wrap_nonce, wrapped)
         try:
-            return AESGCM(dek).decrypt(nonce, blob[pos:], aad)
+            return AESGCM(dek).decrypt(nonce, memoryview(blob)[pos:], aad)
         except InvalidTag:
             raise TamperedObjectError(f"object {object_id}: authentication failed (tampered)") from None
 
