@@ -66,3 +66,27 @@ def test_openvino_outputs_are_the_callers_arrays_and_survive_later_windows_and_r
     with torch.no_grad():
         expected = network(torch.from_numpy(first_input)).numpy()
     np.testing.assert_allclose(loaded.run(first_input), expected, rtol=1e-4, atol=1e-5)
+
+
+class _HalfOutput(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).half()
+
+
+def test_an_output_openvino_cannot_write_into_our_array_is_copied_out_as_float32(tmp_path):
+    pytest.importorskip("openvino")
+    torch.manual_seed(0)
+    network = _HalfOutput().eval()
+    shape = (1, 1, 6, 6, 6)
+    export_onnx(network, shape, tmp_path / "half.onnx")
+    loaded = LOADERS["openvino"](tmp_path / "half.onnx", shape, "f32")
+    x = np.random.default_rng(1).random(shape, dtype=np.float32)
+    got = loaded.run(x)
+    with torch.no_grad():
+        expected = network(torch.from_numpy(x)).float().numpy()
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=2e-3, atol=2e-3)

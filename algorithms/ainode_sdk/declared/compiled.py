@@ -145,14 +145,18 @@ def _openvino(path: Path, shape: tuple[int, ...], precision: str) -> Loaded:
     model.reshape({model.input(0).get_any_name(): list(shape)})  # a static window batch compiles faster code
     config = {"INFERENCE_NUM_THREADS": _threads(), "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
     compiled = core.compile_model(model, "CPU", config)
-    out_shape = tuple(compiled.output(0).get_shape())
+    output = compiled.output(0)
+    # a static float32 output is written straight into an array of ours (no copy out of the
+    # request's own tensor, which would hold another window's output between studies)
+    direct = output.get_partial_shape().is_static and output.get_element_type() == ov.Type.f32
+    out_shape = tuple(output.get_shape()) if direct else ()
     held: list[Any] = []  # the infer request, made on first use and dropped by release()
 
     def run(x: np.ndarray) -> np.ndarray:
         if not held:
             held.append(compiled.create_infer_request())
-        # the output is written straight into an array of ours (no copy out of the request's own
-        # tensor, which would hold another window's output between studies)
+        if not direct:
+            return np.asarray(held[0].infer({0: x}, share_inputs=True)[output], dtype=np.float32)
         out = np.empty(out_shape, np.float32)
         held[0].set_output_tensor(ov.Tensor(out, shared_memory=True))
         held[0].infer({0: x}, share_inputs=True)
