@@ -147,10 +147,7 @@ class SharedVolume:
     def allocate(self, shape: tuple[int, ...]) -> np.ndarray:
         """A float32 array of ``shape`` (slices, rows, columns) in a new shared memory block (the
         prepared one, if it has that shape; one of another shape is released)."""
-        if self._touched is not None:
-            touched, self._touched = self._touched, None
-            if not touched.cancel():  # not begun (its pool is busy): the caller's writes touch the pages
-                touched.result()
+        if self._settle_touch():
             if self.array is not None and self.array.shape == tuple(shape):
                 return self.array
             self._release()
@@ -172,11 +169,16 @@ class SharedVolume:
 
     def close(self) -> None:
         """Free the block (what leaving the context does)."""
-        if self._touched is not None:  # prepared, never used: its pages touched, or never, before freeing
-            if not self._touched.cancel():
-                wait([self._touched])
-            self._touched = None
+        self._settle_touch()  # prepared, never used: its pages touched, or never, before freeing
         self._release()
+
+    def _settle_touch(self) -> bool:
+        """End the prepared block's page touch: cancelled if not begun (its pool is busy; whoever
+        writes the block touches the pages), else waited for. Whether the block was prepared."""
+        touched, self._touched = self._touched, None
+        if touched is not None and not touched.cancel():
+            wait([touched])
+        return touched is not None
 
     def _release(self) -> None:
         self.array = None
