@@ -90,6 +90,11 @@ def _keyword(tag: int) -> str:
     return str(dictionary_keyword(tag)) if dictionary_has_tag(tag) else ""
 
 
+def _vocabulary(tag: int) -> bool:
+    """Whether a text element is vocabulary (a code, a manufacturer's name), kept when swept."""
+    return _keyword(tag) in SAFE_TEXT_KEYWORDS
+
+
 def _raw_vr(ds: Dataset, tag: BaseTag) -> str:
     """The VR of an element without converting its value (implicit VR: from the dictionary)."""
     raw = ds.get_item(tag)
@@ -253,18 +258,16 @@ class Deidentifier:
                 del ds[tag]
                 continue
             action = self.table.action_for(tag)
-            if action == "X" and tag not in HARVESTED_TAGS:
+            harvested = tag in HARVESTED_TAGS
+            if action == "X" and not harvested:
                 del ds[tag]
                 continue
             vr = _raw_vr(ds, tag)
-            if action is None and tag not in HARVESTED_TAGS and vr not in SWEPT_VRS:
-                continue  # nothing to do: leave the value unconverted (pixel data, numbers, codes)
-            if (
-                tag not in HARVESTED_TAGS
-                and vr not in ("PN", "DA", "SQ", "UN")
-                and self._decided_unread(ds, tag, vr, action)
-            ):
-                continue
+            if not harvested and vr not in ("PN", "DA", "SQ", "UN"):  # its value says nothing identifying
+                if action is None and vr not in SWEPT_VRS:
+                    continue  # nothing to do: leave the value unconverted (pixel data, numbers, codes)
+                if self._decided_unread(ds, tag, vr, action):
+                    continue
             if action == "X":
                 _harvest(ds[tag], ctx.needles)
                 del ds[tag]
@@ -285,7 +288,7 @@ class Deidentifier:
         if action == "K" or (action == "C" and vr not in CLEANED_VRS):
             return True  # kept as received
         if action is None and vr in TEXT_VRS:
-            if _keyword(tag) not in SAFE_TEXT_KEYWORDS:
+            if not _vocabulary(tag):
                 ds[tag] = DataElement(tag, vr, None)
             return True
         return False
@@ -315,6 +318,8 @@ class Deidentifier:
         # K: keep
 
     def _clean(self, elem: DataElement, ctx: _Context) -> None:
+        if elem.VR not in CLEANED_VRS:
+            return  # TM and everything else: kept (whole-day shifts leave times unchanged)
         if elem.VR in ("DA", "DT"):
             elem.value = self._shift(elem, ctx)
         elif elem.VR == "PN":
@@ -323,7 +328,6 @@ class Deidentifier:
             ctx.pending_clean.append(elem)
         elif elem.VR == "UI":
             elem.value = self._map_uids(elem.value, ctx)
-        # TM and everything else: kept (whole-day shifts leave times unchanged)
 
     def _sweep(self, ds: Dataset, elem: DataElement, ctx: _Context) -> None:
         vr = elem.VR
@@ -338,7 +342,7 @@ class Deidentifier:
             if _keyword(elem.tag) not in KEEP_UI_KEYWORDS:
                 elem.value = self._map_uids(elem.value, ctx)
         elif vr in TEXT_VRS:
-            if _keyword(elem.tag) not in SAFE_TEXT_KEYWORDS:
+            if not _vocabulary(elem.tag):
                 elem.value = None
         elif vr == "UN":
             del ds[elem.tag]
