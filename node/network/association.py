@@ -12,6 +12,7 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from node.errors import RetrieveError
+from node.network.uid_checks import memoise_uid_checks
 
 
 def set_tcp_nodelay(event: Event) -> None:
@@ -39,6 +40,7 @@ def associate(ae: AE, peer: Peer, handlers: list[Any] | None = None, roles: list
     RetrieveError
         It was rejected, aborted or could not be made.
     """
+    memoise_uid_checks()
     ae.acse_timeout = ae.network_timeout = 60
     ae.dimse_timeout = 600  # a C-MOVE's final response comes when the whole study has been sent
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=roles,
