@@ -42,7 +42,7 @@ from node.jobs.model_workers import ModelWorkers
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired, sweep_stage_outputs
 from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
-from node.process import ProcessLoop, huge_pages_for_children
+from node.process import ProcessLoop, freeze_start_up_objects, huge_pages_for_children
 from node.receiver import AuditNotices, Receiver, ReceiverPool
 from node.routing.canary import CANARY_SECRET
 from node.settings import ActiveSettings, config_digest, load_settings
@@ -250,6 +250,7 @@ class Node:
         from node.results.warmup import warm_up as warm_up_results  # highdicom and its tables, now
 
         warm_up_results(self.settings.node.ae_title)
+        freeze_start_up_objects()  # full collections no longer scan what start-up and warm-up made
 
         self._algorithms_ready.set()
         logger.info("algorithm process server ready")

@@ -11,6 +11,7 @@ owns, runs the key refresh alone in a thread (:meth:`ProcessLoop.refresh_keys_in
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import signal
@@ -89,6 +90,22 @@ class ProcessLoop:
     def stop(self) -> None:
         """End the loop (as SIGTERM does)."""
         self.done.set()
+
+
+def freeze_start_up_objects() -> None:
+    """Leave the objects alive now out of the garbage collector's future full collections
+    (:func:`gc.freeze`, after one last collection): call once a process has started up.
+
+    A node's main process holds about 410,000 tracked objects once started (its libraries,
+    highdicom's tables, the configuration); each full collection scans them all with the GIL held,
+    140-160 ms in which no association or job thread of the process runs. pynetdicom forces one
+    every 60 connections (or 30 s idle), and CPython one whenever a quarter as many objects again
+    have survived (a 500-slice series de-identified in memory). After the freeze a full collection
+    scans only what was made since. Frozen objects are still freed when their last reference
+    goes; only a reference cycle among them would stay.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def give_back_freed_memory() -> None:

@@ -49,7 +49,7 @@ from node.network.commitment import Commitment, send_report
 from node.network.scp import AssociationSummary, Handover, PeerRule, StorageSCP
 from node.network.tls import client_context, server_context
 from node.network.transport import ConnectionDispatcher, SharedCount, SharedTime, connection_line
-from node.process import ProcessLoop
+from node.process import ProcessLoop, freeze_start_up_objects
 from node.settings import ActiveSettings, load_settings
 from node.settings.config import Settings
 from node.storage.index import Index
@@ -293,6 +293,7 @@ def _receiver_main(
     loop = ProcessLoop(data.refresh_keys, HEARTBEAT_S)
     loop.install(interrupt=False)  # Ctrl-C reaches the group: the node decides
     receiver.start()
+    freeze_start_up_objects()
     beat()  # ready: the main process may hand it connections now
     logger.info("receiver %d listening (connections handed over by the main process)", number)
     loop.run(beat, reload)

@@ -19,6 +19,7 @@ from typing import Any
 
 from node.errors import ConfigError, ExecutorError
 from node.jobs.pipeline import HANDED_OFF, Pipeline
+from node.process import freeze_start_up_objects
 from node.settings.config import Settings
 
 logger = logging.getLogger(__name__)
@@ -146,5 +147,9 @@ def run_worker(pipeline: Pipeline, queues: Sequence[str], concurrency: int, name
     logger.info("worker consuming %s", ", ".join(served), extra={"worker": pipeline.s.worker})
     from node.results.warmup import warm_up  # highdicom's tables, loaded while the worker connects
 
-    threading.Thread(target=warm_up, args=(settings.node.ae_title,), name="ainode-warm-up", daemon=True).start()
+    def warm() -> None:
+        warm_up(settings.node.ae_title)
+        freeze_start_up_objects()
+
+    threading.Thread(target=warm, name="ainode-warm-up", daemon=True).start()
     worker.start()
