@@ -106,6 +106,7 @@ def freeze_start_up_objects() -> None:
     """
     gc.collect()
     gc.freeze()
+    logger.info("start-up objects frozen", extra={"objects": gc.get_freeze_count()})
 
 
 def give_back_freed_memory() -> None:
