@@ -1,15 +1,16 @@
 """The UID checks of association negotiation, memoised.
 
 pynetdicom checks every UID it decodes or sets: each abstract syntax and transfer syntax of an
-A-ASSOCIATE-RQ's presentation contexts (DCMTK's ``storescu`` proposes about 120 contexts with
-three transfer syntaxes each, the same on every association), again when it turns the PDU into a
+A-ASSOCIATE-RQ's presentation contexts (DCMTK's ``storescu`` proposes 128 contexts with 192
+transfer syntaxes, the same on every association), again when it turns the PDU into a
 primitive, when it negotiates the accepted contexts (PS3.8 9.3.2.2) and when it builds the
 A-ASSOCIATE-AC. Each check converts the text to a :class:`pydicom.uid.UID` and runs pynetdicom's
 ``UI`` validator (:data:`pynetdicom._config.VALIDATORS`) and pydicom's
 :attr:`~pydicom.uid.UID.is_valid` (a regular expression, for pynetdicom's "non-conformant"
 warning). Both answers depend on the UID's text alone (the validator also on
-``ENFORCE_UID_CONFORMANCE``), so they are kept for the texts seen: at 4.8-7.0 ms of
-negotiation per association, the checks were about half (``BENCHMARKS.md``, issue 26).
+``ENFORCE_UID_CONFORMANCE``), so they are kept for the texts seen: of the 8.7 ms pynetdicom
+spent from decoding the A-ASSOCIATE-RQ to encoding the A-ASSOCIATE-AC, 4.4 ms remain
+(``BENCHMARKS.md``, issue 26).
 
 Only texts of at most 64 characters (the longest valid UID, PS3.5 9.1) are kept, at most
 :data:`CACHE_SIZE` of them, least recently used first out: a peer sending long or ever-new
@@ -38,7 +39,7 @@ _installed = False
 
 def memoise_uid_checks() -> None:
     """Memoise pynetdicom's ``UI`` validator and pydicom's ``UID.is_valid`` in this process (once;
-    later calls do nothing). The answers are the same as without (``tests/test_network.py``)."""
+    later calls do nothing). The answers are the same as without (``tests/test_uid_checks.py``)."""
     global _installed
     with _lock:
         if _installed:
