@@ -58,7 +58,8 @@ Runner = Callable[[np.ndarray], np.ndarray]
 
 class Loaded(NamedTuple):
     """A network loaded by a runtime: its runner, and what gives the runtime's working memory
-    back between studies (OpenVINO's ``release_memory``; nothing for ONNX Runtime)."""
+    back between studies (OpenVINO's ``release_memory``; nothing for ONNX Runtime, whose session
+    runs without its memory arena and so keeps no working memory between runs)."""
 
     run: Runner
     release: Callable[[], None]
@@ -132,6 +133,10 @@ def _onnxruntime(path: Path, shape: tuple[int, ...], precision: str) -> Loaded:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = _threads()
+    # working memory given back after each run (the arena would keep a study's peak for good), and
+    # no spinning threads after a run: the bundle's post-processing needs those cores next
+    options.enable_cpu_mem_arena = False
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return Loaded(lambda x: session.run(None, {name: x})[0], lambda: None)
