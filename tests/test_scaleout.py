@@ -72,6 +72,7 @@ def test_two_workers_deliver_eight_concurrent_studies_each_once(fleet, tmp_path)
     assert sorted(c.job_id for c in claims) == sorted(j.id for j in nodes.index.jobs())  # each job claimed once
     assert {c.outcome for c in claims} == {"released"}
     assert len({c.worker for c in claims}) == 2  # both workers ran jobs
+    assert all("start-up objects frozen" in nodes.log(name) for name in ("node", "worker-a", "worker-b"))
     assert all(s.state == StudyState.DONE for s in nodes.index.studies())
     assert nodes.orphans() == set()
 
