@@ -79,3 +79,17 @@ def _kept() -> int:
         cells = [c.cell_contents for c in fn.__closure__ or ()]
         total += sum(c.cache_info().currsize for c in cells if hasattr(c, "cache_info"))
     return total
+
+
+@pytest.mark.parametrize("module", ["node.network.scp", "node.network.scu", "node.network.query"])
+def test_importing_any_association_module_installs_the_memo(module):
+    import subprocess
+    import sys
+
+    probe = (
+        f"import {module}; from pynetdicom import _config; from pynetdicom._validators import validate_ui; "
+        "from pydicom.uid import UID; "
+        "assert _config.VALIDATORS['UI'] is not validate_ui and UID.is_valid.fget.__qualname__.startswith('_memoised')"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

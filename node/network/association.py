@@ -14,6 +14,10 @@ from pynetdicom.events import Event
 from node.errors import RetrieveError
 from node.network.uid_checks import memoise_uid_checks
 
+# every module of this package that makes or accepts an association imports this one: the UID
+# checks of negotiation are memoised once, for all of them
+memoise_uid_checks()
+
 
 def set_tcp_nodelay(event: Event) -> None:
     """Disable Nagle's algorithm on an association's socket (avoids ~40 ms stalls per PDU)."""
@@ -40,7 +44,6 @@ def associate(ae: AE, peer: Peer, handlers: list[Any] | None = None, roles: list
     RetrieveError
         It was rejected, aborted or could not be made.
     """
-    memoise_uid_checks()
     ae.acse_timeout = ae.network_timeout = 60
     ae.dimse_timeout = 600  # a C-MOVE's final response comes when the whole study has been sent
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, ext_neg=roles,

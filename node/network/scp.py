@@ -39,7 +39,6 @@ from node.network.dataset import DataSetBuffer, SpoolLike
 from node.network.status import StoreStatus, status_for
 from node.network.tls import subject_of
 from node.network.transport import GuardedAssociationServer, Handover
-from node.network.uid_checks import memoise_uid_checks
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +254,6 @@ class StorageSCP:
             raise ConfigError("peers: at least one peer must be configured to receive from")
         # pynetdicom's chunked receive would spool each data set to a plaintext temporary file
         pynetdicom_config.STORE_RECV_CHUNKED_DATASET = False
-        memoise_uid_checks()  # a peer's ~128 proposed contexts' UIDs are checked four times an association
         ae = _AccessControlledAE(ae_title, peers, handover or Handover(), max_per_address, self._connection_refused)
         ae.new_buffer = lambda: DataSetBuffer(max_dataset_bytes, spool)
         ae.require_called_aet = True

@@ -23,7 +23,6 @@ from pynetdicom.presentation import build_context
 
 from node.errors import DeliveryError
 from node.network.association import set_tcp_nodelay
-from node.network.uid_checks import memoise_uid_checks
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +79,6 @@ def _send_once(
     tls: ssl.SSLContext | None,
     reasons: dict[str, str],
 ) -> dict[str, int | None]:
-    memoise_uid_checks()
     ae = AE(ae_title=calling)
     ae.requested_contexts = _contexts(datasets)
     ae.acse_timeout = ae.network_timeout = timeout_s
