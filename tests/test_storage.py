@@ -151,3 +151,41 @@ def test_segment_records_roundtrip_crypto_shred_and_reclaim(store, tmp_path, mon
     assert store.reclaim_segments(first) == 1
     assert not paths[0].exists() and all(p.exists() for p in paths[1:])
     assert [store.get(i) for i in ids[len(first) :]] == payloads[len(first) :]
+
+
+def test_the_index_writer_is_woken_once_per_batch_not_once_per_row(store, tmp_path, monkeypatch):
+    """Issue 26: while rows gather for a commit, queueing one more does not wake the writer (each
+    wake took the interpreter lock from the associations' threads); every row is still written."""
+    import threading
+    import types
+
+    import pydicom
+
+    from node.instances import ReceivedInstance
+    from node.storage import batch
+    from node.storage.ingest import Ingest
+    from node.storage.secrets import NodeSecrets
+
+    wakes = []
+
+    class Counting(threading.Condition):
+        def notify_all(self) -> None:
+            if threading.current_thread().name != "ainode-index-writer":
+                wakes.append(1)
+            super().notify_all()
+
+    monkeypatch.setattr(batch, "threading", types.SimpleNamespace(Condition=Counting, Thread=threading.Thread))
+    index = Index.for_data_dir(tmp_path)
+    ingest = Ingest(store, index, NodeSecrets(store))
+    paths = series_files(CT_SERIES)[:20]
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ingest(ReceivedInstance(
+            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+            "1.2.840.10008.1.2", "STORESCU", path.read_bytes(),
+        ))  # fmt: skip
+    assert ingest.flush(10)
+    assert len(wakes) < 5  # once when the queue starts (per batch): 20 before
+    (study,) = index.studies()
+    assert len(index.instances(study.study_key)) == len(paths)
+    ingest.close()

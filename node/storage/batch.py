@@ -49,7 +49,9 @@ class IndexWriter:
         self._thread.start()
 
     def submit(self, item: NewInstance) -> None:
-        """Queue a row (it is written within a commit or two).
+        """Queue a row (it is written within a commit or two). The writer is woken only when the
+        queue starts (or fills a batch): not once per instance while it lets rows gather, which
+        took the interpreter lock from the associations' threads for each.
 
         Raises
         ------
@@ -60,7 +62,8 @@ class IndexWriter:
             if len(self._queue) >= self.max_pending:
                 raise OutOfResourcesError(f"{len(self._queue)} received instances wait for the index; retry later")
             self._queue.append(item)
-            self._cond.notify_all()
+            if len(self._queue) == 1 or len(self._queue) >= MAX_BATCH:  # what the writer waits for
+                self._cond.notify_all()
 
     @property
     def pending(self) -> int:
