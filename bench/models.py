@@ -4,16 +4,19 @@ Per model (the spleen bundle; the wholeBody bundle's low-resolution path; seeded
 real trained 2D lung U-Net of ``../shared/models/lung_unet_small``, its TorchScript export as
 ``config/lung-unet.example.yaml`` declares it) and per runner, a fresh Python process:
 
-- ``ainode``: the model as the node's worker runs it (:class:`ainode_sdk.declared.model.DeclaredModel`):
-  seconds in pre-processing, inference, post-processing (``Invertd``, argmax), measurement, and
-  the SEG + SR build; peak RSS of that process (VmHWM).
+- ``ainode``: the model as the node's worker runs it (:class:`ainode_sdk.declared.model.DeclaredModel`,
+  in a process started with the C library settings the node gives its model processes:
+  ``GLIBC_TUNABLES`` from :func:`node.process.huge_pages_for_children`): seconds in
+  pre-processing, inference, post-processing (``Invertd``, argmax), measurement, and the SEG + SR
+  build; peak RSS of that process (VmHWM).
 - ``ainode-auto``: the same with ``runtime: auto`` (the network compiled by OpenVINO or ONNX
   Runtime, whichever is faster and agrees with PyTorch): loaded (and compiled) first, as the node's
   model worker keeps it, then timed on the study; its labels compared voxel by voxel with the
   PyTorch path's. The first load converts and checks (in a child process) and is timed as
   ``load_s``; the study then runs with what the node's worker holds.
 - ``monai``: ``monai.bundle.run`` of the same bundle on the same volume (as NIfTI), its inferer
-  timed by a subclass of the bundle's own inferer class; total seconds and peak RSS (bundles only).
+  timed by a subclass of the bundle's own inferer class; total seconds and peak RSS (bundles only),
+  in a process started as a user starts MONAI (this environment, unchanged).
 
 Issue 26's targets: ``auto`` inference ≤ 0.4x MONAI's own, whole job ≤ 0.5x, masks ≥ 99.9 %
 (lung U-Net ≥ 99.99 %) voxel-identical to the PyTorch path, peak RSS no higher than PyTorch's.
@@ -175,6 +178,17 @@ def _ratios(rows: list[dict[str, Any]], work: Path, model: str, device: str) -> 
     }
 
 
+def model_process_env() -> dict[str, str]:
+    """This environment as the node passes it to its model processes (the forkserver's children
+    inherit the ``GLIBC_TUNABLES`` of :func:`node.process.huge_pages_for_children`, which glibc
+    reads when a process starts)."""
+    import os
+
+    from node.process import with_huge_pages
+
+    return {**os.environ, "GLIBC_TUNABLES": with_huge_pages(os.environ.get("GLIBC_TUNABLES", ""))}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["spleen", "wholebody", "lung-unet"])
@@ -203,6 +217,7 @@ def main() -> int:
                         done = subprocess.run(
                             [sys.executable, __file__, "--child", model, runner, device, tmp],
                             capture_output=True, text=True, check=True, cwd=ROOT,
+                            env=model_process_env() if runner != "monai" else None,
                         )  # fmt: skip
                         figures = json.loads(done.stdout.strip().splitlines()[-1])
                         rows.append({"model": model, "device": device, "runner": runner, "run": run, **figures})
