@@ -12,11 +12,13 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from node.errors import RetrieveError
+from node.network.polling import back_off_polling
 from node.network.uid_checks import memoise_uid_checks
 
 # every module of this package that makes or accepts an association imports this one: the UID
-# checks of negotiation are memoised once, for all of them
+# checks of negotiation are memoised and the reactors' polling backs off, once, for all of them
 memoise_uid_checks()
+back_off_polling()
 
 
 def set_tcp_nodelay(event: Event) -> None:
