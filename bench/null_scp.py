@@ -1,5 +1,6 @@
 """The receive path's ceiling: ainode's Storage SCP (pynetdicom, the same presentation contexts,
-PDU size and C-STORE handler with its header parse) in one process, storing nothing.
+PDU size and C-STORE handler with its header parse, the C heap settings of the node's receiving
+processes) in one process, storing nothing.
 
 Run by ``bench/ingest.py --receivers scp-only``; not a receiver anyone should deploy (it answers
 Success without storing). Usage: ``python bench/null_scp.py PORT``.
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node.dicomio import configure_pydicom
 from node.instances import ReceivedInstance
 from node.network.scp import PeerRule, StorageSCP
+from node.process import keep_freed_heap
 
 
 def discard(instance: ReceivedInstance) -> None:
@@ -23,7 +25,8 @@ def discard(instance: ReceivedInstance) -> None:
 
 
 def main() -> None:
-    configure_pydicom()  # as the node's receiving processes (pydicom's value validation off)
+    keep_freed_heap()  # as the node's receiving processes: their C heap settings
+    configure_pydicom()  # and pydicom's value validation off
     scp = StorageSCP("AINODE", [PeerRule("STORESCU")], discard)
     scp.start("127.0.0.1", int(sys.argv[1]))
     print("listening", flush=True)
