@@ -8,7 +8,7 @@ candidate runtimes at once:
 
 1. the original network (the bundle's ``network_def`` with its weights, the TorchScript module, or
    the ONNX file in ONNX Runtime) is run on a fixed input of the network's window (a seeded uniform
-   batch) — twice, the second call timed;
+   batch) — once to warm up, then timed as the fastest of three calls;
 2. a PyTorch network is exported to ONNX (``torch.onnx.export``, batch axis dynamic) into the cache
    directory under a name made of the weights' SHA-256, the window and torch's version;
 3. each candidate — OpenVINO in bfloat16 where the CPU computes it natively, OpenVINO in float32,
