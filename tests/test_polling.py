@@ -1,12 +1,8 @@
 """Issue 26: pynetdicom's reactors poll quickly while an association is busy and as pynetdicom does
-(1 ms) once it idles (:mod:`node.network.polling`)."""
+(1 ms) once it idles (:mod:`node.network.polling`; that importing any association module installs
+it: ``tests/test_uid_checks.py``)."""
 
 from __future__ import annotations
-
-import subprocess
-import sys
-
-import pytest
 
 from node.network.polling import BUSY_TURN_S, POLL_S, QUICK_FOR_S, QUICK_S, BackingOffClock
 
@@ -90,14 +86,3 @@ def test_each_reactor_thread_backs_off_on_its_own():
     other.start()
     other.join()
     assert seen == [QUICK_S]  # another reactor's first poll
-
-
-@pytest.mark.parametrize("module", ["node.network.scp", "node.network.scu", "node.network.query"])
-def test_importing_any_association_module_installs_it(module):
-    probe = (
-        f"import {module}; import pynetdicom.association as a, pynetdicom.dul as d; "
-        "from node.network.polling import BackingOffClock; "
-        "assert isinstance(a.time, BackingOffClock) and a.time is d.time"
-    )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]

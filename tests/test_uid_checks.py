@@ -82,14 +82,19 @@ def _kept() -> int:
 
 
 @pytest.mark.parametrize("module", ["node.network.scp", "node.network.scu", "node.network.query"])
-def test_importing_any_association_module_installs_the_memo(module):
+def test_importing_any_association_module_installs_the_memo_and_the_polling(module):
+    """Both process-wide changes to pynetdicom (this memo, :mod:`node.network.polling`) are in
+    place once any module that makes or accepts an association is imported."""
     import subprocess
     import sys
 
     probe = (
         f"import {module}; from pynetdicom import _config; from pynetdicom._validators import validate_ui; "
         "from pydicom.uid import UID; "
-        "assert _config.VALIDATORS['UI'] is not validate_ui and UID.is_valid.fget.__qualname__.startswith('_memoised')"
+        "assert _config.VALIDATORS['UI'] is not validate_ui; "
+        "assert UID.is_valid.fget.__qualname__.startswith('_memoised'); "
+        "import pynetdicom.association as a, pynetdicom.dul as d; from node.network.polling import BackingOffClock; "
+        "assert isinstance(a.time, BackingOffClock) and a.time is d.time"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
