@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node.dicomio import configure_pydicom
 from node.instances import ReceivedInstance
 from node.network.scp import PeerRule, StorageSCP
-from node.process import keep_freed_heap
+from node.process import set_up_process_memory
 
 
 def discard(instance: ReceivedInstance) -> None:
@@ -25,7 +25,7 @@ def discard(instance: ReceivedInstance) -> None:
 
 
 def main() -> None:
-    keep_freed_heap()  # as the node's receiving processes: their C heap settings
+    set_up_process_memory(starts_children=False)  # as the node's child receivers
     configure_pydicom()  # and pydicom's value validation off
     scp = StorageSCP("AINODE", [PeerRule("STORESCU")], discard)
     scp.start("127.0.0.1", int(sys.argv[1]))

@@ -42,7 +42,7 @@ from node.jobs.model_workers import ModelWorkers
 from node.jobs.pipeline import Pipeline, Services
 from node.jobs.retention import purge_expired, sweep_stage_outputs
 from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
-from node.process import ProcessLoop, freeze_start_up_objects, huge_pages_for_children, keep_freed_heap
+from node.process import ProcessLoop, freeze_start_up_objects, set_up_process_memory
 from node.receiver import AuditNotices, Receiver, ReceiverPool
 from node.routing.canary import CANARY_SECRET
 from node.settings import ActiveSettings, config_digest, load_settings
@@ -136,8 +136,7 @@ class Node:
     ) -> None:
         self.active = ActiveSettings(settings)
         self.config_path = config_path
-        keep_freed_heap()  # before the first instance's buffers
-        huge_pages_for_children()  # before the forkserver starts (the probe starts it)
+        set_up_process_memory()  # before the first instance's buffers and the forkserver (the probe starts it)
         # the devices are probed in a child of the forkserver, whose imports (torch) take seconds:
         # the node receives meanwhile, and its job side starts once they are known (start)
         probe = ThreadPoolExecutor(1, thread_name_prefix="ainode-device-probe")
@@ -346,8 +345,7 @@ class Worker:
     def __init__(self, settings: Settings, queues: list[str], concurrency: int = 1,
                  config_path: Path | None = None) -> None:  # fmt: skip
         self.active, self.queues, self.concurrency = ActiveSettings(settings), queues, concurrency
-        keep_freed_heap()
-        huge_pages_for_children()  # before job_services probes the devices (starting the forkserver)
+        set_up_process_memory()  # before job_services probes the devices (starting the forkserver)
         configure_pydicom()
         self.data = roles.worker_data(settings)
         services, _gpus = job_services(

@@ -116,7 +116,7 @@ def give_back_freed_memory() -> None:
     (glibc raises its mmap threshold after such frees, so later ones come from the heap), which the
     process keeps as resident memory until trimmed. Nothing happens where glibc is not the C library.
     """
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 
@@ -159,11 +159,6 @@ def keep_freed_heap(keep_bytes: int = HEAP_KEEP_BYTES) -> bool:
     return kept
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``; ``None`` where the C library has none."""
-    return _libc_function("malloc_trim")
-
-
 @functools.cache
 def _libc_function(name: str) -> Callable[..., int] | None:
     """The C library's function ``name``, looked up once; ``None`` where it has none (not glibc)."""
@@ -203,6 +198,16 @@ def with_huge_pages(tunables: str) -> str:
     if "hugetlb" in tunables:
         return tunables
     return f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE
+
+
+def set_up_process_memory(starts_children: bool = True) -> None:
+    """The C library's memory settings of a long-running ainode process, first thing after its
+    logging: this process's heap keeps freed memory (:func:`keep_freed_heap`) and, when it starts
+    the algorithm and model processes (the node, a Celery worker; not a child receiver), those
+    back their large allocations with huge pages (:func:`huge_pages_for_children`)."""
+    keep_freed_heap()
+    if starts_children:
+        huge_pages_for_children()
 
 
 BACKGROUND_NICENESS = 10

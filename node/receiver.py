@@ -49,7 +49,7 @@ from node.network.commitment import Commitment, send_report
 from node.network.scp import AssociationSummary, Handover, PeerRule, StorageSCP
 from node.network.tls import client_context, server_context
 from node.network.transport import ConnectionDispatcher, SharedCount, SharedTime, connection_line
-from node.process import ProcessLoop, freeze_start_up_objects, keep_freed_heap
+from node.process import ProcessLoop, freeze_start_up_objects, set_up_process_memory
 from node.settings import ActiveSettings, load_settings
 from node.settings.config import Settings
 from node.storage.index import Index
@@ -272,7 +272,7 @@ def _receiver_main(
     it over ``inbox``, counts each it finished in ``ended`` and beats ``heartbeat`` while it runs."""
     _die_with_parent(parent_pid)
     logs.configure(log_level)
-    keep_freed_heap()
+    set_up_process_memory(starts_children=False)
     configure_pydicom()
     path = Path(config_path)
     settings = load_settings(path)
