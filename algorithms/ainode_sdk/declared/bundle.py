@@ -91,17 +91,27 @@ class MonaiBundleRuntime:
         self.device = device
         try:
             parser = bundle_parser(declaration, device)
-            self.network: Any = load_bundle_network(declaration, parser).to(_torch_device(device))
             self.preprocessing = parser.get_parsed_content("preprocessing")
             self.inferer = parser.get_parsed_content("inferer")
             self.postprocessing = parser.get_parsed_content("postprocessing")
         except (RuntimeError, KeyError, ValueError, TypeError, OSError) as exc:
             raise ModelError(f"bundle {declaration.path.name}: {exc}") from exc
-        self.memory_bytes = sum(p.numel() * p.element_size() for p in self.network.parameters())
-        self.predictor: Any = self.network
+        self.network: Any = None
+        self.predictor: Any = None
         self.runtime_used = f"torch ({'declared' if declaration.runtime == 'native' else 'kept'})"
         if declaration.runtime != "native" and device == "cpu":
-            self._compile()
+            self._compile()  # before PyTorch's copy of the weights is made: not made at all when it is used
+        if self.predictor is None:
+            try:
+                self.network = load_bundle_network(declaration, parser).to(_torch_device(device))
+            except (RuntimeError, KeyError, ValueError, TypeError, OSError) as exc:
+                raise ModelError(f"bundle {declaration.path.name}: {exc}") from exc
+            self.predictor = self.network
+        self.memory_bytes = (
+            sum(p.numel() * p.element_size() for p in self.network.parameters())
+            if self.network is not None
+            else declaration.weights_path().stat().st_size
+        )
 
     def _compile(self) -> None:
         """Run the network by the declared runtime when it agrees with PyTorch (:mod:`.compiled`)."""
@@ -123,7 +133,6 @@ class MonaiBundleRuntime:
             return
         logger.info("model %s runs on %s", self.declaration.path.name, why)
         self.predictor, self.runtime_used = compiled, why
-        self.network = None  # the compiled runtime holds its own weights: PyTorch's copy is not kept
 
     def infer(self, volume: Volume) -> tuple[npt.NDArray[np.int32], dict[str, float]]:
         """Labels ``(slices, rows, columns)`` on the volume's own grid, and seconds per stage."""

@@ -11,8 +11,11 @@ candidate runtimes at once:
    batch) — once to warm up, then timed as the fastest of three calls;
 2. a PyTorch network is exported to ONNX (``torch.onnx.export``, batch axis dynamic) into the cache
    directory under a name made of the weights' SHA-256, the window and torch's version;
-3. each candidate — OpenVINO in bfloat16 where the CPU computes it natively, OpenVINO in float32,
-   ONNX Runtime — is compiled for the window batch, timed the same way and compared with the
+   where the network has strided transposed convolutions, a second graph has them as sub-pixel
+   convolutions (:mod:`.subpixel`);
+3. each candidate — OpenVINO in bfloat16 where the CPU computes it natively, OpenVINO in float32
+   (each on the exported graph and on the sub-pixel one), ONNX Runtime — is compiled for the
+   window batch, timed the same way and compared with the
    original: the share of voxels both give the same label (argmax over channels, or a 0.5
    threshold of one channel); below :data:`MIN_AGREEMENT` it is refused with that reason (on this
    input, a network whose outputs are near ties — e.g. one with untrained weights — loses labels
@@ -27,6 +30,7 @@ ONNX Runtime or OpenVINO mean other file names, so a new conversion and check.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -47,6 +51,13 @@ logger = logging.getLogger(__name__)
 
 MIN_AGREEMENT = 0.999
 """Share of voxel labels a compiled network must give as the original framework does."""
+
+CHECK_FORMAT = 2
+"""Part of the verdict's file name: a check that tries other candidates than an earlier release's
+(since 2: OpenVINO on the sub-pixel graph) is not answered by that release's verdict."""
+
+SUBPIXEL_FORMAT = 1
+"""Part of the sub-pixel graph's file name (:mod:`.subpixel`): a changed rewrite writes a new file."""
 
 CHECK_TIMEOUT_S = 1800
 """The conversion and check of one model take at most this long (a large network on a slow CPU)."""
@@ -198,13 +209,15 @@ def candidates(runtime: str) -> list[tuple[str, str]]:
 
 
 def _versions(names: tuple[str, ...] = ("torch", "onnxruntime", "openvino")) -> str:
+    """The installed releases of ``names``, for a file name (read from the packages' metadata:
+    importing a runtime the worker does not use would keep its libraries in memory)."""
     parts = []
     for name in names:
         try:
-            parts.append(f"{name}{__import__(name).__version__}")
-        except ImportError:
+            parts.append(f"{name}{importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
             parts.append(f"{name}-")
-    return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts))  # a file name: OpenVINO's version holds slashes
+    return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts))
 
 
 def framework(declaration: ModelDeclaration) -> str:
@@ -234,14 +247,14 @@ def compile_model(
     window = "x".join(str(v) for v in example_shape)
     stem = f"{weights_sha256[:32]}-{window}"
     # the export depends on torch alone; the verdict on every runtime it compared
-    source = (
-        declaration.weights_path() if declaration.type == "onnx" else where / f"{stem}-{_versions(('torch',))}.onnx"
-    )
-    verdict_path = where / f"{stem}-{declaration.runtime}-{_versions()}.json"
+    exported = f"{stem}-{_versions(('torch',))}" if declaration.type != "onnx" else stem
+    source = declaration.weights_path() if declaration.type == "onnx" else where / f"{exported}.onnx"
+    graphs = {"exported": source, "sub-pixel": where / f"{exported}-subpixel{SUBPIXEL_FORMAT}.onnx"}
+    verdict_path = where / f"{stem}-{declaration.runtime}-{_versions()}-check{CHECK_FORMAT}.json"
     if not verdict_path.exists():
         request = {"declaration": declaration.model_dump(mode="json"), "shape": list(example_shape),
-                   "runtime": declaration.runtime, "onnx": str(source), "verdict": str(verdict_path),
-                   "input_range": list(input_range)}  # fmt: skip
+                   "runtime": declaration.runtime, "onnx": str(source), "subpixel": str(graphs["sub-pixel"]),
+                   "verdict": str(verdict_path), "input_range": list(input_range)}  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
             done = subprocess.run([sys.executable, "-m", "ainode_sdk.declared.convert"], input=json.dumps(request),
@@ -256,15 +269,17 @@ def compile_model(
     if not best:
         return None, _why_not(verdict)
     try:
-        loaded = LOADERS[best["runtime"]](source, example_shape, best["precision"])
+        loaded = LOADERS[best["runtime"]](graphs[best.get("graph", "exported")], example_shape, best["precision"])
         loaded.run(np.zeros(example_shape, np.float32))  # the first call's warm-up, not the first study's
     except Exception as exc:  # the runtime's own untyped errors: the original framework stays
         return None, f"{best['runtime']}: not usable ({type(exc).__name__}: {str(exc)[:120]})"
     loaded.release()  # the working memory is taken again by each study and given back after its inference
     compiled = Compiled(best["runtime"], best["precision"], loaded.run, example_shape[0], best["agreement"],
                         best["seconds"], loaded.release)  # fmt: skip
+    graph = ", transposed convolutions as sub-pixel convolutions" if best.get("graph") == "sub-pixel" else ""
     why = (
-        f"{best['runtime']} {best['precision']} ({best['agreement']:.4%} of labels agree; {best['seconds']:.3f} s "
+        f"{best['runtime']} {best['precision']}{graph} ({best['agreement']:.4%} of labels agree; "
+        f"{best['seconds']:.3f} s "
         f"per window batch, {framework(declaration)} {verdict['original_s']:.3f} s)"
     )
     return compiled, why

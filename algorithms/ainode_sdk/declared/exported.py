@@ -190,11 +190,13 @@ class TorchScriptRuntime(_ExportedRuntime):
         import torch
 
         super().__init__(declaration, device)
-        try:
-            self.module = torch.jit.load(str(declaration.weights_path()), map_location=_torch_device(device)).eval()
-        except (RuntimeError, ValueError) as exc:
-            raise ModelError(f"TorchScript {declaration.path.name}: {exc}") from exc
-        self._compile()
+        self._compile()  # first: the original is not loaded at all when the compiled network is used
+        self.module: Any = None
+        if self.compiled is None:
+            try:
+                self.module = torch.jit.load(str(declaration.weights_path()), map_location=_torch_device(device)).eval()
+            except (RuntimeError, ValueError) as exc:
+                raise ModelError(f"TorchScript {declaration.path.name}: {exc}") from exc
 
     def predict(self, batch: Any) -> Any:
         """The module's output for a batch ``(n, channels, x, y, z)``."""
@@ -217,6 +219,10 @@ class OnnxRuntime(_ExportedRuntime):
         import onnxruntime as ort
 
         super().__init__(declaration, device)
+        self._compile()  # first: the original is not loaded at all when the compiled network is used
+        self.session: Any = None
+        if self.compiled is not None:
+            return
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -225,7 +231,6 @@ class OnnxRuntime(_ExportedRuntime):
         except Exception as exc:  # onnxruntime raises its own untyped errors for a bad model
             raise ModelError(f"ONNX {declaration.path.name}: {exc}") from exc
         self.input_name = self.session.get_inputs()[0].name
-        self._compile()
 
     def predict(self, batch: Any) -> Any:
         """The model's output for a batch ``(n, channels, x, y, z)``."""
