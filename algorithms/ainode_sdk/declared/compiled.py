@@ -11,10 +11,10 @@ candidate runtimes at once:
    batch) — once to warm up, then timed as the fastest of three calls;
 2. a PyTorch network is exported to ONNX (``torch.onnx.export``, batch axis dynamic) into the cache
    directory under a name made of the weights' SHA-256, the window and torch's version;
-   where the network has strided transposed convolutions, a second graph has them as sub-pixel
-   convolutions (:mod:`.subpixel`);
+   where the network has strided transposed convolutions or group normalizations, a second graph
+   has them in the forms OpenVINO runs faster (:mod:`.rewrite`);
 3. each candidate — OpenVINO in bfloat16 where the CPU computes it natively, OpenVINO in float32
-   (each on the exported graph and on the sub-pixel one), ONNX Runtime — is compiled for the
+   (each on the exported graph and on the rewritten one), ONNX Runtime — is compiled for the
    window batch, timed the same way and compared with the
    original: the share of voxels both give the same label (argmax over channels, or a 0.5
    threshold of one channel); below :data:`MIN_AGREEMENT` it is refused with that reason (on this
@@ -54,10 +54,10 @@ MIN_AGREEMENT = 0.999
 
 CHECK_FORMAT = 2
 """Part of the verdict's file name: a check that tries other candidates than an earlier release's
-(since 2: OpenVINO on the sub-pixel graph) is not answered by that release's verdict."""
+(since 2: OpenVINO on the rewritten graph) is not answered by that release's verdict."""
 
-SUBPIXEL_FORMAT = 1
-"""Part of the sub-pixel graph's file name (:mod:`.subpixel`): a changed rewrite writes a new file."""
+REWRITE_FORMAT = 1
+"""Part of the rewritten graph's file name (:mod:`.rewrite`): changed rewrites write a new file."""
 
 CHECK_TIMEOUT_S = 1800
 """The conversion and check of one model take at most this long (a large network on a slow CPU)."""
@@ -249,11 +249,11 @@ def compile_model(
     # the export depends on torch alone; the verdict on every runtime it compared
     exported = f"{stem}-{_versions(('torch',))}" if declaration.type != "onnx" else stem
     source = declaration.weights_path() if declaration.type == "onnx" else where / f"{exported}.onnx"
-    graphs = {"exported": source, "sub-pixel": where / f"{exported}-subpixel{SUBPIXEL_FORMAT}.onnx"}
+    graphs = {"exported": source, "rewritten": where / f"{exported}-rewritten{REWRITE_FORMAT}.onnx"}
     verdict_path = where / f"{stem}-{declaration.runtime}-{_versions()}-check{CHECK_FORMAT}.json"
     if not verdict_path.exists():
         request = {"declaration": declaration.model_dump(mode="json"), "shape": list(example_shape),
-                   "runtime": declaration.runtime, "onnx": str(source), "subpixel": str(graphs["sub-pixel"]),
+                   "runtime": declaration.runtime, "onnx": str(source), "rewritten": str(graphs["rewritten"]),
                    "verdict": str(verdict_path), "input_range": list(input_range)}  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         try:
@@ -276,7 +276,7 @@ def compile_model(
     loaded.release()  # the working memory is taken again by each study and given back after its inference
     compiled = Compiled(best["runtime"], best["precision"], loaded.run, example_shape[0], best["agreement"],
                         best["seconds"], loaded.release)  # fmt: skip
-    graph = ", transposed convolutions as sub-pixel convolutions" if best.get("graph") == "sub-pixel" else ""
+    graph = f", {', '.join(verdict['rewritten'])}" if best.get("graph") == "rewritten" else ""
     why = (
         f"{best['runtime']} {best['precision']}{graph} ({best['agreement']:.4%} of labels agree; "
         f"{best['seconds']:.3f} s "

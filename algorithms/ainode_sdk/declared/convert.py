@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from ainode_sdk.declared.compiled import LOADERS, MIN_AGREEMENT, Runner, agreement, candidates, export_onnx, framework
+from ainode_sdk.declared.rewrite import rewrite_graph
 from ainode_sdk.declared.spec import ModelDeclaration
-from ainode_sdk.declared.subpixel import rewrite_transposed_convolutions
 
 TIMED_CALLS = 3
 """Calls timed per runtime after the warm-up; the fastest counts. One call on a shared 2-core
@@ -77,17 +77,18 @@ def check(request: dict[str, Any]) -> dict[str, Any]:
     del network
     verdict: dict[str, Any] = {"original_s": original_s, "tried": []}
     graphs = {"exported": source}
-    subpixel = Path(request["subpixel"])
+    rewritten = Path(request["rewritten"])
     try:
-        if subpixel.exists() or rewrite_transposed_convolutions(source, subpixel, shape):
-            graphs["sub-pixel"] = subpixel
+        verdict["rewritten"] = rewrite_graph(source, rewritten, shape)
+        if verdict["rewritten"]:
+            graphs["rewritten"] = rewritten
     except Exception as exc:  # ONNX's own untyped errors: the exported graph alone is tried
-        verdict["sub-pixel"] = f"not rewritten ({type(exc).__name__}: {str(exc)[:120]})"
+        verdict["rewritten"] = [f"not rewritten ({type(exc).__name__}: {str(exc)[:120]})"]
     tries = [(name, precision, graph) for name, precision in candidates(request["runtime"])
              for graph in graphs if graph == "exported" or name == "openvino"]  # fmt: skip
     for name, precision, graph in tries:
-        # the sub-pixel graph is for OpenVINO, which runs 3D transposed convolutions in float32;
-        # ONNX Runtime runs the exported graph faster (spleen: 0.54 against 0.64 s a window batch)
+        # the rewrites are for OpenVINO's CPU plugin; ONNX Runtime runs the exported graph
+        # faster (spleen: 0.54 against 0.64 s a window batch)
         entry: dict[str, Any] = {"runtime": name, "precision": precision}
         if graph != "exported":
             entry["graph"] = graph
