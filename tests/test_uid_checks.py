@@ -1,11 +1,15 @@
-"""Issue 26: association negotiation's UID checks are memoised without changing their answers."""
+"""Issue 26: association negotiation's UID checks are memoised without changing their answers,
+and each accepted association's copy of the supported contexts shares their UIDs."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 from pydicom.uid import UID
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom._validators import validate_ui
+from pynetdicom.presentation import PresentationContext
 
 from node.network import uid_checks
 
@@ -98,3 +102,37 @@ def test_importing_any_association_module_installs_the_memo_and_the_polling(modu
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_each_association_gets_its_own_copy_of_the_supported_contexts_with_the_same_uids():
+    """pynetdicom deep-copies the server's contexts for every association; the copy shares the
+    UIDs (strings) instead of rebuilding them, and is otherwise the association's own."""
+    from pynetdicom import AE
+
+    from node.network.scp import VERIFICATION_SOP_CLASS, PeerRule, StorageSCP
+
+    from .peers import free_port
+
+    scp = StorageSCP("AINODE", [PeerRule("ECHOSCU")], lambda instance: None)
+    port = free_port()
+    scp.start("127.0.0.1", port)
+    try:
+        contexts = scp._server.contexts  # type: ignore[attr-defined]
+        copies = copy.deepcopy(contexts)
+        for original, copied in zip(contexts, copies, strict=True):
+            assert copied is not original and type(copied) is PresentationContext
+            assert copied.transfer_syntax == original.transfer_syntax
+            assert copied.transfer_syntax is not original.transfer_syntax  # its own list ...
+            assert all(
+                a is b for a, b in zip(copied.transfer_syntax, original.transfer_syntax, strict=True)
+            )  # same UIDs
+            assert copied.abstract_syntax is original.abstract_syntax
+        copies[1].transfer_syntax.pop()  # what pynetdicom does to an association's copy stays there
+        assert len(contexts[1].transfer_syntax) == len(copies[1].transfer_syntax) + 1
+        ae = AE(ae_title="ECHOSCU")
+        ae.add_requested_context(VERIFICATION_SOP_CLASS)
+        assoc = ae.associate("127.0.0.1", port, ae_title="AINODE")
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+    finally:
+        scp.stop()

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.network.dataset import BufferedDimse, DataSetBuffer
@@ -248,6 +249,28 @@ class PduGuard:
         return data
 
 
+class _SharedUidContext(PresentationContext):
+    """A presentation context the server supports, whose deep copy shares its UIDs.
+
+    pynetdicom deep-copies every supported context for each association it accepts; a
+    :class:`pydicom.uid.UID` is rebuilt by ``deepcopy`` one by one, 0.64 ms per association for
+    ainode's 8 SOP classes with 13 transfer syntaxes each (``BENCHMARKS.md``, issue 26). UIDs
+    are strings, never changed in place: the copy has its own context object and lists, and
+    the same UIDs.
+    """
+
+    @classmethod
+    def of(cls, context: PresentationContext) -> _SharedUidContext:
+        shared = cls.__new__(cls)
+        shared.__dict__.update(vars(context))
+        return shared
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PresentationContext:
+        copied = PresentationContext.__new__(PresentationContext)
+        copied.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in vars(self).items()})
+        return copied
+
+
 class _GuardedRequestHandler(RequestHandler):
     """pynetdicom's handler, with the PDU guard on the association's socket."""
 
@@ -307,6 +330,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._count_lock = threading.Lock()
         kwargs.setdefault("request_handler", _GuardedRequestHandler)
         super().__init__(*args, **kwargs)
+        self.contexts = [_SharedUidContext.of(c) for c in self.contexts]
 
     def server_bind(self) -> None:
         """Bind, or (a child receiver) take connections from the inbox instead."""
