@@ -5,8 +5,9 @@ ainode's Storage SCP in one process storing nothing (``bench/null_scp.py``: what
 header parse alone allow).
 
 A 300-slice series is generated from the chest CT by repeating its slices with new UIDs. Runs are
-interleaved (a, b, c, a, b, c, ...) with a fresh, empty receiver each time; TCP_NODELAY is set on
-every sender and receiver. Reported per receiver (medians): MB/s and instances/s on one
+interleaved, each in another order (a, b, c, then b, c, a, ...), with a fresh, empty receiver
+each time and the file system synced before each timed send; TCP_NODELAY is set on every sender
+and receiver. Reported per receiver (medians): MB/s and instances/s on one
 association, the same with 4 concurrent associations, and associations per second when every
 instance comes on its own association. Prints a table and writes ``bench/results/ingest.json``.
 
@@ -146,6 +147,7 @@ def measure(name: str, files: list[Path], one_per_assoc: list[Path], megabytes: 
     with tempfile.TemporaryDirectory(prefix=f"ainode-ingest-{name}-") as tmp:
         port, called, stop = RECEIVERS[name](Path(tmp))
         try:
+            os.sync()  # the previous receiver's unwritten pages are not this one's to flush
             start = time.perf_counter()
             send(port, called, files)
             seconds = time.perf_counter() - start
@@ -157,6 +159,7 @@ def measure(name: str, files: list[Path], one_per_assoc: list[Path], megabytes: 
         port, called, stop = RECEIVERS[name](Path(tmp))
         try:
             quarters = [files[i::4] for i in range(4)]
+            os.sync()
             start = time.perf_counter()
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(lambda part: send(port, called, part), quarters))
@@ -191,7 +194,9 @@ def main() -> None:
         one_per_assoc = files[:40]
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in args.receivers}
         for run in range(args.runs):
-            for name in args.receivers:  # interleaved
+            # interleaved, each run in another order: no receiver always follows the same one
+            shift = run % len(args.receivers)
+            for name in args.receivers[shift:] + args.receivers[:shift]:
                 runs[name].append(measure(name, files, one_per_assoc, megabytes))
                 print(f"run {run + 1}: {name} {runs[name][-1]['one_association_mb_s']:.0f} MB/s", file=sys.stderr)
     finally:
