@@ -279,7 +279,6 @@ def compile_model(
     graph = f", {', '.join(verdict['rewritten'])}" if best.get("graph") == "rewritten" else ""
     why = (
         f"{best['runtime']} {best['precision']}{graph} ({best['agreement']:.4%} of labels agree; "
-        f"{best['seconds']:.3f} s "
-        f"per window batch, {framework(declaration)} {verdict['original_s']:.3f} s)"
+        f"{best['seconds']:.3f} s per window batch, {framework(declaration)} {verdict['original_s']:.3f} s)"
     )
     return compiled, why
