@@ -80,6 +80,7 @@ def test_what_cannot_be_rewritten_is_left_and_nothing_is_written(tmp_path):
         torch.nn.ConvTranspose3d(4, 2, 3, stride=2, dilation=2),  # dilated
         torch.nn.ConvTranspose3d(2, 2, 3, padding=1),  # stride 1: an ordinary convolution already
         torch.nn.InstanceNorm3d(2, affine=True),  # an instance norm of its own, not a group norm's
+        torch.nn.ConvTranspose3d(2, 2, 1, stride=2, padding=1),  # padding beyond the kernel
     ).eval()
     _export(network, (1, 4, 5, 5, 5), tmp_path / "exported.onnx")
     assert rewrite_graph(tmp_path / "exported.onnx", tmp_path / "rewritten.onnx", (1, 4, 5, 5, 5)) == []

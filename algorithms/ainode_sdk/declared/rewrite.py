@@ -175,13 +175,13 @@ def _transposed_convolution(node: Any, graph: _Graph) -> Replacement | None:
         for k, s, p, o, n in zip(weights.shape[2:], a.get("strides", [1] * rank), pads[:rank],
                                  a.get("output_padding", [0] * rank), spatial, strict=True)
     ]  # fmt: skip
+    bias = graph.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(0)
+    if bias is None or any(x.pad_before < 0 or x.pad_after < 0 for x in axes):  # computed bias; padding ≥ kernel
+        return None
     out_channels, name = weights.shape[1], f"{node.name or node.output[0]}/subpixel"
     phases = int(np.prod([x.stride for x in axes]))
     inputs = [node.input[0], graph.constant(f"{name}/weights", subpixel_weights(weights.astype(np.float32), axes))]
-    if len(node.input) > 2 and node.input[2]:
-        bias = graph.constants.get(node.input[2])
-        if bias is None:
-            return None
+    if bias.size:
         inputs.append(graph.constant(f"{name}/bias", np.repeat(bias.astype(np.float32), phases)))
     # (batch, out * phases, *per_phase) -> (batch, out, *strides, *per_phase)
     # -> (batch, out, per_phase_0, stride_0, ...) -> the full grid
