@@ -53,11 +53,9 @@ MIN_AGREEMENT = 0.999
 """Share of voxel labels a compiled network must give as the original framework does."""
 
 CHECK_FORMAT = 2
-"""Part of the verdict's file name: a check that tries other candidates than an earlier release's
-(since 2: OpenVINO on the rewritten graph) is not answered by that release's verdict."""
-
-REWRITE_FORMAT = 1
-"""Part of the rewritten graph's file name (:mod:`.rewrite`): changed rewrites write a new file."""
+"""Part of the names of the verdict and the rewritten graph (:mod:`.rewrite`): a check that tries
+other candidates or rewrites the graph otherwise than an earlier release's (since 2: OpenVINO on
+the rewritten graph) is answered by neither of that release's files."""
 
 CHECK_TIMEOUT_S = 1800
 """The conversion and check of one model take at most this long (a large network on a slow CPU)."""
@@ -249,7 +247,7 @@ def compile_model(
     # the export depends on torch alone; the verdict on every runtime it compared
     exported = f"{stem}-{_versions(('torch',))}" if declaration.type != "onnx" else stem
     source = declaration.weights_path() if declaration.type == "onnx" else where / f"{exported}.onnx"
-    graphs = {"exported": source, "rewritten": where / f"{exported}-rewritten{REWRITE_FORMAT}.onnx"}
+    graphs = {"exported": source, "rewritten": where / f"{exported}-rewritten{CHECK_FORMAT}.onnx"}
     verdict_path = where / f"{stem}-{declaration.runtime}-{_versions()}-check{CHECK_FORMAT}.json"
     if not verdict_path.exists():
         request = {"declaration": declaration.model_dump(mode="json"), "shape": list(example_shape),

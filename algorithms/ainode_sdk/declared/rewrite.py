@@ -74,7 +74,7 @@ def _axis(kernel: int, stride: int, pad: int, output_padding: int, in_size: int)
     return _Axis(taps, first, last - first + 1, -first, last + per_phase - in_size, stride, out_size, per_phase)
 
 
-def subpixel_weights(weights: np.ndarray, axes: list[_Axis]) -> np.ndarray:
+def _subpixel_weights(weights: np.ndarray, axes: list[_Axis]) -> np.ndarray:
     """The sub-pixel convolution's kernel for a transposed convolution's ``weights``.
 
     Parameters
@@ -180,7 +180,7 @@ def _transposed_convolution(node: Any, graph: _Graph) -> Replacement | None:
         return None
     out_channels, name = weights.shape[1], f"{node.name or node.output[0]}/subpixel"
     phases = int(np.prod([x.stride for x in axes]))
-    inputs = [node.input[0], graph.constant(f"{name}/weights", subpixel_weights(weights.astype(np.float32), axes))]
+    inputs = [node.input[0], graph.constant(f"{name}/weights", _subpixel_weights(weights.astype(np.float32), axes))]
     if bias.size:
         inputs.append(graph.constant(f"{name}/bias", np.repeat(bias.astype(np.float32), phases)))
     # (batch, out * phases, *per_phase) -> (batch, out, *strides, *per_phase)
