@@ -351,7 +351,11 @@ def test_receiver_processes_share_the_port_follow_reloads_and_die_with_the_node(
 def test_concurrent_associations_are_balanced_over_the_receivers(tmp_path, start_node):
     """Four concurrent associations on a node with two receiver processes: two each (the main
     process hands every connection to the receiver with the fewest open ones), whatever the
-    senders' ports; a connection closed before its A-ASSOCIATE-RQ (a port probe) holds nothing."""
+    senders' ports; a connection closed before its A-ASSOCIATE-RQ (a port probe) holds nothing.
+    All four are established before any sends, so none ends (and frees its receiver) before the
+    last connects, however loaded the machine."""
+    from pynetdicom import AE
+
     config_path, config = node_config(tmp_path, peers=[{"ae_title": "STORESCU"}], destinations={}, routes=[])
     config["node"]["receivers"] = 2
     config_path.write_text(__import__("yaml").safe_dump(config))
@@ -359,10 +363,18 @@ def test_concurrent_associations_are_balanced_over_the_receivers(tmp_path, start
     wait_until(lambda: "receiver 1 listening" in node.log(), 60)
     studies = make_studies(CT_SERIES, 4, tmp_path / "studies")
     before = len((node.data_dir / "audit" / "audit.log").read_text().splitlines())
-    senders = [start_storescu(node.port, files) for files in studies]
-    for sender in senders:
-        _out, err = sender.communicate(timeout=300)
-        assert sender.returncode == 0, err
+    first = pydicom.dcmread(studies[0][0], stop_before_pixels=True)
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(str(first.SOPClassUID), [str(first.file_meta.TransferSyntaxUID)])
+    associations = [ae.associate("127.0.0.1", node.port, ae_title="AINODE") for _ in studies]
+    try:
+        assert all(assoc.is_established for assoc in associations)
+        for assoc, files in zip(associations, studies, strict=True):
+            statuses = [assoc.send_c_store(path) for path in files]
+            assert all(status.get("Status") == 0x0000 for status in statuses)
+    finally:
+        for assoc in associations:
+            assoc.release()
 
     def received() -> list[str] | None:  # the writer of each association's "instances received"
         ids = [line.split()[0] for line in (node.data_dir / "audit" / "audit.log").read_text().splitlines()]
