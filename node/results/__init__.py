@@ -22,6 +22,7 @@ from node.results.outline import has_voxels
 from node.results.sc import build_key_images
 from node.results.seg import build_segmentation
 from node.results.sr import build_measurement_report
+from node.results.standard import memoise_iod_lookups
 from node.settings.config import ResultKind
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+memoise_iod_lookups()  # once per process: highdicom's IOD look-ups kept (node.results.standard)
 
 RESULT_KINDS: tuple[ResultKind, ...] = ("SEG", "SR", "SR-segment", "GSPS", "SC")
 
