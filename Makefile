@@ -44,6 +44,7 @@ bench: setup
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/resources.py
 	$(BIN)/python bench/models.py
+	$(BIN)/python bench/first_touch.py
 	$(BIN)/python bench/network_bound.py
 	$(BIN)/python bench/objects.py
 	$(BIN)/python bench/scaleout.py
