@@ -1,6 +1,7 @@
 """Issue 26: the result build's shortcuts give what the plain code gives — highdicom's IOD
-look-ups memoised (``node.results.standard``) and bit-packed masks unpacked a slab at a time
-into their block (``node.jobs.isolation``)."""
+look-ups memoised (``node.results.standard``), bit-packed masks unpacked a slab at a time
+into their block (``node.jobs.isolation``), and a job's summary of its segments read from the
+packed masks a slab at a time (``node.monitoring.describe``)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import pytest
 from pydicom.uid import CTImageStorage, SegmentationStorage
 
 import node.results  # noqa: F401  (installs the memo)
-from ainode_sdk.base import AlgorithmResult, Segment
+from ainode_sdk.base import AlgorithmResult, Segment, Volume
 from node.jobs import isolation
-from node.jobs.isolation import pack_result, unpack_result
+from node.jobs.isolation import pack_result, packed_masks, unpack_result
 from node.jobs.volume import load_volume
+from node.monitoring import describe
 from node.results import build_results
 from node.results.standard import memoise_iod_lookups
 
@@ -87,3 +89,23 @@ def test_masks_unpack_in_slabs_to_the_same_voxels(monkeypatch, shape):
         assert np.array_equal(segment.mask, mask)
     base = unpacked.segments[0].mask.base  # still views of one segment-major block
     assert all(s.mask.base is base for s in unpacked.segments)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (40, 33, 17), (2, 1024, 1025), (1, 1, 1)])
+def test_packed_masks_read_a_slab_at_a_time_give_the_masks_voxels_and_summary(monkeypatch, shape):
+    monkeypatch.setattr(isolation, "_UNPACK_BYTES", 100)  # the count over many chunks, the last one partial
+    monkeypatch.setattr(describe, "MAX_SAMPLES", 50)  # the sampling's stride taken over slab borders
+    rng = np.random.default_rng(11)
+    masks = [rng.random(shape) < p for p in (0.0, 0.01, 0.5, 0.99)]  # an empty one too
+    segments = [Segment(f"S{i}", m, _TISSUE, _ORGAN) for i, m in enumerate(masks)]
+    packed = pack_result(AlgorithmResult(segments=segments, measurements=[]))
+    lazy = list(packed_masks(packed))
+    for mask, reader in zip(masks, lazy, strict=True):
+        assert reader.shape == mask.shape and reader.count() == int(np.count_nonzero(mask))
+        for first, stop in ((0, 1), (1, 4), (0, shape[0]), (shape[0] - 1, shape[0] + 16)):
+            slab = reader.slab(first, stop)
+            assert slab.dtype == np.bool_ and np.array_equal(slab, mask[first:stop])
+    voxels = rng.normal(-500.0, 300.0, shape).astype(np.float32)
+    volume = Volume(voxels, (1.0, 0.7, 0.7), np.diag([0.7, 0.7, 1.0, 1.0]), "CT")
+    result = AlgorithmResult(segments=segments, measurements=[])
+    assert describe.describe_outputs(result, volume, packed_masks(packed)) == describe.describe_outputs(result, volume)

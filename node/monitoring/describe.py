@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -67,24 +67,48 @@ def describe_inputs(headers: Sequence[Dataset]) -> dict[str, Any]:
     }
 
 
-def _sample(voxels: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_]) -> tuple[int, npt.NDArray[np.float32]]:
+class MaskSlabs(Protocol):
+    """A segment's mask read a slab of slices at a time, never whole
+    (:class:`node.jobs.isolation.PackedMask`: bit-packed as the algorithm's process sent it)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(slices, rows, columns)``."""
+        ...
+
+    def count(self) -> int:
+        """How many voxels the mask holds."""
+        ...
+
+    def slab(self, first: int, stop: int) -> npt.NDArray[np.bool_]:
+        """``mask[first:stop]`` as ``bool``."""
+        ...
+
+
+def _sample(
+    voxels: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_] | MaskSlabs
+) -> tuple[int, npt.NDArray[np.float32]]:
     """How many voxels ``mask`` holds, and every ``n``-th of their values in C order (``n`` the
     count over :data:`MAX_SAMPLES`, plus one): ``voxels[mask][::n]``, gathered a slab of slices at
     a time so the masked values are never all copied out at once."""
-    size = int(np.count_nonzero(mask))
+    if isinstance(mask, np.ndarray):
+        size, slab = int(np.count_nonzero(mask)), lambda first, stop: mask[first:stop]
+    else:
+        size, slab = mask.count(), mask.slab
     step, taken, parts = size // MAX_SAMPLES + 1, 0, []
     for first in range(0, mask.shape[0], 16):
-        values = voxels[first : first + 16][mask[first : first + 16]]
+        values = voxels[first : first + 16][slab(first, first + 16)]
         parts.append(values[(-taken) % step :: step])
         taken += values.size
     return size, np.concatenate(parts) if parts else np.empty(0, np.float32)
 
 
 def describe_outputs(
-    result: AlgorithmResult, volume: Volume, masks: Iterable[npt.NDArray[np.bool_]] | None = None
+    result: AlgorithmResult, volume: Volume, masks: Iterable[npt.NDArray[np.bool_] | MaskSlabs] | None = None
 ) -> dict[str, Any]:
     """Summaries of an algorithm's result on ``volume``; the segments' masks are ``masks`` when
-    given (one at a time, e.g. :func:`node.jobs.isolation.packed_masks`), else their own.
+    given (arrays, or masks read a slab at a time: :func:`node.jobs.isolation.packed_masks`),
+    else their own.
 
     Returns
     -------
@@ -109,7 +133,7 @@ def describe_outputs(
             for q, v in zip(PERCENTILES, np.percentile(sample, PERCENTILES), strict=True):
                 stats[f"p{q:02d}"] = round(float(v), 2)
         segments[segment.label] = stats
-        del mask, sample  # one mask at a time: this one is gone before the next is unpacked
+        del mask, sample  # one mask at a time: this one is gone before the next is read
     measurements = {}
     for m in result.measurements:
         name = f"{m.segment_label} / {m.concept[2]}" + (f" ({m.derivation[2]})" if m.derivation else "")
