@@ -276,8 +276,9 @@ def pack_result(result: AlgorithmResult) -> PackedResult:
 
 
 _UNPACK_BYTES = 2**18
-"""Packed bytes unpacked at a time (2 Mi voxels): a mask is unpacked straight into its block
-through one small temporary, not a whole-mask one (131 MB of fresh pages at 500 slices)."""
+"""Packed bytes unpacked or counted at a time (2 Mi voxels; a whole slice at least): a mask is
+unpacked straight into its block through one small temporary, not a whole-mask one (131 MB of
+fresh pages at 500 slices)."""
 
 _ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
 """The number of bits set in each byte value."""
@@ -316,6 +317,13 @@ class PackedMask:
         offset = begin % 8
         return covering[offset : offset + end - begin].view(bool).reshape(stop - first, *self.shape[1:])
 
+    def unpack_into(self, out: np.ndarray) -> None:
+        """Unpack the whole mask into ``out`` (``bool``, of :attr:`shape`) a slab at a time: one
+        small temporary (about :data:`_UNPACK_BYTES` packed), not a whole-mask one."""
+        step = max(1, _UNPACK_BYTES * 8 // int(np.prod(self.shape[1:])))
+        for first in range(0, self.shape[0], step):
+            out[first : first + step] = self.slab(first, first + step)
+
 
 def packed_masks(payload: PackedResult) -> Iterator[PackedMask]:
     """The segment masks of a packed result, each still packed and read a slab at a time (a
@@ -325,27 +333,19 @@ def packed_masks(payload: PackedResult) -> Iterator[PackedMask]:
         yield PackedMask(packed, tuple(int(n) for n in shape))
 
 
-def _unpack_into(packed: np.ndarray, out: np.ndarray) -> None:
-    """Unpack the bits ``packed`` (``np.packbits`` of a mask, C order) into ``out``, the mask's
-    flat ``bool`` view; the same voxels as ``np.unpackbits(packed, count=out.size)``."""
-    for start in range(0, packed.size, _UNPACK_BYTES):
-        first = start * 8
-        count = min(_UNPACK_BYTES * 8, out.size - first)
-        out[first : first + count] = np.unpackbits(packed[start : start + _UNPACK_BYTES], count=count).view(bool)
-
-
 def unpack_result(payload: PackedResult) -> AlgorithmResult:
     """What :func:`pack_result` packed; masks of one shape come back as views of one segment-major
     block (what the SEG build uses without another copy)."""
-    bare, bits, rest = payload
-    shapes = {tuple(shape) for _b, shape in bits}
+    bare, _bits, rest = payload
+    readers = list(packed_masks(payload))
+    shapes = {reader.shape for reader in readers}
     if len(shapes) == 1:  # the usual case: one segment-major block, each mask a view of it
         (shape,) = shapes
-        block = np.empty((len(bits), *shape), dtype=bool)
-        for i, (packed, _shape) in enumerate(bits):
-            _unpack_into(packed, block[i].reshape(-1))
+        block = np.empty((len(readers), *shape), dtype=bool)
+        for reader, into in zip(readers, block, strict=True):
+            reader.unpack_into(into)
         masks = list(block)
     else:
-        masks = [np.unpackbits(p, count=int(np.prod(shape))).view(bool).reshape(shape) for p, shape in bits]
+        masks = [reader.slab(0, reader.shape[0]) for reader in readers]
     segments = [dataclasses.replace(s, mask=m) for s, m in zip(bare, masks, strict=True)]
     return dataclasses.replace(rest, segments=segments)
