@@ -2,7 +2,9 @@
 fsync'd), measured side by side in one run; ``--receivers ainode-console`` adds (d) ainode with its
 console on and ``/metrics`` scraped every 5 s (the console's cost to ingest); ``scp-only`` adds
 ainode's Storage SCP in one process storing nothing (``bench/null_scp.py``: what pynetdicom and the
-header parse alone allow).
+header parse alone allow) and ``scp-durable`` the same SCP appending each instance to one file and
+``fdatasync``-ing it before Success (the ceiling of any receiver that answers Success only once the
+instance is on disk).
 
 A 300-slice series is generated from the chest CT by repeating its slices with new UIDs. Runs are
 interleaved, each in another order (a, b, c, then b, c, a, ...), with a fresh, empty receiver
@@ -78,11 +80,14 @@ def orthanc(work: Path) -> tuple[int, str, Callable[[], None]]:
     return pacs.dicom_port, "PACS", pacs.stop
 
 
-def scp_only(work: Path) -> tuple[int, str, Callable[[], None]]:
-    """ainode's Storage SCP in one process, storing nothing: the receive path's ceiling."""
+def scp_only(work: Path, durable: bool = False) -> tuple[int, str, Callable[[], None]]:
+    """ainode's Storage SCP in one process, storing nothing (the receive path's ceiling) or, with
+    ``durable``, appending each instance to one file and ``fdatasync``-ing it before Success (the
+    ceiling of any receiver that keeps Success-after-durable)."""
     port = free_port()
+    extra = ["--durable", str(work)] if durable else []
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench" / "null_scp.py"), str(port)],
+        [sys.executable, str(ROOT / "bench" / "null_scp.py"), str(port), *extra],
         stdout=subprocess.DEVNULL, stderr=(work / "null_scp.log").open("w"),
     )  # fmt: skip
     wait_for_port(port, 60, proc)
@@ -129,7 +134,7 @@ def ainode(work: Path, console: bool = False, code: Path | None = None) -> tuple
 
 RECEIVERS: dict[str, Receiver] = {
     "storescp": storescp, "orthanc": orthanc, "ainode": ainode, "ainode-console": partial(ainode, console=True),
-    "scp-only": scp_only,
+    "scp-only": scp_only, "scp-durable": partial(scp_only, durable=True),
 }  # fmt: skip
 
 
@@ -206,9 +211,13 @@ def main() -> None:
     medians = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
     ratios = {
         f"ainode_over_{other}": medians["ainode"]["one_association_mb_s"] / medians[other]["one_association_mb_s"]
-        for other in ("storescp", "orthanc")
+        for other in ("storescp", "orthanc", "scp-only", "scp-durable")
         if "ainode" in medians and other in medians
     }
+    if "scp-durable" in medians and "scp-only" in medians:  # the durable guarantee's own ceiling
+        ratios["scp-durable_over_scp-only"] = (
+            medians["scp-durable"]["one_association_mb_s"] / medians["scp-only"]["one_association_mb_s"]
+        )
     print(f"\n{args.slices} CT instances, {megabytes:.1f} MB; medians of {args.runs} interleaved runs")
     print(f"{'receiver':<10}" + "".join(f"{k:>26}" for k in keys))
     for name, m in medians.items():
