@@ -109,3 +109,36 @@ def test_packed_masks_read_a_slab_at_a_time_give_the_masks_voxels_and_summary(mo
     volume = Volume(voxels, (1.0, 0.7, 0.7), np.diag([0.7, 0.7, 1.0, 1.0]), "CT")
     result = AlgorithmResult(segments=segments, measurements=[])
     assert describe.describe_outputs(result, volume, packed_masks(packed)) == describe.describe_outputs(result, volume)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_segment_summaries_are_the_voxels_under_each_mask_from_masks_or_a_label_map(monkeypatch, threads):
+    monkeypatch.setattr(describe, "MAX_SAMPLES", 500)  # a stride over the larger segments
+    shape = (37, 29, 31)  # slabs of 16 slices: the last one partial
+    rng = np.random.default_rng(5)
+    labels = rng.choice(4, size=shape, p=[0.5, 0.3, 0.19, 0.01]).astype(np.uint16)
+    labels[labels == 3] = 0  # label 3 left empty
+    voxels = rng.normal(-500.0, 300.0, shape).astype(np.float32)
+    volume = Volume(voxels, (1.0, 0.7, 0.7), np.diag([0.7, 0.7, 1.0, 1.0]), "CT")
+    masks = [labels == n for n in (1, 2, 3)]
+    expected = {}
+    for n, mask in enumerate(masks, 1):  # straight from the definition: voxels[mask][::stride]
+        size = int(mask.sum())
+        stats: dict[str, float] = {"voxels": size, "volume_ml": round(size * volume.voxel_volume_ml, 3)}
+        if size:
+            sample = voxels[mask][:: size // 500 + 1]
+            stats["mean"] = round(float(sample.mean()), 2)
+            for q in (5, 50, 95):
+                stats[f"p{q:02d}"] = round(float(np.percentile(sample, q)), 2)
+        expected[f"S{n}"] = stats
+    assert expected["S3"] == {"voxels": 0, "volume_ml": 0.0}
+    with_masks = AlgorithmResult([Segment(f"S{n}", m, _TISSUE, _ORGAN) for n, m in enumerate(masks, 1)], [])
+    empty = np.zeros((0, 0, 0), dtype=bool)
+    with_labels = AlgorithmResult([Segment(f"S{n}", empty, _TISSUE, _ORGAN) for n in (1, 2, 3)], [], label_map=labels)
+    packed = pack_result(with_masks)
+    for summary in (
+        describe.describe_outputs(with_masks, volume, threads=threads),
+        describe.describe_outputs(with_masks, volume, packed_masks(packed), threads=threads),
+        describe.describe_outputs(with_labels, volume, threads=threads),
+    ):
+        assert summary["segments"] == expected

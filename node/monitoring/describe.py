@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,6 +27,10 @@ MAX_TEXT = 64
 MAX_SAMPLES = 2_000_000
 """Voxels of a segment its percentiles are estimated from (an even subsample of larger ones)."""
 PERCENTILES = (5, 50, 95)
+SLAB = 16
+"""Slices of a mask read at a time."""
+THREADS = 2
+"""Segments summarised at once."""
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -85,9 +91,11 @@ class MaskSlabs(Protocol):
         ...
 
 
-def _sample(
-    voxels: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_] | MaskSlabs
-) -> tuple[int, npt.NDArray[np.float32]]:
+Mask = npt.NDArray[np.bool_] | MaskSlabs
+"""A segment's mask: whole, or read a slab at a time."""
+
+
+def _sample(voxels: npt.NDArray[np.float32], mask: Mask) -> tuple[int, npt.NDArray[np.float32]]:
     """How many voxels ``mask`` holds, and every ``n``-th of their values in C order (``n`` the
     count over :data:`MAX_SAMPLES`, plus one): ``voxels[mask][::n]``, gathered a slab of slices at
     a time so the masked values are never all copied out at once."""
@@ -96,19 +104,53 @@ def _sample(
     else:
         size, slab = mask.count(), mask.slab
     step, taken, parts = size // MAX_SAMPLES + 1, 0, []
-    for first in range(0, mask.shape[0], 16):
-        values = voxels[first : first + 16][slab(first, first + 16)]
+    for first in range(0, mask.shape[0], SLAB):
+        values = voxels[first : first + SLAB][slab(first, first + SLAB)]
         parts.append(values[(-taken) % step :: step])
         taken += values.size
     return size, np.concatenate(parts) if parts else np.empty(0, np.float32)
 
 
+class _LabelMask:
+    """One label of a label map as a mask read a slab of slices at a time (:class:`MaskSlabs`):
+    no whole-volume mask is made for it."""
+
+    def __init__(self, label_map: npt.NDArray[np.integer[Any]], number: int) -> None:
+        self._labels = label_map
+        self._number = number
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._labels.shape)
+
+    def count(self) -> int:
+        return sum(int(np.count_nonzero(self.slab(k, k + SLAB))) for k in range(0, self.shape[0], SLAB))
+
+    def slab(self, first: int, stop: int) -> npt.NDArray[np.bool_]:
+        return np.equal(self._labels[first:stop], self._number)
+
+
+def _segment_summary(voxels: npt.NDArray[np.float32], mask: Mask, voxel_ml: float) -> dict[str, float]:
+    """Voxel count, volume (ml) and, when not empty, the mean and :data:`PERCENTILES` of ``voxels``
+    under ``mask``."""
+    size, sample = _sample(voxels, mask)
+    stats: dict[str, float] = {"voxels": size, "volume_ml": round(size * voxel_ml, 3)}
+    if size:
+        stats["mean"] = round(float(sample.mean()), 2)
+        for q, v in zip(PERCENTILES, np.percentile(sample, PERCENTILES), strict=True):
+            stats[f"p{q:02d}"] = round(float(v), 2)
+    return stats
+
+
 def describe_outputs(
-    result: AlgorithmResult, volume: Volume, masks: Iterable[npt.NDArray[np.bool_] | MaskSlabs] | None = None
+    result: AlgorithmResult, volume: Volume, masks: Iterable[Mask] | None = None, threads: int = THREADS
 ) -> dict[str, Any]:
     """Summaries of an algorithm's result on ``volume``; the segments' masks are ``masks`` when
     given (arrays, or masks read a slab at a time: :func:`node.jobs.isolation.packed_masks`),
-    else their own.
+    else their own (a label map's labels are read a slab at a time).
+
+    The segments are summarised ``threads`` at a time (NumPy's gathers, unpacking and partitions
+    run without the GIL), each from one slab of slices at a time.
 
     Returns
     -------
@@ -118,22 +160,15 @@ def describe_outputs(
         ``"label / concept (derivation)"`` -> value in its unit; ``findings``: label -> coded value
         meaning.
     """
-    segments: dict[str, dict[str, float]] = {}
-    voxels = volume.voxels
-    given = iter(masks) if masks is not None else None
-    for number, segment in enumerate(result.segments, 1):
-        if result.label_map is not None:  # a declared model's labels: the masks are not needed
-            mask = result.label_map == number
-        else:
-            mask = segment.mask if given is None else next(given)
-        size, sample = _sample(voxels, mask)
-        stats: dict[str, float] = {"voxels": size, "volume_ml": round(size * volume.voxel_volume_ml, 3)}
-        if size:
-            stats["mean"] = round(float(sample.mean()), 2)
-            for q, v in zip(PERCENTILES, np.percentile(sample, PERCENTILES), strict=True):
-                stats[f"p{q:02d}"] = round(float(v), 2)
-        segments[segment.label] = stats
-        del mask, sample  # one mask at a time: this one is gone before the next is read
+    label_map = result.label_map
+    if label_map is not None:  # a declared model's labels: the masks are not needed
+        chosen: list[Mask] = [_LabelMask(label_map, n) for n in range(1, len(result.segments) + 1)]
+    else:
+        chosen = list(masks) if masks is not None else [segment.mask for segment in result.segments]
+    summarise = partial(_segment_summary, volume.voxels, voxel_ml=volume.voxel_volume_ml)
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="ainode-describe") as pool:
+        summaries = list(pool.map(summarise, chosen))
+    segments = {segment.label: stats for segment, stats in zip(result.segments, summaries, strict=True)}
     measurements = {}
     for m in result.measurements:
         name = f"{m.segment_label} / {m.concept[2]}" + (f" ({m.derivation[2]})" if m.derivation else "")
