@@ -40,6 +40,7 @@ from node.jobs.isolation import probe_devices, warm_up
 from node.jobs.leases import Heartbeat, worker_id
 from node.jobs.model_workers import ModelWorkers
 from node.jobs.pipeline import Pipeline, Services
+from node.jobs.readahead import ReadAhead
 from node.jobs.retention import purge_expired, sweep_stage_outputs
 from node.jobs.scheduler import InProcessExecutor, JobExecutor, Scheduler
 from node.process import ProcessLoop, freeze_start_up_objects, set_up_process_memory
@@ -191,6 +192,10 @@ class Node:
                 self.executor = CeleryExecutor(make_app(settings), pipeline)
             else:  # one job thread per GPU (each GPU has its model worker), one on a CPU-only node
                 self.executor = InProcessExecutor(pipeline.run_job, workers=max(1, n_gpus))
+                pipeline.stages.read_ahead = read_ahead = ReadAhead(services, pipeline.headers)
+                threading.Thread(
+                    target=read_ahead.run, args=(self._stop,), name="ainode-read-ahead", daemon=True
+                ).start()
             self.heartbeat = Heartbeat(self.index, services.worker, settings.node.lease_s, pipeline.running)
             self.scheduler = scheduler = Scheduler(pipeline, self.index, self.active, self.executor)
         threading.Thread(target=self._warm_up, name="ainode-warm-up", daemon=True).start()

@@ -56,7 +56,7 @@ class Pipeline:
 
     # -- planning --------------------------------------------------------------------------------
 
-    def _headers(self, instances: list[InstanceRow]) -> dict[str, Dataset]:
+    def headers(self, instances: list[InstanceRow]) -> dict[str, Dataset]:
         """One decoded header (no pixels) per series key."""
         first: dict[str, InstanceRow] = {}
         for row in instances:
@@ -81,7 +81,7 @@ class Pipeline:
         if study is None or study.state != StudyState.RECEIVING:
             return []
         instances = self.s.index.instances(study_key)
-        headers = self._headers(instances)
+        headers = self.headers(instances)
         plans = plan_routes(self.s.settings, headers, study.calling_ae_title, self.s.settings.node.ae_title)
         if plans and not completion_due(
             plans, headers, study.first_received_at, study.last_received_at, self.s.clock()

@@ -56,12 +56,13 @@ from node.process import give_back_freed_memory, lower_thread_priority
 from node.settings import ActiveSettings
 from node.settings.config import Deidentification, Settings
 from node.storage.damage import Damage, set_aside
-from node.storage.index import Index, JobRow, JobState, stage_object_id
+from node.storage.index import Index, InstanceRow, JobRow, JobState, stage_object_id
 from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore
 
 if TYPE_CHECKING:
     from ainode_sdk.base import Device
+    from node.jobs.readahead import ReadAhead
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class Stages:
         )
         self._series: dict[int, SeriesWrite] = {}  # job id -> its de-identified series, while here
         self._volumes: dict[int, SharedVolume] = {}  # job id -> the shared block its volume will fill
+        self.read_ahead: ReadAhead | None = None  # instances decoded during the quiet period (embedded executor)
 
     def _begin_write(self, series: SeriesWrite) -> Future[str]:
         """The series' write to the store, begun now unless it was already."""
@@ -199,7 +201,7 @@ class Stages:
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
         pseudonyms = self._pseudonymizer()
         deid = InstanceDeidentifier(pseudonyms, profile)
-        datasets = [ds for r in rows if (ds := self._readable(r.object_id, r.study_key)) is not None]
+        datasets = [ds for r in rows if (ds := self._readable(r)) is not None]
         if not datasets:
             raise StorageError(f"series {series_key}: no instance of it can be read (each set aside, see the audit)")
         read(datasets)
@@ -209,13 +211,16 @@ class Stages:
         self.maps.merge(study_key, mapping)
         return datasets, mapping.original_study_instance_uid
 
-    def _readable(self, object_id: str, study_key: str) -> Dataset | None:
-        """A received instance decoded, or ``None`` when its record is damaged or missing: it is
-        then set aside (:func:`node.storage.damage.set_aside`) and the series analysed without it."""
+    def _readable(self, row: InstanceRow) -> Dataset | None:
+        """A received instance decoded (as read ahead, when it was: :mod:`node.jobs.readahead`), or
+        ``None`` when its record is damaged or missing: it is then set aside
+        (:func:`node.storage.damage.set_aside`) and the series analysed without it."""
+        if self.read_ahead is not None and (ds := self.read_ahead.take(row)) is not None:
+            return ds
         try:
-            return decode(self.s.store.get(object_id))
+            return decode(self.s.store.get(row.object_id))
         except (StorageError, InvalidInstanceError) as exc:  # tampered ones are already quarantined
-            damage = Damage(object_id, study_key, str(exc))
+            damage = Damage(row.object_id, row.study_key, str(exc))
             set_aside(self.s.index, self.s.store, damage, lambda text: self._alert(text))
             return None
 

@@ -1,0 +1,198 @@
+"""Read ahead: a routed study's instances read and decoded while its quiet period runs out.
+
+A study is planned once no instance has come for its routes' quiet period; its job's first stage
+then reads every instance of the series (the store's record and its authenticated decryption) and
+decodes it before de-identifying it — at 500 CT slices about half of that stage. :class:`ReadAhead`
+does the reading and decoding in the last seconds of the quiet period instead: a study still
+receiving whose quiet period has at most :data:`LEAD_S` left (and that has been quiet at least
+:data:`LULL_S`) is routed as the planner will route it, and the instances of the series its routes
+take are read into memory, in the order the job reads them; the job takes each one, once
+(:meth:`ReadAhead.take`), instead of reading it.
+
+Nothing else changes. An instance the read-ahead did not reach, could not read (the job reads it
+and deals with a damaged record as before), or whose row changed since (another size or receipt
+time) is read by the job; a study that gets another instance is read again once quiet. What is
+held is bounded (:data:`MAX_BYTES` of encoded instances), dropped :data:`KEEP_S` after it was read
+unless taken, and only ever in the node's memory, as the job's own copy is (the store stays the
+only copy at rest). Only the embedded executor reads ahead: with Celery the jobs run elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pydicom import Dataset
+
+from node.dicomio import decode
+from node.errors import AinodeError
+from node.jobs.stages import Services
+from node.routing.router import plan_routes
+from node.storage.index import InstanceRow, StudyState
+
+logger = logging.getLogger(__name__)
+
+LULL_S = 0.25
+"""A study is read ahead no sooner than this after its last instance (a study still arriving is
+left to its receivers)."""
+LEAD_S = 5.0
+"""How long before its quiet period ends a study is read ahead (about what reading 2,000 CT
+instances takes here)."""
+MAX_BYTES = 512 * 2**20
+"""Encoded instances held at most (a 500-slice CT series is about 263 MB); beyond it the job reads."""
+KEEP_S = LEAD_S + 60.0
+"""An instance not taken this long after it was read is dropped (its study was not planned: an
+expected series is missing, a late instance re-opened it, or its routes changed)."""
+POLL_S = 0.1
+"""How often the index is asked for studies to read ahead."""
+CHECK_EVERY = 16
+"""Instances read between checks that the study is still unplanned (once planned, its job reads
+what is left)."""
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dataset: Dataset
+    size: int
+    received_at: float
+    read_at: float
+
+
+@dataclass
+class _Plan:
+    instances: int
+    series_keys: frozenset[str]
+    quiet_period_s: float
+
+
+class ReadAhead:
+    """Reads routed studies' instances ahead of their jobs (see the module docstring).
+
+    Parameters
+    ----------
+    services
+        The pipeline's services (:class:`node.jobs.stages.Services`): index, store, settings.
+    headers
+        One decoded header (no pixels) per series key of the given instance rows, as the planner
+        routes them.
+    clock
+        Monotonic seconds, when entries were read (a test's); the index's times are the
+        services' clock.
+    """
+
+    def __init__(
+        self,
+        services: Services,
+        headers: Callable[[list[InstanceRow]], dict[str, Dataset]],
+        *,
+        max_bytes: int = MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.s = services
+        self._headers = headers
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._plans: dict[str, _Plan] = {}
+
+    @property
+    def held_bytes(self) -> int:
+        """Encoded bytes of the instances held now."""
+        with self._lock:
+            return self._bytes
+
+    def take(self, row: InstanceRow) -> Dataset | None:
+        """The instance of ``row`` as read ahead (handed over once), or ``None``: not read ahead,
+        or its row has changed since."""
+        with self._lock:
+            entry = self._entries.pop(row.object_id, None)
+            if entry is not None:
+                self._bytes -= entry.size
+        if entry is None or entry.size != row.size or entry.received_at != row.received_at:
+            return None
+        return entry.dataset
+
+    def run(self, stop: threading.Event, poll_s: float = POLL_S) -> None:
+        """Read ahead every ``poll_s`` until ``stop`` is set (a thread's target)."""
+        while not stop.wait(poll_s):
+            try:
+                self.read_once(stop)
+            except AinodeError as exc:  # the index or store is unavailable: the jobs read as before
+                logger.warning("read-ahead paused: %s", exc)
+
+    def read_once(self, stop: threading.Event | None = None) -> int:
+        """One pass: drop what expired, then read ahead the instances of every study due
+        (:data:`LEAD_S`, :data:`LULL_S`); returns how many were read."""
+        self._expire()
+        settings = self.s.settings
+        periods = [route.completion.quiet_period_s for route in settings.routes]
+        if not periods:
+            return 0
+        index, now = self.s.index, self.s.clock()
+        candidates = set(index.quiet_studies(max(LULL_S, min(periods) - LEAD_S), now))
+        self._plans = {key: plan for key, plan in self._plans.items() if key in candidates}
+        read = 0
+        for study_key in sorted(candidates):
+            study = index.study(study_key)
+            if study is None or study.state != StudyState.RECEIVING:
+                continue
+            rows = index.instances(study_key)
+            plan = self._plan(study_key, rows, study.calling_ae_title)
+            if now - study.last_received_at < max(LULL_S, plan.quiet_period_s - LEAD_S):
+                continue
+            wanted = [r for r in rows if r.series_key in plan.series_keys]
+            read += self._read(study_key, wanted, stop)
+        return read
+
+    def _plan(self, study_key: str, rows: list[InstanceRow], calling_ae_title: str) -> _Plan:
+        """The series the study's routes take and their longest quiet period (as of ``rows``)."""
+        plan = self._plans.get(study_key)
+        if plan is None or plan.instances != len(rows):
+            settings = self.s.settings
+            plans = plan_routes(settings, self._headers(rows), calling_ae_title, settings.node.ae_title)
+            plan = _Plan(
+                len(rows),
+                frozenset(key for p in plans for key in p.series_keys),
+                max((p.route.completion.quiet_period_s for p in plans), default=0.0),
+            )
+            self._plans[study_key] = plan
+        return plan
+
+    def _read(self, study_key: str, rows: list[InstanceRow], stop: threading.Event | None) -> int:
+        """Read and decode ``rows`` not yet held, in order, while there is room and the study is
+        unplanned; returns how many were read."""
+        read = 0
+        for row in rows:
+            with self._lock:
+                if row.object_id in self._entries:
+                    continue
+                if self._bytes + row.size > self.max_bytes:
+                    return read
+            if read and read % CHECK_EVERY == 0:
+                study = self.s.index.study(study_key)
+                if (stop is not None and stop.is_set()) or study is None or study.state != StudyState.RECEIVING:
+                    return read
+            try:
+                dataset = decode(self.s.store.get(row.object_id))
+            except AinodeError as exc:  # damaged or gone: the job reads it and sets it aside
+                logger.debug("not read ahead: %s", exc, extra={"study_key": study_key})
+                continue
+            with self._lock:
+                self._entries[row.object_id] = _Entry(dataset, row.size, row.received_at, self._clock())
+                self._bytes += row.size
+            read += 1
+        if read:
+            logger.debug("read ahead", extra={"study_key": study_key, "instances": read})
+        return read
+
+    def _expire(self) -> None:
+        """Drop what was read more than :data:`KEEP_S` ago."""
+        cutoff = self._clock() - KEEP_S
+        with self._lock:
+            for object_id in [k for k, e in self._entries.items() if e.read_at < cutoff]:
+                self._bytes -= self._entries.pop(object_id).size
