@@ -14,14 +14,14 @@ from node.dicomio import encode
 from node.instances import ReceivedInstance
 from node.jobs import readahead
 from node.jobs.pipeline import Pipeline, Services
-from node.jobs.readahead import ReadAhead
+from node.jobs.readahead import ReadAhead, profile_fingerprint
 from node.jobs.snapshot import JobPlan
 from node.jobs.stages import Stages
 from node.settings.config import Settings
 from node.storage.index import Index, StudyState
 from node.storage.ingest import Ingest
 from node.storage.keys import KeyringProvider
-from node.storage.secrets import NodeSecrets
+from node.storage.secrets import PSEUDONYM_SECRET, NodeSecrets
 from node.storage.store import ObjectStore
 
 from .peers import CT_SERIES, series_files
@@ -91,7 +91,29 @@ def test_a_routed_study_is_read_ahead_before_its_quiet_period_ends_and_its_job_d
     pipeline.stages.read_ahead = ahead
     with_read_ahead = _deidentified(pipeline.stages, index, job_id)
     assert ahead.held_bytes == 0  # every instance taken by the job
+    originals = [pydicom.dcmread(f, stop_before_pixels=True) for f in series_files(CT_SERIES)[:12]]
+    stored = pipeline.stages.stored_map(key)  # what re-identification will use
+    assert {str(ds.SOPInstanceUID) for ds in originals} <= set(stored.uids.values())
+    assert stored.original_study_instance_uid == str(originals[0].StudyInstanceUID)
     assert _deidentified(Stages(pipeline.s), index, job_id) == with_read_ahead  # read by the job itself
+
+
+def test_an_instance_read_ahead_under_another_profile_is_de_identified_again_by_the_job(tmp_path):
+    pipeline, index, key, clock = _received(tmp_path)
+    ahead, kept = ReadAhead(pipeline.s, pipeline.headers), ReadAhead(pipeline.s, pipeline.headers)
+    clock.now += QUIET_S - 1
+    assert ahead.read_once() == kept.read_once() > 0  # under the default profile as configured then
+    before = pipeline.s.settings
+    profile = before.deidentification["default"].model_copy(update={"retain_device_identity": True})
+    pipeline.s.active.replace(before.model_copy(update={"deidentification": {"default": profile}}))  # a reload
+    clock.now += 2
+    (job_id,) = pipeline.plan(key)  # its plan has the reloaded profile
+    pipeline.stages.read_ahead = ahead
+    with_read_ahead = _deidentified(pipeline.stages, index, job_id)
+    assert ahead.held_bytes == 0
+    assert _deidentified(Stages(pipeline.s), index, job_id) == with_read_ahead
+    under_the_old_profile = [kept.take(row) for row in index.instances(key)]
+    assert [encode(p.dataset) for p in under_the_old_profile if p] != with_read_ahead  # they differ here
 
 
 def test_no_read_ahead_for_a_study_no_route_takes_one_still_arriving_or_one_planned(tmp_path):
@@ -116,7 +138,10 @@ def test_what_is_read_ahead_is_bounded_handed_over_once_and_dropped_unless_taken
     clock.now += QUIET_S - 1
     assert ahead.read_once() == 2  # room for two
     first = ahead.take(rows[0])
-    assert first is not None and "PixelData" in first  # the whole instance, decoded
+    assert first is not None and "PixelData" in first.dataset  # the whole instance, decoded
+    secret = pipeline.s.secrets.get(PSEUDONYM_SECRET)
+    assert first.deidentified == profile_fingerprint(secret, pipeline.s.settings.deidentification["default"])
+    assert first.originals is not None and first.uid_map  # what the job's pseudonym map needs
     assert ahead.take(rows[0]) is None  # handed over once
     changed = rows[1]
     changed.received_at += 1  # another receipt of it since: read again by the job

@@ -47,6 +47,7 @@ from node.jobs.devices import DevicePool
 from node.jobs.isolation import SharedVolume, packed_masks, unpack_result
 from node.jobs.model_workers import ModelWorkers
 from node.jobs.priors import fetch_priors
+from node.jobs.readahead import Prepared, ReadAhead, profile_fingerprint
 from node.jobs.runner import algorithm_params, run_algorithm
 from node.jobs.series import SeriesWrite, drop_pixel_data, unframe_series
 from node.jobs.snapshot import JobPlan
@@ -62,7 +63,6 @@ from node.storage.store import ObjectStore
 
 if TYPE_CHECKING:
     from ainode_sdk.base import Device
-    from node.jobs.readahead import ReadAhead
 
 logger = logging.getLogger(__name__)
 
@@ -197,28 +197,37 @@ class Stages:
     ) -> tuple[list[Dataset], str]:  # fmt: skip
         """The series de-identified (in place) and the original Study Instance UID; its pseudonyms
         are merged into the study's stored map. ``read`` is given the instances once they are
-        read, before they are de-identified."""
+        read (those read ahead de-identified already)."""
         rows = [r for r in self.s.index.instances(study_key) if r.series_key == series_key]
-        pseudonyms = self._pseudonymizer()
+        secret = self.s.secrets.get(PSEUDONYM_SECRET)
+        pseudonyms = Pseudonymizer(secret, PSEUDONYM_SECRET)
         deid = InstanceDeidentifier(pseudonyms, profile)
-        datasets = [ds for r in rows if (ds := self._readable(r)) is not None]
-        if not datasets:
+        fingerprint = profile_fingerprint(secret, profile)  # what a read-ahead one must have been done under
+        prepared = [p for r in rows if (p := self._readable(r, fingerprint)) is not None]
+        if not prepared:
             raise StorageError(f"series {series_key}: no instance of it can be read (each set aside, see the audit)")
+        datasets = [p.dataset for p in prepared]
         read(datasets)
-        mapping = PseudonymMap.capture(pseudonyms.key_id, datasets[0])
-        for ds in datasets:
-            mapping.add(deid(ds).uid_map)
+        first = prepared[0]
+        mapping = (
+            first.originals if first.deidentified and first.originals is not None
+            else PseudonymMap.capture(pseudonyms.key_id, first.dataset)
+        )  # fmt: skip
+        for p in prepared:
+            mapping.add(p.uid_map if p.deidentified else deid(p.dataset).uid_map)
         self.maps.merge(study_key, mapping)
         return datasets, mapping.original_study_instance_uid
 
-    def _readable(self, row: InstanceRow) -> Dataset | None:
-        """A received instance decoded (as read ahead, when it was: :mod:`node.jobs.readahead`), or
-        ``None`` when its record is damaged or missing: it is then set aside
-        (:func:`node.storage.damage.set_aside`) and the series analysed without it."""
-        if self.read_ahead is not None and (ds := self.read_ahead.take(row)) is not None:
-            return ds
+    def _readable(self, row: InstanceRow, fingerprint: str) -> Prepared | None:
+        """A received instance decoded — as read ahead (:mod:`node.jobs.readahead`), and then
+        de-identified already when that was under ``fingerprint`` — or ``None`` when its record is
+        damaged or missing: it is then set aside (:func:`node.storage.damage.set_aside`) and the
+        series analysed without it."""
+        ahead = self.read_ahead.take(row) if self.read_ahead is not None else None
+        if ahead is not None and ahead.deidentified in (None, fingerprint):
+            return ahead
         try:
-            return decode(self.s.store.get(row.object_id))
+            return Prepared(decode(self.s.store.get(row.object_id)))
         except (StorageError, InvalidInstanceError) as exc:  # tampered ones are already quarantined
             damage = Damage(row.object_id, row.study_key, str(exc))
             set_aside(self.s.index, self.s.store, damage, lambda text: self._alert(text))
