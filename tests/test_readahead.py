@@ -155,3 +155,20 @@ def test_what_is_read_ahead_is_bounded_handed_over_once_and_dropped_unless_taken
     clock.now += 2
     assert len(pipeline.plan(key)) == 1  # planned; its job never takes them (it ran elsewhere)
     assert ahead.read_once() == 0 and ahead.held_bytes == 0
+
+
+def test_reading_ahead_stops_when_another_instance_of_the_study_comes(tmp_path, monkeypatch):
+    pipeline, index, _key, clock = _received(tmp_path)
+    monkeypatch.setattr(readahead, "CHECK_EVERY", 4)
+    looked_up, calls = index.study, []
+
+    def study(study_key: str):  # after the pass began, the study received another instance
+        row = looked_up(study_key)
+        if row is not None and calls:
+            row.last_received_at += 0.5
+        calls.append(study_key)
+        return row
+
+    monkeypatch.setattr(index, "study", study)
+    clock.now += QUIET_S - 1
+    assert ReadAhead(pipeline.s, pipeline.headers).read_once() == 4  # then left to the receivers

@@ -49,9 +49,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LULL_S = 0.25
-"""A study is read ahead no sooner than this after its last instance (a study still arriving is
-left to its receivers)."""
+LULL_S = 0.1
+"""A study is read ahead no sooner than this after its last instance; the reading stops when
+another comes (within :data:`CHECK_EVERY` instances): a study still arriving is left to its
+receivers, which share this process's interpreter."""
 LEAD_S = 5.0
 """How long before its quiet period ends a study is read ahead (about what reading 2,000 CT
 instances takes here)."""
@@ -63,8 +64,8 @@ expected series is missing, a late instance re-opened it, or its routes changed)
 POLL_S = 0.1
 """How often the index is asked for studies to read ahead."""
 CHECK_EVERY = 16
-"""Instances read between checks that the study is still unplanned (once planned, its job reads
-what is left)."""
+"""Instances read between checks that the study is still quiet and unplanned (once planned, its
+job reads what is left; once another instance comes, the reading waits for the next lull)."""
 
 
 def profile_fingerprint(secret: bytes, profile: Deidentification) -> str:
@@ -179,7 +180,7 @@ class ReadAhead:
             if now - study.last_received_at < max(LULL_S, plan.quiet_period_s - LEAD_S):
                 continue
             wanted = [r for r in rows if r.series_key in plan.profiles]
-            read += self._read(study_key, wanted, plan, stop)
+            read += self._read(study_key, study.last_received_at, wanted, plan, stop)
         return read
 
     def _plan(self, study_key: str, rows: list[InstanceRow], calling_ae_title: str) -> _Plan:
@@ -202,9 +203,12 @@ class ReadAhead:
             self._plans[study_key] = plan
         return plan
 
-    def _read(self, study_key: str, rows: list[InstanceRow], plan: _Plan, stop: threading.Event | None) -> int:
-        """Read, decode and de-identify ``rows`` not yet held, in order, while there is room and
-        the study is unplanned; returns how many were read."""
+    def _read(
+        self, study_key: str, last_received_at: float, rows: list[InstanceRow], plan: _Plan,
+        stop: threading.Event | None,
+    ) -> int:  # fmt: skip
+        """Read, decode and de-identify ``rows`` not yet held, in order, while there is room, the
+        study is unplanned and nothing came since ``last_received_at``; returns how many were read."""
         read = 0
         secret = self.s.secrets.get(PSEUDONYM_SECRET)
         deidentifiers: dict[str, tuple[str, InstanceDeidentifier]] = {}
@@ -216,7 +220,10 @@ class ReadAhead:
                     return read
             if read and read % CHECK_EVERY == 0:
                 study = self.s.index.study(study_key)
-                if (stop is not None and stop.is_set()) or study is None or study.state != StudyState.RECEIVING:
+                if (
+                    (stop is not None and stop.is_set()) or study is None or study.state != StudyState.RECEIVING
+                    or study.last_received_at != last_received_at
+                ):  # fmt: skip
                     return read
             try:
                 dataset = decode(self.s.store.get(row.object_id))
