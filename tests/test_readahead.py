@@ -172,3 +172,11 @@ def test_reading_ahead_stops_when_another_instance_of_the_study_comes(tmp_path, 
     monkeypatch.setattr(index, "study", study)
     clock.now += QUIET_S - 1
     assert ReadAhead(pipeline.s, pipeline.headers).read_once() == 4  # then left to the receivers
+
+
+def test_an_instance_over_the_size_left_to_its_job(tmp_path, monkeypatch):
+    pipeline, index, key, clock = _received(tmp_path, files=2)
+    sizes = sorted(r.size for r in index.instances(key))
+    monkeypatch.setattr(readahead, "MAX_INSTANCE_BYTES", sizes[0] - 1)  # both over it
+    clock.now += QUIET_S - 1
+    assert ReadAhead(pipeline.s, pipeline.headers).read_once() == 0

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from pydicom import Dataset
 
@@ -45,7 +45,25 @@ from node.storage.index import InstanceRow, StudyState
 from node.storage.secrets import PSEUDONYM_SECRET
 
 if TYPE_CHECKING:
-    from node.jobs.stages import Services
+    from node.settings.config import Settings
+    from node.storage.index import Index
+    from node.storage.secrets import NodeSecrets
+    from node.storage.store import ObjectStore
+
+
+class Services(Protocol):
+    """What the read-ahead uses of the pipeline's services (:class:`node.jobs.stages.Services`)."""
+
+    index: Index
+    store: ObjectStore
+    secrets: NodeSecrets
+    clock: Callable[[], float]
+
+    @property
+    def settings(self) -> Settings:
+        """The configuration in force now."""
+        ...
+
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +76,9 @@ LEAD_S = 5.0
 instances takes here)."""
 MAX_BYTES = 512 * 2**20
 """Encoded instances held at most (a 500-slice CT series is about 263 MB); beyond it the job reads."""
+MAX_INSTANCE_BYTES = 32 * 2**20
+"""A larger instance (a big multi-frame object) is left to its job, and a study that one would be
+routed by to the planner: read here, it would only be held longer."""
 KEEP_S = LEAD_S + 60.0
 """An instance not taken this long after it was read is dropped (its study was not planned: an
 expected series is missing, a late instance re-opened it, or its routes changed)."""
@@ -188,6 +209,10 @@ class ReadAhead:
         (as of ``rows``)."""
         plan = self._plans.get(study_key)
         if plan is None or plan.instances != len(rows):
+            first = {row.series_key: row for row in reversed(rows)}.values()  # whose headers route it
+            if any(row.size > MAX_INSTANCE_BYTES for row in first):  # read whole to route: left to the planner
+                plan = self._plans[study_key] = _Plan(len(rows), {}, 0.0)
+                return plan
             settings = self.s.settings
             plans = plan_routes(settings, self._headers(rows), calling_ae_title, settings.node.ae_title)
             profiles: dict[str, set[str]] = {}
@@ -213,6 +238,8 @@ class ReadAhead:
         secret = self.s.secrets.get(PSEUDONYM_SECRET)
         deidentifiers: dict[str, tuple[str, InstanceDeidentifier]] = {}
         for row in rows:
+            if row.size > MAX_INSTANCE_BYTES:
+                continue
             with self._lock:
                 if row.object_id in self._entries:
                     continue
