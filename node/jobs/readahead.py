@@ -38,7 +38,6 @@ from node.deid import InstanceDeidentifier
 from node.deid.pseudonyms import Pseudonymizer
 from node.deid.reid import PseudonymMap
 from node.dicomio import decode
-from node.errors import AinodeError
 from node.routing.router import plan_routes
 from node.settings.config import Deidentification
 from node.storage.index import InstanceRow, StudyState
@@ -174,11 +173,15 @@ class ReadAhead:
 
     def run(self, stop: threading.Event, poll_s: float = POLL_S) -> None:
         """Read ahead every ``poll_s`` until ``stop`` is set (a thread's target)."""
+        failing = ""
         while not stop.wait(poll_s):
             try:
                 self.read_once(stop)
-            except AinodeError as exc:  # the index or store is unavailable: the jobs read as before
-                logger.warning("read-ahead paused: %s", exc)
+                failing = ""
+            except Exception as exc:  # the thread's boundary (an index unavailable): the jobs read as before
+                if type(exc).__name__ != failing:  # once, not every poll
+                    failing = type(exc).__name__
+                    logger.warning("read-ahead paused (%s); jobs read their instances themselves", failing)
 
     def read_once(self, stop: threading.Event | None = None) -> int:
         """One pass: drop what expired, then read ahead the instances of every study due
@@ -234,7 +237,7 @@ class ReadAhead:
     ) -> int:  # fmt: skip
         """Read, decode and de-identify ``rows`` not yet held, in order, while there is room, the
         study is unplanned and nothing came since ``last_received_at``; returns how many were read."""
-        read = 0
+        read = tried = 0
         secret = self.s.secrets.get(PSEUDONYM_SECRET)
         deidentifiers: dict[str, tuple[str, InstanceDeidentifier]] = {}
         for row in rows:
@@ -245,7 +248,8 @@ class ReadAhead:
                     continue
                 if self._bytes + row.size > self.max_bytes:
                     return read
-            if read and read % CHECK_EVERY == 0:
+            tried += 1
+            if tried > 1 and tried % CHECK_EVERY == 1:  # after every CHECK_EVERY instances
                 study = self.s.index.study(study_key)
                 if (
                     (stop is not None and stop.is_set()) or study is None or study.state != StudyState.RECEIVING
@@ -258,15 +262,16 @@ class ReadAhead:
                 if profile is None:
                     prepared = Prepared(dataset)
                 else:
-                    fingerprint, deidentify = deidentifiers.get(row.series_key) or deidentifiers.setdefault(
-                        row.series_key,
-                        (profile_fingerprint(secret, profile),
-                         InstanceDeidentifier(Pseudonymizer(secret, PSEUDONYM_SECRET), profile)),
-                    )  # fmt: skip
+                    if row.series_key not in deidentifiers:
+                        pseudonyms = Pseudonymizer(secret, PSEUDONYM_SECRET)
+                        deidentifiers[row.series_key] = (
+                            profile_fingerprint(secret, profile), InstanceDeidentifier(pseudonyms, profile)
+                        )  # fmt: skip
+                    fingerprint, deidentify = deidentifiers[row.series_key]
                     originals = PseudonymMap.capture(PSEUDONYM_SECRET, dataset)
                     prepared = Prepared(dataset, fingerprint, deidentify(dataset).uid_map, originals)
-            except AinodeError as exc:  # damaged, gone or quarantined: the job does it and deals with it
-                logger.debug("not read ahead: %s", exc, extra={"study_key": study_key})
+            except Exception as exc:  # damaged, gone, quarantined, malformed: the job does it and deals with it
+                logger.debug("not read ahead (%s)", type(exc).__name__, extra={"study_key": study_key})
                 continue
             with self._lock:
                 self._entries[row.object_id] = _Entry(prepared, row.size, row.received_at, self._clock())

@@ -107,7 +107,7 @@ class Stages:
         )
         self._series: dict[int, SeriesWrite] = {}  # job id -> its de-identified series, while here
         self._volumes: dict[int, SharedVolume] = {}  # job id -> the shared block its volume will fill
-        self.read_ahead: ReadAhead | None = None  # instances decoded during the quiet period (embedded executor)
+        self.read_ahead: ReadAhead | None = None  # instances prepared in the quiet period (embedded executor)
 
     def _begin_write(self, series: SeriesWrite) -> Future[str]:
         """The series' write to the store, begun now unless it was already."""
