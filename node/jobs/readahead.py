@@ -71,8 +71,8 @@ LULL_S = 0.1
 another comes (within :data:`CHECK_EVERY` instances): a study still arriving is left to its
 receivers, which share this process's interpreter."""
 LEAD_S = 5.0
-"""How long before its quiet period ends a study is read ahead (about what reading 2,000 CT
-instances takes here)."""
+"""How long before its quiet period ends a study is read ahead (about what reading and
+de-identifying 1,500 CT instances takes on this project's machines)."""
 MAX_BYTES = 512 * 2**20
 """Encoded instances held at most (a 500-slice CT series is about 263 MB); beyond it the job reads."""
 MAX_INSTANCE_BYTES = 32 * 2**20
