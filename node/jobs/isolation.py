@@ -280,9 +280,6 @@ _UNPACK_BYTES = 2**18
 unpacked straight into its block through one small temporary, not a whole-mask one (131 MB of
 fresh pages at 500 slices)."""
 
-_ONES = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
-"""The number of bits set in each byte value."""
-
 
 @dataclasses.dataclass(frozen=True)
 class PackedMask:
@@ -303,7 +300,7 @@ class PackedMask:
     def count(self) -> int:
         """How many voxels the mask holds (the bits set; the padding is zeros)."""
         return sum(
-            int(_ONES[self.bits[start : start + _UNPACK_BYTES]].sum(dtype=np.int64))
+            int(np.bitwise_count(self.bits[start : start + _UNPACK_BYTES]).sum(dtype=np.int64))
             for start in range(0, self.bits.size, _UNPACK_BYTES)
         )
 

@@ -28,7 +28,7 @@ from node.jobs.stages import Services, Stages, rounded
 from node.monitoring.compare import compare_shadows
 from node.routing.canary import CANARY_SECRET, serving
 from node.routing.router import completion_due, plan_routes
-from node.storage.index import InstanceRow, JobRow, JobState, PlannedJob, Stage, StudyState
+from node.storage.index import InstanceRow, JobRow, JobState, PlannedJob, Stage, StudyState, first_of_series
 
 __all__ = ["FINISHED_JOB_STATES", "HANDED_OFF", "Pipeline", "Services"]
 
@@ -57,11 +57,11 @@ class Pipeline:
     # -- planning --------------------------------------------------------------------------------
 
     def headers(self, instances: list[InstanceRow]) -> dict[str, Dataset]:
-        """One decoded header (no pixels) per series key."""
-        first: dict[str, InstanceRow] = {}
-        for row in instances:
-            first.setdefault(row.series_key, row)
-        return {key: decode(self.s.store.get(row.object_id), stop_before_pixels=True) for key, row in first.items()}
+        """One decoded header (no pixels) per series key: its first instance's (:func:`first_of_series`)."""
+        return {
+            key: decode(self.s.store.get(row.object_id), stop_before_pixels=True)
+            for key, row in first_of_series(instances).items()
+        }
 
     def plan(self, study_key: str) -> list[int]:
         """Route a quiet study and create its jobs; returns their ids ([] if it is not yet due).

@@ -40,7 +40,7 @@ from node.deid.reid import PseudonymMap
 from node.dicomio import decode
 from node.routing.router import plan_routes
 from node.settings.config import Deidentification
-from node.storage.index import InstanceRow, StudyState
+from node.storage.index import InstanceRow, StudyState, first_of_series
 from node.storage.secrets import PSEUDONYM_SECRET
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ class ReadAhead:
         (as of ``rows``)."""
         plan = self._plans.get(study_key)
         if plan is None or plan.instances != len(rows):
-            first = {row.series_key: row for row in reversed(rows)}.values()  # whose headers route it
+            first = first_of_series(rows).values()  # whose headers route it
             if any(row.size > MAX_INSTANCE_BYTES for row in first):  # read whole to route: left to the planner
                 plan = self._plans[study_key] = _Plan(len(rows), {}, 0.0)
                 return plan

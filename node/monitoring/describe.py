@@ -113,21 +113,31 @@ def _sample(voxels: npt.NDArray[np.float32], mask: Mask) -> tuple[int, npt.NDArr
 
 class _LabelMask:
     """One label of a label map as a mask read a slab of slices at a time (:class:`MaskSlabs`):
-    no whole-volume mask is made for it."""
+    no whole-volume mask is made for it; its voxel count is given (:func:`_label_counts`)."""
 
-    def __init__(self, label_map: npt.NDArray[np.integer[Any]], number: int) -> None:
+    def __init__(self, label_map: npt.NDArray[np.integer[Any]], number: int, voxels: int) -> None:
         self._labels = label_map
         self._number = number
+        self._voxels = voxels
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self._labels.shape)
 
     def count(self) -> int:
-        return sum(int(np.count_nonzero(self.slab(k, k + SLAB))) for k in range(0, self.shape[0], SLAB))
+        return self._voxels
 
     def slab(self, first: int, stop: int) -> npt.NDArray[np.bool_]:
         return np.equal(self._labels[first:stop], self._number)
+
+
+def _label_counts(label_map: npt.NDArray[np.integer[Any]], labels: int) -> npt.NDArray[np.int64]:
+    """Voxels of each label ``0..labels`` in one pass over the map, a slab at a time (``bincount``
+    works in 8-byte integers: never the whole map at once)."""
+    counts = np.zeros(labels + 1, dtype=np.int64)
+    for first in range(0, label_map.shape[0], SLAB):
+        counts += np.bincount(label_map[first : first + SLAB].ravel(), minlength=labels + 1)[: labels + 1]
+    return counts
 
 
 def _segment_summary(voxels: npt.NDArray[np.float32], mask: Mask, voxel_ml: float) -> dict[str, float]:
@@ -162,7 +172,8 @@ def describe_outputs(
     """
     label_map = result.label_map
     if label_map is not None:  # a declared model's labels: the masks are not needed
-        chosen: list[Mask] = [_LabelMask(label_map, n) for n in range(1, len(result.segments) + 1)]
+        counts = _label_counts(label_map, len(result.segments))
+        chosen: list[Mask] = [_LabelMask(label_map, n, int(counts[n])) for n in range(1, len(result.segments) + 1)]
     else:
         chosen = list(masks) if masks is not None else [segment.mask for segment in result.segments]
     summarise = partial(_segment_summary, volume.voxels, voxel_ml=volume.voxel_volume_ml)

@@ -45,7 +45,7 @@ from node.storage.tables import (
 __all__ = [
     "STAGE_PREFIX", "Base", "ClaimRow", "Index", "InstanceKeys", "InstanceRow", "JobRow", "JobState", "NewInstance",
     "PlannedJob",
-    "Stage", "StudyRow", "StudyState", "default_url", "job_of_stage_object", "stage_object_id",
+    "Stage", "StudyRow", "StudyState", "default_url", "first_of_series", "job_of_stage_object", "stage_object_id",
 ]  # fmt: skip
 
 
@@ -86,6 +86,15 @@ class NewInstance:
     calling_ae_title: str
     patient_key: str | None = None
     accession_key: str | None = None
+
+
+def first_of_series(instances: list[InstanceRow]) -> dict[str, InstanceRow]:
+    """The first of ``instances`` (as :meth:`Index.instances` lists them) of each series key: the
+    instance whose header routes the series."""
+    first: dict[str, InstanceRow] = {}
+    for row in instances:
+        first.setdefault(row.series_key, row)
+    return first
 
 
 def default_url(data_dir: Path) -> str:
