@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from .fleet import POSTGRES, fresh_database
-from .peers import NodeProcess, Orthanc, start_node_process, start_orthanc
+from .peers import STARTED, NodeProcess, Orthanc, log_problems, start_node_process, start_orthanc
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -26,6 +26,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report carries the warnings and errors of every node still running: a
+    failure seen only in CI (a reset connection, a timeout) is explained by what the node said."""
+    report = yield
+    if report.failed:
+        for node in STARTED:
+            if node.proc is not None and node.proc.poll() is None and (problems := log_problems(node)):
+                report.sections.append((f"node log {node.log_path}", problems))
+    return report
 
 
 @pytest.fixture

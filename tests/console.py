@@ -15,6 +15,10 @@ import yaml
 
 from .peers import AINODE, LUNG_ROUTE, TOOL_ENV, NodeProcess, free_port, node_config, start_node_process, wait_for_port
 
+CLIENT_LIMITS = httpx.Limits(keepalive_expiry=1.0)
+"""An idle connection is given up after 1 s: uvicorn closes one after 5 s (``timeout_keep_alive``),
+httpx's own expiry is the same 5 s, and a request sent on a connection the server is closing that
+moment is reset (a browser sends it again on a new connection; httpx does not)."""
 PASSWORDS = {"admin": "admin-password-1234", "operator": "operator-password-1234", "viewer": "viewer-password-1234"}
 """The console users every console node has, by name (each has the role of its name)."""
 
@@ -55,7 +59,7 @@ class ConsoleNode:
 
     def client(self, user: str, password: str | None = None) -> httpx.Client:
         """An HTTP client signed in (``POST /api/login``) as ``user``, sending its CSRF token."""
-        client = httpx.Client(base_url=self.url, timeout=60, verify=False)
+        client = httpx.Client(base_url=self.url, timeout=60, verify=False, limits=CLIENT_LIMITS)
         response = client.post("/api/login", json={"name": user, "password": password or PASSWORDS[user]})
         response.raise_for_status()
         client.headers["X-CSRF-Token"] = response.json()["csrf_token"]

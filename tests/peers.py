@@ -337,8 +337,22 @@ def start_node_process(config_path: Path, config: dict[str, Any], env: dict[str,
     )
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     node.proc = subprocess.Popen([AINODE, "serve", "--config", str(config_path)], stdout=log, stderr=log, env=node.env)
+    STARTED.append(node)
     wait_for_port(node.port, 60, node.proc)
     return node
+
+
+STARTED: list[NodeProcess] = []
+"""Every node this test process started (a failing test's report shows what the live ones logged)."""
+
+
+def log_problems(node: NodeProcess, lines: int = 40) -> str:
+    """The last ``lines`` warnings, errors and tracebacks in ``node``'s log."""
+    wanted = [
+        line for line in node.log().splitlines()
+        if any(word in line for word in ("WARNING", "ERROR", "CRITICAL", "Traceback", "Error:", "Exception"))
+    ]  # fmt: skip
+    return "\n".join(wanted[-lines:])
 
 
 def make_studies(source: Path, count: int, out: Path) -> list[list[Path]]:
