@@ -18,7 +18,7 @@ from ainode_sdk.base import Prior
 from node.deid import InstanceDeidentifier
 from node.jobs.retrieve import Holdings, Retriever, StudyQuery
 from node.jobs.volume import load_volume
-from node.settings.config import Priors
+from node.settings.routes import Priors
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from node.errors import ConfigError
-from node.settings.config import Deidentification, Destination, Priors, ResultKind, Route, Settings
+from node.settings.config import Deidentification, Destination, ResultKind, Settings
+from node.settings.routes import Priors, Route
 
 _DESTINATION: TypeAdapter[Any] = TypeAdapter(Destination)
 
@@ -40,11 +41,11 @@ class JobPlan:
         Destination name -> its definition (type, peer or folder, result objects): the route's
         clinical destinations for a live or canary job, its research ones for a shadow.
     priors
-        The patient's earlier studies the algorithm gets (:class:`node.settings.config.Priors`).
+        The patient's earlier studies the algorithm gets (:class:`node.settings.routes.Priors`).
     role
         ``live``, ``canary`` (a new version serving part of the route) or ``shadow`` (a silent
         trial, compared with the live algorithm ``against``; ``segments`` pairs its segments
-        with the reference's, see :class:`node.settings.config.Shadow`).
+        with the reference's, see :class:`node.settings.routes.Shadow`).
     """
 
     route: str

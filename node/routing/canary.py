@@ -1,5 +1,5 @@
 """Canary roll-out of a new algorithm version: which algorithm serves a study (``canary:`` on a
-route's algorithm, :class:`node.settings.config.Canary`).
+route's algorithm, :class:`node.settings.routes.Canary`).
 
 The choice is a keyed hash of the study key — HMAC-SHA256 under the node's own ``canary`` secret
 (:class:`node.storage.secrets.NodeSecrets`, shared by every process of the node) over the route,
@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from node.settings.config import AlgorithmRef, Settings
+from node.settings.config import Settings
+from node.settings.routes import AlgorithmRef
 
 CANARY_SECRET = "canary"
 

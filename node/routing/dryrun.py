@@ -18,7 +18,8 @@ from pydicom.fileset import FileSet
 
 from node.conditions import evaluate, explain_tree
 from node.routing.router import Verdict, route_study
-from node.settings.config import DicomDestination, DicomwebDestination, Route, Settings
+from node.settings.config import DicomDestination, DicomwebDestination, Settings
+from node.settings.routes import Route
 
 
 def _paths(paths: Sequence[Path]) -> Iterable[Path]:

@@ -19,7 +19,8 @@ from typing import Any
 from pydicom import Dataset
 
 from node.conditions import header_of, keywords_of, matches, prepare
-from node.settings.config import Route, Settings
+from node.settings.config import Settings
+from node.settings.routes import Route
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,8 @@ from pydantic import ValidationError
 
 from node.conditions import RuleSyntaxError
 from node.errors import ConfigError
-from node.settings.config import (
-    Completion,
-    DicomDestination,
-    EnvKeySource,
-    FileKeySource,
-    FolderDestination,
-    Peer,
-    Route,
-    Settings,
-)
+from node.settings.config import DicomDestination, EnvKeySource, FileKeySource, FolderDestination, Peer, Settings
+from node.settings.routes import Completion, Route
 
 __all__ = [
     "ActiveSettings",
