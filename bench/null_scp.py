@@ -5,17 +5,28 @@ instance's bytes as received to one file and ``fdatasync``-ing it before Success
 the least any receiver that answers Success only once the instance is on disk must do — no
 encryption, no index).
 
-Run by ``bench/ingest.py --receivers scp-only scp-durable``; not a receiver anyone should deploy.
-Usage: ``python bench/null_scp.py PORT [--durable DIR]``.
+With ``--phases FILE`` it also times, per association, the steps of pynetdicom's acceptance of an
+A-ASSOCIATE-RQ (decoding the PDU, making its primitive, negotiating the presentation contexts,
+building and encoding the A-ASSOCIATE-AC) and writes them to FILE (JSON) when it is terminated.
+
+Run by ``bench/ingest.py --receivers scp-only scp-durable`` and ``bench/associations.py``; not a
+receiver anyone should deploy.
+Usage: ``python bench/null_scp.py PORT [--durable DIR] [--phases FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
+import signal
 import sys
 import threading
+import time
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,11 +56,50 @@ class DurableAppend:
             os.fdatasync(self._fd)
 
 
+ACCEPTANCE_STEPS = {
+    "decode A-ASSOCIATE-RQ": ("pynetdicom.pdu", "A_ASSOCIATE_RQ", "decode"),
+    "make its primitive": ("pynetdicom.pdu", "A_ASSOCIATE_RQ", "to_primitive"),
+    "negotiate (whole ACSE step)": ("pynetdicom.acse", "ACSE", "_negotiate_as_acceptor"),
+    "build A-ASSOCIATE-AC": ("pynetdicom.pdu", "A_ASSOCIATE_AC", "from_primitive"),
+    "encode A-ASSOCIATE-AC": ("pynetdicom.pdu", "A_ASSOCIATE_AC", "encode"),
+}
+"""The steps of pynetdicom's acceptance that ``--phases`` times: (module, class, method)."""
+
+
+def time_acceptance(out: Path) -> None:
+    """Time every call of :data:`ACCEPTANCE_STEPS` (seconds, per call) and write them to ``out``
+    (JSON: step -> list of seconds) on SIGTERM, then exit."""
+    import importlib
+
+    seconds: dict[str, list[float]] = defaultdict(list)
+    for step, (module, cls, method) in ACCEPTANCE_STEPS.items():
+        owner = getattr(importlib.import_module(module), cls)
+        original = getattr(owner, method)
+
+        def timed(*args: Any, _original: Any = original, _step: str = step, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                seconds[_step].append(time.perf_counter() - start)
+
+        setattr(owner, method, functools.wraps(original)(timed))
+
+    def write(_signum: int, _frame: Any) -> None:
+        out.write_text(json.dumps(seconds))
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, write)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("port", type=int)
     parser.add_argument("--durable", type=Path, help="append each instance here and fdatasync before Success")
+    parser.add_argument("--phases", type=Path, help="time pynetdicom's acceptance steps; written here on SIGTERM")
     args = parser.parse_args()
+    if args.phases:
+        time_acceptance(args.phases)
     set_up_process_memory(starts_children=False)  # as the node's child receivers
     configure_pydicom()  # and pydicom's value validation off
     store = DurableAppend(args.durable) if args.durable else discard
