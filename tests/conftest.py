@@ -34,7 +34,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     failure seen only in CI (a reset connection, a timeout) is explained by what the node said."""
     report = yield
     if report.failed:
-        for node in STARTED:
+        for node in filter(None, (ref() for ref in STARTED)):
             if node.proc is not None and node.proc.poll() is None and (problems := log_problems(node)):
                 report.sections.append((f"node log {node.log_path}", problems))
     return report

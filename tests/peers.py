@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -337,13 +338,14 @@ def start_node_process(config_path: Path, config: dict[str, Any], env: dict[str,
     )
     log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
     node.proc = subprocess.Popen([AINODE, "serve", "--config", str(config_path)], stdout=log, stderr=log, env=node.env)
-    STARTED.append(node)
+    STARTED.append(weakref.ref(node))
     wait_for_port(node.port, 60, node.proc)
     return node
 
 
-STARTED: list[NodeProcess] = []
-"""Every node this test process started (a failing test's report shows what the live ones logged)."""
+STARTED: list[weakref.ref[NodeProcess]] = []
+"""The nodes this test process started, while their tests hold them (a failing test's report
+shows what the live ones logged; a weak reference: a finished test's node and its index go)."""
 
 
 def log_problems(node: NodeProcess, lines: int = 40) -> str:
