@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python bench/deid.py
 	$(BIN)/python bench/rules.py
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/associations.py
 	$(BIN)/python bench/resources.py
 	$(BIN)/python bench/models.py
 	$(BIN)/python bench/first_touch.py
