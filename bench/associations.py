@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,9 +30,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.ingest import RECEIVERS, send  # noqa: E402
+from bench.ingest import RECEIVERS, scp_only, send  # noqa: E402
 from bench.report import write_report  # noqa: E402
-from tests.peers import CT_SERIES, free_port, series_files, wait_for_port  # noqa: E402
+from tests.peers import CT_SERIES, series_files  # noqa: E402
 
 NAMES = ("orthanc", "scp-only", "ainode")
 
@@ -82,18 +81,13 @@ def measure(name: str, files: list[Path]) -> dict[str, float]:
 def acceptance_steps(files: list[Path]) -> dict[str, float]:
     """Median milliseconds per association of each step of pynetdicom's acceptance."""
     with tempfile.TemporaryDirectory(prefix="ainode-assoc-phases-") as tmp:
-        out, port = Path(tmp) / "phases.json", free_port()
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "null_scp.py"), str(port), "--phases", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        out = Path(tmp) / "phases.json"
+        port, called, stop = scp_only(Path(tmp), phases=out)
         try:
-            wait_for_port(port, 60, proc)
             for path in files:
-                send(port, "AINODE", [path])
+                send(port, called, [path])
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop()
         steps: dict[str, list[float]] = json.loads(out.read_text())
     return {step: statistics.median(seconds) * 1e3 for step, seconds in steps.items()}
 

@@ -80,12 +80,14 @@ def orthanc(work: Path) -> tuple[int, str, Callable[[], None]]:
     return pacs.dicom_port, "PACS", pacs.stop
 
 
-def scp_only(work: Path, durable: bool = False) -> tuple[int, str, Callable[[], None]]:
+def scp_only(work: Path, durable: bool = False, phases: Path | None = None) -> tuple[int, str, Callable[[], None]]:
     """ainode's Storage SCP in one process, storing nothing (the receive path's ceiling) or, with
     ``durable``, appending each instance to one file and ``fdatasync``-ing it before Success (the
-    ceiling of any receiver that keeps Success-after-durable)."""
+    ceiling of any receiver that keeps Success-after-durable); with ``phases``, pynetdicom's
+    acceptance steps are timed and written there when it stops (``null_scp.py --phases``)."""
     port = free_port()
     extra = ["--durable", str(work)] if durable else []
+    extra += ["--phases", str(phases)] if phases is not None else []
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "null_scp.py"), str(port), *extra],
         stdout=subprocess.DEVNULL, stderr=(work / "null_scp.log").open("w"),
