@@ -7,8 +7,10 @@ one-instance associations of DCMTK ``storescu`` (a process each, as ``bench/inge
 them): associations per second, and the CPU time (user + system) the receiver's processes spent per
 association (the process listening on the port and its children, read before the first and 0.3 s
 after the last association; one association before that is not counted). Then ``scp-only`` again
-with pynetdicom's acceptance of the A-ASSOCIATE-RQ timed step by step (``null_scp.py --phases``):
-median milliseconds per association of each step.
+with the acceptance of the A-ASSOCIATE-RQ timed step by step (``null_scp.py --phases``): each
+step's milliseconds per association, its total over the run divided by the associations (pynetdicom's
+steps run for the first association only, later ones copy what it remembered:
+:mod:`node.network.acceptance`).
 
 Prints a table and writes ``bench/results/associations.json``.
 
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest import RECEIVERS, scp_only, send  # noqa: E402
+from bench.null_scp import ACCEPTANCE_STEPS  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from tests.peers import CT_SERIES, series_files  # noqa: E402
 
@@ -79,7 +82,8 @@ def measure(name: str, files: list[Path]) -> dict[str, float]:
 
 
 def acceptance_steps(files: list[Path]) -> dict[str, float]:
-    """Median milliseconds per association of each step of pynetdicom's acceptance."""
+    """Milliseconds per association of each step of the acceptance: the step's total time over
+    ``len(files)`` one-instance associations (the first a request not seen before), divided by it."""
     with tempfile.TemporaryDirectory(prefix="ainode-assoc-phases-") as tmp:
         out = Path(tmp) / "phases.json"
         port, called, stop = scp_only(Path(tmp), phases=out)
@@ -89,7 +93,7 @@ def acceptance_steps(files: list[Path]) -> dict[str, float]:
         finally:
             stop()
         steps: dict[str, list[float]] = json.loads(out.read_text())
-    return {step: statistics.median(seconds) * 1e3 for step, seconds in steps.items()}
+    return {step: sum(steps.get(step, [])) / len(files) * 1e3 for step in ACCEPTANCE_STEPS}
 
 
 def main() -> None:
@@ -113,7 +117,7 @@ def main() -> None:
     print(f"{'receiver':<10}{'associations/s':>16}{'CPU ms/association':>22}")
     for name, m in medians.items():
         print(f"{name:<10}{m['associations_per_s']:>16.1f}{m['cpu_ms_per_association']:>22.1f}")
-    print("pynetdicom's acceptance of an A-ASSOCIATE-RQ (scp-only), median ms per association:")
+    print(f"the acceptance of an A-ASSOCIATE-RQ (scp-only), ms per association over {len(files)}:")
     for step, ms in steps.items():
         print(f"  {step:<30}{ms:>8.2f}")
     write_report(args.out, "associations", associations=len(files), median=medians, runs=runs,

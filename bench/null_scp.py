@@ -5,9 +5,11 @@ instance's bytes as received to one file and ``fdatasync``-ing it before Success
 the least any receiver that answers Success only once the instance is on disk must do — no
 encryption, no index).
 
-With ``--phases FILE`` it also times, per association, the steps of pynetdicom's acceptance of an
+With ``--phases FILE`` it also times every call of the steps of pynetdicom's acceptance of an
 A-ASSOCIATE-RQ (decoding the PDU, making its primitive, negotiating the presentation contexts,
-building and encoding the A-ASSOCIATE-AC) and writes them to FILE (JSON) when it is terminated.
+building and encoding the A-ASSOCIATE-AC; each done only for a request not seen before,
+:mod:`node.network.acceptance`) and of the copy of a remembered request, and writes them to FILE
+(JSON) when it is terminated.
 
 Run by ``bench/ingest.py --receivers scp-only scp-durable`` and ``bench/associations.py``; not a
 receiver anyone should deploy.
@@ -62,8 +64,9 @@ ACCEPTANCE_STEPS = {
     "negotiate (whole ACSE step)": ("pynetdicom.acse", "ACSE", "_negotiate_as_acceptor"),
     "build A-ASSOCIATE-AC": ("pynetdicom.pdu", "A_ASSOCIATE_AC", "from_primitive"),
     "encode A-ASSOCIATE-AC": ("pynetdicom.pdu", "A_ASSOCIATE_AC", "encode"),
+    "copy a remembered request": ("node.network.acceptance", None, "copy_request"),
 }
-"""The steps of pynetdicom's acceptance that ``--phases`` times: (module, class, method)."""
+"""The steps of the acceptance that ``--phases`` times: (module, class or ``None``, function)."""
 
 
 def time_acceptance(out: Path) -> None:
@@ -73,7 +76,8 @@ def time_acceptance(out: Path) -> None:
 
     seconds: dict[str, list[float]] = defaultdict(list)
     for step, (module, cls, method) in ACCEPTANCE_STEPS.items():
-        owner = getattr(importlib.import_module(module), cls)
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls is not None else owner
         original = getattr(owner, method)
 
         def timed(*args: Any, _original: Any = original, _step: str = step, **kwargs: Any) -> Any:

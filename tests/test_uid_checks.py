@@ -87,8 +87,9 @@ def _kept() -> int:
 
 @pytest.mark.parametrize("module", ["node.network.scp", "node.network.scu", "node.network.query"])
 def test_importing_any_association_module_installs_the_memo_and_the_polling(module):
-    """Both process-wide changes to pynetdicom (this memo, :mod:`node.network.polling`) are in
-    place once any module that makes or accepts an association is imported."""
+    """The process-wide changes to pynetdicom (this memo, :mod:`node.network.polling`,
+    :mod:`node.network.acceptance`) are in place once any module that makes or accepts an
+    association is imported."""
     import subprocess
     import sys
 
@@ -98,7 +99,8 @@ def test_importing_any_association_module_installs_the_memo_and_the_polling(modu
         "assert _config.VALIDATORS['UI'] is not validate_ui; "
         "assert UID.is_valid.fget.__qualname__.startswith('_memoised'); "
         "import pynetdicom.association as a, pynetdicom.dul as d; from node.network.polling import BackingOffClock; "
-        "assert isinstance(a.time, BackingOffClock) and a.time is d.time"
+        "assert isinstance(a.time, BackingOffClock) and a.time is d.time; "
+        "from node.network import acceptance; assert acceptance.installed()"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

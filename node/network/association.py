@@ -12,12 +12,15 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from node.errors import RetrieveError
+from node.network.acceptance import remember_acceptance
 from node.network.polling import back_off_polling
 from node.network.uid_checks import memoise_uid_checks
 
 # every module of this package that makes or accepts an association imports this one: the UID
-# checks of negotiation are memoised and the reactors' polling backs off, once, for all of them
+# checks of negotiation are memoised, a repeated A-ASSOCIATE-RQ is accepted from memory and the
+# reactors' polling backs off, once, for all of them
 memoise_uid_checks()
+remember_acceptance()
 back_off_polling()
 
 

@@ -41,6 +41,7 @@ from typing import Any, Protocol, cast
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node.network import acceptance
 from node.network.dataset import BufferedDimse, DataSetBuffer
 
 logger = logging.getLogger(__name__)
@@ -266,9 +267,7 @@ class _SharedUidContext(PresentationContext):
         return shared
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PresentationContext:
-        copied = PresentationContext.__new__(PresentationContext)
-        copied.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in vars(self).items()})
-        return copied
+        return acceptance.own_copy(cast(PresentationContext, self), PresentationContext)
 
 
 class _GuardedRequestHandler(RequestHandler):
@@ -280,6 +279,8 @@ class _GuardedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         if self.server.new_buffer is not None:  # bounded memory per incoming data set
             assoc.dimse = BufferedDimse(assoc, self.server.new_buffer)
+        if acceptance.installed():  # an A-ASSOCIATE-RQ seen before is not decoded again
+            assoc.dul._decode_pdu = acceptance.remembering_decoder(assoc.dul)  # type: ignore[method-assign,assignment]
         sock = assoc.dul.socket
         if sock is not None:
             guard = PduGuard(sock, self.server.network_timeout_s, self.server.ae.maximum_pdu_size)
