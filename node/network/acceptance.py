@@ -158,8 +158,9 @@ def remembering_decoder(dul: DULServiceProvider) -> Callable[[bytearray], tuple[
             primitive = request.to_primitive()
             if not _carries_user_identity(primitive):
                 REQUESTS.put(data, (request, copy_request(primitive)))
-            request.to_primitive = lambda: primitive  # type: ignore[method-assign]  # made once, not twice
-            return request, event
+            handed = own_copy(request)  # the remembered PDU stays as decoded
+            handed.to_primitive = lambda: primitive  # type: ignore[method-assign]  # made once, not twice
+            return handed, event
         evt.trigger(dul.assoc, evt.EVT_DATA_RECV, {"data": data})
         remembered_pdu, remembered_primitive = known
         pdu = A_ASSOCIATE_RQ.__new__(A_ASSOCIATE_RQ)
