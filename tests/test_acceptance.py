@@ -249,3 +249,15 @@ def test_remembering_is_only_installed_for_the_pynetdicom_it_was_written_for():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_keys_hold_every_attribute_of_a_presentation_context(supported):
+    """The fast key of a list of contexts is every value of each, in pynetdicom 3.0.4's order: two
+    lists that differ in anything have different keys."""
+    proposed = request("roles").presentation_context_definition_list
+    results, _ = negotiate_as_acceptor(proposed, supported, {})
+    for contexts in (proposed, supported, results):
+        assert list(acceptance._contexts_key(contexts)) == [
+            tuple(v for _name, v in acceptance.frozen(cx)[1:]) for cx in contexts
+        ]
+    assert tuple(vars(PresentationContext())) == acceptance.CONTEXT_ATTRIBUTES
