@@ -7,10 +7,9 @@ one-instance associations of DCMTK ``storescu`` (a process each, as ``bench/inge
 them): associations per second, and the CPU time (user + system) the receiver's processes spent per
 association (the process listening on the port and its children, read before the first and 0.3 s
 after the last association; one association before that is not counted). Then ``scp-only`` again
-with the acceptance of the A-ASSOCIATE-RQ timed step by step (``null_scp.py --phases``): each
-step's milliseconds per association, its total over the run divided by the associations (pynetdicom's
-steps run for the first association only, later ones copy what it remembered:
-:mod:`node.network.acceptance`).
+with the acceptance of the A-ASSOCIATE-RQ timed step by step (``null_scp.py --phases``): how
+many times each step ran and its median milliseconds (pynetdicom's decoding and encoding run for
+the first association only, later ones copy what it remembered: :mod:`node.network.acceptance`).
 
 Prints a table and writes ``bench/results/associations.json``.
 
@@ -81,9 +80,9 @@ def measure(name: str, files: list[Path]) -> dict[str, float]:
     return {"associations_per_s": len(files) / seconds, "cpu_ms_per_association": spent / len(files) * 1e3}
 
 
-def acceptance_steps(files: list[Path]) -> dict[str, float]:
-    """Milliseconds per association of each step of the acceptance: the step's total time over
-    ``len(files)`` one-instance associations (the first a request not seen before), divided by it."""
+def acceptance_steps(files: list[Path]) -> dict[str, dict[str, float]]:
+    """Each step of the acceptance over ``len(files)`` one-instance associations (the first a
+    request not seen before): how many times it ran and its median milliseconds per run."""
     with tempfile.TemporaryDirectory(prefix="ainode-assoc-phases-") as tmp:
         out = Path(tmp) / "phases.json"
         port, called, stop = scp_only(Path(tmp), phases=out)
@@ -93,7 +92,10 @@ def acceptance_steps(files: list[Path]) -> dict[str, float]:
         finally:
             stop()
         steps: dict[str, list[float]] = json.loads(out.read_text())
-    return {step: sum(steps.get(step, [])) / len(files) * 1e3 for step in ACCEPTANCE_STEPS}
+    return {
+        step: {"calls": len(steps.get(step, [])), "median_ms": statistics.median(steps.get(step, [0.0])) * 1e3}
+        for step in ACCEPTANCE_STEPS
+    }
 
 
 def main() -> None:
@@ -117,11 +119,11 @@ def main() -> None:
     print(f"{'receiver':<10}{'associations/s':>16}{'CPU ms/association':>22}")
     for name, m in medians.items():
         print(f"{name:<10}{m['associations_per_s']:>16.1f}{m['cpu_ms_per_association']:>22.1f}")
-    print(f"the acceptance of an A-ASSOCIATE-RQ (scp-only), ms per association over {len(files)}:")
-    for step, ms in steps.items():
-        print(f"  {step:<30}{ms:>8.2f}")
+    print(f"the acceptance of an A-ASSOCIATE-RQ (scp-only) over {len(files)} associations: calls, median ms")
+    for step, figures in steps.items():
+        print(f"  {step:<30}{figures['calls']:>6}{figures['median_ms']:>8.2f}")
     write_report(args.out, "associations", associations=len(files), median=medians, runs=runs,
-                 acceptance_ms=steps)  # fmt: skip
+                 acceptance=steps)  # fmt: skip
 
 
 if __name__ == "__main__":
