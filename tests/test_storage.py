@@ -153,6 +153,33 @@ def test_segment_records_roundtrip_crypto_shred_and_reclaim(store, tmp_path, mon
     assert [store.get(i) for i in ids[len(first) :]] == payloads[len(first) :]
 
 
+def test_a_record_is_written_whole_when_the_kernel_takes_it_a_little_at_a_time(store, monkeypatch):
+    """An instance's head, nonce and ciphertext go to the segment in one ``writev`` without being
+    joined; a short write is continued where it stopped, and a body of the wrong length is refused
+    with nothing left behind."""
+    from node.storage import segments
+
+    writev = os.writev
+    calls: list[int] = []
+
+    def short_writev(fd: int, buffers: list[memoryview]) -> int:
+        calls.append(len(buffers))
+        return writev(fd, [buffers[0][:1000]])  # the kernel takes at most 1000 bytes
+
+    payload = series_files(CT_SERIES)[0].read_bytes()
+    first = store.append(payload)
+    monkeypatch.setattr(segments.os, "writev", short_writev)
+    second = store.append(payload)
+    monkeypatch.undo()
+    assert store.get(first) == store.get(second) == payload
+    assert calls[0] == 3 and len(calls) > len(payload) // 1000  # head, nonce, ciphertext; continued
+    path = store.segment_paths()[-1]
+    size = path.stat().st_size
+    with pytest.raises(StorageError, match="length differs"):
+        store.segment_writer.append(100, lambda object_id: (b"s" * segments.SLOT.size, (b"n", b"c" * 98)))
+    assert path.stat().st_size == size and store.get(second) == payload
+
+
 def test_the_index_writer_is_woken_once_per_batch_not_once_per_row(store, tmp_path, monkeypatch):
     """Issue 26: while rows gather for a commit, queueing one more does not wake the writer (each
     wake took the interpreter lock from the associations' threads); every row is still written."""

@@ -301,7 +301,8 @@ class SegmentWriter:
         """Append one record whose body is ``length`` bytes; returns its object id once durable.
 
         ``seal(object_id)`` returns the record's first slot and its body, encrypted for that id:
-        bytes, or parts written as they come (a large data set). If the parts fail or do not add
+        bytes or a tuple of them (written at once, with the head, never joined), or an iterable of
+        parts written as they come (a large data set). If the parts fail or do not add
         up to ``length``, the segment is cut back to where the record began.
 
         Raises
@@ -320,9 +321,13 @@ class SegmentWriter:
             head = b"".join((HEAD.pack(MAGIC, length), slot, bytes(SLOT.size)))
             fd, written = self._fds[number], 0
             try:
-                if isinstance(body, bytes):  # one write: an ordinary instance
-                    head, written, body = head + body, len(body), ()
-                _write_all(fd, head)
+                if isinstance(body, (bytes, tuple)):  # one write, no copy: an ordinary instance
+                    whole = (body,) if isinstance(body, bytes) else body
+                    written, body = sum(map(len, whole)), ()
+                    if written == length:
+                        _write_all(fd, head, *whole)
+                else:
+                    _write_all(fd, head)
                 for part in body:
                     written += len(part)
                     if written > length:
@@ -364,10 +369,15 @@ class SegmentWriter:
             return paths
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _write_all(fd: int, *parts: bytes | bytearray) -> None:
+    """Write ``parts`` one after the other (one ``writev`` while the kernel takes them whole)."""
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        done = os.writev(fd, views)
+        while views and done >= len(views[0]):
+            done -= len(views.pop(0))
+        if views:
+            views[0] = views[0][done:]
 
 
 def mark_done(path: Path) -> None:

@@ -129,12 +129,12 @@ class ObjectStore:
         """
         self.check_space(len(plaintext))
 
-        def seal(object_id: str) -> tuple[bytes, bytes]:
+        def seal(object_id: str) -> tuple[bytes, tuple[bytes, bytes]]:
             dek, key_id, wrap_nonce, wrapped = self._new_data_key(object_id)
             nonce = os.urandom(_NONCE)
-            return Slot(key_id, wrap_nonce, wrapped, 1).pack(), nonce + AESGCM(dek).encrypt(
-                nonce, plaintext, object_id.encode()
-            )
+            return Slot(key_id, wrap_nonce, wrapped, 1).pack(), (
+                nonce, AESGCM(dek).encrypt(nonce, plaintext, object_id.encode())
+            )  # fmt: skip
 
         with self.keys.sealing():  # a key change waits until this record is durable
             return self.segment_writer.append(_NONCE + len(plaintext) + 16, seal)
