@@ -102,6 +102,13 @@ def start_storescu(port: int, files: list[Path], env: dict[str, str] | None = No
     )  # fmt: skip
 
 
+def run_python(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (this one's); fails the test with its standard error if
+    it does not exit 0 (a probe of what importing a module does to the process)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def series_files(folder: Path) -> list[Path]:
     """The ``.dcm`` files of a folder, sorted."""
     return sorted(folder.glob("*.dcm"))

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import ipaddress
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -29,7 +27,7 @@ from node.network import acceptance
 from node.network.commitment import STORAGE_COMMITMENT
 from node.network.scp import VERIFICATION_SOP_CLASS, PeerRule, StorageSCP
 
-from .peers import CT_SERIES, free_port, series_files, storescu
+from .peers import CT_SERIES, free_port, run_python, series_files, storescu
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"]
@@ -247,8 +245,7 @@ def test_remembering_is_only_installed_for_the_pynetdicom_it_was_written_for():
         "pynetdicom.__version__ = '3.0.4'; assert a.remember_acceptance() and a.installed(); "
         "assert acse.negotiate_as_acceptor is a.remembered_negotiation and fsm.A_ASSOCIATE_AC is a.remembered_accept"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_python(probe)
 
 
 def test_the_keys_hold_every_attribute_of_a_presentation_context(supported):

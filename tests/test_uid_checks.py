@@ -90,8 +90,7 @@ def test_importing_any_association_module_installs_the_memo_and_the_polling(modu
     """The process-wide changes to pynetdicom (this memo, :mod:`node.network.polling`,
     :mod:`node.network.acceptance`) are in place once any module that makes or accepts an
     association is imported."""
-    import subprocess
-    import sys
+    from .peers import run_python
 
     probe = (
         f"import {module}; from pynetdicom import _config; from pynetdicom._validators import validate_ui; "
@@ -102,8 +101,7 @@ def test_importing_any_association_module_installs_the_memo_and_the_polling(modu
         "assert isinstance(a.time, BackingOffClock) and a.time is d.time; "
         "from node.network import acceptance; assert acceptance.installed()"
     )
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_python(probe)
 
 
 def test_each_association_gets_its_own_copy_of_the_supported_contexts_with_the_same_uids():
