@@ -70,6 +70,7 @@ class Remembered(Generic[K, V]):
         self.misses = 0
 
     def get(self, key: K) -> V | None:
+        """The value remembered for ``key`` (now the most recently used), or ``None``."""
         with self._lock:
             value = self._items.get(key)
             if value is None:
@@ -80,6 +81,7 @@ class Remembered(Generic[K, V]):
             return value
 
     def put(self, key: K, value: V) -> None:
+        """Remember ``value`` for ``key``, forgetting the least recently used beyond ``size``."""
         with self._lock:
             self._items[key] = value
             self._items.move_to_end(key)
@@ -103,17 +105,18 @@ def frozen(item: object) -> tuple[Any, ...]:
     return key
 
 
-def own_copy(item: T, kind: type[T] | None = None) -> T:
-    """A pynetdicom primitive's or presentation context's own copy (of class ``kind``, by default
-    the item's): a new object with new lists holding the same (immutable) values, such as UIDs."""
-    copied = cast(T, object.__new__(kind or type(item)))
+def own_copy(item: T) -> T:
+    """A pynetdicom primitive's own copy: a new object with new lists holding the same
+    (immutable) values, such as UIDs."""
+    copied = cast(T, object.__new__(type(item)))
     copied.__dict__.update({k: list(v) if isinstance(v, list) else v for k, v in vars(item).items()})
     return copied
 
 
 def copy_context(context: PresentationContext) -> PresentationContext:
-    """:func:`own_copy` of a presentation context, by its one list (the transfer syntaxes): the
-    copy every association makes of ~120 of them, at a third of the generic copy's cost."""
+    """A presentation context's own copy (a :class:`~pynetdicom.presentation.PresentationContext`
+    whatever the subclass), by its one list, the transfer syntaxes: :func:`own_copy` at a third of
+    its cost, for the ~120 contexts every association copies."""
     copied = object.__new__(PresentationContext)
     attributes = copied.__dict__
     attributes.update(vars(context))
@@ -135,7 +138,8 @@ CONTEXT_ATTRIBUTES = (
 
 
 def _contexts_key(contexts: list[PresentationContext]) -> tuple[Any, ...]:
-    """Every value of every context (a faster :func:`frozen` of each, which this equals)."""
+    """Every value of every context: the values of :func:`frozen` of each, without their names
+    (``tests/test_acceptance.py`` checks that they are the same), built faster."""
     return tuple(
         (a["_context_id"], a["_abstract_syntax"], tuple(a["_transfer_syntax"]), a["result"],
          a["_scu_role"], a["_scp_role"], a["_as_scp"], a["_as_scu"])

@@ -267,7 +267,7 @@ class _SharedUidContext(PresentationContext):
         return shared
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PresentationContext:
-        return acceptance.own_copy(cast(PresentationContext, self), PresentationContext)
+        return acceptance.copy_context(self)
 
 
 class _GuardedRequestHandler(RequestHandler):
