@@ -254,14 +254,12 @@ def remembered_accept(primitive: A_ASSOCIATE) -> A_ASSOCIATE_AC:
     key = _accept_key(primitive)
     known = ACCEPTS.get(key) if key is not None else None
     if known is None:
-        pdu = A_ASSOCIATE_AC(primitive)
-        encoded = pdu.encode()
+        built = A_ASSOCIATE_AC(primitive)
+        known = built, built.encode()
         if key is not None:
-            ACCEPTS.put(key, (pdu, encoded))
-    else:
-        remembered_pdu, encoded = known
-        pdu = A_ASSOCIATE_AC.__new__(A_ASSOCIATE_AC)
-        pdu.__dict__.update(vars(remembered_pdu))
+            ACCEPTS.put(key, known)
+    remembered_pdu, encoded = known
+    pdu = own_copy(remembered_pdu)  # the remembered PDU stays as built
     pdu.encode = lambda: encoded  # type: ignore[method-assign]
     return pdu
 

@@ -297,12 +297,12 @@ class SegmentWriter:
                     os.close(self._fds.pop(previous))
                 self._synced[previous] = self._sizes[previous]
 
-    def append(self, length: int, seal: Callable[[str], tuple[bytes, bytes | Iterable[bytes]]]) -> str:
+    def append(self, length: int, seal: Callable[[str], tuple[bytes, Iterable[bytes]]]) -> str:
         """Append one record whose body is ``length`` bytes; returns its object id once durable.
 
         ``seal(object_id)`` returns the record's first slot and its body, encrypted for that id:
-        bytes or a tuple of them (written at once, with the head, never joined), or an iterable of
-        parts written as they come (a large data set). If the parts fail or do not add
+        a tuple of bytes (written at once, with the head, never joined), or any other iterable of
+        parts, written as they come (a large data set). If the parts fail or do not add
         up to ``length``, the segment is cut back to where the record began.
 
         Raises
@@ -321,9 +321,8 @@ class SegmentWriter:
             head = b"".join((HEAD.pack(MAGIC, length), slot, bytes(SLOT.size)))
             fd, written = self._fds[number], 0
             try:
-                if isinstance(body, (bytes, tuple)):  # one write, no copy: an ordinary instance
-                    whole = (body,) if isinstance(body, bytes) else body
-                    written, body = sum(map(len, whole)), ()
+                if isinstance(body, tuple):  # one write, no copy: an ordinary instance
+                    written, whole, body = sum(map(len, body)), body, ()
                     if written == length:
                         _write_all(fd, head, *whole)
                 else:
