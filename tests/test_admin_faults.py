@@ -138,10 +138,12 @@ def test_a_permanent_planning_failure_fails_the_study_with_its_reason(tmp_path, 
         assert storescu(node.port, series_files(CT_SERIES)[:30]).returncode == 0
         wait_until(lambda: "30 instance(s)" in node.studies(), 20)  # indexed (off the C-STORE path)
         for path in (node.data_dir / "store" / "segments").glob("*.seg"):  # tamper with every instance
-            blob = bytearray(path.read_bytes())
-            for offset, length, _slots in segments.records(path):
-                blob[offset + segments.RECORD_HEAD + length - 1] ^= 0x01  # the last byte of its ciphertext
-            path.write_bytes(bytes(blob))
+            # in place, a byte at a time: a rewrite of the whole file (truncated, then written) could
+            # be read half-way by the planner, as records with no key slots ("deleted")
+            with path.open("r+b") as f:
+                for offset, length, _slots in segments.records(path):
+                    last = offset + segments.RECORD_HEAD + length - 1  # the last byte of its ciphertext
+                    os.pwrite(f.fileno(), bytes([os.pread(f.fileno(), 1, last)[0] ^ 0x01]), last)
         listing = wait_until(lambda: "failed" in (out := node.studies()) and out, 60)
         assert "planning failed: object" in listing and "authentication failed (tampered)" in listing
     finally:

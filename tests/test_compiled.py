@@ -70,11 +70,12 @@ def test_a_conversion_that_agrees_is_used_once_and_changed_weights_make_a_new_on
 
 def test_the_real_lung_unet_compiled_gives_the_masks_of_its_own_framework(tmp_path, monkeypatch):
     """The ONNX export of the trained 2D lung U-Net, ``runtime: openvino``: checked against ONNX
-    Runtime at load, then its lung mask on the shared chest CT is ≥ 99.99 % voxel-identical."""
+    Runtime at load, then its lung mask on the shared chest CT's middle 32 slices (both lungs in
+    each) is ≥ 99.99 % voxel-identical."""
     monkeypatch.setenv("AINODE_MODEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(ROOT)  # the example declares the model files relative to the checkout
     declared = load_settings(ROOT / "config" / "lung-unet.example.yaml").models["lung-unet"]
-    volume, _slices = load_volume([pydicom.dcmread(p) for p in series_files(CT_SERIES)])
+    volume, _slices = load_volume([pydicom.dcmread(p) for p in series_files(CT_SERIES)[16:48]])
     masks = {}
     for runtime in ("native", "openvino"):
         model = DeclaredModel(f"lung-unet-{runtime}", declared.model_copy(update={"runtime": runtime}))
