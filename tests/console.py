@@ -72,13 +72,15 @@ class ConsoleNode:
 
 def console_config(tmp_path: Path, pacs_port: int, **console: Any) -> tuple[Path, dict[str, Any]]:
     """A node whose lung route delivers to the PACS (one attempt, so a failed delivery is a dead
-    letter at once), MR studies stored only, with its console on a free port."""
+    letter at once), MR studies stored only (complete after 1 s of quiet, not the default
+    minute), with its console on a free port."""
     config_path, config = node_config(
         tmp_path,
         peers=[{"ae_title": "STORESCU"}, {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
         destinations={"pacs": {"type": "dicom", "peer": "PACS"}},
         routes=[{**LUNG_ROUTE, "destinations": ["pacs"]},
-                {"name": "mr-store-only", "match": {"Modality": "MR"}, "algorithms": []}],
+                {"name": "mr-store-only", "match": {"Modality": "MR"}, "algorithms": [],
+                 "completion": {"quiet_period_s": 1.0}}],
     )  # fmt: skip
     config["keys"] = {"provider": "file", "path": str(tmp_path / "master.key")}
     config["node"]["receivers"] = 1
