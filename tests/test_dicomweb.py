@@ -265,3 +265,39 @@ def test_a_partial_stow_failure_sends_again_only_what_failed(tmp_path, start_nod
             assert "1 object(s) not stored (SR): failure reason 0xA700" in reason
     finally:
         server.shutdown()
+
+
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    """A DICOMweb service that answers every request 503 Service Unavailable, counting them."""
+
+    requests: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        self.requests.append(self.path)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_one_delivery_attempt_is_one_request_the_node_retries_by_its_own_policy():
+    """dicomweb-client repeats a request answered 503 four times over 30 s by default; the node's
+    delivery attempt sends it once (its own ``max_attempts`` and ``backoff_s`` retry)."""
+    import requests
+
+    from node.errors import DeliveryError
+    from node.network.dicomweb import stow
+
+    handler = type("Unavailable", (_Unavailable,), {"requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        with pytest.raises(DeliveryError, match="HTTP 503"):
+            stow(url, requests.Session(), [pydicom.dcmread(series_files(CT_SERIES)[0])], 10)
+        assert handler.requests == ["/dicom-web/studies"]
+    finally:
+        server.shutdown()

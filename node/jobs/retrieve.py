@@ -31,7 +31,7 @@ from node.dicomio import decode, encode
 from node.errors import AinodeError, ConfigError, RetrieveError
 from node.instances import STORAGE_SOP_CLASSES, ReceivedInstance
 from node.network.association import Peer
-from node.network.dicomweb import http_session
+from node.network.dicomweb import http_session, web_client
 from node.network.query import find_studies, get_study, move_study
 from node.network.tls import client_context
 from node.settings.config import DicomwebSource, DimseSource, Settings
@@ -144,12 +144,10 @@ class Retriever:
         return find_studies(self._peer(), self.data.settings.node.ae_title, query)
 
     def _client(self) -> Any:
-        from dicomweb_client.api import DICOMwebClient
-
         if not isinstance(self.source, DicomwebSource):
             raise ConfigError(f"source {self.name} is no DICOMweb service")
         session = http_session(self.source.auth, self.source.ca_certificates)
-        return DICOMwebClient(self.source.url, session=session, timeout=self.source.timeout_s)
+        return web_client(self.source.url, session, self.source.timeout_s)
 
     def _find_dicomweb(self, keys: dict[str, str]) -> list[Dataset]:
         import requests
