@@ -21,7 +21,7 @@ import yaml
 from node.storage.index import JobState, Stage, StudyState
 
 from .fleet import Fleet, broker_available, delivered, results_in, scaled_out
-from .peers import CT_SERIES, make_studies, series_files, start_storescu, storescu, wait_until
+from .peers import CT_SERIES, LUNG_ROUTE, make_studies, series_files, start_storescu, storescu, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -81,7 +81,9 @@ def test_two_workers_deliver_eight_concurrent_studies_each_once(fleet, tmp_path)
 def test_a_worker_killed_in_any_stage_loses_nothing_and_duplicates_nothing(fleet, stage):
     """Done 2: the worker holding the job is SIGKILLed in the middle of ``stage``; its lease
     expires, another worker finishes the job; Orthanc holds each result once; no orphan objects."""
-    nodes, pacs = fleet()
+    # 3 s of quiet, not 1: under the suite's load the node's start stalled storescu's sending over
+    # a second once, the study completed twice, and the late burst's job superseded the first
+    nodes, pacs = fleet([{**LUNG_ROUTE, "completion": {"quiet_period_s": 3.0}}])
     nodes.node()
     doomed = nodes.worker("doomed", fault=f"stage:{stage}=kill")
     assert storescu(int(nodes.config["node"]["port"]), series_files(CT_SERIES)).returncode == 0
