@@ -94,8 +94,8 @@ class StowOutcome:
 def web_client(url: str, session: requests.Session, timeout_s: float) -> DICOMwebClient:
     """A ``dicomweb-client`` for the DICOMweb service ``url`` that makes each request once.
 
-    dicomweb-client otherwise repeats a request that failed (a connection refused, HTTP 429, 503,
-    504) four more times, backing off 2, 4, 8 and 16 s: 30 s inside one attempt, unseen by the
+    dicomweb-client otherwise repeats a request that failed (a connection refused, HTTP 408, 429,
+    503, 504) four more times, backing off 2, 4, 8 and 16 s: 30 s inside one attempt, unseen by the
     node's own policy (``delivery.max_attempts``, ``backoff_s``; a retrieve's next try), which then
     waits on top of it.
     """
