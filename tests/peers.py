@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("AINODE_TEST_DATA", ROOT.parent / "shared" / "data"))
 CT_SERIES = DATA / "ct_chest_lungpetctdx_A0001" / "series2_5mm_kernelL_lung"
 CT_SOFT_SERIES = DATA / "ct_chest_lungpetctdx_A0001" / "series3_5mm_kernelB_mediastinal"
+CT_MIDDLE = slice(16, 48)
+"""The shared chest CT's middle 32 slices of 64 (both lungs in each; the same volume slices however
+they are sorted): half a 3D bundle's windows, where a test needs the pipeline and not the whole chest."""
 MR_SERIES = DATA / "mr_brain_siemens_t1sag_HFS" / "HFS_t1_fl2d_sag"
 TRANSCODED = DATA / "ct_chest_derived_transcoded_A0001"
 CT_PATIENT_NAME = "Lung_Dx-A0001"

@@ -19,7 +19,7 @@ from node.jobs.volume import load_volume
 from node.settings import load_settings
 
 from .models import SPLEEN, seeded_bundle, spleen_declaration
-from .peers import CT_SERIES, ROOT, series_files
+from .peers import CT_MIDDLE, CT_SERIES, ROOT, series_files
 
 pytestmark = [pytest.mark.slow]
 
@@ -81,7 +81,7 @@ def test_the_real_lung_unet_compiled_gives_the_masks_of_its_own_framework(tmp_pa
     monkeypatch.setenv("AINODE_MODEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(ROOT)  # the example declares the model files relative to the checkout
     declared = load_settings(ROOT / "config" / "lung-unet.example.yaml").models["lung-unet"]
-    volume, _slices = load_volume([pydicom.dcmread(p) for p in series_files(CT_SERIES)[16:48]])
+    volume, _slices = load_volume([pydicom.dcmread(p) for p in series_files(CT_SERIES)[CT_MIDDLE]])
     masks = {}
     for runtime in ("native", "openvino"):
         model = DeclaredModel(f"lung-unet-{runtime}", declared.model_copy(update={"runtime": runtime}))

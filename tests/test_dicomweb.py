@@ -99,17 +99,24 @@ class _BearerProxy(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def _proxy(pacs: Orthanc, accept: Any = None) -> Iterator[str]:
-    """The authenticating proxy in front of Orthanc's DICOMweb; yields its DICOMweb URL."""
-    attributes: dict[str, Any] = {"upstream": f"http://127.0.0.1:{pacs.http_port}"}
-    if accept is not None:
-        attributes["accept"] = staticmethod(accept)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), type("Proxy", (_BearerProxy,), attributes))
+def _serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` served on a free loopback port; yields its DICOMweb URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
     finally:
         server.shutdown()
+
+
+@contextmanager
+def _proxy(pacs: Orthanc, accept: Any = None) -> Iterator[str]:
+    """The authenticating proxy in front of Orthanc's DICOMweb; yields its DICOMweb URL."""
+    attributes: dict[str, Any] = {"upstream": f"http://127.0.0.1:{pacs.http_port}"}
+    if accept is not None:
+        attributes["accept"] = staticmethod(accept)
+    with _serving(type("Proxy", (_BearerProxy,), attributes)) as url:
+        yield url
 
 
 @pytest.fixture
@@ -250,10 +257,7 @@ class _PartialStow(http.server.BaseHTTPRequestHandler):
 @pytest.mark.parametrize("refuse_always", [False, True])
 def test_a_partial_stow_failure_sends_again_only_what_failed(tmp_path, start_node, refuse_always):
     handler = type("Stow", (_PartialStow,), {"requests": [], "refuse_always": refuse_always})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    with _serving(handler) as url:
         node = _node(tmp_path, start_node, {"type": "dicomweb", "url": url})
         assert storescu(node.port, _files()).returncode == 0
         state = "failed" if refuse_always else "delivered"
@@ -263,8 +267,6 @@ def test_a_partial_stow_failure_sends_again_only_what_failed(tmp_path, start_nod
             reason = node.index().job(1).reason
             print("dead letter:", reason)
             assert "1 object(s) not stored (SR): failure reason 0xA700" in reason
-    finally:
-        server.shutdown()
 
 
 class _Unavailable(http.server.BaseHTTPRequestHandler):
@@ -292,12 +294,6 @@ def test_one_delivery_attempt_is_one_request_the_node_retries_by_its_own_policy(
     from node.network.dicomweb import stow
 
     handler = type("Unavailable", (_Unavailable,), {"requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
-        with pytest.raises(DeliveryError, match="HTTP 503"):
-            stow(url, requests.Session(), [pydicom.dcmread(series_files(CT_SERIES)[0])], 10)
-        assert handler.requests == ["/dicom-web/studies"]
-    finally:
-        server.shutdown()
+    with _serving(handler) as url, pytest.raises(DeliveryError, match="HTTP 503"):
+        stow(url, requests.Session(), [pydicom.dcmread(series_files(CT_SERIES)[0])], 10)
+    assert handler.requests == ["/dicom-web/studies"]

@@ -16,13 +16,11 @@ from lung_ct_density import LungCtDensity
 from node.jobs.volume import load_volume
 from node.settings import load_settings
 
-from .peers import AINODE, CT_SERIES, ROOT, series_files
+from .peers import AINODE, CT_MIDDLE, CT_SERIES, ROOT, series_files
 
 pytestmark = [pytest.mark.slow]
 
 CONFIG = ROOT / "config" / "lung-unet.example.yaml"
-MIDDLE = slice(16, 48)
-"""The chest CT's middle 32 slices (of 64; the same volume slices whichever way they are sorted)."""
 
 
 def _mask(result, label: str) -> np.ndarray:
@@ -56,7 +54,7 @@ def masks() -> dict[str, np.ndarray]:
     registry = Registry(models=settings.models)
     files = series_files(CT_SERIES)
     volume, _slices = load_volume([pydicom.dcmread(p) for p in files])
-    middle, _slices = load_volume([pydicom.dcmread(p) for p in files[MIDDLE]])
+    middle, _slices = load_volume([pydicom.dcmread(p) for p in files[CT_MIDDLE]])
     found = {"lung-unet": _mask(registry.get("lung-unet").run(volume, "cpu"), "Lung"),
              "lung-unet-ts": _mask(registry.get("lung-unet-ts").run(middle, "cpu"), "Lung")}  # fmt: skip
     density = LungCtDensity().run(volume, "cpu")
@@ -72,7 +70,7 @@ def test_the_lung_unet_agrees_with_lung_ct_density(masks):
 
 
 def test_the_onnx_and_torchscript_exports_agree(masks):
-    same = float((masks["lung-unet"][MIDDLE] == masks["lung-unet-ts"]).mean())
+    same = float((masks["lung-unet"][CT_MIDDLE] == masks["lung-unet-ts"]).mean())
     print(f"ONNX vs TorchScript masks: {same * 100:.4f} % of voxels identical")
     assert same >= 0.9999
 

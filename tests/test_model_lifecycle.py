@@ -30,6 +30,7 @@ from node.results import build_rejection_note
 from .console import PASSWORDS
 from .peers import (
     AINODE,
+    CT_MIDDLE,
     CT_PATIENT_NAME,
     CT_SERIES,
     ROOT,
@@ -75,7 +76,7 @@ class Site:
         the instances."""
         study, series = generate_uid(), generate_uid()
         sent = []
-        for path in series_files(CT_SERIES)[16:48]:
+        for path in series_files(CT_SERIES)[CT_MIDDLE]:
             ds = pydicom.dcmread(path)
             ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.StudyDescription = study, series, description
             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -41,6 +41,7 @@ from .models import (
 )
 from .peers import (
     AINODE,
+    CT_MIDDLE,
     CT_SERIES,
     CT_SOFT_SERIES,
     ROOT,
@@ -138,7 +139,7 @@ def test_spleen_bundle_routed_end_to_end_through_orthanc_equals_monai(orthanc, s
     node = start_node(config_path, config)
     listed = node.cli("algorithms", "list")
     assert "spleen 0.5.9 [model (monai_bundle" in listed.stdout, listed.stdout + listed.stderr
-    sent = series_files(CT_SERIES)[16:48]  # the chest CT's middle 32 slices: half the bundle's windows
+    sent = series_files(CT_SERIES)[CT_MIDDLE]  # half the bundle's windows
     for path in sent:
         pacs.rest("POST", "/instances", raw=path.read_bytes())
     (study_id,) = pacs.rest("GET", "/studies")
@@ -179,7 +180,7 @@ def test_spleen_bundle_routed_end_to_end_through_orthanc_equals_monai(orthanc, s
 @pytest.mark.slow
 def test_torchscript_and_onnx_exports_give_the_bundles_mask(work, spleen, ct_volume):
     volume, _slices = ct_volume
-    half = type(volume)(**{**volume.__dict__, "voxels": np.ascontiguousarray(volume.voxels[16:48])})
+    half = type(volume)(**{**volume.__dict__, "voxels": np.ascontiguousarray(volume.voxels[CT_MIDDLE])})
     bundle = DeclaredModel("spleen", ModelDeclaration.model_validate(spleen_declaration(spleen))).run(half, "cpu")
     labels = {1: {"label": "Spleen", "type": ["78961009", "SCT", "Spleen"]}}
     for kind, export in (("torchscript", export_torchscript), ("onnx", export_onnx)):
@@ -213,7 +214,7 @@ def test_whole_body_low_resolution_seg_codes_every_label_from_the_snomed_table(t
     node = start_node(config_path, config)
     from .peers import storescu
 
-    assert storescu(node.port, series_files(CT_SERIES)[16:48]).returncode == 0
+    assert storescu(node.port, series_files(CT_SERIES)[CT_MIDDLE]).returncode == 0
     assert node.proc is not None
     process = psutil.Process(node.proc.pid)
     peak = {"node": 0, "all": 0}
@@ -446,7 +447,7 @@ def test_algorithms_check_on_the_spleen_bundle_and_lung_ct_density(tmp_path, spl
     env = {**os.environ, "AINODE_KEY": "unused"}
     series = tmp_path / "series"  # the chest CT's middle 32 slices (5 mm): the bundle's windows halved
     series.mkdir()
-    for path in series_files(CT_SERIES)[16:48]:
+    for path in series_files(CT_SERIES)[CT_MIDDLE]:
         (series / path.name).symlink_to(path)
     for name in ("spleen", "lung-ct-density"):
         out = tmp_path / name

@@ -25,6 +25,7 @@ from node.results.air import has_air_equipment
 
 from .models import SPLEEN, seeded_bundle, spleen_declaration
 from .peers import (
+    CT_MIDDLE,
     CT_SERIES,
     LUNG_ROUTE,
     ROOT,
@@ -257,7 +258,7 @@ def test_ohif_shows_a_declared_models_other_structure(viewer_ready, tmp_path, st
         "completion": {"quiet_period_s": 1.0},
     }
     pacs, study_uid, series = _analysed_in_orthanc(  # the middle 32 slices: half the bundle's windows
-        tmp_path, start_node, [route], {"spleen": spleen_declaration(bundle)}, series_files(CT_SERIES)[16:48]
+        tmp_path, start_node, [route], {"spleen": spleen_declaration(bundle)}, series_files(CT_SERIES)[CT_MIDDLE]
     )
     try:
         slices = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, series_files(CT_SERIES))}
