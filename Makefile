@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python bench/first_touch.py
 	$(BIN)/python bench/network_bound.py
 	$(BIN)/python bench/objects.py
+	$(BIN)/python bench/critical_path.py
 	$(BIN)/python bench/scaleout.py
 
 clean:
