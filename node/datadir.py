@@ -175,7 +175,7 @@ def rotate_keys(data: DataDir, add_key: bool = True, wait_s: float = 30.0) -> Ro
         except TamperedObjectError as exc:
             result.tampered.append(str(exc))
     data.audit.rewrap()
-    in_use = {data.store.key_id_of(o) for o in data.store.object_ids()} | data.audit.key_ids()
+    in_use = set(data.store.objects_per_key()) | data.audit.key_ids()
     for key_id in data.keyring.key_ids()[1:]:
         if key_id in in_use:
             result.kept[key_id] = "still wraps stored objects or audit records"

@@ -123,6 +123,35 @@ def test_index_late_instance_reopens_study_and_duplicates_are_ignored(tmp_path):
     assert (study.state, study.generation, study.instance_count) == (StudyState.RECEIVING, 2, 2)
 
 
+def test_a_record_quarantined_by_one_reader_is_named_so_to_the_next(store):
+    from node.storage import segments
+
+    object_id = store.append(b"instance" * 100)
+    where = segments.locate(store.segments_root, object_id)
+    with where.path.open("r+b") as f:  # the last byte of its ciphertext flipped
+        length = segments.read_head(where.path, where.offset)[0]
+        last = where.offset + segments.RECORD_HEAD + length - 1
+        os.pwrite(f.fileno(), bytes([os.pread(f.fileno(), 1, last)[0] ^ 0x01]), last)
+    with pytest.raises(TamperedObjectError, match="tampered"):
+        store.get(object_id)  # the first reader finds it: quarantined, its record shredded
+    with pytest.raises(StorageError, match="quarantined"):  # not "deleted": another reader sees why
+        store.get(object_id)
+    other = store.append(b"other")
+    store.delete(other)
+    with pytest.raises(StorageError, match=r"deleted$"):  # deleted by its owner, not quarantined
+        store.get(other)
+
+
+def test_objects_are_counted_per_master_key_and_one_deleted_while_counting_is_left_out(store, tmp_path):
+    kept = [store.put(b"a" * 100), store.append(b"b" * 100), store.append(b"c" * 100)]
+    gone = [store.put(b"d" * 100), store.append(b"e" * 100)]
+    listed = store.object_ids()
+    for object_id in gone:  # deleted after the listing (a stage output swept, a study purged)
+        store.delete(object_id)
+    store.object_ids = lambda prefix="": listed  # type: ignore[method-assign]
+    assert store.objects_per_key() == {store.keys.current().key_id: len(kept)}
+
+
 def test_segment_records_roundtrip_crypto_shred_and_reclaim(store, tmp_path, monkeypatch):
     from node.storage import segments
 

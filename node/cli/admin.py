@@ -95,10 +95,8 @@ def cmd_keys_retire(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_status(args: argparse.Namespace) -> int:
-    from collections import Counter
-
     store = _open(args.config).store
-    counts = Counter(store.key_id_of(o) for o in store.object_ids())
+    counts = store.objects_per_key()
     current = store.keys.current().key_id
     for key_id in store.keys.key_ids():
         print(f"{key_id}  {'current' if key_id == current else 'old    '}  {counts.pop(key_id, 0)} object(s)")

@@ -343,7 +343,7 @@ class ConsoleService:
     def keys(self) -> schemas.Keys:
         """The keyring, objects per key, which key each live process seals with, the last rotation."""
         store = self.store
-        counts = Counter(store.key_id_of(o) for o in store.object_ids())
+        counts = store.objects_per_key()
         current = store.keys.current().key_id
         keys = [schemas.KeyInfo(key_id=k, current=k == current, objects=counts.get(k, 0)) for k in store.keys.key_ids()]
         processes = [

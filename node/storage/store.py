@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -181,12 +182,14 @@ class ObjectStore:
         Raises
         ------
         StorageError
-            The record was deleted (both slots shredded).
+            The record was deleted (both slots shredded), or quarantined by an earlier read.
         TamperedObjectError
             No slot authenticates.
         """
         live = sorted(((slot, i) for i, slot in enumerate(slots) if not slot.empty), key=lambda x: -x[0].sequence)
         if not live:
+            if (self.root / "quarantine" / object_id).exists():  # another reader found it tampered or damaged
+                raise StorageError(f"object {object_id}: quarantined (tampered or damaged: the audit log says which)")
             raise StorageError(f"object {object_id}: deleted")
         problem: TamperedObjectError | None = None
         for slot, i in live:
@@ -344,6 +347,19 @@ class ObjectStore:
         with open(self._path(object_id), "rb") as fh:
             head = fh.read(HEADER_BYTES + 16)
         return self._header(object_id, head)[0]
+
+    def objects_per_key(self) -> Counter[str]:
+        """How many stored objects each master key wraps (by key id); an object deleted while they
+        are counted (a job's stage output swept, a study purged) is not counted."""
+        counts: Counter[str] = Counter()
+        for object_id in self.object_ids():
+            try:
+                key_id = self.key_id_of(object_id)
+            except (OSError, StorageError):  # gone since it was listed
+                continue
+            if key_id:  # a segment record deleted since it was listed names none
+                counts[key_id] += 1
+        return counts
 
     def object_ids(self, prefix: str = "") -> list[str]:
         """Every object in the store whose id starts with ``prefix`` (quarantined ones excluded);
