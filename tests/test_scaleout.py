@@ -51,7 +51,9 @@ def fleet(tmp_path: Path, postgres_url: str, key_env: dict[str, str]) -> Iterato
 
 def test_two_workers_deliver_eight_concurrent_studies_each_once(fleet, tmp_path):
     """Done 1: 8 studies from 8 concurrent storescu senders, one node, two workers."""
-    nodes, pacs = fleet()
+    # 3 s of quiet, not 1: on a slow machine the eight senders' streams stalled over a second once,
+    # a study completed twice, and its late burst's job superseded the first (nine jobs)
+    nodes, pacs = fleet([{**LUNG_ROUTE, "completion": {"quiet_period_s": 3.0}}])
     down = nodes.cli("health", "--role", "node")
     assert down.returncode == 1 and "unhealthy: DICOM port" in down.stderr  # no node yet
     nodes.node()
