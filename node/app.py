@@ -192,9 +192,7 @@ class Node:
                 self.executor = CeleryExecutor(make_app(settings), pipeline)
             else:  # one job thread per GPU (each GPU has its model worker), one on a CPU-only node
                 self.executor = InProcessExecutor(pipeline.run_job, workers=max(1, n_gpus))
-                serving = self.receiver.scp.associations_open  # reads a study as it arrives while this is 0
-                read_ahead = ReadAhead(services, pipeline.headers, associations_here=serving)
-                pipeline.stages.read_ahead = read_ahead
+                pipeline.stages.read_ahead = read_ahead = ReadAhead(services, pipeline.headers)
                 threading.Thread(
                     target=read_ahead.run, args=(self._stop,), name="ainode-read-ahead", daemon=True
                 ).start()

@@ -3,8 +3,7 @@
 A node runs one :class:`Receiver` in its main process and, with ``node.receivers`` > 1, more in
 child processes, so that concurrent associations use several cores despite Python's global
 interpreter lock: the main process accepts every connection and hands it to the receiver with the
-fewest open connections, itself included, a child first when they tie
-(:class:`~node.network.transport.ConnectionDispatcher`).
+fewest open connections, itself included (:class:`~node.network.transport.ConnectionDispatcher`).
 Every receiver stores durably before it answers Success, into the shared data directory: its own
 segment files, the SQLite index (WAL; writers take turns) and the audit log (whole-line appends).
 Only the main process plans and runs jobs; it starts the children after the node's secrets exist,

@@ -39,15 +39,13 @@ class Clock:
         return self.now
 
 
-def _received(
-    tmp_path: Path, modality: str = "CT", files: int = 12, quiet_period_s: float = QUIET_S
-) -> tuple[Pipeline, Index, str, Clock]:
+def _received(tmp_path: Path, modality: str = "CT", files: int = 12) -> tuple[Pipeline, Index, str, Clock]:
     """A node's pipeline over ``files`` instances of the chest CT, received through its ingest; its
-    one route takes ``modality`` with a quiet period of ``quiet_period_s``."""
+    one route takes ``modality`` with a quiet period of :data:`QUIET_S`."""
     settings = Settings.model_validate({
         "node": {"data_dir": str(tmp_path)}, "keys": {"provider": "env"}, "peers": [{"ae_title": "STORESCU"}],
         "routes": [{"name": "lung", "match": {"Modality": modality}, "algorithms": ["lung-ct-density"],
-                    "completion": {"quiet_period_s": quiet_period_s}}],
+                    "completion": {"quiet_period_s": QUIET_S}}],
     })  # fmt: skip
     store = ObjectStore(tmp_path / "store", KeyringProvider([secrets.token_bytes(32)]))
     index = Index.for_data_dir(tmp_path)
@@ -182,40 +180,3 @@ def test_an_instance_over_the_size_left_to_its_job(tmp_path, monkeypatch):
     monkeypatch.setattr(readahead, "MAX_INSTANCE_BYTES", sizes[0] - 1)  # both over it
     clock.now += QUIET_S - 1
     assert ReadAhead(pipeline.s, pipeline.headers).read_once() == 0
-
-
-def test_a_study_with_a_short_quiet_period_is_read_as_it_arrives_while_this_process_serves_no_association(
-    tmp_path, monkeypatch
-):
-    pipeline, index, key, clock = _received(tmp_path, quiet_period_s=2.0)  # within LEAD_S
-    serving = [1]
-    ahead = ReadAhead(pipeline.s, pipeline.headers, associations_here=lambda: serving[0])
-    assert ahead.read_once() == 0  # its instance came just now, and this process receives: no lull yet
-    serving[0] = 0  # its instances come through another receiving process
-    rows = index.instances(key)
-    assert ahead.read_once() == len(rows) and ahead.held_bytes == sum(r.size for r in rows)
-
-    pipeline, index, key, clock = _received(tmp_path / "long", quiet_period_s=QUIET_S)
-    ahead = ReadAhead(pipeline.s, pipeline.headers, associations_here=lambda: 0)
-    assert ahead.read_once() == 0  # a long quiet period: read only in its last LEAD_S, as before
-    assert ReadAhead(pipeline.s, pipeline.headers).read_once() == 0  # nothing known of the receivers: a lull
-
-    pipeline, index, key, clock = _received(tmp_path / "arriving", quiet_period_s=2.0)
-    monkeypatch.setattr(readahead, "CHECK_EVERY", 4)
-    looked_up = index.study
-
-    def study(study_key: str):  # the study receives another instance between every two looks
-        row = looked_up(study_key)
-        if row is not None:
-            row.last_received_at = clock.now = clock.now + 0.01
-        return row
-
-    monkeypatch.setattr(index, "study", study)
-    assert ReadAhead(pipeline.s, pipeline.headers, associations_here=lambda: 0).read_once() == 12  # read on
-    looks = []
-
-    def associations_here() -> int:  # an association opens here after the pass began
-        looks.append(1)
-        return 0 if len(looks) == 1 else 1
-
-    assert ReadAhead(pipeline.s, pipeline.headers, associations_here=associations_here).read_once() == 4

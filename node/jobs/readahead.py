@@ -16,14 +16,7 @@ profile and pseudonym secret, which the job checks (:func:`profile_fingerprint`)
 read-ahead did not reach, could not read or de-identify (the job does, and deals with a damaged
 record or a quarantined image as before), de-identified under another profile or secret (the
 configuration was reloaded), or whose row changed since (another size or receipt time) is read by
-the job; a study that gets another instance is read again once quiet.
-
-A study whose routes' quiet period is at most :data:`LEAD_S` is read as its instances arrive,
-without waiting for a lull, while this process serves no association itself (its instances come
-through another receiving process, :mod:`node.receiver`, which takes a core of its own): with a
-quiet period that short, the lull and the lead would leave the job most of a large series to
-de-identify. An association opening here stops that reading within :data:`CHECK_EVERY`
-instances, and it waits for the study's next lull, as before. What is held is bounded
+the job; a study that gets another instance is read again once quiet. What is held is bounded
 (:data:`MAX_BYTES` of encoded instances), dropped :data:`KEEP_S` after it was read unless taken,
 and only ever in the node's memory, as the job's own copy is (the store stays the only copy at
 rest). Only the embedded executor reads ahead: with Celery the jobs run elsewhere.
@@ -33,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -77,8 +69,7 @@ logger = logging.getLogger(__name__)
 LULL_S = 0.1
 """A study is read ahead no sooner than this after its last instance; the reading stops when
 another comes (within :data:`CHECK_EVERY` instances): a study still arriving is left to its
-receivers, which may share this process's interpreter — unless this process serves no association
-and the study's quiet period is at most :data:`LEAD_S` (see the module docstring)."""
+receivers, which share this process's interpreter."""
 LEAD_S = 5.0
 """How long before its quiet period ends a study is read ahead (about what reading and
 de-identifying 1,500 CT instances takes on this project's machines)."""
@@ -144,9 +135,6 @@ class ReadAhead:
     clock
         Monotonic seconds, when entries were read (a test's); the index's times are the
         services' clock.
-    associations_here
-        How many associations this process serves now (its Storage SCP's); none given: it may
-        serve some at any time, and a study is only read in a lull.
     """
 
     def __init__(
@@ -156,13 +144,11 @@ class ReadAhead:
         *,
         max_bytes: int = MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
-        associations_here: Callable[[], int] | None = None,
     ) -> None:
         self.s = services
         self._headers = headers
         self.max_bytes = max_bytes
         self._clock = clock
-        self._associations_here = associations_here
         self._entries: dict[str, _Entry] = {}
         self._bytes = 0
         self._lock = threading.Lock()
@@ -197,29 +183,16 @@ class ReadAhead:
                     failing = type(exc).__name__
                     logger.warning("read-ahead paused (%s); jobs read their instances themselves", failing)
 
-    def _arrivals_elsewhere(self) -> bool:
-        """Whether this process serves no association now (instances arrive through others)."""
-        return self._associations_here is not None and self._associations_here() == 0
-
-    def _due_after(self, quiet_period_s: float, arriving: bool) -> float:
-        """Seconds of quiet after which a study with this quiet period is read ahead."""
-        if arriving and quiet_period_s <= LEAD_S:
-            return 0.0
-        return max(LULL_S, quiet_period_s - LEAD_S)
-
     def read_once(self, stop: threading.Event | None = None) -> int:
         """One pass: drop what expired, then read ahead the instances of every study due
-        (:data:`LEAD_S`, :data:`LULL_S`; while arriving, see the module docstring); returns how
-        many were read."""
+        (:data:`LEAD_S`, :data:`LULL_S`); returns how many were read."""
         self._expire()
         settings = self.s.settings
         periods = [route.completion.quiet_period_s for route in settings.routes]
         if not periods:
             return 0
         index, now = self.s.index, self.s.clock()
-        arriving = self._arrivals_elsewhere()
-        due_after = self._due_after(min(periods), arriving)  # 0: every study still receiving
-        candidates = set(index.quiet_studies(due_after, now if due_after > 0 else math.inf))
+        candidates = set(index.quiet_studies(max(LULL_S, min(periods) - LEAD_S), now))
         self._plans = {key: plan for key, plan in self._plans.items() if key in candidates}
         read = 0
         for study_key in sorted(candidates):
@@ -228,11 +201,10 @@ class ReadAhead:
                 continue
             rows = index.instances(study_key)
             plan = self._plan(study_key, rows, study.calling_ae_title)
-            due_after = self._due_after(plan.quiet_period_s, arriving)
-            if due_after > 0 and now - study.last_received_at < due_after:
+            if now - study.last_received_at < max(LULL_S, plan.quiet_period_s - LEAD_S):
                 continue
             wanted = [r for r in rows if r.series_key in plan.profiles]
-            read += self._read(study_key, study.last_received_at, wanted, plan, stop, while_arriving=due_after == 0)
+            read += self._read(study_key, study.last_received_at, wanted, plan, stop)
         return read
 
     def _plan(self, study_key: str, rows: list[InstanceRow], calling_ae_title: str) -> _Plan:
@@ -261,11 +233,10 @@ class ReadAhead:
 
     def _read(
         self, study_key: str, last_received_at: float, rows: list[InstanceRow], plan: _Plan,
-        stop: threading.Event | None, *, while_arriving: bool = False,
+        stop: threading.Event | None,
     ) -> int:  # fmt: skip
         """Read, decode and de-identify ``rows`` not yet held, in order, while there is room, the
-        study is unplanned and nothing came since ``last_received_at`` (``while_arriving``: or
-        this process still serves no association); returns how many were read."""
+        study is unplanned and nothing came since ``last_received_at``; returns how many were read."""
         read = tried = 0
         secret = self.s.secrets.get(PSEUDONYM_SECRET)
         deidentifiers: dict[str, tuple[str, InstanceDeidentifier]] = {}
@@ -282,8 +253,7 @@ class ReadAhead:
                 study = self.s.index.study(study_key)
                 if (
                     (stop is not None and stop.is_set()) or study is None or study.state != StudyState.RECEIVING
-                    or (study.last_received_at != last_received_at
-                        and not (while_arriving and self._arrivals_elsewhere()))
+                    or study.last_received_at != last_received_at
                 ):  # fmt: skip
                     return read
             try:

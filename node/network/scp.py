@@ -284,12 +284,6 @@ class StorageSCP:
                 )
             return summary
 
-    def associations_open(self) -> int:
-        """How many associations this process's Storage SCP serves now (established, not yet
-        released or aborted)."""
-        with self._associations_lock:
-            return len(self._associations)
-
     def _handle_established(self, event: Event) -> None:
         self._summary(event.assoc)
 

@@ -19,8 +19,8 @@ Several receiver processes share one port by hand-over, not by ``SO_REUSEPORT`` 
 peers' addresses often puts three of four concurrent associations on one process): the main
 process accepts every connection and, through a :class:`ConnectionDispatcher`, passes its descriptor
 (``SCM_RIGHTS`` over a Unix socket pair) to the receiver with the fewest open connections, itself
-included (a child first, when they tie); a child receiver's server takes connections from that
-socket pair (its *inbox*) instead of a listening socket.
+included; a child receiver's server takes connections from that socket pair (its *inbox*) instead of
+a listening socket.
 """
 
 from __future__ import annotations
@@ -87,10 +87,8 @@ class ConnectionDispatcher:
 
     A receiver's load is its open connections: the main process's own as its server counts them,
     a child's as connections handed to it less those it reported ended (a :class:`SharedCount`
-    the child increments). Ties go to a child receiver, round-robin among the children, so that
-    the main process — which also plans and runs the jobs and reads studies ahead of them — receives
-    only when every child is busier than it. A child whose line fails (it died; the node restarts
-    it and attaches the new line) is skipped.
+    the child increments). Ties go round-robin, so that one-connection associations alternate.
+    A child whose line fails (it died; the node restarts it and attaches the new line) is skipped.
     """
 
     def __init__(self, stale_s: float = 3.0) -> None:
@@ -142,11 +140,11 @@ class ConnectionDispatcher:
                 (self._handed[n] - e.value, n) for n, (_line, e) in self._lines.items() if self._responsive(n)
             ]
             least = min(load for load, _number in loads)
-            candidates = [number for load, number in loads if load == least and number != 0]
-            if not candidates:  # every child busier than the main process
-                return False
+            candidates = [number for load, number in loads if load == least]
             self._turn += 1
             chosen = candidates[self._turn % len(candidates)]
+            if chosen == 0:
+                return False
             line = self._lines[chosen][0]
             address = json.dumps([str(client_address[0]), int(client_address[1])]).encode()
             try:
