@@ -35,13 +35,13 @@ sys.path.insert(0, str(ROOT))
 import pydicom  # noqa: E402
 
 from ainode_sdk.base import Volume  # noqa: E402
+from bench.objects import lung_series  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from lung_ct_density import LungCtDensity  # noqa: E402
 from node.dicomio import decode, encode  # noqa: E402
-from node.jobs.volume import load_volume  # noqa: E402
 from node.network.scu import send_datasets  # noqa: E402
 from node.results import build_results  # noqa: E402
-from tests.peers import CT_SERIES, free_port, make_tall_series, series_files, start_orthanc  # noqa: E402
+from tests.peers import free_port, start_orthanc  # noqa: E402
 
 STEPS = ("algorithm_s", "seg_s", "sr_s", "encode_s", "send_s")
 
@@ -77,12 +77,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ainode-bench-") as tmp:
-        files = series_files(CT_SERIES) if args.slices <= 64 else make_tall_series(CT_SERIES, args.slices, Path(tmp))
-        datasets = [pydicom.dcmread(f) for f in files]
-        for ds in datasets:
-            ds.pop("ReferencedStudySequence", None)  # as the de-identification leaves them
-        volume, sources = load_volume(datasets)
-        del datasets
+        volume, sources = lung_series(args.slices, Path(tmp))
         pacs = start_orthanc(Path(tmp) / "orthanc", "AINODE", free_port())
         try:
             one_round(sources, volume, pacs.dicom_port)  # warm-up: imports, highdicom's tables, caches

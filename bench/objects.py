@@ -20,12 +20,23 @@ sys.path.insert(0, str(ROOT))
 
 import pydicom  # noqa: E402
 
+from ainode_sdk.base import Volume  # noqa: E402
 from bench.report import write_report  # noqa: E402
 from lung_ct_density import LungCtDensity  # noqa: E402
 from node.dicomio import encode  # noqa: E402
 from node.jobs.volume import load_volume  # noqa: E402
 from node.results import RESULT_KINDS, build_results  # noqa: E402
 from tests.peers import CT_SERIES, make_tall_series, series_files  # noqa: E402
+
+
+def lung_series(slices: int, folder: Path) -> tuple[Volume, list[pydicom.Dataset]]:
+    """The shared chest CT (``slices`` > 64: made taller in ``folder``) as the analysis sees it:
+    its volume and its source headers in slice order, without the attribute de-identification drops."""
+    files = series_files(CT_SERIES) if slices <= 64 else make_tall_series(CT_SERIES, slices, folder)
+    datasets = [pydicom.dcmread(f) for f in files]
+    for ds in datasets:
+        ds.pop("ReferencedStudySequence", None)  # as the de-identification leaves them
+    return load_volume(datasets)
 
 
 def main() -> None:
@@ -37,12 +48,7 @@ def main() -> None:
     figures: dict[str, dict[str, dict[str, float]]] = {}
     for slices in args.slices:
         with tempfile.TemporaryDirectory() as tmp:
-            files = series_files(CT_SERIES) if slices <= 64 else make_tall_series(CT_SERIES, slices, Path(tmp))
-            datasets = [pydicom.dcmread(f) for f in files]
-        for ds in datasets:
-            ds.pop("ReferencedStudySequence", None)  # as the de-identification leaves them
-        volume, sources = load_volume(datasets)
-        del datasets
+            volume, sources = lung_series(slices, Path(tmp))
         result = LungCtDensity().run(volume, "cpu")
         row: dict[str, dict[str, float]] = {}
         for kind in RESULT_KINDS:

@@ -80,6 +80,21 @@ def wait_until(predicate: Any, timeout_s: float, interval_s: float = 0.5) -> Any
     raise TimeoutError(f"condition not met within {timeout_s} s")
 
 
+def flip_last_ciphertext_byte(path: Path, offset: int) -> None:
+    """Tamper with the segment record at ``offset`` of ``path`` in place: its last ciphertext byte
+    flipped, one ``pwrite`` (a whole-file rewrite could be read half-way by the node as records
+    with no key slots, "deleted")."""
+    from node.storage import segments
+
+    length = segments.read_head(path, offset)[0]
+    last = offset + segments.RECORD_HEAD + length - 1
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([os.pread(fd, 1, last)[0] ^ 0x01]), last)
+    finally:
+        os.close(fd)
+
+
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
     """Run dicom3tools' dciodvfy; return (errors, warnings)."""
     proc = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", check=False)

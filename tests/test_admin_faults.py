@@ -22,6 +22,7 @@ from .peers import (
     CT_SERIES,
     TOOL_ENV,
     NodeProcess,
+    flip_last_ciphertext_byte,
     folder_node_config,
     make_studies,
     series_files,
@@ -137,13 +138,9 @@ def test_a_permanent_planning_failure_fails_the_study_with_its_reason(tmp_path, 
         wait_until(lambda: "configuration reloaded" in node.log(), 20)
         assert storescu(node.port, series_files(CT_SERIES)[:30]).returncode == 0
         wait_until(lambda: "30 instance(s)" in node.studies(), 20)  # indexed (off the C-STORE path)
-        for path in (node.data_dir / "store" / "segments").glob("*.seg"):  # tamper with every instance
-            # in place, a byte at a time: a rewrite of the whole file (truncated, then written) could
-            # be read half-way by the planner, as records with no key slots ("deleted")
-            with path.open("r+b") as f:
-                for offset, length, _slots in segments.records(path):
-                    last = offset + segments.RECORD_HEAD + length - 1  # the last byte of its ciphertext
-                    os.pwrite(f.fileno(), bytes([os.pread(f.fileno(), 1, last)[0] ^ 0x01]), last)
+        for path in (node.data_dir / "store" / "segments").glob("*.seg"):  # tamper with every instance, in place
+            for offset, _length, _slots in segments.records(path):
+                flip_last_ciphertext_byte(path, offset)
         listing = wait_until(lambda: "failed" in (out := node.studies()) and out, 60)
         # the planner found the tampering itself, or read a record the read-ahead had quarantined
         assert "planning failed: object" in listing

@@ -25,6 +25,10 @@ from .peers import CT_SERIES, LUNG_ROUTE, make_studies, series_files, start_stor
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+STEADY_ROUTE = {**LUNG_ROUTE, "completion": {"quiet_period_s": 3.0}}
+"""3 s of quiet, not 1: under the suite's load (or on a slow machine) a sender stalled over a second
+once, the study completed twice, and the late burst's job superseded the first."""
+
 LEASE_S = 4.0
 
 
@@ -51,9 +55,7 @@ def fleet(tmp_path: Path, postgres_url: str, key_env: dict[str, str]) -> Iterato
 
 def test_two_workers_deliver_eight_concurrent_studies_each_once(fleet, tmp_path):
     """Done 1: 8 studies from 8 concurrent storescu senders, one node, two workers."""
-    # 3 s of quiet, not 1: on a slow machine the eight senders' streams stalled over a second once,
-    # a study completed twice, and its late burst's job superseded the first (nine jobs)
-    nodes, pacs = fleet([{**LUNG_ROUTE, "completion": {"quiet_period_s": 3.0}}])
+    nodes, pacs = fleet([STEADY_ROUTE])
     down = nodes.cli("health", "--role", "node")
     assert down.returncode == 1 and "unhealthy: DICOM port" in down.stderr  # no node yet
     nodes.node()
@@ -83,9 +85,7 @@ def test_two_workers_deliver_eight_concurrent_studies_each_once(fleet, tmp_path)
 def test_a_worker_killed_in_any_stage_loses_nothing_and_duplicates_nothing(fleet, stage):
     """Done 2: the worker holding the job is SIGKILLed in the middle of ``stage``; its lease
     expires, another worker finishes the job; Orthanc holds each result once; no orphan objects."""
-    # 3 s of quiet, not 1: under the suite's load the node's start stalled storescu's sending over
-    # a second once, the study completed twice, and the late burst's job superseded the first
-    nodes, pacs = fleet([{**LUNG_ROUTE, "completion": {"quiet_period_s": 3.0}}])
+    nodes, pacs = fleet([STEADY_ROUTE])
     nodes.node()
     doomed = nodes.worker("doomed", fault=f"stage:{stage}=kill")
     assert storescu(int(nodes.config["node"]["port"]), series_files(CT_SERIES)).returncode == 0

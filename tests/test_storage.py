@@ -14,7 +14,7 @@ from node.storage.index import Index, InstanceRow, StudyState
 from node.storage.keys import KeyringProvider, generate_key_file, load_key_provider
 from node.storage.store import HEADER_BYTES, ObjectStore
 
-from .peers import CT_SERIES, series_files
+from .peers import CT_SERIES, flip_last_ciphertext_byte, series_files
 
 
 @pytest.fixture
@@ -128,10 +128,7 @@ def test_a_record_quarantined_by_one_reader_is_named_so_to_the_next(store):
 
     object_id = store.append(b"instance" * 100)
     where = segments.locate(store.segments_root, object_id)
-    with where.path.open("r+b") as f:  # the last byte of its ciphertext flipped
-        length = segments.read_head(where.path, where.offset)[0]
-        last = where.offset + segments.RECORD_HEAD + length - 1
-        os.pwrite(f.fileno(), bytes([os.pread(f.fileno(), 1, last)[0] ^ 0x01]), last)
+    flip_last_ciphertext_byte(where.path, where.offset)
     with pytest.raises(TamperedObjectError, match="tampered"):
         store.get(object_id)  # the first reader finds it: quarantined, its record shredded
     with pytest.raises(StorageError, match="quarantined"):  # not "deleted": another reader sees why

@@ -188,7 +188,7 @@ class ObjectStore:
         """
         live = sorted(((slot, i) for i, slot in enumerate(slots) if not slot.empty), key=lambda x: -x[0].sequence)
         if not live:
-            if (self.root / "quarantine" / object_id).exists():  # another reader found it tampered or damaged
+            if self._quarantined(object_id).exists():  # another reader found it tampered or damaged
                 raise StorageError(f"object {object_id}: quarantined (tampered or damaged: the audit log says which)")
             raise StorageError(f"object {object_id}: deleted")
         problem: TamperedObjectError | None = None
@@ -339,13 +339,23 @@ class ObjectStore:
             self.on_tamper(object_id, str(exc))
 
     def key_id_of(self, object_id: str) -> str:
-        """The id of the master key that wraps an object's data key (reads the header only)."""
+        """The id of the master key that wraps an object's data key (reads the header only; ``""``
+        for a deleted segment record).
+
+        Raises
+        ------
+        StorageError
+            The object cannot be read (it is gone).
+        """
         if segments.is_segment_id(object_id):
             where = segments.locate(self.segments_root, object_id)
             live = [s for s in segments.read_head(where.path, where.offset)[1] if not s.empty]
             return max(live, key=lambda s: s.sequence).key_id if live else ""
-        with open(self._path(object_id), "rb") as fh:
-            head = fh.read(HEADER_BYTES + 16)
+        try:
+            with open(self._path(object_id), "rb") as fh:
+                head = fh.read(HEADER_BYTES + 16)
+        except OSError as exc:
+            raise StorageError(f"object {object_id}: cannot read: {exc.strerror}") from None
         return self._header(object_id, head)[0]
 
     def objects_per_key(self) -> Counter[str]:
@@ -355,7 +365,7 @@ class ObjectStore:
         for object_id in self.object_ids():
             try:
                 key_id = self.key_id_of(object_id)
-            except (OSError, StorageError):  # gone since it was listed
+            except StorageError:  # gone since it was listed
                 continue
             if key_id:  # a segment record deleted since it was listed names none
                 counts[key_id] += 1
@@ -460,10 +470,14 @@ class ObjectStore:
         paths = {segments.locate(self.segments_root, o).path for o in object_ids if segments.is_segment_id(o)}
         return segments.reclaim(self.segments_root, paths) if paths else 0
 
+    def _quarantined(self, object_id: str) -> Path:
+        """Where :meth:`quarantine` keeps ``object_id``."""
+        return self.root / "quarantine" / object_id
+
     def quarantine(self, object_id: str) -> Path:
         """Move an object, still encrypted, to ``quarantine/`` for an administrator to inspect (a
         segment record is copied there whole, then deleted from its segment)."""
-        target = self.root / "quarantine" / object_id
+        target = self._quarantined(object_id)
         if segments.is_segment_id(object_id):
             where = segments.locate(self.segments_root, object_id)
             length = segments.read_head(where.path, where.offset)[0]
